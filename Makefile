@@ -1,0 +1,34 @@
+# Everything the project needs is installed from here: `make demo` and `make test` work on a
+# fresh machine. torch is pinned to the exact CPU wheel on disk before the package is
+# installed, so the package's looser `torch>=2.6` is already satisfied and pulls no CUDA.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_PIN := torch==2.13.0
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/quickstart.py
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check galvatron_fx tests examples bench
+	$(VENV)/bin/ruff format --check galvatron_fx tests examples bench
+	$(VENV)/bin/mypy
+
+bench: $(STAMP)
+	$(PY) bench/capture.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,245 @@
+"""Layers: tag every node with the layer (instance of a repeated block) or segment it belongs to.
+
+Reads: `nn_module_stack` (PyTorch's record of the modules a node ran in) and `get_attr` targets.
+Writes: `gfx_layer` (a `LayerTag`) on every node.
+Guarantees:
+- a *stack* is a module path `P` with numbered children `P.0, P.1, ...` (ModuleList,
+  Sequential, or the flattened copy of either in a symbolic_trace'd GraphModule); the outermost
+  stack wins, so `T5Block.layer.*` inside `decoder.block.3` stays part of that block;
+- each child of a stack is one layer; nodes outside every layer form segments named by
+  position: `embedding` (before the first layer), `glue_<i>` (between two stacks), `head`
+  (after the last layer) and `loss` (after the head's last parameter use);
+- parameters belong to the layer named by their path, else to the unit of their first user;
+- units are contiguous in graph order, and structurally identical units share a fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator
+
+import networkx as nx
+import torch
+from torch import fx
+
+from galvatron_fx.meta import LAYER, LayerTag
+from galvatron_fx.passes.manager import PassContext, graph_pass
+
+__all__ = ["cut_tensors", "fx_digraph", "group_layers", "layer_digraph", "unit_nodes"]
+
+_NUMBERED = re.compile(r"^(.*?)\.?(\d+)(?:\.|$)")
+
+
+@graph_pass(reads=("nn_module_stack",), writes=(LAYER.name,))
+def group_layers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Tag every node with its layer or segment and the unit's structural fingerprint."""
+    names = _assign_units(gm)
+    order = list(dict.fromkeys(names[n] for n in gm.graph.nodes))
+    groups = {unit: _stack_of(unit) for unit in order}
+    members: dict[str, list[fx.Node]] = {u: [] for u in order}
+    for node in gm.graph.nodes:
+        members[names[node]].append(node)
+    for index, unit in enumerate(order):
+        kind = "layer" if groups[unit] is not None else "segment"
+        tag = LayerTag(
+            name=unit,
+            kind=kind,
+            group=groups[unit] or unit,
+            index=index,
+            fingerprint=_fingerprint(members[unit]),
+        )
+        for node in members[unit]:
+            LAYER.set(node, tag)
+    return gm
+
+
+def _layer_of_path(path: str) -> str | None:
+    """`model.layers.3.mlp.up` -> `model.layers.3`; None when no component is a number."""
+    match = _NUMBERED.match(path)
+    if match is None:
+        return None
+    prefix, idx = match.group(1), match.group(2)
+    return f"{prefix}.{idx}" if prefix else idx
+
+
+def _stack_of(unit: str) -> str | None:
+    if unit.rsplit(".", 1)[-1].isdigit():
+        return unit.rsplit(".", 1)[0] if "." in unit else "<root>"
+    return None
+
+
+def _node_layer(node: fx.Node) -> str | None:
+    if node.op == "get_attr":
+        return _layer_of_path(str(node.target))
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, _ in reversed(list(stack.values())):
+        if path:
+            return _layer_of_path(path)
+    return None
+
+
+def _assign_units(gm: fx.GraphModule) -> dict[fx.Node, str]:
+    """Unit name of every node: layers first, then positional segments, then inputs."""
+    computed = [n for n in gm.graph.nodes if n.op == "call_function"]
+    layer = {n: _node_layer(n) for n in computed}
+    names = _positional_segments(computed, layer)
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    units = set(names.values())
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            names[node] = _input_unit(node, names, units, position)
+    last = computed[-1] if computed else None
+    for node in gm.graph.nodes:
+        if node.op not in ("placeholder", "get_attr", "call_function"):
+            names[node] = names[last] if last is not None else "head"
+    return names
+
+
+def _positional_segments(
+    computed: list[fx.Node], layer: dict[fx.Node, str | None]
+) -> dict[fx.Node, str]:
+    layer_pos = [i for i, n in enumerate(computed) if layer[n] is not None]
+    if not layer_pos:
+        return dict.fromkeys(computed, "model")
+    first, last = layer_pos[0], layer_pos[-1]
+    loss_start = _loss_start(computed, last)
+    names: dict[fx.Node, str] = {}
+    glue_count, prev = 0, ""
+    for i, n in enumerate(computed):
+        own = layer[n]
+        if own is not None:
+            names[n] = own
+        elif i < first:
+            names[n] = "embedding"
+        elif i > last:
+            names[n] = "loss" if i >= loss_start else "head"
+        elif _next_stack(computed, layer, i) == _stack_of(prev):
+            names[n] = prev  # loop-body glue between two layers of one stack
+        else:
+            if not names[computed[i - 1]].startswith("glue_"):
+                glue_count += 1
+            names[n] = f"glue_{glue_count - 1}"
+        prev = names[n] if own is not None else prev
+    return names
+
+
+def _next_stack(computed: list[fx.Node], layer: dict[fx.Node, str | None], i: int) -> str | None:
+    for n in computed[i:]:
+        if layer[n] is not None:
+            return _stack_of(layer[n])  # type: ignore[arg-type]
+    return None
+
+
+def _loss_start(computed: list[fx.Node], last_layer: int) -> int:
+    """Index of the first node after the head's last parameter use (len if none)."""
+    param_users = [
+        i
+        for i, n in enumerate(computed)
+        if i > last_layer and any(a.op == "get_attr" for a in n.all_input_nodes)
+    ]
+    return (param_users[-1] + 1) if param_users else last_layer + 1
+
+
+def _input_unit(
+    node: fx.Node, names: dict[fx.Node, str], units: set[str], position: dict[fx.Node, int]
+) -> str:
+    own = _node_layer(node)
+    if own is not None and own in units:
+        return own
+    users = [u for u in node.users if u in names]
+    if users:
+        return names[min(users, key=position.__getitem__)]
+    return own or "embedding"
+
+
+def _fingerprint(nodes: list[fx.Node]) -> str:
+    """Hash of ops, literal arguments, value shapes and dtypes, with node references replaced
+    by their position inside the unit (or their order of appearance for external inputs)."""
+    local = {n: i for i, n in enumerate(nodes)}
+    external: dict[fx.Node, int] = {}
+
+    def ref(a: object) -> object:
+        if isinstance(a, fx.Node):
+            if a in local:
+                return ("local", local[a])
+            return ("ext", external.setdefault(a, len(external)))
+        return a
+
+    h = hashlib.sha1()
+    for n in nodes:
+        target = n.target if n.op != "get_attr" else "param"
+        args = fx.node.map_aggregate(n.args, ref)
+        kwargs = fx.node.map_aggregate(n.kwargs, ref)
+        h.update(repr((n.op, str(target), args, kwargs, _shape_of(n))).encode())
+    return h.hexdigest()[:16]
+
+
+def _shape_of(node: fx.Node) -> object:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return (tuple(val.shape), str(val.dtype))
+    if isinstance(val, (list, tuple)):
+        return tuple(_shape_of_val(v) for v in val)
+    return type(val).__name__
+
+
+def _shape_of_val(val: object) -> object:
+    if isinstance(val, torch.Tensor):
+        return (tuple(val.shape), str(val.dtype))
+    return type(val).__name__
+
+
+def unit_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+    """Nodes of every layer and segment, units in execution order."""
+    out: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        out.setdefault(LAYER.get(node).name, []).append(node)
+    return out
+
+
+def fx_digraph(gm: fx.GraphModule) -> nx.DiGraph:
+    """The data-flow graph of `gm` as a networkx DiGraph over fx nodes."""
+    g = nx.DiGraph()
+    g.add_nodes_from(gm.graph.nodes)
+    g.add_edges_from((a, n) for n in gm.graph.nodes for a in n.all_input_nodes)
+    return g
+
+
+def _activation_edges(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, fx.Node]]:
+    for n in gm.graph.nodes:
+        for a in n.all_input_nodes:
+            if a.op != "get_attr" and LAYER.get(a).name != LAYER.get(n).name:
+                yield a, n
+
+
+def layer_digraph(gm: fx.GraphModule) -> nx.DiGraph:
+    """Units as nodes; an edge per pair of units that an activation flows between, with the
+    tensors that cross (`tensors`) and their bytes (`bytes`). Parameters are not edges."""
+    g = nx.DiGraph()
+    g.add_nodes_from(unit_nodes(gm))
+    crossing: dict[tuple[str, str], set[fx.Node]] = {}
+    for a, n in _activation_edges(gm):
+        crossing.setdefault((LAYER.get(a).name, LAYER.get(n).name), set()).add(a)
+    for (src, dst), tensors in crossing.items():
+        g.add_edge(src, dst, tensors=tensors, bytes=sum(_val_bytes(t) for t in tensors))
+    assert nx.is_directed_acyclic_graph(g), "layers and segments must form a DAG"
+    return g
+
+
+def cut_tensors(gm: fx.GraphModule) -> list[set[fx.Node]]:
+    """For each boundary between unit i and unit i+1 (execution order), the activations that
+    are produced at or before unit i and used after it: what a pipeline cut there sends."""
+    order = list(unit_nodes(gm))
+    position = {u: i for i, u in enumerate(order)}
+    cuts: list[set[fx.Node]] = [set() for _ in order[:-1]]
+    for a, n in _activation_edges(gm):
+        for i in range(position[LAYER.get(a).name], position[LAYER.get(n).name]):
+            cuts[i].add(a)
+    return cuts
+
+
+def _val_bytes(node: fx.Node) -> int:
+    val = node.meta.get("val")
+    vals = val if isinstance(val, (list, tuple)) else [val]
+    return sum(v.numel() * v.element_size() for v in vals if isinstance(v, torch.Tensor))

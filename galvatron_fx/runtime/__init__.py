@@ -1,0 +1,1 @@
+"""Runtime: process groups, collectives, pipeline, checkpoints, launch (later issues)."""

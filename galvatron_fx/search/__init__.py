@@ -1,0 +1,1 @@
+"""Strategy search: decision tree, dynamic programming, baselines (the search issue)."""
