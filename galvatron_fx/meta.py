@@ -36,11 +36,17 @@ REGISTRY: dict[str, MetaKey[Any]] = {}
 class MetaKey(Generic[T]):
     """A typed node-meta key. `get` fails with the node's name when the key is missing."""
 
+    name: str
+    value_type: type[T]
+    doc: str
+
     def __init__(self, name: str, value_type: type[T], doc: str = "") -> None:
         if not name.startswith("gfx_"):
             raise ValueError(f"meta key {name!r}: compiler keys must start with 'gfx_'")
         if not (dataclasses.is_dataclass(value_type) and value_type.__dataclass_params__.frozen):  # type: ignore[attr-defined]
-            raise ValueError(f"meta key {name!r}: value type {value_type!r} must be a frozen dataclass")
+            raise ValueError(
+                f"meta key {name!r}: value type {value_type!r} must be a frozen dataclass"
+            )
         if name in REGISTRY and REGISTRY[name].value_type is not value_type:
             raise ValueError(f"meta key {name!r} is already declared with another type")
         self.name = name
@@ -53,7 +59,7 @@ class MetaKey(Generic[T]):
 
     def get(self, node: fx.Node) -> T:
         try:
-            return node.meta[self.name]  # type: ignore[no-any-return]
+            return node.meta[self.name]
         except KeyError:
             raise KeyError(
                 f"node {node_label(node)} has no {self.name!r}; run the pass that writes it first"

@@ -89,16 +89,32 @@ def summary(gm: fx.GraphModule) -> str:
     rows = layer_table(gm)
     header = ("layer", "group", "params", "fwd FLOPs", "saved act.", "nodes")
     body = [
-        (r.name, r.group, _human(r.params), _human(r.fwd_flops), _bytes(r.saved_activation_bytes), str(r.nodes))
+        (
+            r.name,
+            r.group,
+            _human(r.params),
+            _human(r.fwd_flops),
+            _bytes(r.saved_activation_bytes),
+            str(r.nodes),
+        )
         for r in rows
     ]
     t = _totals(rows)
-    total = ("total", f"{len(rows)} units", _human(t["params"]), _human(t["fwd_flops"]),
-             _bytes(t["saved_activation_bytes"]), str(t["nodes"]))
+    total = (
+        "total",
+        f"{len(rows)} units",
+        _human(t["params"]),
+        _human(t["fwd_flops"]),
+        _bytes(t["saved_activation_bytes"]),
+        str(t["nodes"]),
+    )
     widths = [max(len(row[i]) for row in (header, *body, total)) for i in range(len(header))]
 
     def fmt(row: tuple[str, ...]) -> str:
-        cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        cells = [
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
         return "  ".join(cells).rstrip()
 
     rule = "-" * len(fmt(header))
@@ -120,4 +136,3 @@ def to_dot(gm: fx.GraphModule) -> str:
         lines.append(f'  "{src}" -> "{dst}" [label="{label}"];')
     lines.append("}")
     return "\n".join(lines) + "\n"
-

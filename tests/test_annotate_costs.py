@@ -45,7 +45,9 @@ def test_params_sum_exactly_and_saved_bytes_match_a_real_forward(spec):
 
 
 def test_gpt_saved_bytes_equal_the_eager_model():
-    model, args, kwargs = build("gpt:layers=2,hidden=256,heads=4,vocab=512,seq=128,dropout=0.1", batch=2, seq=128)
+    model, args, kwargs = build(
+        "gpt:layers=2,hidden=256,heads=4,vocab=512,seq=128,dropout=0.1", batch=2, seq=128
+    )
     result = gfx.analyze(model, args, kwargs)
     predicted = sum(r.saved_activation_bytes for r in result.layers)
     assert predicted == _real_saved_bytes(model, args, kwargs)
@@ -56,7 +58,9 @@ def test_gpt_block_forward_flops_formula(dropout):
     # One block: qkv 6bsh^2, projection 2bsh^2, MLP 16bsh^2 -> 24bsh^2 of linears, and
     # attention scores QK^T plus weighted values 2bs^2h each -> 4bs^2h (FLOPs = 2 x MACs).
     b, s, h = 2, 64, 128
-    config = GPTConfig(num_layers=2, hidden=h, num_heads=4, vocab_size=256, max_seq=s, dropout=dropout)
+    config = GPTConfig(
+        num_layers=2, hidden=h, num_heads=4, vocab_size=256, max_seq=s, dropout=dropout
+    )
     model = GPT(config).to("meta")
     idx = torch.randint(0, 256, (b, s), device="meta")
     result = gfx.analyze(model, (idx,), {"targets": idx})
@@ -68,7 +72,10 @@ def test_gpt_block_forward_flops_formula(dropout):
     # with the CPU flash kernel (no dropout) recomputes the scores: 5 matmuls, 2.5x its
     # forward; with dropout, CPU runs the math path whose backward is 4 bmms, 2x
     sdpa_ratio = 5 if dropout == 0.0 else 4
-    linear, sdpa = torch.ops.aten.linear.default, torch.ops.aten.scaled_dot_product_attention.default
+    linear, sdpa = (
+        torch.ops.aten.linear.default,
+        torch.ops.aten.scaled_dot_product_attention.default,
+    )
     for node in result.graph.nodes:
         cost = COST.get(node)
         if node.target is linear:

@@ -52,7 +52,7 @@ def test_hf_use_cache_is_turned_off_with_a_warning():
 
 
 def test_symbolic_traced_graph_module_is_captured_with_its_layers():
-    model, args, kwargs = build(TINY_GPT)
+    model, args, _ = build(TINY_GPT)
     traced = torch.fx.symbolic_trace(model, concrete_args={"targets": None})
     result = gfx.analyze(traced, args)
     names = [r.name for r in result.layers if r.kind == "layer"]
@@ -91,7 +91,7 @@ def test_uncapturable_model_gets_one_clear_error():
 
 
 def test_capture_rejects_non_modules():
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
         gfx.capture(lambda x: x, (torch.randn(2),))  # type: ignore[arg-type]
 
 

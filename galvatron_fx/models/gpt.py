@@ -112,7 +112,7 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         _, T = idx.shape  # (B, T)
         # torch._assert, not `if ... raise`: symbolic_trace can trace it
-        torch._assert(T <= self.config.max_seq, "GPT: sequence length exceeds max_seq")
+        torch._assert(self.config.max_seq >= T, "GPT: sequence length exceeds max_seq")
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, h)
         for block in self.blocks:

@@ -61,9 +61,11 @@ def build_hf(family: str, overrides: dict[str, Any]) -> nn.Module:
             config = tf.AutoConfig.for_model(family, **overrides)
         except ValueError as err:
             known = ", ".join(sorted(HF_FAMILIES))
-            raise ValueError(f"hf:{family}: unknown model type ({known}, or any "
-                             f"transformers model_type with a causal-LM head)") from err
-        return tf.AutoModelForCausalLM.from_config(config)  # type: ignore[no-any-return]
+            raise ValueError(
+                f"hf:{family}: unknown model type ({known}, or any "
+                f"transformers model_type with a causal-LM head)"
+            ) from err
+        return tf.AutoModelForCausalLM.from_config(config)
     settings = {**dict(fam.defaults), **overrides}
     config_class = getattr(tf, fam.config_class)
     unknown = [k for k in overrides if not hasattr(config_class(), k)]

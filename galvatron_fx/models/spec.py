@@ -27,7 +27,7 @@ __all__ = ["ModelSpec", "parse_model_spec"]
 
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
 
-_GPT_FIELDS = {
+_GPT_FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "layers": ("num_layers", int),
     "hidden": ("hidden", int),
     "heads": ("num_heads", int),
@@ -92,8 +92,9 @@ def _gpt_spec(text: str, rest: str) -> ModelSpec:
     kwargs: dict[str, Any] = {}
     for key, value in _pairs(rest, text).items():
         if key not in _GPT_FIELDS:
-            raise ValueError(f"model spec {text!r}: unknown gpt field {key!r} "
-                             f"(known: {', '.join(_GPT_FIELDS)})")
+            raise ValueError(
+                f"model spec {text!r}: unknown gpt field {key!r} (known: {', '.join(_GPT_FIELDS)})"
+            )
         field, conv = _GPT_FIELDS[key]
         try:
             kwargs[field] = conv(value)
@@ -157,7 +158,9 @@ def _file_spec(text: str, path: Path, factory: str) -> ModelSpec:
     return ModelSpec(text, fn, inputs, lambda m: 128)
 
 
-def _token_ids(model: nn.Module, text: str, batch: int, seq: int, device: torch.device) -> torch.Tensor:
+def _token_ids(
+    model: nn.Module, text: str, batch: int, seq: int, device: torch.device
+) -> torch.Tensor:
     emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
     if emb is None:
         raise ValueError(

@@ -243,7 +243,7 @@ class _UnitRun:
         return t
 
     def _own_grad_fns(self, node: fx.Node, out: Any) -> None:
-        stack = [t.grad_fn for t in _tensors(out) if t.grad_fn is not None]
+        stack: list[Any] = [t.grad_fn for t in _tensors(out) if t.grad_fn is not None]
         while stack:
             fn = stack.pop()
             if fn is None or fn in self.grad_owner:

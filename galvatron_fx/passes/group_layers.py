@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator
+from typing import Any, Literal
 
 import networkx as nx
 import torch
@@ -41,7 +42,7 @@ def group_layers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     for node in gm.graph.nodes:
         members[names[node]].append(node)
     for index, unit in enumerate(order):
-        kind = "layer" if groups[unit] is not None else "segment"
+        kind: Literal["layer", "segment"] = "layer" if groups[unit] is not None else "segment"
         tag = LayerTag(
             name=unit,
             kind=kind,
@@ -159,7 +160,7 @@ def _fingerprint(nodes: list[fx.Node]) -> str:
     local = {n: i for i, n in enumerate(nodes)}
     external: dict[fx.Node, int] = {}
 
-    def ref(a: object) -> object:
+    def ref(a: Any) -> Any:
         if isinstance(a, fx.Node):
             if a in local:
                 return ("local", local[a])

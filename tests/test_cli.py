@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import json
+
+from galvatron_fx.cli import main
+from tests.conftest import TINY_GPT, TINY_HF
+
+
+def test_inspect_prints_the_table_and_writes_json_and_dot(tmp_path, capsys):
+    out_json, out_dot = tmp_path / "gpt.json", tmp_path / "gpt.dot"
+    rc = main(
+        [
+            "inspect",
+            TINY_GPT,
+            "--batch",
+            "2",
+            "--seq",
+            "16",
+            "--json",
+            str(out_json),
+            "--dot",
+            str(out_dot),
+        ]
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "blocks.0" in text and "total" in text and "saved act." in text
+    data = json.loads(out_json.read_text())
+    assert (data["model"], data["batch"], data["seq"]) == (TINY_GPT, 2, 16)
+    assert [layer["name"] for layer in data["layers"]] == [
+        "embedding",
+        "blocks.0",
+        "blocks.1",
+        "head",
+        "loss",
+    ]
+    keys = {"name", "group", "params", "fwd_flops", "bwd_flops", "saved_activation_bytes", "nodes"}
+    assert all(set(layer) == keys for layer in data["layers"])
+    assert data["total"]["params"] == sum(layer["params"] for layer in data["layers"])
+    dot = out_dot.read_text()
+    assert dot.startswith("digraph layers {") and '"blocks.0" -> "blocks.1"' in dot
+
+
+def test_inspect_hf_family(capsys):
+    assert main(["inspect", TINY_HF["t5"], "--seq", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "encoder.block.0" in text and "decoder.block.1" in text and "glue_0" in text
+
+
+def test_inspect_bad_spec_is_an_error_not_a_traceback(tmp_path, capsys):
+    out_json = tmp_path / "x.json"
+    assert main(["inspect", "gpt:layers=oops", "--json", str(out_json)]) == 2
+    assert "layers='oops' is not a number" in capsys.readouterr().err
+    assert not out_json.exists()
+
+
+def test_summary_matches_the_cli_table(capsys):
+    import galvatron_fx as gfx
+    from tests.conftest import build
+
+    model, args, kwargs = build(TINY_GPT, "meta")
+    table = gfx.summary(gfx.analyze(model, args, kwargs).graph_module)
+    main(["inspect", TINY_GPT, "--batch", "2", "--seq", "16"])
+    assert table in capsys.readouterr().out
