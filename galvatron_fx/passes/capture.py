@@ -53,7 +53,6 @@ def capture(
     # Input-shape guards are dropped: later passes change local shapes on purpose.
     gm = program.module(check_guards=False)
     assert isinstance(gm, fx.GraphModule)
-    gm.meta["gfx_model_class"] = type(model).__qualname__
     return gm
 
 
