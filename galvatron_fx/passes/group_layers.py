@@ -105,6 +105,7 @@ def _positional_segments(
         return dict.fromkeys(computed, "model")
     first, last = layer_pos[0], layer_pos[-1]
     loss_start = _loss_start(computed, last)
+    next_stack = _next_stacks(computed, layer)
     names: dict[fx.Node, str] = {}
     glue_count, prev = 0, ""
     for i, n in enumerate(computed):
@@ -115,7 +116,7 @@ def _positional_segments(
             names[n] = "embedding"
         elif i > last:
             names[n] = "loss" if i >= loss_start else "head"
-        elif _next_stack(computed, layer, i) == _stack_of(prev):
+        elif next_stack[i] == _stack_of(prev):
             names[n] = prev  # loop-body glue between two layers of one stack
         else:
             if not names[computed[i - 1]].startswith("glue_"):
@@ -125,11 +126,15 @@ def _positional_segments(
     return names
 
 
-def _next_stack(computed: list[fx.Node], layer: dict[fx.Node, str | None], i: int) -> str | None:
-    for n in computed[i:]:
-        if layer[n] is not None:
-            return _stack_of(layer[n])  # type: ignore[arg-type]
-    return None
+def _next_stacks(computed: list[fx.Node], layer: dict[fx.Node, str | None]) -> list[str | None]:
+    """For each position, the stack of the next layer node at or after it."""
+    out: list[str | None] = [None] * len(computed)
+    upcoming: str | None = None
+    for i in range(len(computed) - 1, -1, -1):
+        own = layer[computed[i]]
+        upcoming = _stack_of(own) if own is not None else upcoming
+        out[i] = upcoming
+    return out
 
 
 def _loss_start(computed: list[fx.Node], last_layer: int) -> int:
