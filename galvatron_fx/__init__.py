@@ -16,7 +16,16 @@ from galvatron_fx.passes.manager import (
     insert_after,
     run_passes,
 )
-from galvatron_fx.summary import LayerSummary, layer_table, summary, to_dot, to_json
+from galvatron_fx.plan import DPMode, LayerStrategy, PipelineConfig, Plan, PlanError, Recompute
+from galvatron_fx.summary import (
+    LayerSummary,
+    layer_shapes,
+    layer_table,
+    model_fingerprint,
+    summary,
+    to_dot,
+    to_json,
+)
 
 __all__ = [
     "COST",
@@ -24,6 +33,8 @@ __all__ = [
     "LAYER",
     "Analysis",
     "CaptureError",
+    "DPMode",
+    "LayerStrategy",
     "LayerSummary",
     "LayerTag",
     "MetaKey",
@@ -31,12 +42,18 @@ __all__ = [
     "Pass",
     "PassContext",
     "PassError",
+    "PipelineConfig",
+    "Plan",
+    "PlanError",
+    "Recompute",
     "analyze",
     "capture",
     "format_graph",
     "graph_pass",
     "insert_after",
+    "layer_shapes",
     "layer_table",
+    "model_fingerprint",
     "run_passes",
     "summary",
     "to_dot",

@@ -5,15 +5,26 @@ Reads `gfx_layer` and `gfx_cost` only, so it works on any graph the front end an
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
 from torch import fx
 
 from galvatron_fx.meta import COST, LAYER
 from galvatron_fx.passes.group_layers import layer_digraph, unit_nodes
+from galvatron_fx.plan import LayerShape
 
-__all__ = ["LayerSummary", "layer_table", "summary", "to_dot", "to_json"]
+__all__ = [
+    "LayerSummary",
+    "layer_shapes",
+    "layer_table",
+    "model_fingerprint",
+    "summary",
+    "to_dot",
+    "to_json",
+]
 
 
 @dataclass(frozen=True)
@@ -136,3 +147,35 @@ def to_dot(gm: fx.GraphModule) -> str:
         lines.append(f'  "{src}" -> "{dst}" [label="{label}"];')
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def model_fingerprint(gm: fx.GraphModule) -> str:
+    """Hash of the ordered unit names and fingerprints: a plan is valid for exactly the
+    models with this value (same layers, ops and shapes)."""
+    units = [(name, LAYER.get(nodes[0]).fingerprint) for name, nodes in unit_nodes(gm).items()]
+    return hashlib.sha1(repr(units).encode()).hexdigest()[:16]
+
+
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
+_WEIGHT_ARG = {torch.ops.aten.linear.default: 1, torch.ops.aten.addmm.default: 2}
+"""Where the weight sits among a matmul-like op's arguments (addmm: GPT-2's Conv1D)."""
+
+
+def layer_shapes(gm: fx.GraphModule) -> dict[str, LayerShape]:
+    """Per unit, the head counts and the weight widths tensor parallelism would split (the
+    layers' linear weights; segments are split only by vocab-parallel options)."""
+    out = {}
+    for name, nodes in unit_nodes(gm).items():
+        heads: list[int] = []
+        dims: list[tuple[str, int]] = []
+        for node in nodes:
+            if node.target is _SDPA:
+                heads += [int(a.meta["val"].shape[1]) for a in node.args[:2]]  # type: ignore[union-attr]
+            idx = _WEIGHT_ARG.get(node.target)  # type: ignore[call-overload]
+            weight = node.args[idx] if idx is not None and len(node.args) > idx else None
+            in_layer = LAYER.get(node).kind == "layer"
+            if in_layer and isinstance(weight, fx.Node) and weight.op == "get_attr":
+                shape = weight.meta["val"].shape
+                dims += [(f"{weight.target}[{d}]", int(shape[d])) for d in range(len(shape))]
+        out[name] = LayerShape(tuple(dict.fromkeys(heads)), tuple(dims))
+    return out

@@ -1,0 +1,348 @@
+"""The plan: per-layer parallel strategies plus the global pipeline fields, as a plain value.
+
+A `Plan` is made by the search (or by hand), saved as JSON with a schema version and the
+fingerprint of the model it was made for, printed as a table, and loaded to run the exact same
+parallelisation later. Validation errors name the layer and the field.
+
+Pure data: imports neither torch.fx nor the passes. Facts about the graph that validation
+needs (unit names, heads, widths) come in as `LayerShape` values from the caller.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "DPMode",
+    "LayerShape",
+    "LayerStrategy",
+    "PipelineConfig",
+    "Plan",
+    "PlanError",
+    "Recompute",
+    "Schedule",
+]
+
+SCHEMA_VERSION = 1
+"""Bumped whenever a field changes meaning; loading another version is refused."""
+
+
+class PlanError(ValueError):
+    """A plan that is malformed or does not fit the model or the world size."""
+
+
+class DPMode(str, Enum):
+    """How the data-parallel replicas of a layer share work and state."""
+
+    ALLREDUCE = "allreduce"  # plain DP: gradients all-reduced, everything replicated
+    ZERO1 = "zero1"  # optimizer states sharded
+    ZERO2 = "zero2"  # optimizer states and gradients sharded (reduce-scatter)
+    ZERO3 = "zero3"  # parameters sharded too, gathered around each use (FSDP)
+
+
+class Recompute(str, Enum):
+    NONE = "none"
+    SELECTIVE = "selective"  # the attention core only (Korthikanti et al. 2022)
+    FULL = "full"  # the whole layer
+
+
+class Schedule(str, Enum):
+    GPIPE = "gpipe"
+    ONE_F_ONE_B = "1f1b"
+    INTERLEAVED_1F1B = "interleaved-1f1b"
+
+
+@dataclass(frozen=True)
+class LayerStrategy:
+    """How one layer or segment runs on the devices of its pipeline stage."""
+
+    tp: int = 1
+    """Tensor-parallel degree (Megatron column/row split)."""
+    sp: bool = False
+    """Megatron sequence parallelism inside the TP group (needs tp > 1)."""
+    dp: int = 1
+    """Data-parallel degree: the stage's devices / tp."""
+    dp_mode: DPMode = DPMode.ALLREDUCE
+    recompute: Recompute = Recompute.NONE
+    tp_consecutive: bool = True
+    """TP groups on consecutive ranks (inside a node) rather than strided."""
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "dp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PlanError(f"LayerStrategy.{name} must be an integer >= 1, got {value!r}")
+        object.__setattr__(self, "dp_mode", _enum(DPMode, self.dp_mode, "dp_mode"))
+        object.__setattr__(self, "recompute", _enum(Recompute, self.recompute, "recompute"))
+        if self.sp and self.tp == 1:
+            raise PlanError(
+                "LayerStrategy.sp needs tp > 1: sequence parallelism splits the TP group"
+            )
+
+    @property
+    def devices(self) -> int:
+        return self.tp * self.dp
+
+    def short(self) -> str:
+        """Compact form for tables: `tp2+sp dp4/zero3 rc=full`."""
+        tp = f"tp{self.tp}{'+sp' if self.sp else ''}{'' if self.tp_consecutive else '(strided)'}"
+        dp = f"dp{self.dp}" + (f"/{self.dp_mode.value}" if self.dp > 1 else "")
+        rc = "" if self.recompute is Recompute.NONE else f" rc={self.recompute.value}"
+        return f"{tp} {dp}{rc}"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Global pipeline fields (filled by the pipeline issue; degree 1 means no pipeline)."""
+
+    degree: int = 1
+    stage_starts: tuple[str, ...] = ()
+    """The first unit of every stage after the first (degree - 1 names, in order)."""
+    micro_batches: int = 1
+    schedule: Schedule = Schedule.ONE_F_ONE_B
+    virtual_stages: int = 1
+    """Model chunks per rank (> 1 only with the interleaved schedule)."""
+
+    def __post_init__(self) -> None:
+        for name in ("degree", "micro_batches", "virtual_stages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PlanError(f"PipelineConfig.{name} must be an integer >= 1, got {value!r}")
+        object.__setattr__(self, "schedule", _enum(Schedule, self.schedule, "schedule"))
+        object.__setattr__(self, "stage_starts", tuple(self.stage_starts))
+        if len(self.stage_starts) != self.degree * self.virtual_stages - 1:
+            raise PlanError(
+                f"PipelineConfig: {self.degree * self.virtual_stages} stages need "
+                f"{self.degree * self.virtual_stages - 1} stage_starts, got {len(self.stage_starts)}"
+            )
+        if self.virtual_stages > 1 and self.schedule is not Schedule.INTERLEAVED_1F1B:
+            raise PlanError("PipelineConfig: virtual_stages > 1 needs schedule 'interleaved-1f1b'")
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What validation must know of a layer's graph, extracted by the caller."""
+
+    heads: tuple[int, ...] = ()
+    """Attention head counts in the layer (query heads and key/value heads)."""
+    tp_split_dims: tuple[tuple[str, int], ...] = ()
+    """(parameter name, size) of every weight dimension tensor parallelism would split."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per-unit strategies (in execution order) and the pipeline, for one model."""
+
+    world_size: int
+    strategies: tuple[tuple[str, LayerStrategy], ...]
+    model_fingerprint: str
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "strategies", tuple((str(u), s) for u, s in self.strategies))
+        names = [u for u, _ in self.strategies]
+        if len(set(names)) != len(names):
+            raise PlanError(f"Plan: a unit is listed twice in {names}")
+        self.validate()
+
+    @classmethod
+    def uniform(
+        cls,
+        units: Sequence[str],
+        strategy: LayerStrategy,
+        *,
+        world_size: int,
+        model_fingerprint: str,
+        pipeline: PipelineConfig | None = None,
+    ) -> Plan:
+        """The same strategy for every unit."""
+        return cls(
+            world_size,
+            tuple((u, strategy) for u in units),
+            model_fingerprint,
+            pipeline or PipelineConfig(),
+        )
+
+    def strategy(self, unit: str) -> LayerStrategy:
+        for name, s in self.strategies:
+            if name == unit:
+                return s
+        raise PlanError(f"Plan has no strategy for unit {unit!r}")
+
+    @property
+    def units(self) -> tuple[str, ...]:
+        return tuple(u for u, _ in self.strategies)
+
+    def validate(self) -> None:
+        """Degrees multiply to the world size; pipeline stage starts name known units."""
+        if self.world_size < 1:
+            raise PlanError(f"Plan.world_size must be >= 1, got {self.world_size}")
+        pp = self.pipeline.degree
+        for unit, s in self.strategies:
+            if s.tp * s.dp * pp != self.world_size:
+                raise PlanError(
+                    f"layer {unit!r}: tp={s.tp} x dp={s.dp} x pp={pp} = {s.tp * s.dp * pp} "
+                    f"devices, but world_size is {self.world_size}"
+                )
+        order = {u: i for i, u in enumerate(self.units)}
+        starts = [order.get(u, -1) for u in self.pipeline.stage_starts]
+        for name, pos in zip(self.pipeline.stage_starts, starts, strict=True):
+            if pos <= 0:
+                raise PlanError(f"pipeline stage start {name!r} is not a unit after the first")
+        if starts != sorted(set(starts)):
+            raise PlanError(f"pipeline stage starts {self.pipeline.stage_starts} are not in order")
+
+    def check_model(
+        self, model_fingerprint: str, shapes: Mapping[str, LayerShape], *, source: str = "plan"
+    ) -> None:
+        """Refuse a plan made for another model, or whose tp does not divide the heads and
+        widths it splits. `shapes` maps every unit of the model, in order, to its facts."""
+        if list(shapes) != list(self.units):
+            missing = [u for u in shapes if u not in self.units]
+            extra = [u for u in self.units if u not in shapes]
+            raise PlanError(
+                f"{source} does not match this model's layers (missing {missing[:4]}, "
+                f"unknown {extra[:4]}); it was made for another model"
+            )
+        if model_fingerprint != self.model_fingerprint:
+            raise PlanError(
+                f"{source} was made for model {self.model_fingerprint}, this model is "
+                f"{model_fingerprint}: same layer names, different shapes or ops"
+            )
+        for unit, s in self.strategies:
+            _check_divisible(unit, s.tp, shapes[unit])
+
+    # JSON ------------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "world_size": self.world_size,
+            "model_fingerprint": self.model_fingerprint,
+            "pipeline": _plain(asdict(self.pipeline)),
+            "strategies": [{"unit": u, **_plain(asdict(s))} for u, s in self.strategies],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], *, source: str = "plan") -> Plan:
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise PlanError(
+                f"{source}: schema_version {data.get('schema_version')!r} is not "
+                f"{SCHEMA_VERSION}; re-run the search to make a plan for this release"
+            )
+        _known(
+            data,
+            {"schema_version", "world_size", "model_fingerprint", "pipeline", "strategies"},
+            source,
+        )
+        try:
+            pipeline = _build(PipelineConfig, data.get("pipeline", {}), f"{source}: pipeline")
+            strategies = tuple(
+                (
+                    str(item["unit"]),
+                    _build(
+                        LayerStrategy,
+                        {k: v for k, v in item.items() if k != "unit"},
+                        f"{source}: strategy of {item.get('unit')!r}",
+                    ),
+                )
+                for item in data["strategies"]
+            )
+            return cls(
+                int(data["world_size"]), strategies, str(data["model_fingerprint"]), pipeline
+            )
+        except KeyError as err:
+            raise PlanError(f"{source}: missing field {err}") from None
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically: a crash leaves the previous file whole."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise PlanError(f"{path}: not valid JSON ({err})") from None
+        return cls.from_json(data, source=str(path))
+
+    # Table -----------------------------------------------------------------------------
+
+    def table(self) -> str:
+        """One row per unit, runs of equal strategies folded together."""
+        p = self.pipeline
+        head = [f"plan for {self.world_size} devices  (model {self.model_fingerprint})"]
+        if p.degree > 1:
+            head.append(
+                f"pipeline: {p.degree} stages x {p.virtual_stages} chunk(s), "
+                f"{p.micro_batches} micro-batches, {p.schedule.value}"
+            )
+        rows: list[tuple[str, str]] = []
+        for unit, s in self.strategies:
+            label = s.short()
+            if unit in p.stage_starts:
+                rows.append(("-- stage boundary --", ""))
+            if rows and rows[-1][1] == label and rows[-1][0] != "-- stage boundary --":
+                first = rows[-1][0].split(" .. ")[0]
+                rows[-1] = (f"{first} .. {unit}", label)
+            else:
+                rows.append((unit, label))
+        width = max(len(u) for u, _ in rows)
+        return "\n".join([*head, *(f"  {u.ljust(width)}  {label}".rstrip() for u, label in rows)])
+
+
+def _enum(kind: type[Enum], value: Any, name: str) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in kind)
+        raise PlanError(f"{name} must be one of {allowed}, got {value!r}") from None
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: (v.value if isinstance(v, Enum) else list(v) if isinstance(v, tuple) else v)
+        for k, v in d.items()
+    }
+
+
+def _known(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise PlanError(f"{where}: unknown field(s) {unknown} (known: {sorted(allowed)})")
+
+
+def _build(kind: type[Any], data: Mapping[str, Any], where: str) -> Any:
+    _known(data, {f.name for f in fields(kind)}, where)
+    try:
+        return kind(**data)
+    except PlanError as err:
+        raise PlanError(f"{where}: {err}") from None
+
+
+def _check_divisible(unit: str, tp: int, shape: LayerShape) -> None:
+    if tp == 1:
+        return
+    for heads in shape.heads:
+        if heads % tp:
+            raise PlanError(f"layer {unit!r}: {heads} attention heads are not divisible by tp={tp}")
+    for name, size in shape.tp_split_dims:
+        if size % tp:
+            raise PlanError(f"layer {unit!r}: {name} has size {size}, not divisible by tp={tp}")
+
+
+def with_strategy(plan: Plan, unit: str, strategy: LayerStrategy) -> Plan:
+    """A copy of `plan` with one unit's strategy replaced (validated)."""
+    plan.strategy(unit)
+    return replace(
+        plan, strategies=tuple((u, strategy if u == unit else s) for u, s in plan.strategies)
+    )

@@ -1,0 +1,156 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import galvatron_fx as gfx
+from galvatron_fx.plan import (
+    DPMode,
+    LayerShape,
+    LayerStrategy,
+    PipelineConfig,
+    Plan,
+    PlanError,
+    Recompute,
+    Schedule,
+    with_strategy,
+)
+from galvatron_fx.summary import layer_shapes, model_fingerprint
+from tests.conftest import TINY_GPT, build
+
+UNITS = ["embedding", "blocks.0", "blocks.1", "head", "loss"]
+
+
+@pytest.fixture(scope="module")
+def gpt_facts():
+    model, args, kwargs = build(TINY_GPT, "meta")  # hidden 64, 4 heads
+    gm = gfx.analyze(model, args, kwargs).graph_module
+    return model_fingerprint(gm), layer_shapes(gm)
+
+
+def _mixed(world_size: int = 8) -> Plan:
+    plan = Plan.uniform(
+        UNITS,
+        LayerStrategy(tp=1, dp=4, dp_mode="zero3"),
+        world_size=world_size,
+        model_fingerprint="abc",
+        pipeline=PipelineConfig(degree=2, stage_starts=("blocks.1",), micro_batches=4),
+    )
+    return with_strategy(plan, "blocks.0", LayerStrategy(tp=2, sp=True, dp=2, recompute="full"))
+
+
+def test_json_round_trip_is_exact(tmp_path):
+    plan = _mixed()
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    loaded = Plan.load(path)
+    assert loaded == plan
+    data = json.loads(path.read_text())
+    assert data["schema_version"] == 1 and data["model_fingerprint"] == "abc"
+    assert data["strategies"][1] == {
+        "unit": "blocks.0",
+        "tp": 2,
+        "sp": True,
+        "dp": 2,
+        "dp_mode": "allreduce",
+        "recompute": "full",
+        "tp_consecutive": True,
+    }
+    assert loaded.strategy("blocks.0").recompute is Recompute.FULL
+    assert loaded.strategy("head").dp_mode is DPMode.ZERO3
+    assert loaded.pipeline.schedule is Schedule.ONE_F_ONE_B
+
+
+def test_table_folds_runs_and_marks_stage_boundaries():
+    text = _mixed().table()
+    assert "pipeline: 2 stages x 1 chunk(s), 4 micro-batches, 1f1b" in text
+    lines = text.splitlines()
+    assert any("blocks.0" in line and "tp2+sp dp2/allreduce rc=full" in line for line in lines)
+    assert any("-- stage boundary --" in line for line in lines)
+    assert any(line.strip().startswith("blocks.1 .. loss") for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: LayerStrategy(tp=0), "tp must be an integer >= 1"),
+        (lambda: LayerStrategy(sp=True), "sp needs tp > 1"),
+        (lambda: LayerStrategy(dp_mode="zero4"), "dp_mode must be one of"),
+        (lambda: PipelineConfig(degree=2), "2 stages need 1 stage_starts, got 0"),
+        (lambda: PipelineConfig(virtual_stages=2, stage_starts=("a",)), "needs schedule"),
+        (
+            lambda: Plan.uniform(
+                UNITS, LayerStrategy(tp=2, dp=2), world_size=8, model_fingerprint="x"
+            ),
+            "layer 'embedding': tp=2 x dp=2 x pp=1 = 4 devices, but world_size is 8",
+        ),
+        (
+            lambda: Plan.uniform(
+                UNITS,
+                LayerStrategy(dp=2),
+                world_size=4,
+                model_fingerprint="x",
+                pipeline=PipelineConfig(degree=2, stage_starts=("nope",)),
+            ),
+            "stage start 'nope' is not a unit",
+        ),
+    ],
+)
+def test_invalid_plans_name_the_field_or_layer(make, message):
+    with pytest.raises(PlanError) as info:
+        make()
+    assert message in str(info.value)
+
+
+def test_plan_checked_against_the_model(gpt_facts):
+    fingerprint, shapes = gpt_facts
+    assert list(shapes) == UNITS and shapes["blocks.0"].heads == (4,)
+    good = Plan.uniform(
+        UNITS, LayerStrategy(tp=4, dp=1), world_size=4, model_fingerprint=fingerprint
+    )
+    good.check_model(fingerprint, shapes)
+    with pytest.raises(PlanError, match="made for model"):
+        Plan.uniform(UNITS, LayerStrategy(), world_size=1, model_fingerprint="0" * 16).check_model(
+            fingerprint, shapes
+        )
+    with pytest.raises(PlanError, match="does not match this model's layers"):
+        Plan.uniform(
+            ["embedding", "h.0"], LayerStrategy(), world_size=1, model_fingerprint=fingerprint
+        ).check_model(fingerprint, shapes)
+    too_wide = Plan.uniform(UNITS, LayerStrategy(tp=8), world_size=8, model_fingerprint=fingerprint)
+    with pytest.raises(
+        PlanError, match=r"layer 'blocks\.0': 4 attention heads are not divisible by tp=8"
+    ):
+        too_wide.check_model(fingerprint, shapes)
+
+
+def test_width_not_divisible_by_tp_is_named():
+    plan = Plan.uniform(["l.0"], LayerStrategy(tp=3), world_size=3, model_fingerprint="f")
+    shape = LayerShape(heads=(3,), tp_split_dims=(("l.0.fc.weight[0]", 256),))
+    with pytest.raises(
+        PlanError, match=r"l\.0\.fc\.weight\[0\] has size 256, not divisible by tp=3"
+    ):
+        plan.check_model("f", {"l.0": shape})
+
+
+def test_loading_bad_files_is_clear(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text("{not json")
+    with pytest.raises(PlanError, match="not valid JSON"):
+        Plan.load(path)
+    data = _mixed().to_json()
+    path.write_text(json.dumps({**data, "schema_version": 99}))
+    with pytest.raises(PlanError, match="schema_version 99 is not 1"):
+        Plan.load(path)
+    data["strategies"][0]["tensor_parallel"] = 2
+    path.write_text(json.dumps(data))
+    with pytest.raises(
+        PlanError, match=r"strategy of 'embedding': unknown field\(s\) \['tensor_parallel'\]"
+    ):
+        Plan.load(path)
+    del data["world_size"]
+    data["strategies"][0].pop("tensor_parallel")
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match="missing field 'world_size'"):
+        Plan.load(path)
