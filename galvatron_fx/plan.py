@@ -175,6 +175,13 @@ class Plan:
                 return s
         raise PlanError(f"Plan has no strategy for unit {unit!r}")
 
+    def with_strategy(self, unit: str, strategy: LayerStrategy) -> Plan:
+        """A copy with one unit's strategy replaced (validated like any plan)."""
+        self.strategy(unit)
+        return replace(
+            self, strategies=tuple((u, strategy if u == unit else s) for u, s in self.strategies)
+        )
+
     @property
     def units(self) -> tuple[str, ...]:
         return tuple(u for u, _ in self.strategies)
@@ -338,11 +345,3 @@ def _check_divisible(unit: str, tp: int, shape: LayerShape) -> None:
     for name, size in shape.tp_split_dims:
         if size % tp:
             raise PlanError(f"layer {unit!r}: {name} has size {size}, not divisible by tp={tp}")
-
-
-def with_strategy(plan: Plan, unit: str, strategy: LayerStrategy) -> Plan:
-    """A copy of `plan` with one unit's strategy replaced (validated)."""
-    plan.strategy(unit)
-    return replace(
-        plan, strategies=tuple((u, strategy if u == unit else s) for u, s in plan.strategies)
-    )

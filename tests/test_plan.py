@@ -14,7 +14,6 @@ from galvatron_fx.plan import (
     PlanError,
     Recompute,
     Schedule,
-    with_strategy,
 )
 from galvatron_fx.summary import layer_shapes, model_fingerprint
 from tests.conftest import TINY_GPT, build
@@ -37,7 +36,7 @@ def _mixed(world_size: int = 8) -> Plan:
         model_fingerprint="abc",
         pipeline=PipelineConfig(degree=2, stage_starts=("blocks.1",), micro_batches=4),
     )
-    return with_strategy(plan, "blocks.0", LayerStrategy(tp=2, sp=True, dp=2, recompute="full"))
+    return plan.with_strategy("blocks.0", LayerStrategy(tp=2, sp=True, dp=2, recompute="full"))
 
 
 def test_json_round_trip_is_exact(tmp_path):
