@@ -9,20 +9,31 @@ the invariants and times every pass. To add a pass of your own, build a new list
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from torch import fx, nn
 
 from galvatron_fx.passes.annotate_costs import annotate_costs
 from galvatron_fx.passes.capture import capture
 from galvatron_fx.passes.group_layers import group_layers
+from galvatron_fx.passes.insert_collectives import ParamSpec, get_attr, insert_collectives
 from galvatron_fx.passes.manager import Pass, PassContext, run_passes
-from galvatron_fx.summary import LayerSummary, layer_table
+from galvatron_fx.passes.recompute import recompute
+from galvatron_fx.passes.shard import shard
+from galvatron_fx.passes.zero3 import zero3
+from galvatron_fx.plan import LayerStrategy, Plan, PlanError
+from galvatron_fx.runtime import collectives
+from galvatron_fx.runtime.collectives import GROUPS, GroupRef
+from galvatron_fx.runtime.compiled import CompiledModel, LossFn
+from galvatron_fx.runtime.data_parallel import GradSync, SyncedParam
+from galvatron_fx.summary import LayerSummary, layer_shapes, layer_table, model_fingerprint
 
-__all__ = ["FRONTEND_PASSES", "Analysis", "analyze"]
+__all__ = ["FRONTEND_PASSES", "PARALLEL_PASSES", "Analysis", "analyze", "compile"]
 
 FRONTEND_PASSES: tuple[Pass, ...] = (
     group_layers,  # gfx_layer: which repeated block or segment every node belongs to
@@ -71,3 +82,90 @@ def analyze(
     ctx.timings_s["capture"] = time.perf_counter() - start
     gm = run_passes(gm, ctx, passes)
     return Analysis(gm, layer_table(gm), dict(ctx.timings_s), ctx)
+
+
+PARALLEL_PASSES: tuple[Pass, ...] = (
+    shard,  # gfx_placement: dp/tp placement of every node, redistributions, column/row linears
+    insert_collectives,  # this rank's program: collectives, local shapes, TP parameter slices
+    zero3,  # ZeRO-3 layers: parameters stored as dp shards, gathered before use
+    recompute,  # checkpointed regions: whole layers or their attention cores
+    # split_stages: added by the pipeline issue
+)
+
+
+def compile(
+    model: nn.Module,
+    example_inputs: Sequence[Any] = (),
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    plan: Plan | None = None,
+    optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    loss_fn: LossFn | None = None,
+    bucket_mb: float = 25.0,
+    rank: int | None = None,
+    print_after: Sequence[str] = (),
+) -> CompiledModel:
+    """Capture `model`, rewrite it for this rank under `plan`, and wrap it with gradient sync
+    and `optimizer` (a factory `params -> Optimizer`; default AdamW, lr 1e-3).
+
+    Runs on every rank of an initialised process group (or alone: world size 1). Without a
+    plan every unit uses plain data parallelism over all ranks. `example_inputs` are the whole
+    batch; `train_step` takes whole batches shaped like them."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = (dist.get_rank() if dist.is_initialized() else 0) if rank is None else rank
+    analysis = analyze(model, example_inputs, example_kwargs, print_after=print_after)
+    gm, ctx = analysis.graph_module, analysis.context
+    if plan is None:
+        plan = Plan.uniform(
+            [u.name for u in analysis.layers],
+            LayerStrategy(dp=world),
+            world_size=world,
+            model_fingerprint=model_fingerprint(gm),
+        )
+    _check_plan(plan, gm, world)
+    ctx.results.update(plan=plan, rank=rank)
+    gm = run_passes(gm, ctx, PARALLEL_PASSES)
+    specs: dict[str, ParamSpec] = ctx.results["params"]
+    if world > 1:
+        GROUPS.create(_all_groups(gm, specs))
+    sync = GradSync(_synced(gm, specs, plan), optimizer or _adamw, bucket_mb)
+    return CompiledModel(gm, plan, specs, sync, loss_fn, rank)
+
+
+def _adamw(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-3)
+
+
+def _check_plan(plan: Plan, gm: fx.GraphModule, world: int) -> None:
+    if plan.world_size != world:
+        raise PlanError(f"plan is for {plan.world_size} ranks, this job has {world}")
+    if plan.pipeline.degree > 1:
+        raise PlanError("pipeline stages are not supported yet (plan.pipeline.degree > 1)")
+    plan.check_model(model_fingerprint(gm), layer_shapes(gm))
+
+
+def _synced(gm: fx.GraphModule, specs: dict[str, ParamSpec], plan: Plan) -> list[SyncedParam]:
+    out = []
+    for name, spec in specs.items():
+        param = get_attr(gm, name)
+        if not isinstance(param, nn.Parameter) or spec.alias_of is not None:
+            continue
+        mode = plan.strategy(spec.unit).dp_mode
+        dp = spec.dp_group
+        if spec.zero3_shape is not None:  # the gather's backward already summed over dp
+            dp = GroupRef((dist.get_rank() if dist.is_initialized() else 0,))
+        tp = spec.tp_group if spec.grad_sum_tp else None
+        out.append(SyncedParam(name, param, dp, mode, tp))
+    return out
+
+
+def _all_groups(gm: fx.GraphModule, specs: dict[str, ParamSpec]) -> list[tuple[int, ...]]:
+    """Every rank set any rank uses: all ranks must create every group, in the same order."""
+    mine: set[tuple[int, ...]] = set()
+    for node in gm.graph.nodes:
+        mine.update(collectives.groups_of(node.target, node.args))
+    for spec in specs.values():
+        mine.update({spec.tp_group.ranks, spec.dp_group.ranks})
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, sorted(mine))
+    return [tuple(g) for groups in everyone for g in groups]

@@ -20,10 +20,12 @@ from torch import fx
 __all__ = [
     "COST",
     "LAYER",
+    "PLACEMENT",
     "REGISTRY",
     "LayerTag",
     "MetaKey",
     "NodeCost",
+    "NodePlacement",
     "node_label",
 ]
 
@@ -122,3 +124,27 @@ class NodeCost:
 
 LAYER: MetaKey[LayerTag] = MetaKey("gfx_layer", LayerTag, "the layer or segment of a node")
 COST: MetaKey[NodeCost] = MetaKey("gfx_cost", NodeCost, "analytic FLOPs, bytes and memory")
+
+
+@dataclass(frozen=True)
+class NodePlacement:
+    """How a node's value is laid out on its layer's (dp, tp) device mesh, and what the
+    rewrite must do before the op runs. Placements are DTensor's `Replicate()`,
+    `Shard(dim)` and `Partial(op)`; a tuple for ops with several outputs."""
+
+    dp: Any
+    """Placement across the data-parallel replicas (activations: `Shard(0)` on the batch)."""
+    tp: Any
+    """Placement across the tensor-parallel group."""
+    kind: str = ""
+    """What the rule chose: `column`, `row`, `fallback` (inputs gathered), or empty."""
+    needs: tuple[tuple[str, str, Any], ...] = ()
+    """(input node name, axis `dp`/`tp`, placement) to redistribute before the op runs; axis
+    `switch` means the input crosses from a unit on another mesh (placement: (dp, tp))."""
+    blocks: int = 1
+    """A column-parallel weight whose output is split in `blocks` equal parts (fused qkv)."""
+
+
+PLACEMENT: MetaKey[NodePlacement] = MetaKey(
+    "gfx_placement", NodePlacement, "placements on the layer's mesh and redistributions"
+)

@@ -32,7 +32,7 @@ from galvatron_fx.meta import COST, LAYER, NodeCost
 from galvatron_fx.passes.group_layers import unit_nodes
 from galvatron_fx.passes.manager import PassContext, graph_pass
 
-__all__ = ["annotate_costs"]
+__all__ = ["annotate_costs", "requires_grad_nodes"]
 
 
 # FlopCounterMode's custom_mapping hands formulas shapes, not tensors.
@@ -55,7 +55,7 @@ _CPU_FORMULAS: dict[Any, Callable[..., int]] = {
 @graph_pass(reads=("val", LAYER.name), writes=(COST.name,))
 def annotate_costs(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Put a `NodeCost` on every node; run each distinct unit once on fake tensors."""
-    needs_grad = _requires_grad(gm)
+    needs_grad = requires_grad_nodes(gm)
     params = _param_counts(gm)
     cache: dict[tuple[object, ...], list[_Observed]] = {}
     counted: set[fx.Node] = set()  # producers whose saved storage is already counted
@@ -106,7 +106,7 @@ class _Observed:
         external input, ("int", j) for its j-th node, None for op-internal tensors."""
 
 
-def _requires_grad(gm: fx.GraphModule) -> dict[fx.Node, bool]:
+def requires_grad_nodes(gm: fx.GraphModule) -> dict[fx.Node, bool]:
     """Which nodes carry a gradient: export's `val`s all say False, so propagate from the
     trainable parameters through differentiable (floating-point) values."""
     out: dict[fx.Node, bool] = {}

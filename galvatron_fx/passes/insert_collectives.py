@@ -1,0 +1,398 @@
+"""Collectives: make the placements concrete for one rank.
+
+Reads: `gfx_placement`, `gfx_layer`, `val`; `ctx.results["plan"]` and `ctx.results["rank"]`.
+Writes: new `call_function` nodes for every redistribution (`runtime.collectives`), local
+sizes in `view`/`reshape`/`expand`/`split`/`new_*` arguments, this rank's slice of every
+tensor-parallel parameter (replacing the parameter on the module), `val` with local shapes,
+and `ctx.results["params"]`: a `ParamSpec` per parameter (how it is split, which groups its
+gradient must be summed over).
+Guarantees:
+- the graph computes, on every rank, its piece of what the original graph computes;
+- row-parallel linears lose their bias, which is added once after the reduction;
+- a replicated value that requires grad and feeds split compute goes through `tp_copy`
+  (Megatron's f), so gradients of replicated values are whole on every rank;
+- conversions of one value to one placement are inserted once and shared by their users.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.distributed.tensor import Partial, Replicate, Shard
+
+from galvatron_fx.meta import LAYER, PLACEMENT, NodePlacement
+from galvatron_fx.passes.annotate_costs import requires_grad_nodes
+from galvatron_fx.passes.manager import PassContext, graph_pass
+from galvatron_fx.passes.shard import mesh_of, unit_strategies
+from galvatron_fx.plan import LayerStrategy, Plan
+from galvatron_fx.runtime import collectives as C
+from galvatron_fx.runtime.mesh import Layout, Mesh, plan_switch
+
+__all__ = ["ParamSpec", "get_attr", "insert_collectives", "local_shape", "set_attr", "take_shard"]
+
+aten = torch.ops.aten
+R = Replicate()
+_SIZED = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
+_NEW = {
+    aten.new_ones.default,
+    aten.new_zeros.default,
+    aten.new_empty.default,
+    aten.new_full.default,
+}
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """How one parameter lives on this rank."""
+
+    name: str
+    """Dotted attribute path on the module (`blocks.0.attn.qkv.weight`)."""
+    unit: str
+    global_shape: tuple[int, ...]
+    tp_dim: int | None = None
+    """Dim split across the TP group (None: replicated)."""
+    blocks: int = 1
+    """Split block by block (fused qkv): each of `blocks` equal parts of `tp_dim` is split."""
+    tp_group: C.GroupRef = field(default_factory=lambda: C.GroupRef((0,)))
+    dp_group: C.GroupRef = field(default_factory=lambda: C.GroupRef((0,)))
+    grad_sum_tp: bool = False
+    """The gradient is a partial sum over the TP group (sequence-parallel norms, biases)."""
+    alias_of: str | None = None
+    """A tied parameter: the same object as the parameter named here (synced once)."""
+    zero3_shape: tuple[int, ...] | None = None
+    """ZeRO-3: the shape of the TP piece this rank's flat 1/dp shard is cut from."""
+
+
+def local_shape(shape: tuple[int, ...], dp: Any, tp: Any, mesh: Mesh) -> tuple[int, ...]:
+    out = list(shape)
+    for p, n in ((dp, mesh.dp), (tp, mesh.tp)):
+        if isinstance(p, Shard):
+            out[p.dim] //= n
+    return tuple(out)
+
+
+def take_shard(t: torch.Tensor, dim: int, blocks: int, n: int, index: int) -> torch.Tensor:
+    """This rank's piece of a tensor-parallel parameter (block by block for fused layers)."""
+    parts = t.chunk(blocks, dim)
+    return torch.cat([p.chunk(n, dim)[index] for p in parts], dim).clone()
+
+
+@graph_pass(reads=("val", LAYER.name, PLACEMENT.name), writes=(LAYER.name, PLACEMENT.name))
+def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Rewrite the graph into rank `ctx.results['rank']`'s program."""
+    rewrite = _Rewrite(gm, ctx.results["plan"], int(ctx.results.get("rank", 0)))
+    ctx.results["params"] = rewrite.run()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+class _Rewrite:
+    def __init__(self, gm: fx.GraphModule, plan: Plan, rank: int) -> None:
+        self.gm, self.plan, self.rank = gm, plan, rank
+        self.strategies = unit_strategies(gm, plan)
+        self.names = {n.name: n for n in gm.graph.nodes}
+        self.cache: dict[tuple[Any, ...], fx.Node] = {}
+        self.grad = requires_grad_nodes(gm)
+        self.fake_mode = next(
+            n.meta["val"].fake_mode
+            for n in gm.graph.nodes
+            if isinstance(n.meta.get("val"), torch._subclasses.FakeTensor)
+        )
+
+    def mesh(self, node: fx.Node) -> Mesh:
+        return mesh_of(self.strategy(node), self.plan.world_size)
+
+    def strategy(self, node: fx.Node) -> LayerStrategy:
+        return self.strategies[LAYER.get(node).name]
+
+    def group(self, node: fx.Node, axis: str) -> C.GroupRef:
+        return C.GroupRef(self.mesh(node).group(axis, self.rank))
+
+    def run(self) -> dict[str, ParamSpec]:
+        specs = self._shard_params()
+        for node in list(self.gm.graph.nodes):
+            if node.op in ("call_function", "output"):
+                self._rewrite_node(node)
+        self._set_local_vals()
+        return specs
+
+    # parameters --------------------------------------------------------------------------
+
+    def _shard_params(self) -> dict[str, ParamSpec]:
+        split: dict[fx.Node, tuple[int, int]] = {}
+        grad_tp: set[fx.Node] = set()
+        for node in self.gm.graph.nodes:
+            p = PLACEMENT.get(node)
+            for name, axis, want in p.needs:
+                a = self.names[name]
+                if a.op == "get_attr" and axis == "tp" and isinstance(want, Shard):
+                    split[a] = (want.dim, p.blocks if p.kind == "column" else 1)
+            for a in node.all_input_nodes:
+                if a.op == "get_attr" and _split_out(p.tp) and not _wants_shard(p, a.name):
+                    grad_tp.add(a)
+        specs = {}
+        for nodes in _aliases(self.gm).values():
+            first = nodes[0]
+            self._check_tied(nodes, split)
+            spec = self._param_spec(first, split.get(first), any(n in grad_tp for n in nodes))
+            specs[first.target] = spec
+            for n in nodes[1:]:  # tied parameters: one object under several names
+                set_attr(self.gm, n.target, get_attr(self.gm, first.target))
+                specs[n.target] = replace(spec, name=n.target, alias_of=first.target)
+        return specs
+
+    def _check_tied(self, nodes: list[fx.Node], split: dict[fx.Node, tuple[int, int]]) -> None:
+        names = [n.target for n in nodes]
+        if len({split.get(n) for n in nodes}) > 1:
+            raise ValueError(
+                f"tied parameter {names}: its uses need different tensor-parallel splits"
+            )
+        if len({self.mesh(n) for n in nodes}) > 1:
+            units = sorted({LAYER.get(n).name for n in nodes})
+            raise NotImplementedError(
+                f"tied parameter {names} is used by units {units} with different tp/dp layouts; "
+                "give these units the same tp, dp and tp_consecutive"
+            )
+
+    def _param_spec(self, node: fx.Node, split: tuple[int, int] | None, grad_tp: bool) -> ParamSpec:
+        param = get_attr(self.gm, node.target)
+        spec = ParamSpec(
+            node.target,
+            LAYER.get(node).name,
+            tuple(param.shape),
+            tp_group=self.group(node, "tp"),
+            dp_group=self.group(node, "dp"),
+            grad_sum_tp=grad_tp and self.strategy(node).tp > 1,
+        )
+        if split is None or spec.tp_group.size == 1:
+            return spec
+        dim, blocks = split
+        local = take_shard(
+            param.detach(), dim, blocks, spec.tp_group.size, spec.tp_group.index(self.rank)
+        )
+        set_attr(self.gm, node.target, nn.Parameter(local, requires_grad=param.requires_grad))
+        return replace(spec, tp_dim=dim, blocks=blocks)
+
+    # nodes -------------------------------------------------------------------------------
+
+    def _rewrite_node(self, node: fx.Node) -> None:
+        p = PLACEMENT.get(node)
+        current: dict[str, tuple[fx.Node, Any, Any]] = {}
+        for name, axis, want in p.needs:
+            a = self.names[name]
+            if a.op == "get_attr":
+                continue
+            cur, dp, tp = current.get(name) or (a, *_pair(PLACEMENT.get(a)))
+            if axis == "switch":
+                cur, (dp, tp) = self._switch(cur, a, node, dp, tp, want), want
+            else:
+                have = dp if axis == "dp" else tp
+                cur = self._convert(cur, node, axis, have, want, _split_out(getattr(p, axis)))
+                dp, tp = (want, tp) if axis == "dp" else (dp, want)
+            current[name] = (cur, dp, tp)
+        for name, (cur, _, _) in current.items():
+            node.replace_input_with(self.names[name], cur)
+        self._copy_into_split(node, p, {n for n, _ in current.items()})
+        if p.kind == "row":
+            self._row_parallel(node, p)
+        self._local_args(node, p)
+
+    def _insert(
+        self, before: fx.Node, fn: Any, args: tuple[Any, ...], like: fx.Node, dp: Any, tp: Any
+    ) -> fx.Node:
+        """A collective node before `before`, in `before`'s unit, with a local `val`."""
+        key = (fn, *args)
+        if key in self.cache:
+            return self.cache[key]
+        with self.gm.graph.inserting_before(before):
+            new = self.gm.graph.call_function(fn, args)
+        new.meta["gfx_layer"] = LAYER.get(before)
+        new.meta["nn_module_stack"] = before.meta.get("nn_module_stack", {})
+        new.meta["_global_val"] = _global_val(like)
+        PLACEMENT.set(new, NodePlacement(dp, tp, "collective"))
+        self.cache[key] = new
+        return new
+
+    def _convert(
+        self, x: fx.Node, node: fx.Node, axis: str, have: Any, want: Any, split_out: bool
+    ) -> fx.Node:
+        """Redistribute `x` on one axis. Gradients of replicated values are whole on the tp
+        axis (the loss is replicated there) and partial sums on the dp axis (each replica's
+        loss covers its own batch slice): the backward halves differ accordingly."""
+        g = self.group(node, axis)
+        dp_tp = lambda q: (q, PLACEMENT.get(x).tp) if axis == "dp" else (PLACEMENT.get(x).dp, q)  # noqa: E731
+        if isinstance(have, Partial):
+            if isinstance(want, Shard):
+                return self._insert(node, C.reduce_scatter, (x, want.dim, g.ranks), x, *dp_tp(want))
+            fn = C.reduce_both if axis == "dp" else C.tp_reduce
+            return self._insert(node, fn, (x, g.ranks), x, *dp_tp(R))
+        if isinstance(have, Shard):
+            gather = C.gather_partial if axis == "dp" or split_out else C.gather_whole
+            x = self._insert(node, gather, (x, have.dim, g.ranks), x, *dp_tp(R))
+        if isinstance(want, Shard):
+            split = C.split_zero if axis == "dp" else C.split_local
+            x = self._insert(node, split, (x, want.dim, g.ranks), x, *dp_tp(want))
+        return x
+
+    def _switch(
+        self, x: fx.Node, orig: fx.Node, node: fx.Node, dp: Any, tp: Any, want: Any
+    ) -> fx.Node:
+        src_mesh, dst_mesh = self.mesh(orig), self.mesh(node)
+        shape = tuple(_global_val(orig).shape)
+        src = Layout(src_mesh, shape, _dim(dp), _dim(tp))
+        dst = Layout(dst_mesh, shape, _dim(want[0]), _dim(want[1]))
+        fwd = tuple(C.as_step(s) for s in plan_switch(src, dst, self.rank))
+        bwd = tuple(C.as_step(s) for s in plan_switch(dst, src, self.rank))
+        # a value replicated across dp on both sides has partial-sum gradients: per piece,
+        # the sum over all ranks / tp is the true gradient, on either mesh
+        replicated = _dim(dp) is None and _dim(want[0]) is None
+        scale = src_mesh.tp / dst_mesh.tp if replicated else 1.0
+        if not fwd and not bwd and scale == 1.0:
+            return x
+        return self._insert(node, C.switch_layout, (x, fwd, bwd, scale), orig, *want)
+
+    def _copy_into_split(self, node: fx.Node, p: NodePlacement, converted: set[str]) -> None:
+        """Megatron f on the tp axis: a replicated activation that needs a gradient and feeds
+        compute split across the TP group gets its gradient all-reduced."""
+        if node.op != "call_function" or not _split_out(p.tp):
+            return
+        for a in list(node.all_input_nodes):
+            if (
+                a.name in converted
+                or a.op in ("get_attr", "placeholder")
+                or not self.grad.get(a, False)
+            ):
+                continue
+            if isinstance(PLACEMENT.get(a).tp, Replicate) and self.strategy(node).tp > 1:
+                node.replace_input_with(
+                    a,
+                    self._insert(
+                        node,
+                        C.tp_copy,
+                        (a, self.group(node, "tp").ranks),
+                        a,
+                        PLACEMENT.get(a).dp,
+                        R,
+                    ),
+                )
+
+    def _row_parallel(self, node: fx.Node, p: NodePlacement) -> None:
+        """linear(x, W_split, b) -> g(linear(x, W_split)) + b: the bias is added once."""
+        is_addmm = node.target == aten.addmm.default
+        bias = node.args[0] if is_addmm else (node.args[2] if len(node.args) > 2 else None)
+        if is_addmm:
+            node.target, node.args = aten.mm.default, (node.args[1], node.args[2])
+        else:
+            node.args = node.args[:2]
+        users = list(node.users)
+        anchor = node.next
+        g = self.group(node, "tp")
+        if isinstance(p.tp, Shard):
+            red = self._insert(
+                anchor, C.reduce_scatter, (node, p.tp.dim, g.ranks), node, p.dp, p.tp
+            )
+        else:
+            red = self._insert(anchor, C.tp_reduce, (node, g.ranks), node, p.dp, R)
+        out = red
+        if isinstance(bias, fx.Node):
+            out = self._insert(anchor, aten.add.Tensor, (red, bias), node, p.dp, p.tp)
+        for u in users:
+            u.replace_input_with(node, out)
+
+    def _local_args(self, node: fx.Node, p: NodePlacement) -> None:
+        """Sizes baked into arguments become this rank's local sizes."""
+        mesh = self.mesh(node)
+        if node.target in _SIZED or node.target in _NEW:
+            node.args = (
+                node.args[0],
+                list(local_shape(_gshape(node), p.dp, p.tp, mesh)),
+                *node.args[2:],
+            )
+        elif node.target in (aten.split.Tensor, aten.split_with_sizes.default):
+            vals = node.meta["val"]
+            sizes = [
+                local_shape(tuple(v.shape), p.dp[i], p.tp[i], mesh) for i, v in enumerate(vals)
+            ]
+            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+            local = [s[dim] for s in sizes]
+            node.args = (
+                node.args[0],
+                local[0] if node.target == aten.split.Tensor else local,
+                *node.args[2:],
+            )
+
+    # vals --------------------------------------------------------------------------------
+
+    def _set_local_vals(self) -> None:
+        for node in self.gm.graph.nodes:
+            p = PLACEMENT.get(node)
+            val = _global_val(node)
+            node.meta.pop("_global_val", None)
+            mesh = self.mesh(node)
+            if isinstance(val, torch.Tensor):
+                node.meta["val"] = self._fake(local_shape(tuple(val.shape), p.dp, p.tp, mesh), val)
+            elif isinstance(val, (tuple, list)) and isinstance(p.dp, tuple):
+                node.meta["val"] = tuple(
+                    self._fake(local_shape(tuple(v.shape), p.dp[i], p.tp[i], mesh), v)
+                    for i, v in enumerate(val)
+                )
+            if node.op == "get_attr":
+                node.meta["val"] = self._fake(tuple(get_attr(self.gm, node.target).shape), val)
+
+    def _fake(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        with self.fake_mode:
+            return torch.empty(shape, dtype=like.dtype)
+
+
+def _aliases(gm: fx.GraphModule) -> dict[int, list[fx.Node]]:
+    """`get_attr` nodes grouped by the object they fetch, in graph order."""
+    out: dict[int, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            out.setdefault(id(get_attr(gm, node.target)), []).append(node)
+    return out
+
+
+def _global_val(node: fx.Node) -> Any:
+    """The value's global (unsplit) fake; new nodes keep it aside until local vals are set."""
+    return node.meta["_global_val"] if "_global_val" in node.meta else node.meta.get("val")
+
+
+def _pair(p: NodePlacement) -> tuple[Any, Any]:
+    return p.dp, p.tp
+
+
+def _dim(p: Any) -> int | None:
+    return p.dim if isinstance(p, Shard) else None
+
+
+def _split_out(p: Any) -> bool:
+    first = p[0] if isinstance(p, tuple) and p else p
+    return isinstance(first, (Shard, Partial))
+
+
+def _wants_shard(p: NodePlacement, name: str) -> bool:
+    return any(n == name and a == "tp" and isinstance(w, Shard) for n, a, w in p.needs)
+
+
+def _gshape(node: fx.Node) -> tuple[int, ...]:
+    return tuple(node.meta["val"].shape)
+
+
+def get_attr(gm: nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_attr(gm: nn.Module, target: str, value: Any) -> None:
+    *path, last = target.split(".")
+    owner: Any = gm
+    for part in path:
+        owner = getattr(owner, part)
+    setattr(owner, last, value)

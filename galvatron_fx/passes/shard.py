@@ -1,0 +1,180 @@
+"""Sharding propagation: placements for every node under the plan, nothing rewritten yet.
+
+Reads: `gfx_layer`, `val`, the `Plan` in `ctx.results["plan"]`.
+Writes: `gfx_placement` on every node: the node's placement on the dp and tp axes of its
+layer's mesh, the redistributions its inputs need first, and for linear layers whether they
+are column- or row-parallel.
+Guarantees:
+- inputs with a leading batch dimension start split across the dp axis (`Shard(0)`);
+  parameters start replicated; the rule table (`shard_rules.RULES`) carries placements
+  through every op, one axis at a time;
+- parameters are split only on the tp axis of a layer (never in segments), by the linear
+  rule, so Megatron's column/row pairs come from the graph, not from module names;
+- a value crossing into a unit on another mesh is switched to that mesh (`switch` need):
+  split on the batch if it was, replicated on tp; an SP layer keeps a sequence split that
+  arrives from a layer on the same mesh, any other layer gathers it;
+- ops without a rule that receive split inputs gather them, with a warning naming the op.
+
+Rank-independent: the same placements hold on every rank; `insert_collectives` makes them
+concrete for one rank.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+from torch.distributed.tensor import Replicate, Shard
+
+from galvatron_fx.meta import LAYER, PLACEMENT, NodePlacement
+from galvatron_fx.passes.manager import PassContext, graph_pass
+from galvatron_fx.passes.shard_rules import OpView, decide, shape
+from galvatron_fx.plan import LayerStrategy, Plan
+from galvatron_fx.runtime.mesh import Mesh
+
+__all__ = ["ShardWarning", "batch_inputs", "mesh_of", "shard", "unit_strategies"]
+
+R = Replicate()
+AXES = ("dp", "tp")
+_SHAPE_PRESERVING = {
+    torch.ops.aten.view.default,
+    torch.ops.aten.reshape.default,
+    torch.ops.aten._unsafe_view.default,
+}
+
+
+class ShardWarning(UserWarning):
+    """An op without a sharding rule made the compiler gather its inputs."""
+
+
+def unit_strategies(gm: fx.GraphModule, plan: Plan) -> dict[str, LayerStrategy]:
+    units = list(dict.fromkeys(LAYER.get(n).name for n in gm.graph.nodes))
+    missing = [u for u in units if u not in plan.units]
+    if missing:
+        raise ValueError(f"plan has no strategy for unit(s) {missing}; plan units: {plan.units}")
+    return {u: plan.strategy(u) for u in units}
+
+
+def mesh_of(s: LayerStrategy, world_size: int) -> Mesh:
+    return Mesh(world_size, s.tp, s.dp, s.tp_consecutive)
+
+
+def batch_inputs(gm: fx.GraphModule) -> set[fx.Node]:
+    """Placeholders whose first dim is the batch (that of the first tensor input)."""
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder" and shape(n)]
+    if not holders:
+        return set()
+    batch = shape(holders[0])[0]
+    return {n for n in holders if shape(n)[0] == batch}
+
+
+@graph_pass(reads=("val", LAYER.name), writes=(PLACEMENT.name,))
+def shard(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Write the placement of every node under `ctx.results['plan']`."""
+    plan: Plan = ctx.results["plan"]
+    _Propagation(gm, plan).run()
+    return gm
+
+
+@dataclass
+class _Propagation:
+    gm: fx.GraphModule
+    plan: Plan
+
+    def run(self) -> None:
+        self.strategies = unit_strategies(self.gm, self.plan)
+        self.params = frozenset(n for n in self.gm.graph.nodes if n.op == "get_attr")
+        self.batch = batch_inputs(self.gm)
+        self.place: dict[str, dict[fx.Node, object]] = {a: {} for a in AXES}
+        for node in self.gm.graph.nodes:
+            PLACEMENT.set(node, self._node(node))
+
+    def _node(self, node: fx.Node) -> NodePlacement:
+        s = self.strategies[LAYER.get(node).name]
+        if node.op in ("placeholder", "get_attr"):
+            dp = Shard(0) if node in self.batch and s.dp > 1 else R
+            self.place["dp"][node], self.place["tp"][node] = dp, R
+            return NodePlacement(dp, R)
+        needs: list[tuple[str, str, object]] = []
+        views = self._inputs(node, s, needs)
+        decided = {}
+        kind, blocks = "", 1
+        for axis in AXES:
+            v = views[axis]
+            if v.n == 1 or node.op == "output":
+                decided[axis] = _replicated_like(node)
+                continue
+            d = decide(v)
+            decided[axis] = d.out
+            if d.kind == "fallback":
+                _warn_fallback(node, axis, d.need)
+            kind = d.kind if d.kind in ("column", "row", "fallback") else kind or d.kind
+            for a, p in d.need.items():
+                needs.append((a.name, axis, p))
+                if a in self.params:
+                    self.place[axis][a] = p
+            if d.kind.startswith("blocks="):
+                blocks = self._mark_blocks(node, int(d.kind.split("=")[1]))
+        for axis in AXES:
+            self.place[axis][node] = decided[axis]
+        return NodePlacement(decided["dp"], decided["tp"], kind, tuple(needs), blocks)
+
+    def _inputs(
+        self, node: fx.Node, s: LayerStrategy, needs: list[tuple[str, str, object]]
+    ) -> dict[str, OpView]:
+        """Each axis's view of the node, with inputs from other meshes switched onto ours."""
+        unit = LAYER.get(node)
+        mesh = mesh_of(s, self.plan.world_size)
+        eff: dict[str, dict[fx.Node, object]] = {a: {} for a in AXES}
+        sp_layer = s.sp and unit.kind == "layer"
+        for a in node.all_input_nodes:
+            dp, tp = self.place["dp"][a], self.place["tp"][a]
+            src = self.strategies[LAYER.get(a).name]
+            if a not in self.params and mesh_of(src, self.plan.world_size) != mesh:
+                dp = Shard(0) if dp == Shard(0) and s.dp > 1 else R
+                tp = R
+                needs.append((a.name, "switch", (dp, tp)))
+            elif LAYER.get(a).name != unit.name and isinstance(tp, Shard) and not sp_layer:
+                tp = R
+                needs.append((a.name, "tp", R))
+            eff["dp"][a], eff["tp"][a] = dp, tp
+        shard_w = unit.kind == "layer" and s.tp > 1
+        return {
+            "dp": OpView(node, s.dp, eff["dp"], params=self.params),
+            "tp": OpView(node, s.tp, eff["tp"], shard_w, s.sp, self.params),
+        }
+
+    def _mark_blocks(self, split: fx.Node, count: int) -> int:
+        """Find the column-parallel linear whose output this split cuts into `count` equal
+        parts (through views) and record that its weight is sharded block by block."""
+        src = split.args[0]
+        while isinstance(src, fx.Node) and src.target in _SHAPE_PRESERVING:
+            src = src.args[0]
+        placement = PLACEMENT.get(src) if isinstance(src, fx.Node) else None
+        if placement is None or placement.kind != "column":
+            raise NotImplementedError(
+                f"split {split.name!r} cuts the tensor-parallel dim of {src}, which is not "
+                "the output of a column-parallel linear"
+            )
+        PLACEMENT.set(src, NodePlacement(**{**placement.__dict__, "blocks": count}))
+        return 1
+
+
+def _replicated_like(node: fx.Node) -> object:
+    val = node.meta.get("val")
+    if isinstance(val, (tuple, list)):
+        return tuple(R for _ in val)
+    return R
+
+
+def _warn_fallback(node: fx.Node, axis: str, need: dict[fx.Node, object]) -> None:
+    gathered = [a.name for a, p in need.items() if isinstance(p, Replicate)]
+    if gathered:
+        warnings.warn(
+            f"no sharding rule lets {node.target} ({node.name!r}) run split on the {axis} "
+            f"axis: gathering {gathered} first",
+            ShardWarning,
+            stacklevel=4,
+        )

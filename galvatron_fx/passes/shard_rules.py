@@ -1,0 +1,646 @@
+"""Sharding rules: how a placement flows through one ATen op on one mesh axis.
+
+A rule sees the op's node and the placements (`Replicate()`, `Shard(dim)`, `Partial()`, the
+DTensor types) its inputs have on one axis of the layer's device mesh (`dp` or `tp`), and
+returns a `Decision`: the output placement, the inputs that must be redistributed first, and,
+for linear layers on the tensor-parallel axis, how the weight is split. Rules are pure: the
+rewrite happens in `insert_collectives`. One line per op in `RULES`, pointing at a small
+function (tinygrad's `schedule/multi.py` style).
+
+Megatron tensor parallelism falls out of the linear rule: a replicated input makes the
+linear column-parallel (weight split on its output features), an input split on its last
+dimension makes it row-parallel (weight split on its input features) with the partial sums
+reduced right after, so a standard attention block or MLP needs exactly one reduction.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+from torch.distributed.tensor import Partial, Replicate, Shard
+from torch.distributed.tensor.placement_types import Placement
+
+__all__ = ["RULES", "Decision", "OpView", "Placement", "decide", "view_groups"]
+
+aten = torch.ops.aten
+R = Replicate()
+
+
+@dataclass
+class OpView:
+    """One node as a rule sees it, on one mesh axis of size `n`."""
+
+    node: fx.Node
+    n: int
+    place: dict[fx.Node, Any]
+    """Placements decided so far on this axis (tuples for multi-output ops)."""
+    shard_weights: bool = False
+    """May linear rules split parameters (the tp axis of a tensor-parallel layer)?"""
+    seq_parallel: bool = False
+    params: frozenset[fx.Node] = frozenset()
+    """`get_attr` nodes holding parameters."""
+
+    def p(self, arg: Any) -> Any:
+        return self.place.get(arg, R) if isinstance(arg, fx.Node) else None
+
+    def arg(self, i: int, name: str, default: Any = None) -> Any:
+        args, kwargs = self.node.args, self.node.kwargs
+        return args[i] if len(args) > i else kwargs.get(name, default)
+
+    def tensors(self) -> list[fx.Node]:
+        return [a for a in self.node.all_input_nodes if _is_tensor(a)]
+
+
+@dataclass
+class Decision:
+    out: Any
+    """The output placement (a tuple for ops returning several tensors)."""
+    need: dict[fx.Node, Placement] = field(default_factory=dict)
+    """Inputs (activations or parameters) that must take another placement first."""
+    kind: str = ""
+    """"column" / "row" for linear layers, "fallback" when no rule applied."""
+    blocks: int = 1
+    """Column-parallel weights feeding an equal split (fused qkv): shard each block."""
+
+
+Rule = Callable[[OpView], Decision]
+
+
+def shape(node: Any) -> tuple[int, ...]:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else ()
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def _norm(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def _sharded(p: Any) -> int | None:
+    return p.dim if isinstance(p, Shard) else None
+
+
+# -- generic rules ------------------------------------------------------------------------
+
+
+def replicate_all(v: OpView) -> Decision:
+    """Fallback: every sharded or partial input is gathered, the op runs replicated."""
+    need = {a: R for a in v.tensors() if not isinstance(v.p(a), Replicate)}
+    return Decision(R, need, "fallback" if need else "")
+
+
+def creation(v: OpView) -> Decision:
+    return Decision(R)
+
+
+def same_as_input(v: OpView) -> Decision:
+    """Shape- and position-preserving ops (unary elementwise, dtype casts, clones)."""
+    src = v.tensors()[0] if v.tensors() else None
+    p = v.p(src) if src is not None else R
+    if isinstance(p, Partial) and v.node.target not in _LINEAR_UNARY:
+        return Decision(R, {src: R})
+    return Decision(p)
+
+
+def elementwise(v: OpView) -> Decision:
+    """Broadcasting n-ary ops: every input follows the sharded one; full-size replicated
+    inputs are sliced locally (no communication)."""
+    out_shape = shape(v.node)
+    ins = v.tensors()
+    partial = [a for a in ins if isinstance(v.p(a), Partial)]
+    if partial and len(partial) == len(ins) and v.node.target in (aten.add.Tensor, aten.sub.Tensor):
+        return Decision(Partial())
+    out_dim = next(
+        (_out_dim(a, v, out_shape) for a in ins if _out_dim(a, v, out_shape) is not None), None
+    )
+    need: dict[fx.Node, Placement] = {}
+    for a in ins:
+        need_a = _align(a, v, out_shape, out_dim)
+        if need_a is not None:
+            need[a] = need_a
+    return Decision(Shard(out_dim) if out_dim is not None else R, need)
+
+
+def _out_dim(a: fx.Node, v: OpView, out_shape: tuple[int, ...]) -> int | None:
+    d = _sharded(v.p(a))
+    if d is None:
+        return None
+    return d + len(out_shape) - len(shape(a))
+
+
+def _align(a: fx.Node, v: OpView, out_shape: tuple[int, ...], out_dim: int | None) -> Any:
+    """The placement input `a` needs so that it lines up with an output sharded on out_dim."""
+    p, sa = v.p(a), shape(a)
+    offset = len(out_shape) - len(sa)
+    if isinstance(p, Partial):
+        return R if out_dim is None else _target(sa, out_dim - offset)
+    if out_dim is None:
+        return None
+    want = _target(sa, out_dim - offset)
+    return None if want == p else want
+
+
+def _target(sa: tuple[int, ...], d: int) -> Placement:
+    """Input dimension d of an operand: sharded when present at full size, else broadcast."""
+    return Shard(d) if 0 <= d < len(sa) and sa[d] != 1 else R
+
+
+# -- layout ops ---------------------------------------------------------------------------
+
+
+def view_groups(src: Sequence[int], dst: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+    """Split a reshape into groups of source and destination dims with equal products:
+    (B, S, H) -> (B, S, nh, hd) gives [0]->[0], [1]->[1], [2]->[2, 3]."""
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(src) or j < len(dst):
+        gi: list[int] = []
+        gj: list[int] = []
+        pi = pj = 1
+        while i < len(src) or j < len(dst):
+            take_src = i < len(src) and (pi < pj or (pi == pj and not gi) or j >= len(dst))
+            if take_src:
+                pi, i = pi * src[i], i + 1
+                gi.append(i - 1)
+            else:
+                pj, j = pj * dst[j], j + 1
+                gj.append(j - 1)
+            if pi == pj and gi and gj:
+                break
+        groups.append((gi, gj))
+    return groups
+
+
+def reshape(v: OpView) -> Decision:
+    """A sharded dim survives a reshape when it is the outermost non-1 dim of its group and
+    the group's outermost output dim is divisible: both sides then hold the same contiguous
+    1/n of the group's elements."""
+    src = v.tensors()[0]
+    p = v.p(src)
+    d = _sharded(p)
+    if d is None:
+        return Decision(p) if isinstance(p, Replicate) else Decision(R, {src: R})
+    s_in, s_out = shape(src), shape(v.node)
+    for gi, gj in view_groups(s_in, s_out):
+        if d not in gi:
+            continue
+        lead_in = next(k for k in gi if s_in[k] != 1)
+        lead_out = next((k for k in gj if s_out[k] != 1), None)
+        if lead_in == d and lead_out is not None and s_out[lead_out] % v.n == 0:
+            return Decision(Shard(lead_out))
+    return Decision(R, {src: R}, "fallback")
+
+
+def unsqueeze(v: OpView) -> Decision:
+    p = v.p(v.node.args[0])
+    d = _sharded(p)
+    if d is None:
+        return Decision(p)
+    new = _norm(v.node.args[1], len(shape(v.node)))
+    return Decision(Shard(d + 1 if new <= d else d))
+
+
+def squeeze(v: OpView) -> Decision:
+    src = v.node.args[0]
+    d = _sharded(v.p(src))
+    if d is None:
+        return Decision(v.p(src))
+    s_in = shape(src)
+    dims = v.arg(1, "dim", None)
+    dims = range(len(s_in)) if dims is None else [dims] if isinstance(dims, int) else dims
+    gone = [_norm(k, len(s_in)) for k in dims if s_in[_norm(k, len(s_in))] == 1]
+    return Decision(Shard(d - sum(1 for k in gone if k < d)))
+
+
+def transpose(v: OpView) -> Decision:
+    src = v.node.args[0]
+    d = _sharded(v.p(src))
+    if d is None:
+        return Decision(v.p(src))
+    nd = len(shape(src))
+    a, b = _norm(v.node.args[1], nd), _norm(v.node.args[2], nd)
+    return Decision(Shard(b if d == a else a if d == b else d))
+
+
+def permute(v: OpView) -> Decision:
+    src = v.node.args[0]
+    d = _sharded(v.p(src))
+    if d is None:
+        return Decision(v.p(src))
+    dims = [_norm(k, len(shape(src))) for k in v.node.args[1]]
+    return Decision(Shard(dims.index(d)))
+
+
+def t(v: OpView) -> Decision:
+    src = v.node.args[0]
+    d = _sharded(v.p(src))
+    return Decision(v.p(src) if d is None else Shard(1 - d))
+
+
+def expand(v: OpView) -> Decision:
+    src = v.node.args[0]
+    d = _sharded(v.p(src))
+    if d is None:
+        return Decision(v.p(src))
+    return Decision(Shard(d + len(shape(v.node)) - len(shape(src))))
+
+
+def slice_(v: OpView) -> Decision:
+    """Slicing another dim keeps the shard; a full-range slice of the sharded dim too."""
+    src = v.node.args[0]
+    p = v.p(src)
+    d = _sharded(p)
+    s_in = shape(src)
+    dim = _norm(v.arg(1, "dim", 0), len(s_in))
+    if d is None or dim != d or shape(v.node)[dim] == s_in[dim]:
+        return Decision(p) if not isinstance(p, Partial) else Decision(R, {src: R})
+    return Decision(R, {src: R}, "fallback")
+
+
+def select(v: OpView) -> Decision:
+    src = v.node.args[0]
+    p = v.p(src)
+    d = _sharded(p)
+    dim = _norm(v.node.args[1], len(shape(src)))
+    if d is None:
+        return Decision(p) if not isinstance(p, Partial) else Decision(R, {src: R})
+    if d == dim:
+        return Decision(R, {src: R}, "fallback")
+    return Decision(Shard(d - 1 if d > dim else d))
+
+
+def along_dim(dim_arg: int, dim_name: str) -> Rule:
+    """Ops that mix values along one dim (softmax, cumsum, diff): fine unless that dim is
+    sharded."""
+
+    def rule(v: OpView) -> Decision:
+        src = v.node.args[0]
+        p = v.p(src)
+        dim = _norm(v.arg(dim_arg, dim_name, -1), len(shape(src)))
+        if isinstance(p, Partial) or _sharded(p) == dim:
+            return Decision(R, {src: R})
+        return Decision(p)
+
+    return rule
+
+
+def reduce_dims(v: OpView) -> Decision:
+    """mean/sum/amax over dims: a shard on a kept dim survives; over the sharded dim the
+    result is a partial sum (mean: partial average)."""
+    src = v.node.args[0]
+    p = v.p(src)
+    nd = len(shape(src))
+    dims = v.arg(1, "dim", None)
+    dims = list(range(nd)) if dims in (None, []) else [dims] if isinstance(dims, int) else dims
+    dims = [_norm(k, nd) for k in dims]
+    keep = bool(v.arg(2, "keepdim", False))
+    d = _sharded(p)
+    if isinstance(p, Partial):
+        return Decision(R, {src: R})
+    if d is None:
+        return Decision(p)
+    if d in dims:
+        if v.node.target in (aten.sum.dim_IntList, aten.mean.dim):
+            return Decision(Partial("avg" if v.node.target == aten.mean.dim else "sum"))
+        return Decision(R, {src: R})
+    return Decision(Shard(d if keep else d - sum(1 for k in dims if k < d)))
+
+
+def norm(v: OpView) -> Decision:
+    """layer_norm / rms_norm normalise the trailing dims; weights stay replicated."""
+    src = v.node.args[0]
+    p = v.p(src)
+    k = len(v.node.args[1])
+    d = _sharded(p)
+    nd = len(shape(src))
+    if isinstance(p, Partial) or (d is not None and d >= nd - k):
+        return Decision(R, {src: R})
+    need = {w: R for w in v.tensors()[1:] if not isinstance(v.p(w), Replicate)}
+    return Decision(p, need)
+
+
+def cat(v: OpView) -> Decision:
+    tensors = [a for a in v.node.args[0] if isinstance(a, fx.Node)]
+    nd = len(shape(v.node))
+    dim = _norm(v.arg(1, "dim", 0), nd)
+    d = next((_sharded(v.p(a)) for a in tensors if _sharded(v.p(a)) is not None), None)
+    if d is None or d == dim:
+        need = {a: R for a in tensors if not isinstance(v.p(a), Replicate)}
+        return Decision(R, need, "fallback" if d == dim else "")
+    return Decision(Shard(d), {a: Shard(d) for a in tensors if v.p(a) != Shard(d)})
+
+
+def split(v: OpView) -> Decision:
+    """Splitting another dim keeps the shard. Splitting the sharded dim into equal chunks
+    works when the producer is a column-parallel linear (fused qkv): its weight is then
+    sharded block by block, recorded as `blocks` on that producer."""
+    src = v.node.args[0]
+    p = v.p(src)
+    count = len(v.node.meta["val"])
+    d = _sharded(p)
+    dim = _norm(v.arg(2, "dim", 0), len(shape(src)))
+    if isinstance(p, Partial):
+        return Decision((R,) * count, {src: R})
+    if d is None or d != dim:
+        return Decision((p,) * count)
+    sizes = {shape_of_val(x)[dim] for x in v.node.meta["val"]}
+    if len(sizes) == 1 and next(iter(sizes)) % v.n == 0:
+        return Decision((p,) * count, kind=f"blocks={count}")
+    return Decision((R,) * count, {src: R}, "fallback")
+
+
+def shape_of_val(val: Any) -> tuple[int, ...]:
+    return tuple(int(s) for s in val.shape)
+
+
+def getitem(v: OpView) -> Decision:
+    src, index = v.node.args
+    p = v.p(src)
+    return Decision(p[index] if isinstance(p, tuple) else p)
+
+
+# -- compute ops --------------------------------------------------------------------------
+
+
+def linear(v: OpView) -> Decision:
+    """aten.linear(x, W[out, in], b) and GPT-2's addmm(b, x, W[in, out])."""
+    is_addmm = v.node.target == aten.addmm.default
+    x, w = (v.node.args[1], v.node.args[2]) if is_addmm else (v.node.args[0], v.node.args[1])
+    b = v.node.args[0] if is_addmm else v.arg(2, "bias")
+    out_dim, in_dim = (1, 0) if is_addmm else (0, 1)
+    px, nd = v.p(x), len(shape(x))
+    last = _sharded(px) == nd - 1
+    if v.shard_weights and w in v.params and isinstance(v.p(w), Replicate):
+        if last:
+            need = {w: Shard(in_dim)}
+            red = Shard(1) if v.seq_parallel and len(shape(v.node)) == 3 else R
+            return Decision(red, need, "row")
+        need = {w: Shard(out_dim), **({b: Shard(0)} if isinstance(b, fx.Node) else {})}
+        if not isinstance(px, Replicate):
+            need[x] = R
+        return Decision(Shard(len(shape(v.node)) - 1), need, "column")
+    pw = v.p(w)
+    if isinstance(pw, Shard):  # weights already split by an earlier decision (tied use)
+        return Decision(R, {x: R, w: R, **({b: R} if isinstance(b, fx.Node) else {})}, "fallback")
+    if isinstance(px, Partial) or last:
+        return Decision(R, {x: R})
+    d = _sharded(px)
+    return Decision(R if d is None else Shard(d + len(shape(v.node)) - nd))
+
+
+def matmul(v: OpView) -> Decision:
+    """matmul/bmm of activations (eager attention): batch dims pass through; a shard on both
+    contracted dims gives a partial sum."""
+    a, b = v.node.args[0], v.node.args[1]
+    pa, pb = v.p(a), v.p(b)
+    na, nb, no = len(shape(a)), len(shape(b)), len(shape(v.node))
+    da, db = _sharded(pa), _sharded(pb)
+    if isinstance(pa, Partial) or isinstance(pb, Partial):
+        return replicate_all(v)
+    if da is None and db is None:
+        return Decision(R)
+    if da == na - 1 and db == nb - 2:
+        return Decision(Partial())
+    if da == na - 2 and db is None:
+        return Decision(Shard(no - 2))
+    if db == nb - 1 and da is None:
+        return Decision(Shard(no - 1))
+    batch = da if da is not None and da < na - 2 else db if db is not None and db < nb - 2 else None
+    if batch is not None and na == nb and (da in (None, batch)) and (db in (None, batch)):
+        need = {x: _target(shape(x), batch) for x in (a, b) if _sharded(v.p(x)) is None}
+        return Decision(Shard(batch + no - na), {x: p for x, p in need.items() if p != R})
+    return replicate_all(v)
+
+
+def sdpa(v: OpView) -> Decision:
+    """Attention splits on batch or heads (dim 0 or 1 of q, k, v); the mask broadcasts."""
+    q, k, val = v.node.args[:3]
+    mask = v.arg(3, "attn_mask")
+    dims = {_sharded(v.p(x)) for x in (q, k, val)}
+    d = next(iter(dims)) if len(dims) == 1 else None
+    if d is None or d >= 2 or any(isinstance(v.p(x), Partial) for x in (q, k, val)):
+        need = {
+            x: R
+            for x in (q, k, val, mask)
+            if isinstance(x, fx.Node) and not isinstance(v.p(x), Replicate)
+        }
+        return Decision(R, need, "fallback" if need else "")
+    need = {}
+    if isinstance(mask, fx.Node):
+        want = _target(shape(mask), d + len(shape(mask)) - 4)
+        if v.p(mask) != want:
+            need[mask] = want
+    return Decision(Shard(d), need)
+
+
+def embedding(v: OpView) -> Decision:
+    w, idx = v.node.args[0], v.node.args[1]
+    need = {w: R} if not isinstance(v.p(w), Replicate) else {}
+    p = v.p(idx)
+    return Decision(p if isinstance(p, Shard) else R, need)
+
+
+def cross_entropy(v: OpView) -> Decision:
+    """Mean loss over a batch-split input: the local means average to the global one."""
+    logits, target = v.node.args[0], v.node.args[1]
+    pl, pt = v.p(logits), v.p(target)
+    reduction = v.arg(3, "reduction", 1)
+    if pl == Shard(0) and pt == Shard(0) and reduction in (1, 2):
+        return Decision(Partial("avg" if reduction == 1 else "sum"))
+    if pl == Shard(0) and isinstance(pt, Replicate):
+        return cross_entropy_with(v, {target: Shard(0)}, reduction)
+    return replicate_all(v)
+
+
+def cross_entropy_with(v: OpView, need: dict[fx.Node, Placement], reduction: int) -> Decision:
+    return Decision(Partial("avg" if reduction == 1 else "sum"), need)
+
+
+def pad(v: OpView) -> Decision:
+    """Padding touches the last len(pad)/2 dims; a shard elsewhere survives."""
+    src = v.node.args[0]
+    p, d = v.p(src), _sharded(v.p(src))
+    if isinstance(p, Partial) or (
+        d is not None and d >= len(shape(src)) - len(v.node.args[1]) // 2
+    ):
+        return Decision(R, {src: R}, "fallback")
+    return Decision(p)
+
+
+def conv(v: OpView) -> Decision:
+    """Convolutions split on the batch only; weights replicated."""
+    src = v.node.args[0]
+    p = v.p(src)
+    if p == Shard(0) and all(isinstance(v.p(w), Replicate) for w in v.tensors()[1:]):
+        return Decision(p)
+    return replicate_all(v)
+
+
+def no_output(v: OpView) -> Decision:
+    return Decision(R)
+
+
+_LINEAR_UNARY = {
+    aten.neg.default,
+    aten.clone.default,
+    aten.alias.default,
+    aten.contiguous.default,
+    aten.to.dtype,
+    aten.to.dtype_layout,
+    aten._to_copy.default,
+    aten.detach.default,
+}
+
+_UNARY = [
+    "neg.default",
+    "clone.default",
+    "alias.default",
+    "contiguous.default",
+    "to.dtype",
+    "to.dtype_layout",
+    "to.device",
+    "_to_copy.default",
+    "detach.default",
+    "gelu.default",
+    "silu.default",
+    "relu.default",
+    "tanh.default",
+    "rsqrt.default",
+    "sqrt.default",
+    "exp.default",
+    "log.default",
+    "abs.default",
+    "cos.default",
+    "sin.default",
+    "sigmoid.default",
+    "pow.Tensor_Scalar",
+    "dropout.default",
+    "ne.Scalar",
+    "eq.Scalar",
+    "ge.Scalar",
+    "gt.Scalar",
+    "le.Scalar",
+    "lt.Scalar",
+    "mul.Scalar",
+    "div.Scalar",
+    "add.Scalar",
+    "sub.Scalar",
+    "where.ScalarOther",
+    "masked_fill.Scalar",
+    "zeros_like.default",
+    "ones_like.default",
+    "full_like.default",
+    "erf.default",
+    "tanh_backward.default",
+    "native_dropout.default",
+]
+_BINARY = [
+    "add.Tensor",
+    "sub.Tensor",
+    "mul.Tensor",
+    "div.Tensor",
+    "pow.Tensor_Tensor",
+    "eq.Tensor",
+    "ne.Tensor",
+    "le.Tensor",
+    "lt.Tensor",
+    "ge.Tensor",
+    "gt.Tensor",
+    "__and__.Tensor",
+    "__or__.Tensor",
+    "bitwise_and.Tensor",
+    "bitwise_or.Tensor",
+    "where.self",
+    "minimum.default",
+    "maximum.default",
+    "min.other",
+    "max.other",
+    "masked_fill.Tensor",
+    "add_.Tensor",
+]
+_CREATION = [
+    "arange.default",
+    "arange.start",
+    "arange.start_step",
+    "zeros.default",
+    "ones.default",
+    "full.default",
+    "empty.memory_format",
+    "new_ones.default",
+    "new_zeros.default",
+    "new_full.default",
+    "new_empty.default",
+    "scalar_tensor.default",
+    "lift_fresh_copy.default",
+]
+
+
+def _op(name: str) -> Any:
+    packet, overload = name.split(".")
+    return getattr(getattr(aten, packet), overload)
+
+
+RULES: dict[Any, Rule] = {
+    **{_op(n): same_as_input for n in _UNARY},
+    **{_op(n): elementwise for n in _BINARY},
+    **{_op(n): creation for n in _CREATION},
+    aten.linear.default: linear,
+    aten.addmm.default: linear,
+    aten.matmul.default: matmul,
+    aten.bmm.default: matmul,
+    aten.scaled_dot_product_attention.default: sdpa,
+    aten.embedding.default: embedding,
+    aten.layer_norm.default: norm,
+    aten.rms_norm.default: norm,
+    aten.softmax.int: along_dim(1, "dim"),
+    aten._softmax.default: along_dim(1, "dim"),
+    aten.log_softmax.int: along_dim(1, "dim"),
+    aten._log_softmax.default: along_dim(1, "dim"),
+    aten.cumsum.default: along_dim(1, "dim"),
+    aten.diff.default: along_dim(2, "dim"),
+    aten.mean.dim: reduce_dims,
+    aten.sum.dim_IntList: reduce_dims,
+    aten.amax.default: reduce_dims,
+    aten.view.default: reshape,
+    aten.reshape.default: reshape,
+    aten._unsafe_view.default: reshape,
+    aten.flatten.using_ints: reshape,
+    aten.unsqueeze.default: unsqueeze,
+    aten.squeeze.dim: squeeze,
+    aten.squeeze.dims: squeeze,
+    aten.transpose.int: transpose,
+    aten.permute.default: permute,
+    aten.t.default: t,
+    aten.expand.default: expand,
+    aten.slice.Tensor: slice_,
+    aten.select.int: select,
+    aten.cat.default: cat,
+    aten.split.Tensor: split,
+    aten.split_with_sizes.default: split,
+    aten.cross_entropy_loss.default: cross_entropy,
+    aten._assert_tensor_metadata.default: no_output,
+    aten.pad.default: pad,
+    aten.constant_pad_nd.default: pad,
+    aten.conv2d.default: conv,
+    aten.conv1d.default: conv,
+    aten.copy_.default: elementwise,
+    operator.getitem: getitem,
+}
+"""ATen op -> rule. Ops not listed run replicated (`replicate_all`), with a warning when
+that means gathering a sharded input."""
+
+
+def decide(v: OpView) -> Decision:
+    """The rule's decision, or the gathering fallback for ops without one."""
+    rule = RULES.get(v.node.target)
+    if rule is None:
+        return replicate_all(v)
+    return rule(v)

@@ -1,0 +1,365 @@
+"""Collectives as graph ops: exact autograd pairs around PyTorch's raw functional collectives.
+
+Every function here is what a `call_function` node of a rewritten graph calls. Each takes a
+`GroupRef` (the ranks of the group, in the order the data is concatenated) and is an
+`autograd.Function` whose backward is the collective that makes gradients exact:
+
+| op | forward | backward | used for |
+|---|---|---|---|
+| `tp_copy` | identity | all-reduce | Megatron f: a replicated input into split compute |
+| `tp_reduce` | all-reduce | identity | Megatron g: partial sums of a row-parallel linear |
+| `reduce_scatter` | reduce-scatter | all-gather | SP: row-parallel output onto the sequence split |
+| `gather_partial` | all-gather | reduce-scatter | SP: sequence split into column-parallel linears |
+| `gather_whole` | all-gather | keep own slice | a split value into replicated compute |
+| `split_local` | keep own slice | all-gather | a replicated value into split compute |
+| `split_zero` | keep own slice | zero-pad (partial sum) | data-parallel axis: a replicated value into batch-split compute |
+| `reduce_both` | all-reduce | all-reduce | data-parallel axis: partial sums into replicated compute |
+| `switch_layout` | gathers + slices | the reverse | values crossing between layers on other meshes |
+
+The raw ops (`torch.ops._c10d_functional.*` + `wait_tensor`) take the process group's name;
+`GROUPS` maps rank tuples to groups, created once per distinct rank set. Groups of one rank
+make every op the identity, so world size 1 runs the same graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from galvatron_fx.runtime.mesh import Gather, SliceStep
+
+__all__ = [
+    "GROUPS",
+    "GroupRef",
+    "GroupRegistry",
+    "flat_shard",
+    "gather_partial",
+    "gather_whole",
+    "groups_of",
+    "reduce_both",
+    "reduce_scatter",
+    "split_local",
+    "split_zero",
+    "switch_layout",
+    "tp_copy",
+    "tp_reduce",
+    "zero3_gather",
+    "zero3_saved_tensors",
+]
+
+_c10d = torch.ops._c10d_functional
+
+
+@dataclass(frozen=True)
+class GroupRef:
+    """A process group named by its ranks (concatenation order); printable in graphs."""
+
+    ranks: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    def index(self, rank: int | None = None) -> int:
+        return self.ranks.index(dist.get_rank() if rank is None else rank)
+
+    def __repr__(self) -> str:
+        return f"G{list(self.ranks)}"
+
+
+class GroupRegistry:
+    """One `torch.distributed` process group per distinct rank set, created on every rank in
+    the same (sorted) order, as `new_group` requires."""
+
+    def __init__(self) -> None:
+        self._names: dict[tuple[int, ...], str] = {}
+        self.groups: dict[tuple[int, ...], Any] = {}
+
+    def create(self, rank_sets: Iterable[Sequence[int]]) -> None:
+        for ranks in sorted({tuple(sorted(r)) for r in rank_sets if len(r) > 1}):
+            if ranks in self._names:
+                continue
+            pg = dist.new_group(list(ranks))
+            self.groups[ranks] = pg
+            if dist.get_rank() in ranks:
+                self._names[ranks] = pg.group_name
+
+    def name(self, ref: GroupRef) -> str:
+        key = tuple(sorted(ref.ranks))
+        if key not in self._names:
+            raise RuntimeError(f"no process group for ranks {list(key)}: create() it first")
+        return self._names[key]
+
+    def clear(self) -> None:
+        self._names.clear()
+        self.groups.clear()
+
+
+GROUPS = GroupRegistry()
+
+
+def _gather(x: torch.Tensor, dim: int, ref: GroupRef) -> torch.Tensor:
+    """All-gather along `dim`, pieces in `ref.ranks` order (the group itself is sorted)."""
+    chunks = _c10d.all_gather_into_tensor(
+        x.movedim(dim, 0).contiguous(), ref.size, GROUPS.name(ref)
+    )
+    out = _c10d.wait_tensor(chunks).chunk(ref.size)
+    order = sorted(ref.ranks)
+    pieces = [out[order.index(r)] for r in ref.ranks]
+    return torch.cat(pieces).movedim(0, dim)
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, ref: GroupRef) -> torch.Tensor:
+    order = sorted(ref.ranks)
+    pieces = x.movedim(dim, 0).chunk(ref.size)
+    stacked = torch.cat([pieces[ref.ranks.index(r)] for r in order]).contiguous()
+    out = _c10d.reduce_scatter_tensor(stacked, "sum", ref.size, GROUPS.name(ref))
+    return _c10d.wait_tensor(out).movedim(0, dim)
+
+
+def _all_reduce(x: torch.Tensor, ref: GroupRef) -> torch.Tensor:
+    return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "sum", GROUPS.name(ref)))
+
+
+def _slice(x: torch.Tensor, dim: int, ref: GroupRef) -> torch.Tensor:
+    return x.chunk(ref.size, dim)[ref.index()].contiguous()
+
+
+def _pad(x: torch.Tensor, dim: int, ref: GroupRef) -> torch.Tensor:
+    """The adjoint of `_slice` when gradients are partial sums: own piece, zeros elsewhere."""
+    shape = list(x.shape)
+    step = shape[dim]
+    shape[dim] *= ref.size
+    out = x.new_zeros(shape)
+    out.narrow(dim, ref.index() * step, step).copy_(x)
+    return out
+
+
+class _Copy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, ref: GroupRef) -> torch.Tensor:
+        ctx.ref = ref
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _all_reduce(g, ctx.ref), None
+
+
+class _Reduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, ref: GroupRef, both: bool) -> torch.Tensor:
+        ctx.ref, ctx.both = ref, both
+        return _all_reduce(x, ref)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return (_all_reduce(g, ctx.ref) if ctx.both else g), None, None
+
+
+class _Pair(torch.autograd.Function):
+    """A forward collective along `dim` and its adjoint in backward, chosen by name."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dim: int, ref: GroupRef, fwd: str, bwd: str) -> Any:
+        ctx.dim, ctx.ref, ctx.bwd = dim, ref, bwd
+        return _DIM_OPS[fwd](x, dim, ref)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
+        return _DIM_OPS[ctx.bwd](g, ctx.dim, ctx.ref), None, None, None, None
+
+
+_DIM_OPS = {"gather": _gather, "scatter": _reduce_scatter, "slice": _slice, "pad": _pad}
+
+
+class _Switch(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, fwd: tuple[Any, ...], bwd: tuple[Any, ...], scale: float
+    ) -> Any:
+        ctx.bwd, ctx.scale = bwd, scale
+        return _run_steps(x, fwd)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, None, None, None]:
+        g = _run_steps(g, ctx.bwd)
+        return (g * ctx.scale if ctx.scale != 1.0 else g), None, None, None
+
+
+Ranks = tuple[int, ...]
+Step = tuple[Any, ...]
+"""A layout-switch step as graph arguments: ("gather", dim, ranks) or ("slice", dim, start,
+stop). Graph arguments stay plain tuples so generated code prints and runs as is."""
+
+
+def as_step(step: Gather | SliceStep) -> Step:
+    if isinstance(step, Gather):
+        return ("gather", step.dim, step.group)
+    return ("slice", step.dim, step.start, step.stop)
+
+
+def _run_steps(x: torch.Tensor, steps: Sequence[Step]) -> torch.Tensor:
+    for step in steps:
+        if step[0] == "gather":
+            x = _gather(x, step[1], GroupRef(step[2])) if len(step[2]) > 1 else x
+        else:
+            x = x.narrow(step[1], step[2], step[3] - step[2]).contiguous()
+    return x
+
+
+def tp_copy(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """Megatron f: identity forward, all-reduce of the gradient."""
+    return _Copy.apply(x, GroupRef(ranks)) if len(ranks) > 1 else x
+
+
+def tp_reduce(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """Megatron g: all-reduce forward, identity backward."""
+    return _Reduce.apply(x, GroupRef(ranks), False) if len(ranks) > 1 else x
+
+
+def reduce_both(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """All-reduce forward and backward: partial sums into compute whose gradients are
+    partial sums too (the data-parallel axis)."""
+    return _Reduce.apply(x, GroupRef(ranks), True) if len(ranks) > 1 else x
+
+
+def reduce_scatter(x: torch.Tensor, dim: int, ranks: Ranks) -> torch.Tensor:
+    """Reduce-scatter along `dim`; backward all-gathers."""
+    return _Pair.apply(x, dim, GroupRef(ranks), "scatter", "gather") if len(ranks) > 1 else x
+
+
+def gather_partial(x: torch.Tensor, dim: int, ranks: Ranks) -> torch.Tensor:
+    """All-gather along `dim`; backward reduce-scatters (users' gradients are partial)."""
+    return _Pair.apply(x, dim, GroupRef(ranks), "gather", "scatter") if len(ranks) > 1 else x
+
+
+def gather_whole(x: torch.Tensor, dim: int, ranks: Ranks) -> torch.Tensor:
+    """All-gather along `dim`; backward keeps this rank's slice (gradients are whole)."""
+    return _Pair.apply(x, dim, GroupRef(ranks), "gather", "slice") if len(ranks) > 1 else x
+
+
+def split_local(x: torch.Tensor, dim: int, ranks: Ranks) -> torch.Tensor:
+    """Keep this rank's slice of `dim`; backward all-gathers."""
+    return _Pair.apply(x, dim, GroupRef(ranks), "slice", "gather") if len(ranks) > 1 else x
+
+
+def split_zero(x: torch.Tensor, dim: int, ranks: Ranks) -> torch.Tensor:
+    """Keep this rank's slice; backward zero-pads (gradients are partial sums)."""
+    return _Pair.apply(x, dim, GroupRef(ranks), "slice", "pad") if len(ranks) > 1 else x
+
+
+def switch_layout(
+    x: torch.Tensor,
+    fwd: tuple[Step, ...],
+    bwd: tuple[Step, ...],
+    grad_scale: float = 1.0,
+) -> torch.Tensor:
+    """Move a value between two layers' meshes: `fwd` steps now, `bwd` on the gradient.
+    `grad_scale` rescales partial-sum gradients of values replicated across the data-parallel
+    axis when the number of replicas of each piece changes (tp_src / tp_dst)."""
+    return _Switch.apply(x, fwd, bwd, grad_scale)
+
+
+# -- ZeRO-3 -----------------------------------------------------------------------------
+
+
+def flat_shard(t: torch.Tensor, ref: GroupRef, rank: int) -> torch.Tensor:
+    """`rank`'s 1/n of `t` flattened and zero-padded to a multiple of the group size (pieces
+    in sorted rank order, as all-gather and reduce-scatter lay them out)."""
+    n = ref.size
+    size = -(-t.numel() // n)
+    flat = torch.zeros(size * n, dtype=t.dtype)
+    flat[: t.numel()] = t.reshape(-1)
+    i = sorted(ref.ranks).index(rank)
+    return flat[i * size : (i + 1) * size].clone()
+
+
+def _gather_flat(shard: torch.Tensor, ref: GroupRef, shape: tuple[int, ...], numel: int) -> Any:
+    full = _c10d.all_gather_into_tensor(shard.contiguous(), ref.size, GROUPS.name(ref))
+    return _c10d.wait_tensor(full)[:numel].view(shape)
+
+
+_GATHERED: dict[int, tuple[weakref.ref[torch.Tensor], tuple[Any, ...]]] = {}
+"""data_ptr of a gathered ZeRO-3 parameter -> (the tensor, how to gather it again)."""
+
+
+class _Zero3Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, shard: torch.Tensor, ref: GroupRef, shape: Any, numel: int) -> Any:
+        ctx.ref, ctx.pad = ref, shard.numel() * ref.size - numel
+        full = _gather_flat(shard.detach(), ref, shape, numel)
+        _GATHERED[full.untyped_storage().data_ptr()] = (
+            weakref.ref(full),
+            (shard, ref, shape, numel),
+        )
+        return full
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, None, None, None]:
+        flat = torch.nn.functional.pad(g.reshape(-1), (0, ctx.pad))
+        out = _c10d.reduce_scatter_tensor(flat, "sum", ctx.ref.size, GROUPS.name(ctx.ref))
+        return _c10d.wait_tensor(out), None, None, None
+
+
+def zero3_gather(shard: torch.Tensor, ranks: Ranks, shape: tuple[int, ...], numel: int) -> Any:
+    """The full (tensor-parallel piece of a) parameter from its dp shards; backward
+    reduce-scatters the gradient onto the shards."""
+    return _Zero3Gather.apply(shard, GroupRef(tuple(ranks)), tuple(shape), numel)
+
+
+@dataclass(frozen=True)
+class _Regather:
+    shard: torch.Tensor
+    ref: GroupRef
+    shape: tuple[int, ...]
+    numel: int
+    view: tuple[tuple[int, ...], tuple[int, ...], int]
+
+
+def _pack(t: torch.Tensor) -> Any:
+    entry = _GATHERED.get(t.untyped_storage().data_ptr())
+    full = entry[0]() if entry is not None else None
+    if entry is None or full is None:
+        return t
+    shard, ref, shape, numel = entry[1]
+    offset = t.storage_offset() - full.storage_offset()
+    return _Regather(shard, ref, shape, numel, (tuple(t.shape), tuple(t.stride()), offset))
+
+
+def _unpack(h: Any) -> torch.Tensor:
+    if not isinstance(h, _Regather):
+        return h
+    with torch.no_grad():
+        full = _gather_flat(h.shard.detach(), h.ref, h.shape, h.numel)
+    size, stride, offset = h.view
+    return full.as_strided(size, stride, full.storage_offset() + offset)
+
+
+@contextlib.contextmanager
+def zero3_saved_tensors() -> Iterator[None]:
+    """While active, autograd saves ZeRO-3 gathered parameters as a recipe (their shard) and
+    gathers them again when backward needs them, so the full parameters live only around
+    their use."""
+    with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+        try:
+            yield
+        finally:
+            _GATHERED.clear()
+
+
+def groups_of(target: Any, args: Sequence[Any]) -> list[Ranks]:
+    """The rank sets a collective graph node uses (empty for any other node)."""
+    if target in (tp_copy, tp_reduce, reduce_both, zero3_gather):
+        return [tuple(args[1])]
+    if target in (reduce_scatter, gather_partial, gather_whole, split_local, split_zero):
+        return [tuple(args[2])]
+    if target is switch_layout:
+        return [tuple(s[2]) for s in (*args[1], *args[2]) if s[0] == "gather"]
+    return []

@@ -1,0 +1,197 @@
+"""`CompiledModel`: one rank's program, its gradient sync and optimizer, and a train step.
+
+Inputs are given whole (the global batch, the same on every rank); each rank keeps its
+slice, so a test or a single-machine script feeds every rank alike. `full_params()` and
+`full_grads()` reassemble whole tensors from the pieces (collectives: call on every rank).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import fx
+from torch.distributed.tensor import Partial, Shard
+from torch.utils import _pytree as pytree
+
+from galvatron_fx.meta import LAYER, PLACEMENT
+from galvatron_fx.plan import Plan
+from galvatron_fx.runtime.collectives import GROUPS, GroupRef, zero3_saved_tensors
+from galvatron_fx.runtime.data_parallel import GradSync
+from galvatron_fx.runtime.mesh import Mesh
+
+__all__ = ["CompiledModel", "LossFn"]
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+@dataclass
+class _InputSlice:
+    dp_group: GroupRef | None
+    """Split the batch (dim 0) across this group; None: every rank takes the whole input."""
+
+
+class CompiledModel:
+    """The per-rank module (`.module`), its `.plan` and `.graph`, and `train_step`."""
+
+    def __init__(
+        self,
+        module: fx.GraphModule,
+        plan: Plan,
+        params: dict[str, Any],
+        sync: GradSync,
+        loss_fn: LossFn | None,
+        rank: int,
+    ) -> None:
+        self.module, self.plan, self.params, self.sync = module, plan, params, sync
+        self.loss_fn, self.rank = loss_fn, rank
+        self.inputs = _input_slices(module, plan, rank)
+        self.loss_group, self.loss_avg = _loss_reduction(module, plan, rank)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.module.graph
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.sync.optimizer
+
+    def local_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        """This rank's slice of whole inputs."""
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        if len(leaves) != len(self.inputs):
+            raise ValueError(
+                f"train_step got {len(leaves)} input tensors, the compiled model takes "
+                f"{len(self.inputs)} (the example inputs' structure)"
+            )
+        local = [
+            _slice_batch(x, s.dp_group, self.rank) for x, s in zip(leaves, self.inputs, strict=True)
+        ]
+        return pytree.tree_unflatten(local, spec)
+
+    def forward_loss(self, *args: Any, target: Any = None, **kwargs: Any) -> torch.Tensor:
+        """This rank's loss, scaled so that summing gradients over ranks gives the mean."""
+        largs, lkwargs = self.local_inputs(args, kwargs)
+        with zero3_saved_tensors():
+            out = self.module(*largs, **lkwargs)
+        loss = self._loss(out, target)
+        return loss / self.loss_group.size if self.loss_avg else loss
+
+    def train_step(self, *args: Any, target: Any = None, **kwargs: Any) -> torch.Tensor:
+        """Forward, backward, gradient sync and optimizer step on the whole batch; returns the
+        loss of the whole batch (the same on every rank)."""
+        self.sync.zero_grad()
+        loss = self.forward_loss(*args, target=target, **kwargs)
+        loss.backward()
+        self.sync.finish()
+        self.sync.step()
+        return self._global(loss.detach())
+
+    def _loss(self, out: Any, target: Any) -> torch.Tensor:
+        if self.loss_fn is not None:
+            t = _slice_batch(target, self.loss_group, self.rank) if target is not None else None
+            return self.loss_fn(out, t)
+        loss = _find_loss(out)
+        if loss is None:
+            raise ValueError(
+                "the model returns no scalar loss (no `loss` field, not a scalar); pass "
+                "loss_fn=(output, target) -> loss to galvatron_fx.compile"
+            )
+        return loss
+
+    def _global(self, loss: torch.Tensor) -> torch.Tensor:
+        if self.loss_group.size > 1:
+            dist.all_reduce(loss, group=GROUPS.groups[tuple(sorted(self.loss_group.ranks))])
+        return loss
+
+    # whole tensors -----------------------------------------------------------------------
+
+    def full_params(self) -> dict[str, torch.Tensor]:
+        return {name: self._whole(name, grad=False) for name in self.params}
+
+    def full_grads(self) -> dict[str, torch.Tensor | None]:
+        return {name: self._whole(name, grad=True) for name in self.params}
+
+    def _whole(self, name: str, grad: bool) -> Any:
+        from galvatron_fx.passes.insert_collectives import get_attr
+
+        spec = self.params[name]
+        param = get_attr(self.module, name)
+        t = self.sync.grad_of(param) if grad else param.detach()
+        if t is None:
+            return None
+        if spec.zero3_shape is not None:
+            t = _all_gather(t.reshape(-1), spec.dp_group)
+            t = t[: _numel(spec.zero3_shape)].view(spec.zero3_shape)
+        if spec.tp_dim is not None:
+            pieces = _all_gather_list(t, spec.tp_group)
+            blocks = [
+                [p.chunk(spec.blocks, spec.tp_dim)[b] for p in pieces] for b in range(spec.blocks)
+            ]
+            t = torch.cat([torch.cat(b, spec.tp_dim) for b in blocks], spec.tp_dim)
+        return t
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _all_gather_list(t: torch.Tensor, ref: GroupRef) -> list[torch.Tensor]:
+    if ref.size == 1:
+        return [t]
+    out = [torch.empty_like(t) for _ in ref.ranks]
+    dist.all_gather(out, t.contiguous(), group=GROUPS.groups[tuple(sorted(ref.ranks))])
+    order = sorted(ref.ranks)
+    return [out[order.index(r)] for r in ref.ranks]
+
+
+def _all_gather(t: torch.Tensor, ref: GroupRef) -> torch.Tensor:
+    return torch.cat(_all_gather_list(t, ref))
+
+
+def _slice_batch(x: Any, group: GroupRef | None, rank: int) -> Any:
+    if not isinstance(x, torch.Tensor) or group is None or group.size == 1:
+        return x
+    return x.chunk(group.size)[group.index(rank)]
+
+
+def _input_slices(gm: fx.GraphModule, plan: Plan, rank: int) -> list[_InputSlice]:
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            split = PLACEMENT.get(node).dp == Shard(0)
+            out.append(_InputSlice(_dp_group(node, plan, rank) if split else None))
+    return out
+
+
+def _dp_group(node: fx.Node, plan: Plan, rank: int) -> GroupRef:
+    s = plan.strategy(LAYER.get(node).name)
+    return GroupRef(Mesh(plan.world_size, s.tp, s.dp, s.tp_consecutive).group("dp", rank))
+
+
+def _loss_reduction(gm: fx.GraphModule, plan: Plan, rank: int) -> tuple[GroupRef, bool]:
+    """The dp group the loss is split over and whether ranks' losses average (mean loss)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    leaves = [x for x in pytree.tree_leaves(out.args[0]) if isinstance(x, fx.Node)]
+    for leaf in leaves:
+        dp = PLACEMENT.get(leaf).dp
+        if isinstance(dp, Partial):
+            return _dp_group(leaf, plan, rank), dp.reduce_op == "avg"
+    return _dp_group(leaves[0], plan, rank), True
+
+
+def _find_loss(out: Any) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out if out.numel() == 1 else None
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, dict):
+        loss = out.get("loss")
+    if loss is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        loss = out[0] if out[0].numel() == 1 else None
+    return loss

@@ -1,0 +1,220 @@
+"""Data parallelism and ZeRO-1/2 for the per-rank module: bucketed, overlapped gradient sync
+and an optimizer that steps only this rank's shard of the states.
+
+Each parameter has its own groups (layers differ in dp degree and mode). Parameters are packed,
+in reverse order of first use (roughly the order backward produces their gradients), into
+buckets of at most `bucket_mb` per (groups, mode). A post-accumulate-grad hook launches a
+bucket's collective (`async_op=True`) as soon as its last gradient lands, so communication
+overlaps the rest of backward; `finish()` waits for all of them.
+
+- plain DP: all-reduce the bucket; every rank steps every parameter;
+- ZeRO-1: all-reduce, then each rank steps only its 1/dp slice of the bucket (optimizer
+  states exist for that slice only) and the updated slices are all-gathered;
+- ZeRO-2: reduce-scatter instead of all-reduce: each rank receives only its slice's gradient.
+- ZeRO-3 parameters are already sharded in the graph (`passes/zero3.py`); their gradients
+  arrive reduce-scattered by the gather's backward and are stepped like any local parameter.
+
+Parameters replicated on the TP group but computed on its sequence slices
+(`grad_sum_tp`) first have their gradient all-reduced over the TP group.
+PyTorch's DDP/FSDP cannot be used here: they assume one dp group for the whole module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from galvatron_fx.plan import DPMode
+from galvatron_fx.runtime.collectives import GROUPS, GroupRef
+
+__all__ = ["Bucket", "GradSync", "SyncedParam"]
+
+
+@dataclass
+class SyncedParam:
+    name: str
+    param: nn.Parameter
+    dp_group: GroupRef
+    mode: DPMode
+    tp_group: GroupRef | None = None
+    """Set when the gradient is a partial sum over the TP group (sequence parallelism)."""
+
+
+@dataclass
+class Bucket:
+    params: list[SyncedParam]
+    dp_group: GroupRef
+    mode: DPMode
+    tp_group: GroupRef | None
+    numel: int = 0
+    padded: int = 0
+    shard: nn.Parameter | None = None
+    """ZeRO-1/2: this rank's slice of the flattened bucket, the optimizer's parameter."""
+    ready: set[int] = field(default_factory=set)
+    work: Any = None
+    flat: torch.Tensor | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.mode in (DPMode.ZERO1, DPMode.ZERO2) and self.dp_group.size > 1
+
+    def shard_range(self) -> tuple[int, int]:
+        # collectives order pieces by rank within the group
+        size = self.padded // self.dp_group.size
+        start = sorted(self.dp_group.ranks).index(dist.get_rank()) * size
+        return start, start + size
+
+
+class GradSync:
+    """Gradient synchronisation and the optimizer over one rank's parameters."""
+
+    def __init__(
+        self,
+        params: list[SyncedParam],
+        make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+        bucket_mb: float = 25.0,
+    ) -> None:
+        self.buckets = _pack(params, int(bucket_mb * 2**20))
+        synced = {id(p.param) for b in self.buckets for p in b.params}
+        local = [p.param for p in params if id(p.param) not in synced and p.param.requires_grad]
+        local += [p.param for b in self.buckets if not b.sharded for p in b.params]
+        for b in self.buckets:
+            if b.sharded:
+                b.shard = _make_shard(b)
+        shards = [b.shard for b in self.buckets if b.shard is not None]
+        self.optimizer = make_optimizer([*local, *shards])
+        for i, b in enumerate(self.buckets):
+            for j, p in enumerate(b.params):
+                p.param.register_post_accumulate_grad_hook(self._hook(i, j))
+
+    def _hook(self, i: int, j: int) -> Callable[[torch.Tensor], None]:
+        def on_grad(_: torch.Tensor) -> None:
+            b = self.buckets[i]
+            b.ready.add(j)
+            if len(b.ready) == len(b.params):
+                self._launch(b)
+
+        return on_grad
+
+    def _launch(self, b: Bucket) -> None:
+        flat = torch.zeros(b.padded, dtype=b.params[0].param.dtype)
+        torch.cat([p.param.grad.reshape(-1) for p in b.params], out=flat[: b.numel])
+        if b.tp_group is not None:
+            dist.all_reduce(flat, group=_pg(b.tp_group))
+        pg = _pg(b.dp_group) if b.dp_group.size > 1 else None
+        if pg is None:
+            b.work, b.flat = None, flat
+        elif b.mode is DPMode.ZERO2:
+            out = flat.new_empty(b.padded // b.dp_group.size)
+            b.work, b.flat = dist.reduce_scatter_tensor(out, flat, group=pg, async_op=True), out
+        else:
+            b.work, b.flat = dist.all_reduce(flat, group=pg, async_op=True), flat
+
+    def finish(self) -> None:
+        """Wait for every bucket and put the synced gradients where the optimizer reads them."""
+        for b in self.buckets:
+            if len(b.ready) < len(b.params):  # a parameter unused this step: zero gradient
+                for p in b.params:
+                    if p.param.grad is None:
+                        p.param.grad = torch.zeros_like(p.param)
+                self._launch(b)
+            if b.work is not None:
+                b.work.wait()
+            self._place(b)
+            b.ready.clear()
+            b.work = None
+
+    def _place(self, b: Bucket) -> None:
+        assert b.flat is not None
+        if b.mode is DPMode.ZERO2 and b.shard is not None:
+            b.shard.grad = b.flat
+        elif b.shard is not None:
+            start, stop = b.shard_range()
+            b.shard.grad = b.flat[start:stop].clone()
+        else:
+            offset = 0
+            for p in b.params:
+                n = p.param.numel()
+                p.param.grad = b.flat[offset : offset + n].view_as(p.param).clone()
+                offset += n
+        if b.shard is not None:
+            for p in b.params:
+                p.param.grad = None  # ZeRO-2 keeps no full gradient; ZeRO-1 drops it here
+        b.flat = None
+
+    def step(self) -> None:
+        self.optimizer.step()
+        for b in self.buckets:
+            if b.shard is not None:
+                _gather_shard(b)
+
+    def grad_of(self, param: nn.Parameter) -> torch.Tensor | None:
+        """The synced gradient of `param` as a whole local tensor (ZeRO-1/2: gathered from
+        the shards, a collective over the bucket's dp group)."""
+        for b in self.buckets:
+            if b.shard is None or all(p.param is not param for p in b.params):
+                continue
+            if b.shard.grad is None:
+                return None
+            full = b.shard.grad.new_empty(b.padded)
+            dist.all_gather_into_tensor(full, b.shard.grad.contiguous(), group=_pg(b.dp_group))
+            offset = 0
+            for p in b.params:
+                if p.param is param:
+                    return full[offset : offset + param.numel()].view_as(param)
+                offset += p.param.numel()
+        return param.grad
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        for b in self.buckets:
+            for p in b.params:
+                p.param.grad = None
+
+
+def _pg(ref: GroupRef) -> Any:
+    return GROUPS.groups[tuple(sorted(ref.ranks))]
+
+
+def _pack(params: list[SyncedParam], cap_bytes: int) -> list[Bucket]:
+    buckets: list[Bucket] = []
+    open_: dict[tuple[Any, ...], Bucket] = {}
+    for p in reversed(params):
+        if not p.param.requires_grad or (p.dp_group.size == 1 and p.tp_group is None):
+            continue
+        key = (p.dp_group, p.mode, p.tp_group, p.param.dtype)
+        b = open_.get(key)
+        nbytes = p.param.numel() * p.param.element_size()
+        if b is None or (b.numel * p.param.element_size() + nbytes > cap_bytes and b.params):
+            b = open_[key] = Bucket([], p.dp_group, p.mode, p.tp_group)
+            buckets.append(b)
+        b.params.append(p)
+        b.numel += p.param.numel()
+    for b in buckets:
+        n = b.dp_group.size
+        b.padded = -(-b.numel // n) * n
+    return buckets
+
+
+def _make_shard(b: Bucket) -> nn.Parameter:
+    flat = torch.zeros(b.padded, dtype=b.params[0].param.dtype)
+    torch.cat([p.param.detach().reshape(-1) for p in b.params], out=flat[: b.numel])
+    start, stop = b.shard_range()
+    return nn.Parameter(flat[start:stop].clone())
+
+
+@torch.no_grad()
+def _gather_shard(b: Bucket) -> None:
+    assert b.shard is not None
+    full = b.shard.new_empty(b.padded)
+    dist.all_gather_into_tensor(full, b.shard.detach().contiguous(), group=_pg(b.dp_group))
+    offset = 0
+    for p in b.params:
+        n = p.param.numel()
+        p.param.copy_(full[offset : offset + n].view_as(p.param))
+        offset += n
