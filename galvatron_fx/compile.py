@@ -8,6 +8,8 @@ the invariants and times every pass. To add a pass of your own, build a new list
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ from galvatron_fx.runtime.compiled import CompiledModel, LossFn
 from galvatron_fx.runtime.data_parallel import GradSync, SyncedParam
 from galvatron_fx.summary import LayerSummary, layer_shapes, layer_table, model_fingerprint
 
-__all__ = ["FRONTEND_PASSES", "PARALLEL_PASSES", "Analysis", "analyze", "compile"]
+__all__ = ["FRONTEND_PASSES", "PARALLEL_PASSES", "Analysis", "analyze", "compile", "parallelize"]
 
 FRONTEND_PASSES: tuple[Pass, ...] = (
     group_layers,  # gfx_layer: which repeated block or segment every node belongs to
@@ -54,6 +56,12 @@ class Analysis:
     @property
     def graph(self) -> fx.Graph:
         return self.graph_module.graph
+
+    def copy(self) -> Analysis:
+        """A deep copy of the graph (parameters included) with a fresh context: rewrite one
+        analysis under several plans without capturing again."""
+        ctx = dataclasses.replace(self.context, timings_s=dict(self.timings_s), results={})
+        return Analysis(copy.deepcopy(self.graph_module), self.layers, dict(self.timings_s), ctx)
 
 
 def analyze(
@@ -93,16 +101,18 @@ PARALLEL_PASSES: tuple[Pass, ...] = (
 )
 
 
-def compile(
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def compile(  # the public name the design promises: galvatron_fx.compile
     model: nn.Module,
     example_inputs: Sequence[Any] = (),
     example_kwargs: dict[str, Any] | None = None,
     *,
     plan: Plan | None = None,
-    optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    optimizer: OptimizerFactory | None = None,
     loss_fn: LossFn | None = None,
     bucket_mb: float = 25.0,
-    rank: int | None = None,
     print_after: Sequence[str] = (),
 ) -> CompiledModel:
     """Capture `model`, rewrite it for this rank under `plan`, and wrap it with gradient sync
@@ -111,9 +121,26 @@ def compile(
     Runs on every rank of an initialised process group (or alone: world size 1). Without a
     plan every unit uses plain data parallelism over all ranks. `example_inputs` are the whole
     batch; `train_step` takes whole batches shaped like them."""
+    analysis = analyze(model, example_inputs, example_kwargs, print_after=print_after)
+    return parallelize(
+        analysis, plan=plan, optimizer=optimizer, loss_fn=loss_fn, bucket_mb=bucket_mb
+    )
+
+
+def parallelize(
+    analysis: Analysis,
+    *,
+    plan: Plan | None = None,
+    optimizer: OptimizerFactory | None = None,
+    loss_fn: LossFn | None = None,
+    bucket_mb: float = 25.0,
+    rank: int | None = None,
+) -> CompiledModel:
+    """The back half of `compile`: rewrite an analysed graph (in place: pass a deep copy to
+    keep it) for this rank. `rank` overrides the process group's (planning for another rank
+    in one process, e.g. with the fake backend); groups are created only in a real job."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = (dist.get_rank() if dist.is_initialized() else 0) if rank is None else rank
-    analysis = analyze(model, example_inputs, example_kwargs, print_after=print_after)
     gm, ctx = analysis.graph_module, analysis.context
     if plan is None:
         plan = Plan.uniform(

@@ -6,6 +6,7 @@ Reads `gfx_layer` and `gfx_cost` only, so it works on any graph the front end an
 from __future__ import annotations
 
 import hashlib
+import operator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -161,6 +162,23 @@ _WEIGHT_ARG = {torch.ops.aten.linear.default: 1, torch.ops.aten.addmm.default: 2
 """Where the weight sits among a matmul-like op's arguments (addmm: GPT-2's Conv1D)."""
 
 
+def _kv_heads(sdpa: fx.Node) -> list[int]:
+    """Key/value heads before grouped-query attention repeats them: follow the key back
+    (through rotary, repeat, transposes and views) to the linear that made it; its width
+    over the head size. Empty when no such linear is found."""
+    head_dim = int(sdpa.args[1].meta["val"].shape[-1])  # type: ignore[union-attr]
+    node: Any = sdpa.args[1]
+    for _ in range(64):
+        if not isinstance(node, fx.Node) or node.op != "call_function":
+            return []
+        if node.target in _WEIGHT_ARG:
+            return [int(node.meta["val"].shape[-1]) // head_dim]
+        if node.target is operator.getitem:  # a piece of a fused projection
+            return [int(node.meta["val"].shape[-1]) // head_dim]
+        node = node.args[0]
+    return []
+
+
 def layer_shapes(gm: fx.GraphModule) -> dict[str, LayerShape]:
     """Per unit, the head counts and the weight widths tensor parallelism would split (the
     layers' linear weights; segments are split only by vocab-parallel options)."""
@@ -171,6 +189,7 @@ def layer_shapes(gm: fx.GraphModule) -> dict[str, LayerShape]:
         for node in nodes:
             if node.target is _SDPA:
                 heads += [int(a.meta["val"].shape[1]) for a in node.args[:2]]  # type: ignore[union-attr]
+                heads += _kv_heads(node)
             idx = _WEIGHT_ARG.get(node.target)  # type: ignore[call-overload]
             weight = node.args[idx] if idx is not None and len(node.args) > idx else None
             in_layer = LAYER.get(node).kind == "layer"

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives  # noqa: F401  (import once, before forking)
+import torch.distributed._functional_collectives
 
 __all__ = ["free_port", "run_ranks"]
 

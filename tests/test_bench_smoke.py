@@ -18,3 +18,20 @@ def test_capture_bench_smoke():
         check=True,
     ).stdout
     assert "torch.export alone (baseline)" in out and "ratio to export alone" in out
+
+
+def test_runtime_bench_smoke():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "runtime.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=True,
+    ).stdout
+    line = next(line for line in out.splitlines() if line.startswith("ratios"))
+    words = line.split(":")[-1].split()  # "dp 0.95  zero3 1.10  tp n/a"
+    ratios = dict(zip(words[::2], words[1::2], strict=True))
+    assert set(ratios) == {"dp", "zero3", "tp"}, out
+    for case, value in ratios.items():
+        # a baseline this torch cannot run reads "n/a", and the output must say why
+        assert (value == "n/a" and f"{case} (" in out) or float(value) > 0, out

@@ -181,25 +181,70 @@ class _Rewrite:
 
     def _rewrite_node(self, node: fx.Node) -> None:
         p = PLACEMENT.get(node)
-        current: dict[str, tuple[fx.Node, Any, Any]] = {}
+        current: dict[fx.Node, tuple[fx.Node, Any, Any]] = {
+            a: (a, *_pair(PLACEMENT.get(a))) for a in node.all_input_nodes
+        }
         for name, axis, want in p.needs:
             a = self.names[name]
             if a.op == "get_attr":
                 continue
-            cur, dp, tp = current.get(name) or (a, *_pair(PLACEMENT.get(a)))
+            cur, dp, tp = current[a]
             if axis == "switch":
                 cur, (dp, tp) = self._switch(cur, a, node, dp, tp, want), want
             else:
                 have = dp if axis == "dp" else tp
                 cur = self._convert(cur, node, axis, have, want, _split_out(getattr(p, axis)))
                 dp, tp = (want, tp) if axis == "dp" else (dp, want)
-            current[name] = (cur, dp, tp)
-        for name, (cur, _, _) in current.items():
-            node.replace_input_with(self.names[name], cur)
-        self._copy_into_split(node, p, {n for n, _ in current.items()})
+            current[a] = (cur, dp, tp)
+        for a, (cur, _, tp) in current.items():
+            if cur is not a:
+                node.replace_input_with(a, cur)
+            if self._needs_copy(node, p, a, cur, tp):
+                node.replace_input_with(
+                    cur,
+                    self._insert(
+                        node,
+                        C.tp_copy,
+                        (cur, self.group(node, "tp").ranks),
+                        cur,
+                        PLACEMENT.get(cur).dp,
+                        R,
+                    ),
+                )
         if p.kind == "row":
             self._row_parallel(node, p)
+        if p.kind == "global_mean":
+            self._global_mean(node, p)
         self._local_args(node, p)
+
+    def _global_mean(self, node: fx.Node, p: NodePlacement) -> None:
+        """Mean cross-entropy on a batch split: local sum / global count of counted targets."""
+        args = list(node.args) + [None, 1, -100, 0.0][len(node.args) - 2 :]
+        target, ignore_index = args[1], args[4]
+        node.args = (*args[:3], 2, *args[4:])  # reduction: sum
+        users = list(node.users)
+        anchor = node.next
+        group = self.group(node, "dp").ranks
+        count = self._insert(anchor, C.global_count, (target, ignore_index, group), node, R, R)
+        out = self._insert(anchor, aten.div.Tensor, (node, count), node, p.dp, p.tp)
+        for u in users:
+            u.replace_input_with(node, out)
+
+    def _needs_copy(
+        self, node: fx.Node, p: NodePlacement, a: fx.Node, cur: fx.Node, tp: Any
+    ) -> bool:
+        """Megatron f on the tp axis: a replicated activation that needs a gradient and feeds
+        compute split across the TP group gets its gradient all-reduced, unless it comes out
+        of a gather whose backward already sums the partial gradients."""
+        return (
+            node.op == "call_function"
+            and _split_out(p.tp)
+            and isinstance(tp, Replicate)
+            and self.strategy(node).tp > 1
+            and a.op not in ("get_attr", "placeholder")
+            and self.grad.get(a, False)
+            and cur.target is not C.gather_partial
+        )
 
     def _insert(
         self, before: fx.Node, fn: Any, args: tuple[Any, ...], like: fx.Node, dp: Any, tp: Any
@@ -227,9 +272,15 @@ class _Rewrite:
         dp_tp = lambda q: (q, PLACEMENT.get(x).tp) if axis == "dp" else (PLACEMENT.get(x).dp, q)  # noqa: E731
         if isinstance(have, Partial):
             if isinstance(want, Shard):
-                return self._insert(node, C.reduce_scatter, (x, want.dim, g.ranks), x, *dp_tp(want))
-            fn = C.reduce_both if axis == "dp" else C.tp_reduce
-            return self._insert(node, fn, (x, g.ranks), x, *dp_tp(R))
+                out = self._insert(node, C.reduce_scatter, (x, want.dim, g.ranks), x, *dp_tp(want))
+            else:
+                fn = C.reduce_both if axis == "dp" else C.tp_reduce
+                out = self._insert(node, fn, (x, g.ranks), x, *dp_tp(R))
+            if have.reduce_op == "avg":  # partial means: the sum over ranks / n
+                out = self._insert(
+                    node, aten.div.Tensor, (out, float(g.size)), out, *_pair(PLACEMENT.get(out))
+                )
+            return out
         if isinstance(have, Shard):
             gather = C.gather_partial if axis == "dp" or split_out else C.gather_whole
             x = self._insert(node, gather, (x, have.dim, g.ranks), x, *dp_tp(R))
@@ -254,31 +305,6 @@ class _Rewrite:
         if not fwd and not bwd and scale == 1.0:
             return x
         return self._insert(node, C.switch_layout, (x, fwd, bwd, scale), orig, *want)
-
-    def _copy_into_split(self, node: fx.Node, p: NodePlacement, converted: set[str]) -> None:
-        """Megatron f on the tp axis: a replicated activation that needs a gradient and feeds
-        compute split across the TP group gets its gradient all-reduced."""
-        if node.op != "call_function" or not _split_out(p.tp):
-            return
-        for a in list(node.all_input_nodes):
-            if (
-                a.name in converted
-                or a.op in ("get_attr", "placeholder")
-                or not self.grad.get(a, False)
-            ):
-                continue
-            if isinstance(PLACEMENT.get(a).tp, Replicate) and self.strategy(node).tp > 1:
-                node.replace_input_with(
-                    a,
-                    self._insert(
-                        node,
-                        C.tp_copy,
-                        (a, self.group(node, "tp").ranks),
-                        a,
-                        PLACEMENT.get(a).dp,
-                        R,
-                    ),
-                )
 
     def _row_parallel(self, node: fx.Node, p: NodePlacement) -> None:
         """linear(x, W_split, b) -> g(linear(x, W_split)) + b: the bias is added once."""

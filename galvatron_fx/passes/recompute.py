@@ -25,13 +25,16 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.utils.checkpoint
 from torch import fx
+from torch.distributed.tensor import Replicate
 
-from galvatron_fx.meta import LAYER, LayerTag
+from galvatron_fx.meta import LAYER, PLACEMENT, LayerTag, NodePlacement
 from galvatron_fx.passes.group_layers import unit_nodes
 from galvatron_fx.passes.manager import PassContext, graph_pass
 from galvatron_fx.plan import Plan, Recompute
 
 __all__ = ["attention_cores", "recompute", "recompute_regions"]
+
+R = Replicate()
 
 _SDPA_PREFIXES = ("scaled_dot_product", "_scaled_dot_product")
 _MATMULS = frozenset({"matmul", "bmm", "baddbmm"})
@@ -44,7 +47,7 @@ _SCORE_OPS = _SOFTMAX | {
 }
 
 
-@graph_pass(reads=(LAYER.name,), writes=(LAYER.name,))
+@graph_pass(reads=(LAYER.name, PLACEMENT.name), writes=(LAYER.name, PLACEMENT.name))
 def recompute(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Checkpoint every unit whose strategy in the plan asks for recomputation."""
     plan = ctx.results.get("plan")
@@ -193,6 +196,10 @@ def _insert_call(
     if len(outputs) == 1:
         return [call]
     call.meta["val"] = tuple(o.meta.get("val") for o in outputs)
+    if PLACEMENT.has(outputs[0]):
+        places = [PLACEMENT.get(o) for o in outputs]
+        dp, tp = tuple(p.dp for p in places), tuple(p.tp for p in places)
+        PLACEMENT.set(call, NodePlacement(dp, tp, "checkpoint"))
     results = [gm.graph.call_function(operator.getitem, (call, i)) for i in range(len(outputs))]
     for result, out in zip(results, outputs, strict=True):
         _copy_meta(result, out, tag)
@@ -248,12 +255,15 @@ def _region_graph(region: list[fx.Node], inputs: list[fx.Node], outputs: list[fx
 
 
 def _copy_meta(new: fx.Node, old: fx.Node, tag: LayerTag, *, val: bool = True) -> None:
-    """PyTorch's keys of `old` (`val` optional) and the unit's tag; no other `gfx_` key,
-    since a copied cost would describe one node, not the region."""
+    """PyTorch's keys of `old` (`val` optional), the unit's tag and the placement of the value
+    (with nothing left to redistribute); not the cost, which described one node."""
     for key, value in old.meta.items():
         if not key.startswith("gfx_") and (val or key != "val"):
             new.meta[key] = value
     LAYER.set(new, tag)
+    if PLACEMENT.has(old):
+        p = PLACEMENT.get(old)
+        PLACEMENT.set(new, NodePlacement(p.dp, p.tp, "checkpoint") if val else NodePlacement(R, R))
 
 
 def _free_name(gm: fx.GraphModule) -> str:

@@ -116,8 +116,10 @@ def elementwise(v: OpView) -> Decision:
     out_shape = shape(v.node)
     ins = v.tensors()
     partial = [a for a in ins if isinstance(v.p(a), Partial)]
-    if partial and len(partial) == len(ins) and v.node.target in (aten.add.Tensor, aten.sub.Tensor):
-        return Decision(Partial())
+    linear = v.node.target in (aten.add.Tensor, aten.sub.Tensor) and len(ins) == 2
+    same = len({v.p(a).reduce_op for a in partial}) == 1
+    if partial and len(partial) == len(ins) and linear and same:  # a sum of partial sums
+        return Decision(v.p(partial[0]))
     out_dim = next(
         (_out_dim(a, v, out_shape) for a in ins if _out_dim(a, v, out_shape) is not None), None
     )
@@ -403,8 +405,8 @@ def matmul(v: OpView) -> Decision:
     pa, pb = v.p(a), v.p(b)
     na, nb, no = len(shape(a)), len(shape(b)), len(shape(v.node))
     da, db = _sharded(pa), _sharded(pb)
-    if isinstance(pa, Partial) or isinstance(pb, Partial):
-        return replicate_all(v)
+    if isinstance(pa, Partial) or isinstance(pb, Partial) or min(na, nb) < 2:
+        return replicate_all(v)  # vector operands: rare, gathered
     if da is None and db is None:
         return Decision(R)
     if da == na - 1 and db == nb - 2:
@@ -449,19 +451,18 @@ def embedding(v: OpView) -> Decision:
 
 
 def cross_entropy(v: OpView) -> Decision:
-    """Mean loss over a batch-split input: the local means average to the global one."""
+    """Loss over a batch-split input. Summed: a partial sum. Mean: also a partial sum, of
+    local sums over the global count of counted targets (`kind="global_mean"`: the rewrite
+    divides by an all-reduced count), since ranks may hold different numbers of ignored
+    targets and the mean of local means would then be wrong."""
     logits, target = v.node.args[0], v.node.args[1]
     pl, pt = v.p(logits), v.p(target)
     reduction = v.arg(3, "reduction", 1)
-    if pl == Shard(0) and pt == Shard(0) and reduction in (1, 2):
-        return Decision(Partial("avg" if reduction == 1 else "sum"))
-    if pl == Shard(0) and isinstance(pt, Replicate):
-        return cross_entropy_with(v, {target: Shard(0)}, reduction)
-    return replicate_all(v)
-
-
-def cross_entropy_with(v: OpView, need: dict[fx.Node, Placement], reduction: int) -> Decision:
-    return Decision(Partial("avg" if reduction == 1 else "sum"), need)
+    weight = v.arg(2, "weight")
+    if pl != Shard(0) or reduction not in (1, 2) or isinstance(weight, fx.Node):
+        return replicate_all(v)
+    need = {} if pt == Shard(0) else {target: Shard(0)}
+    return Decision(Partial("sum"), need, "global_mean" if reduction == 1 else "")
 
 
 def pad(v: OpView) -> Decision:
@@ -533,16 +534,16 @@ _UNARY = [
     "div.Scalar",
     "add.Scalar",
     "sub.Scalar",
-    "where.ScalarOther",
-    "masked_fill.Scalar",
     "zeros_like.default",
     "ones_like.default",
     "full_like.default",
     "erf.default",
-    "tanh_backward.default",
     "native_dropout.default",
 ]
 _BINARY = [
+    "where.ScalarOther",
+    "masked_fill.Scalar",
+    "tanh_backward.default",
     "add.Tensor",
     "sub.Tensor",
     "mul.Tensor",

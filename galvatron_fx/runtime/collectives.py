@@ -41,6 +41,7 @@ __all__ = [
     "flat_shard",
     "gather_partial",
     "gather_whole",
+    "global_count",
     "groups_of",
     "reduce_both",
     "reduce_scatter",
@@ -83,7 +84,7 @@ class GroupRegistry:
 
     def create(self, rank_sets: Iterable[Sequence[int]]) -> None:
         for ranks in sorted({tuple(sorted(r)) for r in rank_sets if len(r) > 1}):
-            if ranks in self._names:
+            if ranks in self.groups:  # every rank records every group, member or not
                 continue
             pg = dist.new_group(list(ranks))
             self.groups[ranks] = pg
@@ -267,6 +268,13 @@ def switch_layout(
     return _Switch.apply(x, fwd, bwd, grad_scale)
 
 
+def global_count(target: torch.Tensor, ignore_index: int, ranks: Ranks) -> torch.Tensor:
+    """How many targets are counted (not `ignore_index`) on all ranks of the group: the
+    denominator of a mean loss over a batch split unevenly by padding."""
+    count = (target != ignore_index).sum().to(torch.float32)
+    return _all_reduce(count, GroupRef(ranks)) if len(ranks) > 1 else count
+
+
 # -- ZeRO-3 -----------------------------------------------------------------------------
 
 
@@ -358,6 +366,8 @@ def groups_of(target: Any, args: Sequence[Any]) -> list[Ranks]:
     """The rank sets a collective graph node uses (empty for any other node)."""
     if target in (tp_copy, tp_reduce, reduce_both, zero3_gather):
         return [tuple(args[1])]
+    if target is global_count:
+        return [tuple(args[2])]
     if target in (reduce_scatter, gather_partial, gather_whole, split_local, split_zero):
         return [tuple(args[2])]
     if target is switch_layout:

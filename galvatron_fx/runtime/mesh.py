@@ -109,13 +109,9 @@ def plan_switch(src: Layout, dst: Layout, rank: int) -> list[Gather | SliceStep]
     for dim in range(len(src.shape)):
         if all(_covers(held[r][dim], need[r][dim]) for r in range(world)):
             continue
-        groups = _gather_groups(held, dim)
-        for r in range(world):
-            members = groups[r]
-            if not _covers((held[members[0]][dim][0], held[members[-1]][dim][1]), need[r][dim]):
-                raise NotImplementedError(
-                    f"layout switch {src} -> {dst}: rank {r} cannot gather dim {dim}"
-                )
+        groups = _smallest_groups(held, need, dim)
+        if groups is None:
+            raise NotImplementedError(f"layout switch {src} -> {dst}: cannot gather dim {dim}")
         steps.append(Gather(dim, groups[rank]))
         for r in range(world):
             members = groups[r]
@@ -126,13 +122,34 @@ def plan_switch(src: Layout, dst: Layout, rank: int) -> list[Gather | SliceStep]
     return steps
 
 
+def _smallest_groups(
+    held: list[list[Interval]], need: list[tuple[Interval, ...]], dim: int
+) -> dict[int, tuple[int, ...]] | None:
+    """Groups for a gather along `dim`: preferably only the ranks that need the same piece
+    (dp4 -> dp2 x tp2 gathers in pairs), else all ranks that agree on the other dims."""
+    for needs in (need, None):
+        try:
+            groups = _gather_groups(held, dim, needs)
+        except NotImplementedError:
+            continue
+        if all(
+            _covers((held[g[0]][dim][0], held[g[-1]][dim][1]), need[r][dim])
+            for r, g in groups.items()
+        ):
+            return groups
+    return None
+
+
 def _covers(have: Interval, want: Interval) -> bool:
     return have[0] <= want[0] and want[1] <= have[1]
 
 
-def _gather_groups(held: list[list[Interval]], dim: int) -> dict[int, tuple[int, ...]]:
-    """Group ranks that agree on every other dim; within a group, one rank per distinct
-    piece of `dim`, matched by position among the ranks holding the same piece."""
+def _gather_groups(
+    held: list[list[Interval]], dim: int, need: list[tuple[Interval, ...]] | None
+) -> dict[int, tuple[int, ...]]:
+    """Group ranks that agree on every other dim (and on the piece of `dim` they need, when
+    `need` is given); within a group, one rank per distinct piece of `dim`, matched by
+    position among the ranks holding the same piece."""
     world = len(held)
     same: dict[tuple[Interval, ...], list[int]] = {}
     for r in range(world):
@@ -140,7 +157,8 @@ def _gather_groups(held: list[list[Interval]], dim: int) -> dict[int, tuple[int,
     groups: dict[tuple[object, ...], list[int]] = {}
     for r in range(world):
         others = tuple(iv for k, iv in enumerate(held[r]) if k != dim)
-        key = (others, same[tuple(held[r])].index(r))
+        wanted = need[r][dim] if need is not None else None
+        key = (others, wanted, same[tuple(held[r])].index(r))
         groups.setdefault(key, []).append(r)
     out: dict[int, tuple[int, ...]] = {}
     for members in groups.values():
