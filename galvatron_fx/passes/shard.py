@@ -87,6 +87,7 @@ class _Propagation:
         self.strategies = unit_strategies(self.gm, self.plan)
         self.params = frozenset(n for n in self.gm.graph.nodes if n.op == "get_attr")
         self.batch = batch_inputs(self.gm)
+        self.stream = _stream_shapes(self.gm)
         self.place: dict[str, dict[fx.Node, object]] = {a: {} for a in AXES}
         for node in self.gm.graph.nodes:
             PLACEMENT.set(node, self._node(node))
@@ -132,13 +133,19 @@ class _Propagation:
         for a in node.all_input_nodes:
             dp, tp = self.place["dp"][a], self.place["tp"][a]
             src = self.strategies[LAYER.get(a).name]
-            if a not in self.params and mesh_of(src, self.plan.world_size) != mesh:
+            entering = LAYER.get(a).name != unit.name and a not in self.params
+            if entering and mesh_of(src, self.plan.world_size) != mesh:
                 dp = Shard(0) if dp == Shard(0) and s.dp > 1 else R
                 tp = R
                 needs.append((a.name, "switch", (dp, tp)))
-            elif LAYER.get(a).name != unit.name and isinstance(tp, Shard) and not sp_layer:
+            if entering and isinstance(tp, Shard) and not sp_layer:
                 tp = R
                 needs.append((a.name, "tp", R))
+            elif entering and sp_layer and tp == R and shape(a) == self.stream[unit.name]:
+                # the residual stream enters a sequence-parallel layer: split it on the
+                # sequence right away, as Megatron does after the embedding
+                tp = Shard(1)
+                needs.append((a.name, "tp", tp))
             eff["dp"][a], eff["tp"][a] = dp, tp
         shard_w = unit.kind == "layer" and s.tp > 1
         return {
@@ -160,6 +167,17 @@ class _Propagation:
             )
         PLACEMENT.set(src, NodePlacement(**{**placement.__dict__, "blocks": count}))
         return 1
+
+
+def _stream_shapes(gm: fx.GraphModule) -> dict[str, tuple[int, ...] | None]:
+    """Per layer, the shape of its last value when it is (batch, sequence, hidden): the
+    residual stream that sequence parallelism splits between layers."""
+    out: dict[str, tuple[int, ...] | None] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            s = shape(node)
+            out[LAYER.get(node).name] = s if len(s) == 3 else None
+    return out
 
 
 def _replicated_like(node: fx.Node) -> object:

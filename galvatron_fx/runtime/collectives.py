@@ -283,7 +283,7 @@ def flat_shard(t: torch.Tensor, ref: GroupRef, rank: int) -> torch.Tensor:
     in sorted rank order, as all-gather and reduce-scatter lay them out)."""
     n = ref.size
     size = -(-t.numel() // n)
-    flat = torch.zeros(size * n, dtype=t.dtype)
+    flat = torch.zeros(size * n, dtype=t.dtype, device=t.device)
     flat[: t.numel()] = t.reshape(-1)
     i = sorted(ref.ranks).index(rank)
     return flat[i * size : (i + 1) * size].clone()

@@ -1,0 +1,168 @@
+"""The collectives a plan makes every unit run, read off the rewritten graph.
+
+`collectives_of(gm, params, plan)` lists, per unit, every collective of one rank's program:
+the graph's collective nodes (forward and backward halves: each op in `runtime.collectives`
+has a fixed pair) plus the gradient synchronisation of its parameters (`runtime.data_parallel`).
+`plan_collectives(analysis, plan)` runs the compiler's own rewrite on a copy of an analysed
+graph and lists what it would do, without process groups: the cost model prices exactly what
+the runtime runs. `switch_collectives` isolates the redistribution between two strategies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import fx
+
+from galvatron_fx.cost_models.comm import Collective
+from galvatron_fx.meta import LAYER
+from galvatron_fx.passes.insert_collectives import ParamSpec
+from galvatron_fx.plan import DPMode, LayerStrategy, Plan
+from galvatron_fx.runtime import collectives as C
+
+__all__ = ["collectives_of", "plan_collectives", "switch_collectives"]
+
+_AR, _AG, _RS = "all_reduce", "all_gather", "reduce_scatter"
+
+# op -> (forward kind, backward kind)
+_PAIRS: dict[Any, tuple[str | None, str | None]] = {
+    C.tp_copy: (None, _AR),
+    C.tp_reduce: (_AR, None),
+    C.reduce_both: (_AR, _AR),
+    C.reduce_scatter: (_RS, _AG),
+    C.gather_partial: (_AG, _RS),
+    C.gather_whole: (_AG, None),
+    C.split_local: (None, _AG),
+    C.split_zero: (None, None),
+    C.global_count: (_AR, None),
+}
+
+
+def collectives_of(
+    gm: fx.GraphModule, params: dict[str, ParamSpec], plan: Plan
+) -> dict[str, list[Collective]]:
+    """Every collective of this rank's program, by unit, in graph order (then grad sync)."""
+    out: dict[str, list[Collective]] = {}
+    for node in gm.graph.nodes:
+        for c in _node_collectives(node):
+            out.setdefault(c.unit, []).append(c)
+    for c in _grad_sync(gm, params, plan):
+        out.setdefault(c.unit, []).append(c)
+    return out
+
+
+def plan_collectives(analysis: Any, plan: Plan, rank: int = 0) -> dict[str, list[Collective]]:
+    """What `plan` makes rank `rank` communicate, from the compiler's rewrite of a copy of
+    `analysis` (a `galvatron_fx.compile.Analysis`); needs no process group."""
+    from galvatron_fx.compile import PARALLEL_PASSES
+    from galvatron_fx.passes.manager import run_passes
+
+    work = analysis.copy()
+    work.context.results.update(plan=plan, rank=rank)
+    gm = run_passes(work.graph_module, work.context, PARALLEL_PASSES)
+    return collectives_of(gm, work.context.results["params"], plan)
+
+
+def switch_collectives(
+    analysis: Any, unit: str, before: LayerStrategy, after: LayerStrategy, world_size: int
+) -> list[Collective]:
+    """The layout switch into `unit` when every unit before it runs `before` and it (and
+    everything after) runs `after`: the redistributions `unit` issues for its inputs."""
+    units = [u.name for u in analysis.layers]
+    i = units.index(unit)
+    strategies = tuple((u, before if k < i else after) for k, u in enumerate(units))
+    from galvatron_fx.summary import model_fingerprint
+
+    plan = Plan(world_size, strategies, model_fingerprint(analysis.graph_module))
+    listed = plan_collectives(analysis, plan).get(unit, [])
+    return [c for c in listed if c.source == "switch_layout"]
+
+
+def _nbytes(val: Any) -> int:
+    return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
+
+
+def _node_collectives(node: fx.Node) -> Iterator[Collective]:
+    if node.op != "call_function":
+        return
+    unit = LAYER.get(node).name
+    name = getattr(node.target, "__name__", str(node.target))
+    if node.target in _PAIRS:
+        yield from _paired(node, unit, name)
+    elif node.target is C.zero3_gather:
+        ranks, size = node.args[1], _nbytes(node.args[0].meta["val"]) * len(node.args[1])
+        n = len(ranks)
+        yield Collective(_AG, size, n, "forward", False, unit, name)
+        yield Collective(_AG, size, n, "backward", False, unit, name)  # gathered again
+        yield Collective(_RS, size, n, "backward", False, unit, name)
+    elif node.target is C.switch_layout:
+        yield from _switch(node, unit, name)
+
+
+def _paired(node: fx.Node, unit: str, name: str) -> Iterator[Collective]:
+    fwd, bwd = _PAIRS[node.target]
+    n = len(node.args[-1])  # every paired op takes its group's ranks last
+    if n == 1:
+        return
+    local_in = _nbytes(node.args[0].meta["val"])
+    local_out = _nbytes(node.meta["val"])
+    whole = max(local_in, local_out)  # the gathered / not-yet-scattered buffer
+    if node.target in (C.tp_copy, C.tp_reduce, C.reduce_both, C.global_count):
+        whole = local_out
+    for phase, kind in (("forward", fwd), ("backward", bwd)):
+        if kind is not None:
+            yield Collective(kind, whole, n, phase, False, unit, name)  # type: ignore[arg-type]
+
+
+def _switch(node: fx.Node, unit: str, name: str) -> Iterator[Collective]:
+    x, fwd, bwd = node.args[0], node.args[1], node.args[2]
+    elem = x.meta["val"].element_size()
+    for phase, steps, shape in (
+        ("forward", fwd, tuple(x.meta["val"].shape)),
+        ("backward", bwd, tuple(node.meta["val"].shape)),
+    ):
+        dims = list(shape)
+        for step in steps:
+            if step[0] == "gather":
+                dims[step[1]] *= len(step[2])
+                if len(step[2]) > 1:
+                    size = elem * _prod(dims)
+                    yield Collective(_AG, size, len(step[2]), phase, False, unit, name)  # type: ignore[arg-type]
+            else:
+                dims[step[1]] = step[3] - step[2]
+
+
+def _prod(dims: list[int]) -> int:
+    out = 1
+    for d in dims:
+        out *= d
+    return out
+
+
+def _grad_sync(
+    gm: fx.GraphModule, params: dict[str, ParamSpec], plan: Plan
+) -> Iterator[Collective]:
+    """What `runtime.data_parallel.GradSync` does for each parameter (bucketing aside)."""
+    from galvatron_fx.passes.insert_collectives import get_attr
+
+    for name, spec in params.items():
+        param = get_attr(gm, name)
+        if spec.alias_of is not None or not getattr(param, "requires_grad", False):
+            continue
+        size = param.numel() * param.element_size()
+        if spec.grad_sum_tp:
+            yield Collective(
+                _AR, size, spec.tp_group.size, "backward", True, spec.unit, "grad_sync"
+            )
+        n, mode = spec.dp_group.size, plan.strategy(spec.unit).dp_mode
+        if n == 1 or spec.zero3_shape is not None:
+            continue
+        padded = -(-param.numel() // n) * n * param.element_size()
+        kind = _RS if mode is DPMode.ZERO2 else _AR
+        yield Collective(
+            kind, padded if kind == _RS else size, n, "backward", True, spec.unit, "grad_sync"
+        )  # type: ignore[arg-type]
+        if mode in (DPMode.ZERO1, DPMode.ZERO2):
+            yield Collective(_AG, padded, n, "step", False, spec.unit, "grad_sync")

@@ -1,0 +1,154 @@
+"""Rank-specific rewrites at large world sizes, in one process with the fake process group.
+
+At world size 64 (tp up to 8, dp up to 64) the rewritten graph of a given rank must have the
+local shapes and the collective counts Megatron and FSDP would have: one forward and one
+backward all-reduce per attention block and per MLP under TP, all-gather / reduce-scatter
+pairs under SP, one gather per parameter under ZeRO-3, parameters cut to this rank's piece.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import TINY_HF, build
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from galvatron_fx.compile import analyze, parallelize
+from galvatron_fx.passes.collective_list import plan_collectives
+from galvatron_fx.passes.insert_collectives import get_attr, take_shard
+from galvatron_fx.plan import LayerStrategy, Plan
+from galvatron_fx.runtime import collectives as C
+from galvatron_fx.summary import model_fingerprint
+
+WORLD = 64
+GPT = "gpt:layers=2,hidden=64,heads=8,vocab=128,seq=16"
+BATCH, SEQ = 64, 8
+
+
+@pytest.fixture(scope="module")
+def fake_world():
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=WORLD)
+    yield
+    dist.destroy_process_group()
+    C.GROUPS.clear()
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    model, args, kwargs = build(GPT, batch=BATCH, seq=SEQ)
+    return analyze(model, args, kwargs), model
+
+
+def _plan(analysis, strategy: LayerStrategy, world: int = WORLD) -> Plan:
+    units = [u.name for u in analysis.layers]
+    fp = model_fingerprint(analysis.graph_module)
+    return Plan.uniform(units, strategy, world_size=world, model_fingerprint=fp)
+
+
+def _ops(gm, unit: str) -> Counter:
+    from galvatron_fx.meta import LAYER
+
+    return Counter(
+        n.target.__name__
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+        and LAYER.get(n).name == unit
+        and getattr(n.target, "__module__", "") == C.__name__
+    )
+
+
+CASES = [
+    (LayerStrategy(dp=64), {}),
+    (LayerStrategy(tp=2, dp=32), {"tp_copy": 2, "tp_reduce": 2}),
+    (LayerStrategy(tp=4, dp=16, tp_consecutive=False), {"tp_copy": 2, "tp_reduce": 2}),
+    (LayerStrategy(tp=8, dp=8), {"tp_copy": 2, "tp_reduce": 2}),
+    (LayerStrategy(tp=8, sp=True, dp=8), {"gather_partial": 2, "reduce_scatter": 2}),
+    (LayerStrategy(dp=64, dp_mode="zero3"), {"zero3_gather": 12}),
+    (
+        LayerStrategy(tp=4, sp=True, dp=16, dp_mode="zero3"),
+        {"gather_partial": 2, "reduce_scatter": 2, "zero3_gather": 12},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "per_block"), CASES, ids=lambda x: getattr(x, "short", lambda: "")()
+)
+@pytest.mark.parametrize("rank", [0, 37])
+def test_world_64_local_shapes_and_collectives(fake_world, gpt, strategy, per_block, rank):
+    analysis, model = gpt
+    compiled = parallelize(analysis.copy(), plan=_plan(analysis, strategy), rank=rank)
+    gm, tp, dp = compiled.module, strategy.tp, strategy.dp
+    assert _ops(gm, "blocks.1") == Counter(per_block)
+    # the first layer also splits the embedding's output on the sequence (Megatron's scatter)
+    entry = {"split_local": 1} if strategy.sp else {}
+    assert _ops(gm, "blocks.0") == Counter(per_block) + Counter(entry)
+    h = 64
+    qkv = get_attr(gm, "blocks.0.attn.qkv.weight")
+    spec = compiled.params["blocks.0.attn.qkv.weight"]
+    tp_index = spec.tp_group.index(rank)
+    want = take_shard(model.blocks[0].attn.qkv.weight.detach(), 0, 3, tp, tp_index)
+    if strategy.dp_mode.value == "zero3":
+        assert qkv.numel() == -(-want.numel() // dp)  # a flat 1/dp shard
+    else:
+        assert torch.equal(qkv, want)  # this rank's q, k and v heads, block by block
+        assert tuple(get_attr(gm, "blocks.0.mlp.proj.weight").shape) == (h, 4 * h // tp)
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    assert placeholder.meta["val"].shape[0] == BATCH // dp
+    views = [
+        n for n in gm.graph.nodes if n.target == torch.ops.aten.view.default and len(n.args[1]) == 4
+    ]
+    assert views and all(list(v.args[1]) == [BATCH // dp, SEQ, 8 // tp, 8] for v in views[:3])
+
+
+def test_zero3_parameter_bytes_are_total_over_dp(fake_world, gpt):
+    analysis, model = gpt
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for dp in (8, 64):
+        strategy = LayerStrategy(tp=WORLD // dp, dp=dp, dp_mode="zero3")
+        compiled = parallelize(analysis.copy(), plan=_plan(analysis, strategy), rank=5)
+        local = sum(p.numel() * p.element_size() for p in compiled.module.parameters())
+        tp = WORLD // dp
+        # tp splits the layers' weights, dp shards everything; padding: < 4 bytes x dp a tensor
+        assert local <= total / dp + 4 * 64
+        if tp == 1:
+            assert local == pytest.approx(total / dp, rel=0.01)
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama", "bert"])
+def test_one_all_reduce_forward_and_backward_per_block(family):
+    spec = {"gpt": GPT, "llama": TINY_HF["llama"], "bert": TINY_HF["bert"]}[family]
+    model, args, kwargs = build(spec, batch=4, seq=8)
+    analysis = analyze(model, args, kwargs)
+    listed = plan_collectives(analysis, _plan(analysis, LayerStrategy(tp=2), world=2))
+    layers = [u.name for u in analysis.layers if u.kind == "layer"]
+    for unit in layers:
+        graph_ops = [c for c in listed[unit] if c.source != "grad_sync"]
+        fwd = [c for c in graph_ops if c.phase == "forward"]
+        bwd = [c for c in graph_ops if c.phase == "backward"]
+        # attention + MLP: one all-reduce each way per block, nothing else
+        assert [c.kind for c in fwd] == ["all_reduce"] * 2, (unit, fwd)
+        assert [c.kind for c in bwd] == ["all_reduce"] * 2, (unit, bwd)
+        hidden = fwd[0].size_bytes
+        assert all(c.size_bytes == hidden and c.group_size == 2 for c in graph_ops)
+
+
+def test_sequence_parallel_collectives_and_grad_sync():
+    model, args, kwargs = build(GPT, batch=4, seq=8)
+    analysis = analyze(model, args, kwargs)
+    plan = _plan(analysis, LayerStrategy(tp=2, sp=True, dp=4), world=8)
+    listed = plan_collectives(analysis, plan)["blocks.1"]  # steady state: after the entry split
+    kinds = Counter((c.kind, c.phase) for c in listed if c.source != "grad_sync")
+    assert kinds == {
+        ("all_gather", "forward"): 2,
+        ("reduce_scatter", "forward"): 2,
+        ("reduce_scatter", "backward"): 2,
+        ("all_gather", "backward"): 2,
+    }
+    sync = Counter((c.kind, c.group_size) for c in listed if c.source == "grad_sync")
+    # the norms' weights and biases (4) and the row-parallel biases (2) see only their
+    # sequence slice: summed over the TP group; every parameter is all-reduced over dp
+    assert sync == {("all_reduce", 2): 6, ("all_reduce", 4): 12}
