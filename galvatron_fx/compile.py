@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -28,11 +29,11 @@ from galvatron_fx.passes.manager import Pass, PassContext, run_passes
 from galvatron_fx.passes.recompute import recompute
 from galvatron_fx.passes.shard import shard
 from galvatron_fx.passes.zero3 import zero3
-from galvatron_fx.plan import LayerStrategy, Plan, PlanError
+from galvatron_fx.plan import DPMode, LayerStrategy, Plan, PlanError
 from galvatron_fx.runtime import collectives
 from galvatron_fx.runtime.collectives import GROUPS, GroupRef
 from galvatron_fx.runtime.compiled import CompiledModel, LossFn
-from galvatron_fx.runtime.data_parallel import GradSync, SyncedParam
+from galvatron_fx.runtime.data_parallel import GradSync, SyncedParam, Zero3TPSum
 from galvatron_fx.summary import LayerSummary, layer_shapes, layer_table, model_fingerprint
 
 __all__ = ["FRONTEND_PASSES", "PARALLEL_PASSES", "Analysis", "analyze", "compile", "parallelize"]
@@ -155,7 +156,12 @@ def parallelize(
     specs: dict[str, ParamSpec] = ctx.results["params"]
     if world > 1:
         GROUPS.create(_all_groups(gm, specs))
-    sync = GradSync(_synced(gm, specs, plan), optimizer or _adamw, bucket_mb)
+    sync = GradSync(
+        _synced(gm, specs, plan, rank),
+        optimizer or _adamw,
+        bucket_mb,
+        _zero3_tp_sums(gm, specs, rank),
+    )
     return CompiledModel(gm, plan, specs, sync, loss_fn, rank)
 
 
@@ -171,19 +177,41 @@ def _check_plan(plan: Plan, gm: fx.GraphModule, world: int) -> None:
     plan.check_model(model_fingerprint(gm), layer_shapes(gm))
 
 
-def _synced(gm: fx.GraphModule, specs: dict[str, ParamSpec], plan: Plan) -> list[SyncedParam]:
+def _synced(
+    gm: fx.GraphModule, specs: dict[str, ParamSpec], plan: Plan, rank: int
+) -> list[SyncedParam]:
     out = []
+    me = GroupRef((rank,))
     for name, spec in specs.items():
-        param = get_attr(gm, name)
-        if not isinstance(param, nn.Parameter) or spec.alias_of is not None:
+        if spec.zero3_flat or spec.alias_of is not None:
             continue
-        mode = plan.strategy(spec.unit).dp_mode
-        dp = spec.dp_group
-        if spec.zero3_shape is not None:  # the gather's backward already summed over dp
-            dp = GroupRef((dist.get_rank() if dist.is_initialized() else 0,))
-        tp = spec.tp_group if spec.grad_sum_tp else None
-        out.append(SyncedParam(name, param, dp, mode, tp))
+        param = get_attr(gm, name)
+        if isinstance(param, nn.Parameter):
+            mode = plan.strategy(spec.unit).dp_mode
+            tp = spec.tp_group if spec.grad_sum_tp else None
+            out.append(SyncedParam(name, param, spec.dp_group, mode, tp))
+    for flat in dict.fromkeys(s.zero3_flat for s in specs.values() if s.zero3_flat):
+        # the reduce-scatter of the gather's backward already summed over dp
+        out.append(SyncedParam(flat, get_attr(gm, flat), me, DPMode.ZERO3, None))
     return out
+
+
+def _zero3_tp_sums(gm: fx.GraphModule, specs: dict[str, ParamSpec], rank: int) -> list[Zero3TPSum]:
+    """Per flat ZeRO-3 shard, the ranges (in shard coordinates) of parameters whose gradient
+    is a partial sum over the TP group (sequence parallelism): all-reduced there."""
+    out: dict[str, Zero3TPSum] = {}
+    for spec in specs.values():
+        if not (spec.zero3_flat and spec.grad_sum_tp and spec.alias_of is None):
+            continue
+        shard = get_attr(gm, spec.zero3_flat)
+        n = shard.numel()
+        lo = sorted(spec.dp_group.ranks).index(rank) * n
+        start = max(spec.zero3_offset, lo) - lo
+        stop = min(spec.zero3_offset + math.prod(spec.zero3_shape or ()), lo + n) - lo
+        entry = out.setdefault(spec.zero3_flat, Zero3TPSum(shard, spec.tp_group, []))
+        if start < stop:
+            entry.ranges.append((start, stop))
+    return list(out.values())
 
 
 def _all_groups(gm: fx.GraphModule, specs: dict[str, ParamSpec]) -> list[tuple[int, ...]]:

@@ -66,10 +66,16 @@ CASES = [
     (LayerStrategy(tp=4, dp=16, tp_consecutive=False), {"tp_copy": 2, "tp_reduce": 2}),
     (LayerStrategy(tp=8, dp=8), {"tp_copy": 2, "tp_reduce": 2}),
     (LayerStrategy(tp=8, sp=True, dp=8), {"gather_partial": 2, "reduce_scatter": 2}),
-    (LayerStrategy(dp=64, dp_mode="zero3"), {"zero3_gather": 12}),
+    (LayerStrategy(dp=64, dp_mode="zero3"), {"zero3_issue": 1, "zero3_use": 1, "zero3_views": 1}),
     (
         LayerStrategy(tp=4, sp=True, dp=16, dp_mode="zero3"),
-        {"gather_partial": 2, "reduce_scatter": 2, "zero3_gather": 12},
+        {
+            "gather_partial": 2,
+            "reduce_scatter": 2,
+            "zero3_issue": 1,
+            "zero3_use": 1,
+            "zero3_views": 1,
+        },
     ),
 ]
 
@@ -87,13 +93,17 @@ def test_world_64_local_shapes_and_collectives(fake_world, gpt, strategy, per_bl
     entry = {"split_local": 1} if strategy.sp else {}
     assert _ops(gm, "blocks.0") == Counter(per_block) + Counter(entry)
     h = 64
-    qkv = get_attr(gm, "blocks.0.attn.qkv.weight")
     spec = compiled.params["blocks.0.attn.qkv.weight"]
     tp_index = spec.tp_group.index(rank)
     want = take_shard(model.blocks[0].attn.qkv.weight.detach(), 0, 3, tp, tp_index)
-    if strategy.dp_mode.value == "zero3":
-        assert qkv.numel() == -(-want.numel() // dp)  # a flat 1/dp shard
+    if strategy.dp_mode.value == "zero3":  # one flat 1/dp shard of the block's pieces
+        # qkv, attention proj, fc, MLP proj weights and the qkv, fc biases are split by tp;
+        # the two row-parallel biases and two LayerNorms (6h) are whole
+        block = (12 * h * h + 7 * h) // tp + 6 * h
+        assert get_attr(gm, spec.zero3_flat).numel() == -(-block // dp)
+        assert spec.zero3_shape == tuple(want.shape)
     else:
+        qkv = get_attr(gm, "blocks.0.attn.qkv.weight")
         assert torch.equal(qkv, want)  # this rank's q, k and v heads, block by block
         assert tuple(get_attr(gm, "blocks.0.mlp.proj.weight").shape) == (h, 4 * h // tp)
     placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")

@@ -91,12 +91,15 @@ def _node_collectives(node: fx.Node) -> Iterator[Collective]:
     name = getattr(node.target, "__name__", str(node.target))
     if node.target in _PAIRS:
         yield from _paired(node, unit, name)
-    elif node.target is C.zero3_gather:
-        ranks, size = node.args[1], _nbytes(node.args[0].meta["val"]) * len(node.args[1])
-        n = len(ranks)
-        yield Collective(_AG, size, n, "forward", False, unit, name)
-        yield Collective(_AG, size, n, "backward", False, unit, name)  # gathered again
-        yield Collective(_RS, size, n, "backward", False, unit, name)
+    elif node.target is C.zero3_issue:
+        size = _nbytes(node.meta["val"])
+        yield Collective(_AG, size, len(node.args[1]), "forward", True, unit, name)
+    elif node.target is C.zero3_use:
+        size, n = _nbytes(node.meta["val"]), len(node.args[2])
+        padded = _nbytes(node.args[1].meta["val"]) * n
+        yield Collective(_AG, padded, n, "backward", False, unit, name)  # gathered again
+        yield Collective(_RS, padded, n, "backward", True, unit, name)
+        del size
     elif node.target is C.switch_layout:
         yield from _switch(node, unit, name)
 

@@ -63,7 +63,11 @@ class ParamSpec:
     alias_of: str | None = None
     """A tied parameter: the same object as the parameter named here (synced once)."""
     zero3_shape: tuple[int, ...] | None = None
-    """ZeRO-3: the shape of the TP piece this rank's flat 1/dp shard is cut from."""
+    """ZeRO-3: the shape of the parameter's TP piece (stored in the unit's flat shard)."""
+    zero3_flat: str = ""
+    """ZeRO-3: the module attribute holding the unit's flat shard."""
+    zero3_offset: int = 0
+    """ZeRO-3: where the parameter starts in the unit's flattened (unsharded) buffer."""
 
 
 def local_shape(shape: tuple[int, ...], dp: Any, tp: Any, mesh: Mesh) -> tuple[int, ...]:

@@ -31,10 +31,14 @@ from galvatron_fx.meta import LAYER, PLACEMENT, LayerTag, NodePlacement
 from galvatron_fx.passes.group_layers import unit_nodes
 from galvatron_fx.passes.manager import PassContext, graph_pass
 from galvatron_fx.plan import Plan, Recompute
+from galvatron_fx.runtime import collectives as C
 
 __all__ = ["attention_cores", "recompute", "recompute_regions"]
 
 R = Replicate()
+
+_NEVER = (C.zero3_issue,)
+"""Kept out of regions: a prefetch for the next layer must not run again in recomputation."""
 
 _SDPA_PREFIXES = ("scaled_dot_product", "_scaled_dot_product")
 _MATMULS = frozenset({"matmul", "bmm", "baddbmm"})
@@ -67,7 +71,9 @@ def recompute_regions(gm: fx.GraphModule, modes: Mapping[str, Recompute]) -> fx.
     for unit, mode in modes.items():
         mode = Recompute(mode)
         if mode is Recompute.FULL:
-            regions.append([n for n in units[unit] if n.op == "call_function"])
+            regions.append(
+                [n for n in units[unit] if n.op == "call_function" and n.target not in _NEVER]
+            )
         elif mode is Recompute.SELECTIVE:
             regions.extend(attention_cores(units[unit]))
     for region in regions:

@@ -24,6 +24,7 @@ make every op the identity, so world size 1 runs the same graph.
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from galvatron_fx.runtime.mesh import Gather, SliceStep
 
 __all__ = [
     "GROUPS",
+    "PENDING",
     "GroupRef",
     "GroupRegistry",
     "flat_shard",
@@ -50,8 +52,10 @@ __all__ = [
     "switch_layout",
     "tp_copy",
     "tp_reduce",
-    "zero3_gather",
+    "zero3_issue",
     "zero3_saved_tensors",
+    "zero3_use",
+    "zero3_views",
 ]
 
 _c10d = torch.ops._c10d_functional
@@ -289,44 +293,69 @@ def flat_shard(t: torch.Tensor, ref: GroupRef, rank: int) -> torch.Tensor:
     return flat[i * size : (i + 1) * size].clone()
 
 
-def _gather_flat(shard: torch.Tensor, ref: GroupRef, shape: tuple[int, ...], numel: int) -> Any:
+def _gather_flat(shard: torch.Tensor, ref: GroupRef, numel: int) -> torch.Tensor:
     full = _c10d.all_gather_into_tensor(shard.contiguous(), ref.size, GROUPS.name(ref))
-    return _c10d.wait_tensor(full)[:numel].view(shape)
+    return _c10d.wait_tensor(full)[:numel]
 
 
 _GATHERED: dict[int, tuple[weakref.ref[torch.Tensor], tuple[Any, ...]]] = {}
-"""data_ptr of a gathered ZeRO-3 parameter -> (the tensor, how to gather it again)."""
+"""Storage of a gathered ZeRO-3 buffer -> (the buffer, how to gather it again)."""
+
+_REGATHERED: dict[tuple[int, Ranks], weakref.ref[torch.Tensor]] = {}
+"""Backward: (shard id, ranks) -> a buffer gathered again, shared by the saved views of it."""
+
+PENDING: list[tuple[torch.Tensor, torch.nn.Parameter]] = []
+"""Reduce-scattered ZeRO-3 gradients in flight: (result, the shard it belongs to), for
+`GradSync.finish` to wait for and accumulate."""
 
 
-class _Zero3Gather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, shard: torch.Tensor, ref: GroupRef, shape: Any, numel: int) -> Any:
-        ctx.ref, ctx.pad = ref, shard.numel() * ref.size - numel
-        full = _gather_flat(shard.detach(), ref, shape, numel)
-        _GATHERED[full.untyped_storage().data_ptr()] = (
-            weakref.ref(full),
-            (shard, ref, shape, numel),
+def zero3_issue(shard: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """Start all-gathering a ZeRO-3 unit's flat shard (waited for by `zero3_use`)."""
+    with torch.no_grad():
+        return _c10d.all_gather_into_tensor(
+            shard.contiguous(), len(ranks), GROUPS.name(GroupRef(ranks))
         )
+
+
+class _Zero3Use(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, issued: torch.Tensor, shard: torch.Tensor, ref: GroupRef, numel: int
+    ) -> Any:
+        ctx.ref, ctx.shard, ctx.pad = ref, shard, shard.numel() * ref.size - numel
+        full = _c10d.wait_tensor(issued)[:numel]
+        _GATHERED[full.untyped_storage().data_ptr()] = (weakref.ref(full), (shard, ref, numel))
         return full
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, None, None, None]:
-        flat = torch.nn.functional.pad(g.reshape(-1), (0, ctx.pad))
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[None, None, None, None]:
+        # launched here, waited for in GradSync.finish: overlaps the rest of backward
+        flat = torch.nn.functional.pad(g.contiguous(), (0, ctx.pad))
         out = _c10d.reduce_scatter_tensor(flat, "sum", ctx.ref.size, GROUPS.name(ctx.ref))
-        return _c10d.wait_tensor(out), None, None, None
+        PENDING.append((out, ctx.shard))
+        return None, None, None, None
 
 
-def zero3_gather(shard: torch.Tensor, ranks: Ranks, shape: tuple[int, ...], numel: int) -> Any:
-    """The full (tensor-parallel piece of a) parameter from its dp shards; backward
-    reduce-scatters the gradient onto the shards."""
-    return _Zero3Gather.apply(shard, GroupRef(tuple(ranks)), tuple(shape), numel)
+def zero3_use(issued: torch.Tensor, shard: torch.Tensor, ranks: Ranks, numel: int) -> Any:
+    """The unit's whole flat parameter buffer, once its all-gather has landed; backward
+    reduce-scatters its gradient onto the shard (asynchronously, see `PENDING`)."""
+    return _Zero3Use.apply(issued, shard, GroupRef(tuple(ranks)), numel)
+
+
+def zero3_views(full: torch.Tensor, shapes: tuple[tuple[int, ...], ...]) -> list[torch.Tensor]:
+    """The unit's parameters as views of its gathered flat buffer."""
+    out, at = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        out.append(full[at : at + n].view(shape))
+        at += n
+    return out
 
 
 @dataclass(frozen=True)
 class _Regather:
     shard: torch.Tensor
     ref: GroupRef
-    shape: tuple[int, ...]
     numel: int
     view: tuple[tuple[int, ...], tuple[int, ...], int]
 
@@ -336,16 +365,20 @@ def _pack(t: torch.Tensor) -> Any:
     full = entry[0]() if entry is not None else None
     if entry is None or full is None:
         return t
-    shard, ref, shape, numel = entry[1]
+    shard, ref, numel = entry[1]
     offset = t.storage_offset() - full.storage_offset()
-    return _Regather(shard, ref, shape, numel, (tuple(t.shape), tuple(t.stride()), offset))
+    return _Regather(shard, ref, numel, (tuple(t.shape), tuple(t.stride()), offset))
 
 
 def _unpack(h: Any) -> torch.Tensor:
     if not isinstance(h, _Regather):
         return h
-    with torch.no_grad():
-        full = _gather_flat(h.shard.detach(), h.ref, h.shape, h.numel)
+    key = (id(h.shard), h.ref.ranks)
+    full = _REGATHERED[key]() if key in _REGATHERED else None
+    if full is None:  # the first saved view of this buffer that backward needs
+        with torch.no_grad():
+            full = _gather_flat(h.shard.detach(), h.ref, h.numel)
+        _REGATHERED[key] = weakref.ref(full)
     size, stride, offset = h.view
     return full.as_strided(size, stride, full.storage_offset() + offset)
 
@@ -355,6 +388,7 @@ def zero3_saved_tensors() -> Iterator[None]:
     """While active, autograd saves ZeRO-3 gathered parameters as a recipe (their shard) and
     gathers them again when backward needs them, so the full parameters live only around
     their use."""
+    _REGATHERED.clear()
     with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
         try:
             yield
@@ -364,7 +398,7 @@ def zero3_saved_tensors() -> Iterator[None]:
 
 def groups_of(target: Any, args: Sequence[Any]) -> list[Ranks]:
     """The rank sets a collective graph node uses (empty for any other node)."""
-    if target in (tp_copy, tp_reduce, reduce_both, zero3_gather):
+    if target in (tp_copy, tp_reduce, reduce_both, zero3_issue):
         return [tuple(args[1])]
     if target is global_count:
         return [tuple(args[2])]

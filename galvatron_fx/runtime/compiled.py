@@ -119,13 +119,14 @@ class CompiledModel:
         from galvatron_fx.passes.insert_collectives import get_attr
 
         spec = self.params[name]
-        param = get_attr(self.module, name)
+        param = get_attr(self.module, spec.zero3_flat or name)
         t = self.sync.grad_of(param) if grad else param.detach()
         if t is None:
             return None
-        if spec.zero3_shape is not None:
-            t = _all_gather(t.reshape(-1), spec.dp_group)
-            t = t[: _numel(spec.zero3_shape)].view(spec.zero3_shape)
+        if spec.zero3_shape is not None:  # this parameter's piece of the unit's flat buffer
+            t = _all_gather(t.reshape(-1), GroupRef(tuple(sorted(spec.dp_group.ranks))))
+            start = spec.zero3_offset
+            t = t[start : start + _numel(spec.zero3_shape)].view(spec.zero3_shape)
         if spec.tp_dim is not None:
             pieces = _all_gather_list(t, spec.tp_group)
             blocks = [

@@ -11,8 +11,9 @@ overlaps the rest of backward; `finish()` waits for all of them.
 - ZeRO-1: all-reduce, then each rank steps only its 1/dp slice of the bucket (optimizer
   states exist for that slice only) and the updated slices are all-gathered;
 - ZeRO-2: reduce-scatter instead of all-reduce: each rank receives only its slice's gradient.
-- ZeRO-3 parameters are already sharded in the graph (`passes/zero3.py`); their gradients
-  arrive reduce-scattered by the gather's backward and are stepped like any local parameter.
+- ZeRO-3 parameters are already sharded in the graph (`passes/zero3.py`): one flat shard per
+  layer, whose gradient backward reduce-scatters asynchronously (`collectives.PENDING`);
+  `finish` waits for them and the shards are stepped like any local parameter.
 
 Parameters replicated on the TP group but computed on its sequence slices
 (`grad_sum_tp`) first have their gradient all-reduced over the TP group.
@@ -30,9 +31,10 @@ import torch.distributed as dist
 from torch import nn
 
 from galvatron_fx.plan import DPMode
+from galvatron_fx.runtime import collectives as C
 from galvatron_fx.runtime.collectives import GROUPS, GroupRef
 
-__all__ = ["Bucket", "GradSync", "SyncedParam"]
+__all__ = ["Bucket", "GradSync", "SyncedParam", "Zero3TPSum"]
 
 
 @dataclass
@@ -43,6 +45,15 @@ class SyncedParam:
     mode: DPMode
     tp_group: GroupRef | None = None
     """Set when the gradient is a partial sum over the TP group (sequence parallelism)."""
+
+
+@dataclass
+class Zero3TPSum:
+    """Ranges of a ZeRO-3 flat shard whose gradients are partial sums over `tp_group`."""
+
+    shard: nn.Parameter
+    tp_group: GroupRef
+    ranges: list[tuple[int, int]]
 
 
 @dataclass
@@ -78,8 +89,10 @@ class GradSync:
         params: list[SyncedParam],
         make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
         bucket_mb: float = 25.0,
+        zero3_tp_sums: list[Zero3TPSum] | None = None,
     ) -> None:
         self.buckets = _pack(params, int(bucket_mb * 2**20))
+        self.zero3_tp_sums = zero3_tp_sums or []
         synced = {id(p.param) for b in self.buckets for p in b.params}
         local = [p.param for p in params if id(p.param) not in synced and p.param.requires_grad]
         local += [p.param for b in self.buckets if not b.sharded for p in b.params]
@@ -117,6 +130,7 @@ class GradSync:
 
     def finish(self) -> None:
         """Wait for every bucket and put the synced gradients where the optimizer reads them."""
+        self._finish_zero3()
         for b in self.buckets:
             if len(b.ready) < len(b.params):  # a parameter unused this step: zero gradient
                 for p in b.params:
@@ -128,6 +142,23 @@ class GradSync:
             self._place(b)
             b.ready.clear()
             b.work = None
+
+    def _finish_zero3(self) -> None:
+        """ZeRO-3: the reduce-scatters backward launched land on their shards."""
+        for out, shard in C.PENDING:
+            g = torch.ops._c10d_functional.wait_tensor(out)
+            shard.grad = g if shard.grad is None else shard.grad + g
+        C.PENDING.clear()
+        for entry in self.zero3_tp_sums:
+            grad = entry.shard.grad
+            if grad is None or not entry.ranges or entry.tp_group.size == 1:
+                continue
+            flat = torch.cat([grad[a:b] for a, b in entry.ranges])
+            dist.all_reduce(flat, group=_pg(entry.tp_group))
+            at = 0
+            for a, b in entry.ranges:
+                grad[a:b] = flat[at : at + b - a]
+                at += b - a
 
     def _place(self, b: Bucket) -> None:
         assert b.flat is not None
