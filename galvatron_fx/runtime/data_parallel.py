@@ -91,7 +91,7 @@ class GradSync:
         bucket_mb: float = 25.0,
         zero3_tp_sums: list[Zero3TPSum] | None = None,
     ) -> None:
-        self.buckets = _pack(params, int(bucket_mb * 2**20))
+        self.buckets = _pack(params, int(bucket_mb * 2**20), _FIRST_BUCKET_BYTES)
         self.zero3_tp_sums = zero3_tp_sums or []
         synced = {id(p.param) for b in self.buckets for p in b.params}
         local = [p.param for p in params if id(p.param) not in synced and p.param.requires_grad]
@@ -115,8 +115,9 @@ class GradSync:
         return on_grad
 
     def _launch(self, b: Bucket) -> None:
-        flat = torch.zeros(b.padded, dtype=b.params[0].param.dtype)
+        flat = torch.empty(b.padded, dtype=b.params[0].param.dtype)
         torch.cat([p.param.grad.reshape(-1) for p in b.params], out=flat[: b.numel])
+        flat[b.numel :].zero_()
         if b.tp_group is not None:
             dist.all_reduce(flat, group=_pg(b.tp_group))
         pg = _pg(b.dp_group) if b.dp_group.size > 1 else None
@@ -171,7 +172,9 @@ class GradSync:
             offset = 0
             for p in b.params:
                 n = p.param.numel()
-                p.param.grad = b.flat[offset : offset + n].view_as(p.param).clone()
+                p.param.grad = b.flat[offset : offset + n].view_as(
+                    p.param
+                )  # a fresh buffer per step
                 offset += n
         if b.shard is not None:
             for p in b.params:
@@ -212,7 +215,12 @@ def _pg(ref: GroupRef) -> Any:
     return GROUPS.groups[tuple(sorted(ref.ranks))]
 
 
-def _pack(params: list[SyncedParam], cap_bytes: int) -> list[Bucket]:
+_FIRST_BUCKET_BYTES = 2**20
+"""DDP's choice: a small first bucket (the last layers' gradients) starts communication early
+in backward instead of waiting for a full bucket."""
+
+
+def _pack(params: list[SyncedParam], cap_bytes: int, first_bytes: int) -> list[Bucket]:
     buckets: list[Bucket] = []
     open_: dict[tuple[Any, ...], Bucket] = {}
     for p in reversed(params):
@@ -221,7 +229,8 @@ def _pack(params: list[SyncedParam], cap_bytes: int) -> list[Bucket]:
         key = (p.dp_group, p.mode, p.tp_group, p.param.dtype)
         b = open_.get(key)
         nbytes = p.param.numel() * p.param.element_size()
-        if b is None or (b.numel * p.param.element_size() + nbytes > cap_bytes and b.params):
+        cap = first_bytes if b is not None and b is _first(buckets, key) else cap_bytes
+        if b is None or (b.numel * p.param.element_size() + nbytes > cap and b.params):
             b = open_[key] = Bucket([], p.dp_group, p.mode, p.tp_group)
             buckets.append(b)
         b.params.append(p)
@@ -230,6 +239,11 @@ def _pack(params: list[SyncedParam], cap_bytes: int) -> list[Bucket]:
         n = b.dp_group.size
         b.padded = -(-b.numel // n) * n
     return buckets
+
+
+def _first(buckets: list[Bucket], key: tuple[Any, ...]) -> Bucket | None:
+    """The first bucket made for this key (groups, mode, dtype)."""
+    return next((b for b in buckets if (b.dp_group, b.mode, b.tp_group) == key[:3]), None)
 
 
 def _make_shard(b: Bucket) -> nn.Parameter:
