@@ -29,6 +29,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/capture.py
+	$(PY) bench/runtime.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,12 +1,23 @@
 """galvatron_fx: an automatic-parallelism compiler for PyTorch training, built on torch.fx.
 
-Front end (this release): `capture` a model to an ATen-level graph, `analyze` it (layers and
-costs on every node) and print its `summary`. See README.md for the concepts and the CLI.
+`capture` a model to an ATen-level graph, `analyze` it (layers and costs on every node),
+then `compile` / `parallelize` it under a `Plan` into one rank's program (tensor, sequence,
+data, ZeRO-1/2/3 parallelism and recomputation per layer) with `CompiledModel.train_step`.
+See README.md for the concepts and the CLI.
 """
 
-from galvatron_fx.compile import FRONTEND_PASSES, Analysis, analyze
-from galvatron_fx.meta import COST, LAYER, LayerTag, MetaKey, NodeCost
+from galvatron_fx.compile import (
+    FRONTEND_PASSES,
+    PARALLEL_PASSES,
+    Analysis,
+    analyze,
+    compile,
+    parallelize,
+)
+from galvatron_fx.cost_models.comm import Collective
+from galvatron_fx.meta import COST, LAYER, PLACEMENT, LayerTag, MetaKey, NodeCost, NodePlacement
 from galvatron_fx.passes.capture import CaptureError, capture
+from galvatron_fx.passes.collective_list import plan_collectives, switch_collectives
 from galvatron_fx.passes.manager import (
     Pass,
     PassContext,
@@ -17,6 +28,7 @@ from galvatron_fx.passes.manager import (
     run_passes,
 )
 from galvatron_fx.plan import DPMode, LayerStrategy, PipelineConfig, Plan, PlanError, Recompute
+from galvatron_fx.runtime.compiled import CompiledModel
 from galvatron_fx.summary import (
     LayerSummary,
     layer_shapes,
@@ -31,14 +43,19 @@ __all__ = [
     "COST",
     "FRONTEND_PASSES",
     "LAYER",
+    "PARALLEL_PASSES",
+    "PLACEMENT",
     "Analysis",
     "CaptureError",
+    "Collective",
+    "CompiledModel",
     "DPMode",
     "LayerStrategy",
     "LayerSummary",
     "LayerTag",
     "MetaKey",
     "NodeCost",
+    "NodePlacement",
     "Pass",
     "PassContext",
     "PassError",
@@ -48,14 +65,18 @@ __all__ = [
     "Recompute",
     "analyze",
     "capture",
+    "compile",
     "format_graph",
     "graph_pass",
     "insert_after",
     "layer_shapes",
     "layer_table",
     "model_fingerprint",
+    "parallelize",
+    "plan_collectives",
     "run_passes",
     "summary",
+    "switch_collectives",
     "to_dot",
     "to_json",
 ]

@@ -137,12 +137,18 @@ class NodePlacement:
     tp: Any
     """Placement across the tensor-parallel group."""
     kind: str = ""
-    """What the rule chose: `column`, `row`, `fallback` (inputs gathered), or empty."""
+    """What the rules chose, "+"-joined over the axes: `column`, `row`, `fallback` (inputs
+    gathered), `global_mean`, `vocab` (vocab-parallel embedding), `vocab_ce`, or empty."""
     needs: tuple[tuple[str, str, Any], ...] = ()
     """(input node name, axis `dp`/`tp`, placement) to redistribute before the op runs; axis
     `switch` means the input crosses from a unit on another mesh (placement: (dp, tp))."""
     blocks: int = 1
     """A column-parallel weight whose output is split in `blocks` equal parts (fused qkv)."""
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """`kind` split on "+" (an op can be, say, batch-split and vocab-parallel at once)."""
+        return tuple(k for k in self.kind.split("+") if k)
 
 
 PLACEMENT: MetaKey[NodePlacement] = MetaKey(

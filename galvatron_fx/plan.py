@@ -72,6 +72,9 @@ class LayerStrategy:
     recompute: Recompute = Recompute.NONE
     tp_consecutive: bool = True
     """TP groups on consecutive ranks (inside a node) rather than strided."""
+    vocab_parallel: bool = False
+    """Segments only: split the vocabulary of the embedding, the output head and the
+    cross-entropy across the TP group instead of running them replicated."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "dp"):
@@ -80,6 +83,8 @@ class LayerStrategy:
                 raise PlanError(f"LayerStrategy.{name} must be an integer >= 1, got {value!r}")
         object.__setattr__(self, "dp_mode", _enum(DPMode, self.dp_mode, "dp_mode"))
         object.__setattr__(self, "recompute", _enum(Recompute, self.recompute, "recompute"))
+        if self.vocab_parallel and self.tp == 1:
+            raise PlanError("LayerStrategy.vocab_parallel needs tp > 1: it splits the TP group")
         if self.sp and self.tp == 1:
             raise PlanError(
                 "LayerStrategy.sp needs tp > 1: sequence parallelism splits the TP group"
@@ -91,7 +96,8 @@ class LayerStrategy:
 
     def short(self) -> str:
         """Compact form for tables: `tp2+sp dp4/zero3 rc=full`."""
-        tp = f"tp{self.tp}{'+sp' if self.sp else ''}{'' if self.tp_consecutive else '(strided)'}"
+        sp, vp = "+sp" if self.sp else "", "+vocab" if self.vocab_parallel else ""
+        tp = f"tp{self.tp}{sp}{vp}{'' if self.tp_consecutive else '(strided)'}"
         dp = f"dp{self.dp}" + (f"/{self.dp_mode.value}" if self.dp > 1 else "")
         rc = "" if self.recompute is Recompute.NONE else f" rc={self.recompute.value}"
         return f"{tp} {dp}{rc}"

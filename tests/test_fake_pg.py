@@ -162,3 +162,27 @@ def test_sequence_parallel_collectives_and_grad_sync():
     # the norms' weights and biases (4) and the row-parallel biases (2) see only their
     # sequence slice: summed over the TP group; every parameter is all-reduced over dp
     assert sync == {("all_reduce", 2): 6, ("all_reduce", 4): 12}
+
+
+def test_vocab_parallel_segments_split_the_vocabulary(fake_world, gpt):
+    analysis, _ = gpt
+    units = [u.name for u in analysis.layers]
+    layer = LayerStrategy(tp=8, dp=8)
+    vocab = LayerStrategy(tp=8, dp=8, vocab_parallel=True)
+    plan = Plan(
+        WORLD,
+        tuple((u, layer if "." in u else vocab) for u in units),
+        model_fingerprint(analysis.graph_module),
+    )
+    compiled = parallelize(analysis.copy(), plan=plan, rank=13)
+    gm = compiled.module
+    assert tuple(get_attr(gm, "wte.weight").shape) == (128 // 8, 64)
+    assert tuple(get_attr(gm, "lm_head.weight").shape) == (128 // 8, 64)
+    assert tuple(get_attr(gm, "wpe.weight").shape) == (16, 64)  # positions are not the vocabulary
+    listed = plan_collectives(analysis, plan, rank=13)
+    loss = [(c.kind, c.phase) for c in listed["loss"] if c.source != "grad_sync"]
+    # max, sum of exponentials and target logit: one value per row each, never the logits
+    assert loss.count(("all_reduce", "forward")) >= 3
+    assert all(
+        c.size_bytes <= BATCH // 8 * SEQ * 4 * 2 for c in listed["loss"] if c.kind == "all_reduce"
+    )

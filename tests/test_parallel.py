@@ -81,6 +81,18 @@ def mixed_plans(units: list[str], world: int) -> list[dict[str, LayerStrategy]]:
     return plans
 
 
+def vocab_plans(units: list[str], world: int) -> list[dict[str, LayerStrategy]]:
+    """Segments vocab-parallel (embedding rows, head columns, cross-entropy split on the
+    vocabulary) around TP layers, plain and with SP + ZeRO-3."""
+    dp = world // 2
+    plans = []
+    for extra in ({}, {"sp": True, "dp_mode": DPMode.ZERO3 if dp > 1 else DPMode.ALLREDUCE}):
+        layer = LayerStrategy(tp=2, dp=dp, **extra)
+        seg = dataclasses.replace(layer, vocab_parallel=True)
+        plans.append({u: layer if "." in u else seg for u in units})
+    return plans
+
+
 def _reference(spec: str) -> dict[str, object]:
     model, args, kwargs = build(spec, batch=BATCH, seq=SEQ)
     opt = _adamw(model.parameters())
@@ -172,7 +184,7 @@ def test_every_strategy_uniform_and_mixed(family, world):
     name, spec, (units, fingerprint, shapes), ref = family
     plans = [uniform(units, s) for s in strategy_space(world)]
     if world > 1:
-        plans += mixed_plans(units, world)
+        plans += mixed_plans(units, world) + vocab_plans(units, world)
     plans = _valid(plans, world, fingerprint, shapes)
     assert len(plans) >= 3
     results = run_ranks(_run_plans, world, spec, plans, timeout_s=600)[0]
@@ -195,3 +207,58 @@ def test_world_8_smoke():
     ref = _reference(spec)
     for got in results:
         _check(ref, got, "gpt world 8")
+
+
+def test_vocab_parallel_with_tied_embedding_and_head():
+    spec = SPECS["gpt"] + ",tied=1"
+    units, fingerprint, shapes = _model_facts(spec)
+    plans = _valid(vocab_plans(units, 2), 2, fingerprint, shapes)
+    ref = _reference(spec)
+    for got in run_ranks(_run_plans, 2, spec, plans, timeout_s=600)[0]:
+        _check(ref, got, "tied gpt, vocab-parallel")
+
+
+def _zero3_memory(rank: int, world: int, spec: str) -> dict[str, int]:
+    from galvatron_fx.runtime import collectives as C
+
+    model, args, kwargs = build(spec, batch=BATCH, seq=SEQ)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    analysis = analyze(model, args, kwargs)
+    units = [u.name for u in analysis.layers]
+    plan = Plan.uniform(
+        units,
+        LayerStrategy(dp=world, dp_mode="zero3"),
+        world_size=world,
+        model_fingerprint=model_fingerprint(analysis.graph_module),
+    )
+    compiled = parallelize(analysis, plan=plan, optimizer=_adamw)
+    recipes: list[int] = []
+    pack = C._pack
+
+    def counting(t: torch.Tensor) -> object:
+        handle = pack(t)
+        if handle is not t:
+            recipes.append(t.numel() * t.element_size())
+        return handle
+
+    C._pack = counting
+    try:
+        loss = compiled.forward_loss(*args, **kwargs)
+    finally:
+        C._pack = pack
+    loss.backward()
+    compiled.sync.finish()
+    local = sum(p.numel() * p.element_size() for p in compiled.module.parameters())
+    return {"total": total, "local": local, "recipes": len(recipes), "recipe_bytes": sum(recipes)}
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_zero3_keeps_one_dp_th_of_the_parameters(family):
+    """Per-rank parameter bytes are total / dp (up to padding), and autograd keeps no
+    gathered parameter after the forward: every saved view of one is a recipe to gather it
+    again in backward."""
+    world = 4
+    for got in run_ranks(_zero3_memory, world, SPECS[family]):
+        units = 6  # embedding, layers, head, loss: at most one padded flat shard each
+        assert got["total"] / world <= got["local"] <= got["total"] / world + units * 4 * world
+        assert got["recipes"] > 0 and got["recipe_bytes"] > 0

@@ -55,6 +55,7 @@ def test_json_round_trip_is_exact(tmp_path):
         "dp_mode": "allreduce",
         "recompute": "full",
         "tp_consecutive": True,
+        "vocab_parallel": False,
     }
     assert loaded.strategy("blocks.0").recompute is Recompute.FULL
     assert loaded.strategy("head").dp_mode is DPMode.ZERO3

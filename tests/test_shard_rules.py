@@ -482,14 +482,6 @@ CASES = [
         dtensor=ROW,
     ),
     Case(
-        "linear_tied_weight_split",
-        aten.linear.default,
-        (T((4, 8, 16)), T((32, 16), S(0), param=True)),
-        R,
-        {0: R, 1: R},
-        "fallback",
-    ),
-    Case(
         "cross_entropy_batch",
         aten.cross_entropy_loss.default,
         (T((8, 10), S(0)), T((8,), S(0), kind="idx")),
@@ -794,3 +786,11 @@ def test_fallback_ops_are_absent_from_rules() -> None:
 def test_matvec_output_dim_is_normalized() -> None:
     case = Case("mv", aten.matmul.default, (T((8, 16), S(0)), T((16,))))
     assert run_rule(case, build(case)).out == S(0)
+
+
+def test_linear_refuses_a_weight_another_use_split() -> None:
+    """A tied weight split on the tp axis by one use (vocab-parallel embedding) cannot be
+    gathered for a replicated use: the parameter itself is stored split. Refuse, naming it."""
+    case = Case("tied", aten.linear.default, (T((4, 8, 16)), T((32, 16), S(0), param=True)))
+    with pytest.raises(NotImplementedError, match="split by another use"):
+        run_rule(case, build(case))

@@ -11,23 +11,26 @@ the runtime runs. `switch_collectives` isolates the redistribution between two s
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Final
 
 import torch
 from torch import fx
 
-from galvatron_fx.cost_models.comm import Collective
+from galvatron_fx.cost_models.comm import Collective, CollectiveKind, Phase
 from galvatron_fx.meta import LAYER
 from galvatron_fx.passes.insert_collectives import ParamSpec
 from galvatron_fx.plan import DPMode, LayerStrategy, Plan
 from galvatron_fx.runtime import collectives as C
+from galvatron_fx.runtime.vocab import vocab_cross_entropy
 
 __all__ = ["collectives_of", "plan_collectives", "switch_collectives"]
 
-_AR, _AG, _RS = "all_reduce", "all_gather", "reduce_scatter"
+_AR: Final = "all_reduce"
+_AG: Final = "all_gather"
+_RS: Final = "reduce_scatter"
 
 # op -> (forward kind, backward kind)
-_PAIRS: dict[Any, tuple[str | None, str | None]] = {
+_PAIRS: dict[Any, tuple[CollectiveKind | None, CollectiveKind | None]] = {
     C.tp_copy: (None, _AR),
     C.tp_reduce: (_AR, None),
     C.reduce_both: (_AR, _AR),
@@ -93,46 +96,52 @@ def _node_collectives(node: fx.Node) -> Iterator[Collective]:
         yield from _paired(node, unit, name)
     elif node.target is C.zero3_issue:
         size = _nbytes(node.meta["val"])
-        yield Collective(_AG, size, len(node.args[1]), "forward", True, unit, name)
+        yield Collective(_AG, size, len(_a(node)[1]), "forward", True, unit, name)
     elif node.target is C.zero3_use:
-        size, n = _nbytes(node.meta["val"]), len(node.args[2])
-        padded = _nbytes(node.args[1].meta["val"]) * n
+        size, n = _nbytes(node.meta["val"]), len(_a(node)[2])
+        padded = _nbytes(_a(node)[1].meta["val"]) * n
         yield Collective(_AG, padded, n, "backward", False, unit, name)  # gathered again
         yield Collective(_RS, padded, n, "backward", True, unit, name)
         del size
+    elif node.target is vocab_cross_entropy and len(_a(node)[7]) > 1:
+        rows = _nbytes(_a(node)[1].meta["val"]) // _a(node)[1].meta["val"].element_size() * 4
+        for _ in ("max", "sum of exponentials", "target logit"):
+            yield Collective(_AR, rows, len(_a(node)[7]), "forward", False, unit, name)
     elif node.target is C.switch_layout:
         yield from _switch(node, unit, name)
 
 
 def _paired(node: fx.Node, unit: str, name: str) -> Iterator[Collective]:
     fwd, bwd = _PAIRS[node.target]
-    n = len(node.args[-1])  # every paired op takes its group's ranks last
+    n = len(_a(node)[-1])  # every paired op takes its group's ranks last
     if n == 1:
         return
-    local_in = _nbytes(node.args[0].meta["val"])
+    local_in = _nbytes(_a(node)[0].meta["val"])
     local_out = _nbytes(node.meta["val"])
     whole = max(local_in, local_out)  # the gathered / not-yet-scattered buffer
     if node.target in (C.tp_copy, C.tp_reduce, C.reduce_both, C.global_count):
         whole = local_out
-    for phase, kind in (("forward", fwd), ("backward", bwd)):
+    phases: tuple[tuple[Phase, CollectiveKind | None], ...] = (("forward", fwd), ("backward", bwd))
+    for phase, kind in phases:
         if kind is not None:
-            yield Collective(kind, whole, n, phase, False, unit, name)  # type: ignore[arg-type]
+            yield Collective(kind, whole, n, phase, False, unit, name)
 
 
 def _switch(node: fx.Node, unit: str, name: str) -> Iterator[Collective]:
-    x, fwd, bwd = node.args[0], node.args[1], node.args[2]
+    x, fwd, bwd = _a(node)[0], _a(node)[1], _a(node)[2]
     elem = x.meta["val"].element_size()
-    for phase, steps, shape in (
+    halves: tuple[tuple[Phase, Any, tuple[int, ...]], ...] = (
         ("forward", fwd, tuple(x.meta["val"].shape)),
         ("backward", bwd, tuple(node.meta["val"].shape)),
-    ):
+    )
+    for phase, steps, shape in halves:
         dims = list(shape)
         for step in steps:
             if step[0] == "gather":
                 dims[step[1]] *= len(step[2])
                 if len(step[2]) > 1:
                     size = elem * _prod(dims)
-                    yield Collective(_AG, size, len(step[2]), phase, False, unit, name)  # type: ignore[arg-type]
+                    yield Collective(_AG, size, len(step[2]), phase, False, unit, name)
             else:
                 dims[step[1]] = step[3] - step[2]
 
@@ -163,9 +172,14 @@ def _grad_sync(
         if n == 1 or spec.zero3_shape is not None:
             continue
         padded = -(-param.numel() // n) * n * param.element_size()
-        kind = _RS if mode is DPMode.ZERO2 else _AR
+        kind: CollectiveKind = _RS if mode is DPMode.ZERO2 else _AR
         yield Collective(
             kind, padded if kind == _RS else size, n, "backward", True, spec.unit, "grad_sync"
-        )  # type: ignore[arg-type]
+        )
         if mode in (DPMode.ZERO1, DPMode.ZERO2):
             yield Collective(_AG, padded, n, "step", False, spec.unit, "grad_sync")
+
+
+def _a(node: fx.Node) -> Any:
+    """A node's arguments, untyped: the caller knows the op's signature."""
+    return node.args

@@ -30,6 +30,7 @@ from galvatron_fx.passes.shard import mesh_of, unit_strategies
 from galvatron_fx.plan import LayerStrategy, Plan
 from galvatron_fx.runtime import collectives as C
 from galvatron_fx.runtime.mesh import Layout, Mesh, plan_switch
+from galvatron_fx.runtime.vocab import vocab_cross_entropy, vocab_embedding
 
 __all__ = ["ParamSpec", "get_attr", "insert_collectives", "local_shape", "set_attr", "take_shard"]
 
@@ -134,7 +135,7 @@ class _Rewrite:
             for name, axis, want in p.needs:
                 a = self.names[name]
                 if a.op == "get_attr" and axis == "tp" and isinstance(want, Shard):
-                    split[a] = (want.dim, p.blocks if p.kind == "column" else 1)
+                    split[a] = (want.dim, p.blocks if "column" in p.kinds else 1)
             for a in node.all_input_nodes:
                 if a.op == "get_attr" and _split_out(p.tp) and not _wants_shard(p, a.name):
                     grad_tp.add(a)
@@ -142,16 +143,18 @@ class _Rewrite:
         for nodes in _aliases(self.gm).values():
             first = nodes[0]
             self._check_tied(nodes, split)
-            spec = self._param_spec(first, split.get(first), any(n in grad_tp for n in nodes))
-            specs[first.target] = spec
+            used = [n for n in nodes if n in split]  # export may fetch a tied weight once
+            how = split.get(used[0]) if used else None
+            spec = self._param_spec(first, how, any(n in grad_tp for n in nodes))
+            specs[_name(first)] = spec
             for n in nodes[1:]:  # tied parameters: one object under several names
-                set_attr(self.gm, n.target, get_attr(self.gm, first.target))
-                specs[n.target] = replace(spec, name=n.target, alias_of=first.target)
+                set_attr(self.gm, _name(n), get_attr(self.gm, _name(first)))
+                specs[_name(n)] = replace(spec, name=_name(n), alias_of=_name(first))
         return specs
 
     def _check_tied(self, nodes: list[fx.Node], split: dict[fx.Node, tuple[int, int]]) -> None:
         names = [n.target for n in nodes]
-        if len({split.get(n) for n in nodes}) > 1:
+        if len({split.get(n) for n in nodes if n.users}) > 1:
             raise ValueError(
                 f"tied parameter {names}: its uses need different tensor-parallel splits"
             )
@@ -163,9 +166,9 @@ class _Rewrite:
             )
 
     def _param_spec(self, node: fx.Node, split: tuple[int, int] | None, grad_tp: bool) -> ParamSpec:
-        param = get_attr(self.gm, node.target)
+        param = get_attr(self.gm, _name(node))
         spec = ParamSpec(
-            node.target,
+            _name(node),
             LAYER.get(node).name,
             tuple(param.shape),
             tp_group=self.group(node, "tp"),
@@ -178,7 +181,7 @@ class _Rewrite:
         local = take_shard(
             param.detach(), dim, blocks, spec.tp_group.size, spec.tp_group.index(self.rank)
         )
-        set_attr(self.gm, node.target, nn.Parameter(local, requires_grad=param.requires_grad))
+        set_attr(self.gm, _name(node), nn.Parameter(local, requires_grad=param.requires_grad))
         return replace(spec, tp_dim=dim, blocks=blocks)
 
     # nodes -------------------------------------------------------------------------------
@@ -215,11 +218,34 @@ class _Rewrite:
                         R,
                     ),
                 )
-        if p.kind == "row":
+        if "row" in p.kinds:
             self._row_parallel(node, p)
-        if p.kind == "global_mean":
+        if "vocab" in p.kinds:
+            self._vocab_embedding(node)
+        if "vocab_ce" in p.kinds:
+            self._vocab_cross_entropy(node)
+        if "global_mean" in p.kinds:
             self._global_mean(node, p)
         self._local_args(node, p)
+
+    def _vocab_start(self, node: fx.Node, rows: int) -> int:
+        """The first vocabulary row this rank holds, `rows` per rank."""
+        return self.group(node, "tp").index(self.rank) * rows
+
+    def _vocab_embedding(self, node: fx.Node) -> None:
+        weight, idx = _a(node)[0], _a(node)[1]
+        rows = get_attr(self.gm, weight.target).shape[0]
+        node.target = vocab_embedding
+        padding_idx = _a(node)[2] if len(node.args) > 2 else node.kwargs.get("padding_idx", -1)
+        node.args, node.kwargs = (weight, idx, self._vocab_start(node, rows), padding_idx), {}
+
+    def _vocab_cross_entropy(self, node: fx.Node) -> None:
+        args: list[Any] = list(node.args) + [None, 1, -100, 0.0][len(node.args) - 2 :]
+        width = int(_global_val(args[0]).shape[1]) // self.group(node, "tp").size
+        node.target = vocab_cross_entropy
+        ranks = self.group(node, "tp").ranks
+        node.args = (*args[:6], self._vocab_start(node, width), ranks)
+        node.kwargs = {}
 
     def _global_mean(self, node: fx.Node, p: NodePlacement) -> None:
         """Mean cross-entropy on a batch split: local sum / global count of counted targets."""
@@ -313,11 +339,11 @@ class _Rewrite:
     def _row_parallel(self, node: fx.Node, p: NodePlacement) -> None:
         """linear(x, W_split, b) -> g(linear(x, W_split)) + b: the bias is added once."""
         is_addmm = node.target == aten.addmm.default
-        bias = node.args[0] if is_addmm else (node.args[2] if len(node.args) > 2 else None)
+        bias = _a(node)[0] if is_addmm else (_a(node)[2] if len(node.args) > 2 else None)
         if is_addmm:
-            node.target, node.args = aten.mm.default, (node.args[1], node.args[2])
+            node.target, node.args = aten.mm.default, (_a(node)[1], _a(node)[2])
         else:
-            node.args = node.args[:2]
+            node.args = _a(node)[:2]
         users = list(node.users)
         anchor = node.next
         g = self.group(node, "tp")
@@ -338,21 +364,21 @@ class _Rewrite:
         mesh = self.mesh(node)
         if node.target in _SIZED or node.target in _NEW:
             node.args = (
-                node.args[0],
+                _a(node)[0],
                 list(local_shape(_gshape(node), p.dp, p.tp, mesh)),
-                *node.args[2:],
+                *_a(node)[2:],
             )
         elif node.target in (aten.split.Tensor, aten.split_with_sizes.default):
             vals = node.meta["val"]
             sizes = [
                 local_shape(tuple(v.shape), p.dp[i], p.tp[i], mesh) for i, v in enumerate(vals)
             ]
-            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+            dim: Any = _a(node)[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
             local = [s[dim] for s in sizes]
             node.args = (
-                node.args[0],
+                _a(node)[0],
                 local[0] if node.target == aten.split.Tensor else local,
-                *node.args[2:],
+                *_a(node)[2:],
             )
 
     # vals --------------------------------------------------------------------------------
@@ -383,7 +409,7 @@ def _aliases(gm: fx.GraphModule) -> dict[int, list[fx.Node]]:
     out: dict[int, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            out.setdefault(id(get_attr(gm, node.target)), []).append(node)
+            out.setdefault(id(get_attr(gm, _name(node))), []).append(node)
     return out
 
 
@@ -426,3 +452,13 @@ def set_attr(gm: nn.Module, target: str, value: Any) -> None:
     for part in path:
         owner = getattr(owner, part)
     setattr(owner, last, value)
+
+
+def _a(node: fx.Node) -> Any:
+    """A node's arguments, untyped: the caller knows the op's signature."""
+    return node.args
+
+
+def _name(node: fx.Node) -> str:
+    """A `get_attr` node's target: the attribute's dotted path."""
+    return str(node.target)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx
@@ -88,6 +89,7 @@ class _Propagation:
         self.params = frozenset(n for n in self.gm.graph.nodes if n.op == "get_attr")
         self.batch = batch_inputs(self.gm)
         self.stream = _stream_shapes(self.gm)
+        self.vocab = _vocab_size(self.gm)
         self.place: dict[str, dict[fx.Node, object]] = {a: {} for a in AXES}
         for node in self.gm.graph.nodes:
             PLACEMENT.set(node, self._node(node))
@@ -111,7 +113,7 @@ class _Propagation:
             decided[axis] = d.out
             if d.kind == "fallback":
                 _warn_fallback(node, axis, d.need)
-            kind = d.kind if d.kind in ("column", "row", "fallback") else kind or d.kind
+            kind = "+".join(dict.fromkeys(k for k in (*kind.split("+"), d.kind) if k))
             for a, p in d.need.items():
                 needs.append((a.name, axis, p))
                 if a in self.params:
@@ -138,7 +140,8 @@ class _Propagation:
                 dp = Shard(0) if dp == Shard(0) and s.dp > 1 else R
                 tp = R
                 needs.append((a.name, "switch", (dp, tp)))
-            if entering and isinstance(tp, Shard) and not sp_layer:
+            keeps_split = sp_layer or (unit.kind == "segment" and s.vocab_parallel)
+            if entering and isinstance(tp, Shard) and not keeps_split:
                 tp = R
                 needs.append((a.name, "tp", R))
             elif entering and sp_layer and tp == R and shape(a) == self.stream[unit.name]:
@@ -147,26 +150,41 @@ class _Propagation:
                 tp = Shard(1)
                 needs.append((a.name, "tp", tp))
             eff["dp"][a], eff["tp"][a] = dp, tp
-        shard_w = unit.kind == "layer" and s.tp > 1
+        segment = unit.kind == "segment"
+        shard_w = s.tp > 1 and (not segment or (s.vocab_parallel and self.vocab is not None))
+        vocab = self.vocab if segment else None
         return {
             "dp": OpView(node, s.dp, eff["dp"], params=self.params),
-            "tp": OpView(node, s.tp, eff["tp"], shard_w, s.sp, self.params),
+            "tp": OpView(node, s.tp, eff["tp"], shard_w, s.sp, self.params, vocab),
         }
 
     def _mark_blocks(self, split: fx.Node, count: int) -> int:
         """Find the column-parallel linear whose output this split cuts into `count` equal
         parts (through views) and record that its weight is sharded block by block."""
-        src = split.args[0]
+        src = _a(split)[0]
         while isinstance(src, fx.Node) and src.target in _SHAPE_PRESERVING:
             src = src.args[0]
         placement = PLACEMENT.get(src) if isinstance(src, fx.Node) else None
-        if placement is None or placement.kind != "column":
+        if placement is None or "column" not in placement.kinds:
             raise NotImplementedError(
                 f"split {split.name!r} cuts the tensor-parallel dim of {src}, which is not "
                 "the output of a column-parallel linear"
             )
         PLACEMENT.set(src, NodePlacement(**{**placement.__dict__, "blocks": count}))
         return 1
+
+
+def _vocab_size(gm: fx.GraphModule) -> int | None:
+    """The output width of the graph's last parameterised linear (the head's logits): the
+    vocabulary that vocab-parallel segments split. None without such a linear."""
+    size = None
+    for node in gm.graph.nodes:
+        if node.target in (torch.ops.aten.linear.default, torch.ops.aten.addmm.default):
+            w = _a(node)[1] if node.target == torch.ops.aten.linear.default else _a(node)[2]
+            if isinstance(w, fx.Node) and w.op == "get_attr":
+                dim = 0 if node.target == torch.ops.aten.linear.default else 1
+                size = shape(w)[dim]
+    return size
 
 
 def _stream_shapes(gm: fx.GraphModule) -> dict[str, tuple[int, ...] | None]:
@@ -196,3 +214,8 @@ def _warn_fallback(node: fx.Node, axis: str, need: dict[fx.Node, object]) -> Non
             ShardWarning,
             stacklevel=4,
         )
+
+
+def _a(node: fx.Node) -> Any:
+    """A node's arguments, untyped: the caller knows the op's signature."""
+    return node.args

@@ -44,6 +44,13 @@ class OpView:
     seq_parallel: bool = False
     params: frozenset[fx.Node] = frozenset()
     """`get_attr` nodes holding parameters."""
+    vocab: int | None = None
+    """In a vocab-parallel segment: split only weights with this many rows (the vocabulary)."""
+
+    @property
+    def args(self) -> Any:
+        """The node's arguments, untyped: rules know each op's signature."""
+        return self.node.args
 
     def p(self, arg: Any) -> Any:
         return self.place.get(arg, R) if isinstance(arg, fx.Node) else None
@@ -60,7 +67,7 @@ class OpView:
 class Decision:
     out: Any
     """The output placement (a tuple for ops returning several tensors)."""
-    need: dict[fx.Node, Placement] = field(default_factory=dict)
+    need: dict[Any, Any] = field(default_factory=dict)
     """Inputs (activations or parameters) that must take another placement first."""
     kind: str = ""
     """"column" / "row" for linear layers, "fallback" when no rule applied."""
@@ -202,16 +209,16 @@ def reshape(v: OpView) -> Decision:
 
 
 def unsqueeze(v: OpView) -> Decision:
-    p = v.p(v.node.args[0])
+    p = v.p(v.args[0])
     d = _sharded(p)
     if d is None:
         return Decision(p)
-    new = _norm(v.node.args[1], len(shape(v.node)))
+    new = _norm(v.args[1], len(shape(v.node)))
     return Decision(Shard(d + 1 if new <= d else d))
 
 
 def squeeze(v: OpView) -> Decision:
-    src = v.node.args[0]
+    src = v.args[0]
     d = _sharded(v.p(src))
     if d is None:
         return Decision(v.p(src))
@@ -223,32 +230,32 @@ def squeeze(v: OpView) -> Decision:
 
 
 def transpose(v: OpView) -> Decision:
-    src = v.node.args[0]
+    src = v.args[0]
     d = _sharded(v.p(src))
     if d is None:
         return Decision(v.p(src))
     nd = len(shape(src))
-    a, b = _norm(v.node.args[1], nd), _norm(v.node.args[2], nd)
+    a, b = _norm(v.args[1], nd), _norm(v.args[2], nd)
     return Decision(Shard(b if d == a else a if d == b else d))
 
 
 def permute(v: OpView) -> Decision:
-    src = v.node.args[0]
+    src = v.args[0]
     d = _sharded(v.p(src))
     if d is None:
         return Decision(v.p(src))
-    dims = [_norm(k, len(shape(src))) for k in v.node.args[1]]
+    dims = [_norm(k, len(shape(src))) for k in v.args[1]]
     return Decision(Shard(dims.index(d)))
 
 
 def t(v: OpView) -> Decision:
-    src = v.node.args[0]
+    src = v.args[0]
     d = _sharded(v.p(src))
     return Decision(v.p(src) if d is None else Shard(1 - d))
 
 
 def expand(v: OpView) -> Decision:
-    src = v.node.args[0]
+    src = v.args[0]
     d = _sharded(v.p(src))
     if d is None:
         return Decision(v.p(src))
@@ -257,7 +264,7 @@ def expand(v: OpView) -> Decision:
 
 def slice_(v: OpView) -> Decision:
     """Slicing another dim keeps the shard; a full-range slice of the sharded dim too."""
-    src = v.node.args[0]
+    src = v.args[0]
     p = v.p(src)
     d = _sharded(p)
     s_in = shape(src)
@@ -268,10 +275,10 @@ def slice_(v: OpView) -> Decision:
 
 
 def select(v: OpView) -> Decision:
-    src = v.node.args[0]
+    src = v.args[0]
     p = v.p(src)
     d = _sharded(p)
-    dim = _norm(v.node.args[1], len(shape(src)))
+    dim = _norm(v.args[1], len(shape(src)))
     if d is None:
         return Decision(p) if not isinstance(p, Partial) else Decision(R, {src: R})
     if d == dim:
@@ -284,7 +291,7 @@ def along_dim(dim_arg: int, dim_name: str) -> Rule:
     sharded."""
 
     def rule(v: OpView) -> Decision:
-        src = v.node.args[0]
+        src = v.args[0]
         p = v.p(src)
         dim = _norm(v.arg(dim_arg, dim_name, -1), len(shape(src)))
         if isinstance(p, Partial) or _sharded(p) == dim:
@@ -297,7 +304,7 @@ def along_dim(dim_arg: int, dim_name: str) -> Rule:
 def reduce_dims(v: OpView) -> Decision:
     """mean/sum/amax over dims: a shard on a kept dim survives; over the sharded dim the
     result is a partial sum (mean: partial average)."""
-    src = v.node.args[0]
+    src = v.args[0]
     p = v.p(src)
     nd = len(shape(src))
     dims = v.arg(1, "dim", None)
@@ -318,9 +325,9 @@ def reduce_dims(v: OpView) -> Decision:
 
 def norm(v: OpView) -> Decision:
     """layer_norm / rms_norm normalise the trailing dims; weights stay replicated."""
-    src = v.node.args[0]
+    src = v.args[0]
     p = v.p(src)
-    k = len(v.node.args[1])
+    k = len(v.args[1])
     d = _sharded(p)
     nd = len(shape(src))
     if isinstance(p, Partial) or (d is not None and d >= nd - k):
@@ -330,7 +337,7 @@ def norm(v: OpView) -> Decision:
 
 
 def cat(v: OpView) -> Decision:
-    tensors = [a for a in v.node.args[0] if isinstance(a, fx.Node)]
+    tensors = [a for a in v.args[0] if isinstance(a, fx.Node)]
     nd = len(shape(v.node))
     dim = _norm(v.arg(1, "dim", 0), nd)
     d = next((_sharded(v.p(a)) for a in tensors if _sharded(v.p(a)) is not None), None)
@@ -344,7 +351,7 @@ def split(v: OpView) -> Decision:
     """Splitting another dim keeps the shard. Splitting the sharded dim into equal chunks
     works when the producer is a column-parallel linear (fused qkv): its weight is then
     sharded block by block, recorded as `blocks` on that producer."""
-    src = v.node.args[0]
+    src = v.args[0]
     p = v.p(src)
     count = len(v.node.meta["val"])
     d = _sharded(p)
@@ -364,7 +371,7 @@ def shape_of_val(val: Any) -> tuple[int, ...]:
 
 
 def getitem(v: OpView) -> Decision:
-    src, index = v.node.args
+    src, index = v.args
     p = v.p(src)
     return Decision(p[index] if isinstance(p, tuple) else p)
 
@@ -375,23 +382,30 @@ def getitem(v: OpView) -> Decision:
 def linear(v: OpView) -> Decision:
     """aten.linear(x, W[out, in], b) and GPT-2's addmm(b, x, W[in, out])."""
     is_addmm = v.node.target == aten.addmm.default
-    x, w = (v.node.args[1], v.node.args[2]) if is_addmm else (v.node.args[0], v.node.args[1])
-    b = v.node.args[0] if is_addmm else v.arg(2, "bias")
+    x, w = (v.args[1], v.args[2]) if is_addmm else (v.args[0], v.args[1])
+    b = v.args[0] if is_addmm else v.arg(2, "bias")
     out_dim, in_dim = (1, 0) if is_addmm else (0, 1)
     px, nd = v.p(x), len(shape(x))
     last = _sharded(px) == nd - 1
-    if v.shard_weights and w in v.params and isinstance(v.p(w), Replicate):
-        if last:
-            need = {w: Shard(in_dim)}
-            red = Shard(1) if v.seq_parallel and len(shape(v.node)) == 3 else R
-            return Decision(red, need, "row")
-        need = {w: Shard(out_dim), **({b: Shard(0)} if isinstance(b, fx.Node) else {})}
-        if not isinstance(px, Replicate):
-            need[x] = R
-        return Decision(Shard(len(shape(v.node)) - 1), need, "column")
+    splittable = v.vocab is None or shape(w)[out_dim] == v.vocab
     pw = v.p(w)
-    if isinstance(pw, Shard):  # weights already split by an earlier decision (tied use)
-        return Decision(R, {x: R, w: R, **({b: R} if isinstance(b, fx.Node) else {})}, "fallback")
+    if v.shard_weights and w in v.params and splittable:
+        # a tied weight may already be split by an earlier use: the same split is reused
+        if last and pw in (R, Shard(in_dim)):
+            red = Shard(1) if v.seq_parallel and len(shape(v.node)) == 3 else R
+            return Decision(red, {w: Shard(in_dim)}, "row")
+        if pw in (R, Shard(out_dim)):
+            need: dict[Any, Any] = {w: Shard(out_dim)}
+            if isinstance(b, fx.Node):
+                need[b] = Shard(0)
+            if not isinstance(px, Replicate):
+                need[x] = R
+            return Decision(Shard(len(shape(v.node)) - 1), need, "column")
+    if isinstance(pw, Shard):
+        raise NotImplementedError(
+            f"{v.node.name!r}: weight {w.name!r} is split by another use (a tied weight) in "
+            "a way this linear cannot use; give the units that share it the same tp"
+        )
     if isinstance(px, Partial) or last:
         return Decision(R, {x: R})
     d = _sharded(px)
@@ -401,7 +415,7 @@ def linear(v: OpView) -> Decision:
 def matmul(v: OpView) -> Decision:
     """matmul/bmm of activations (eager attention): batch dims pass through; a shard on both
     contracted dims gives a partial sum."""
-    a, b = v.node.args[0], v.node.args[1]
+    a, b = v.args[0], v.args[1]
     pa, pb = v.p(a), v.p(b)
     na, nb, no = len(shape(a)), len(shape(b)), len(shape(v.node))
     da, db = _sharded(pa), _sharded(pb)
@@ -424,29 +438,34 @@ def matmul(v: OpView) -> Decision:
 
 def sdpa(v: OpView) -> Decision:
     """Attention splits on batch or heads (dim 0 or 1 of q, k, v); the mask broadcasts."""
-    q, k, val = v.node.args[:3]
+    q, k, val = v.args[:3]
     mask = v.arg(3, "attn_mask")
     dims = {_sharded(v.p(x)) for x in (q, k, val)}
     d = next(iter(dims)) if len(dims) == 1 else None
     if d is None or d >= 2 or any(isinstance(v.p(x), Partial) for x in (q, k, val)):
-        need = {
+        gather = {
             x: R
             for x in (q, k, val, mask)
             if isinstance(x, fx.Node) and not isinstance(v.p(x), Replicate)
         }
-        return Decision(R, need, "fallback" if need else "")
-    need = {}
+        return Decision(R, gather, "fallback" if gather else "")
+    need: dict[Any, Any] = {}
     if isinstance(mask, fx.Node):
-        want = _target(shape(mask), d + len(shape(mask)) - 4)
+        want: Any = _target(shape(mask), d + len(shape(mask)) - 4)
         if v.p(mask) != want:
             need[mask] = want
     return Decision(Shard(d), need)
 
 
 def embedding(v: OpView) -> Decision:
-    w, idx = v.node.args[0], v.node.args[1]
-    need = {w: R} if not isinstance(v.p(w), Replicate) else {}
+    """Lookups follow the indices; in a vocab-parallel segment the table is split by rows
+    and each rank's lookups are partial (zero outside its rows)."""
+    w, idx = v.args[0], v.args[1]
     p = v.p(idx)
+    vocab_split = v.shard_weights and v.vocab is not None and shape(w)[0] == v.vocab
+    if vocab_split and w in v.params and isinstance(v.p(w), Replicate) and isinstance(p, Replicate):
+        return Decision(Partial(), {w: Shard(0)}, "vocab")
+    need = {w: R} if not isinstance(v.p(w), Replicate) else {}
     return Decision(p if isinstance(p, Shard) else R, need)
 
 
@@ -455,10 +474,17 @@ def cross_entropy(v: OpView) -> Decision:
     local sums over the global count of counted targets (`kind="global_mean"`: the rewrite
     divides by an all-reduced count), since ranks may hold different numbers of ignored
     targets and the mean of local means would then be wrong."""
-    logits, target = v.node.args[0], v.node.args[1]
+    logits, target = v.args[0], v.args[1]
     pl, pt = v.p(logits), v.p(target)
     reduction = v.arg(3, "reduction", 1)
     weight = v.arg(2, "weight")
+    plain = (
+        reduction in (1, 2)
+        and not isinstance(weight, fx.Node)
+        and not v.arg(5, "label_smoothing", 0.0)
+    )
+    if plain and pl == Shard(1) and len(shape(logits)) == 2 and isinstance(pt, Replicate):
+        return Decision(R, {}, "vocab_ce")  # Megatron's vocab-parallel cross-entropy
     if pl != Shard(0) or reduction not in (1, 2) or isinstance(weight, fx.Node):
         return replicate_all(v)
     need = {} if pt == Shard(0) else {target: Shard(0)}
@@ -467,18 +493,16 @@ def cross_entropy(v: OpView) -> Decision:
 
 def pad(v: OpView) -> Decision:
     """Padding touches the last len(pad)/2 dims; a shard elsewhere survives."""
-    src = v.node.args[0]
+    src = v.args[0]
     p, d = v.p(src), _sharded(v.p(src))
-    if isinstance(p, Partial) or (
-        d is not None and d >= len(shape(src)) - len(v.node.args[1]) // 2
-    ):
+    if isinstance(p, Partial) or (d is not None and d >= len(shape(src)) - len(v.args[1]) // 2):
         return Decision(R, {src: R}, "fallback")
     return Decision(p)
 
 
 def conv(v: OpView) -> Decision:
     """Convolutions split on the batch only; weights replicated."""
-    src = v.node.args[0]
+    src = v.args[0]
     p = v.p(src)
     if p == Shard(0) and all(isinstance(v.p(w), Replicate) for w in v.tensors()[1:]):
         return Decision(p)

@@ -64,12 +64,12 @@ def _zero3_units(
     """The trainable parameters' `get_attr` nodes of every ZeRO-3 unit, in graph order."""
     out: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
-        spec = specs.get(node.target) if node.op == "get_attr" else None
+        spec = specs.get(_name(node)) if node.op == "get_attr" else None
         if spec is None or spec.dp_group.size == 1:
             continue
         if plan.strategy(spec.unit).dp_mode is not DPMode.ZERO3:
             continue
-        if isinstance(get_attr(gm, node.target), nn.Parameter):
+        if isinstance(get_attr(gm, _name(node)), nn.Parameter):
             out.setdefault(spec.unit, []).append(node)
     return out
 
@@ -90,14 +90,14 @@ def _flatten_unit(
     """Replace the unit's parameters by one flat shard, issued at `at[0]`, used at `at[1]`;
     returns the `zero3_use` node."""
     issue_at, use_at = at
-    owners = [n for n in nodes if specs[n.target].alias_of is None]
-    params = [get_attr(gm, n.target) for n in owners]
-    group = specs[owners[0].target].dp_group
+    owners = [n for n in nodes if specs[_name(n)].alias_of is None]
+    params = [get_attr(gm, _name(n)) for n in owners]
+    group = specs[_name(owners[0])].dp_group
     flat_name = "zero3_" + re.sub(r"\W", "_", unit)
     full = torch.cat([p.detach().reshape(-1) for p in params])
     shard = C.flat_shard(full, group, rank)
     gm.register_parameter(flat_name, nn.Parameter(shard))
-    offsets = dict(zip((n.target for n in owners), _offsets(params), strict=True))
+    offsets = dict(zip((_name(n) for n in owners), _offsets(params), strict=True))
     tag = LAYER.get(use_at)
     with gm.graph.inserting_before(issue_at):
         flat = gm.graph.get_attr(flat_name)
@@ -114,19 +114,19 @@ def _flatten_unit(
     _meta([views], tag, tuple(p.detach() for p in params), mode)
     for item, p in zip(items, params, strict=True):
         _meta([item], tag, p.detach(), mode)
-    by_target = {n.target: items[i] for i, n in enumerate(owners)}
+    by_target = {_name(n): items[i] for i, n in enumerate(owners)}
     for node in nodes:
-        owner = specs[node.target].alias_of or node.target
+        owner = specs[_name(node)].alias_of or _name(node)
         node.replace_all_uses_with(by_target[owner])
-        specs[node.target] = replace(
-            specs[node.target],
+        specs[_name(node)] = replace(
+            specs[_name(node)],
             zero3_shape=tuple(get_attr(gm, owner).shape),
             zero3_flat=flat_name,
             zero3_offset=offsets[owner],
         )
     for node in nodes:
         gm.graph.erase_node(node)
-    for target in {n.target for n in nodes}:
+    for target in {_name(n) for n in nodes}:
         _delete_attr(gm, target)
     return used
 
@@ -170,3 +170,8 @@ def _delete_attr(gm: nn.Module, target: str) -> None:
         owner = getattr(owner, part)
     if hasattr(owner, last):
         delattr(owner, last)
+
+
+def _name(node: fx.Node) -> str:
+    """A `get_attr` node's target: the attribute's dotted path."""
+    return str(node.target)

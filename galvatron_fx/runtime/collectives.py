@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from galvatron_fx.runtime.mesh import Gather, SliceStep
 
@@ -298,8 +299,10 @@ def _gather_flat(shard: torch.Tensor, ref: GroupRef, numel: int) -> torch.Tensor
     return _c10d.wait_tensor(full)[:numel]
 
 
-_GATHERED: dict[int, tuple[weakref.ref[torch.Tensor], tuple[Any, ...]]] = {}
-"""Storage of a gathered ZeRO-3 buffer -> (the buffer, how to gather it again)."""
+_GATHERED: dict[int, tuple[StorageWeakRef, tuple[Any, ...]]] = {}
+"""data_ptr of a gathered ZeRO-3 buffer -> (a weak reference to its storage, how to gather
+it again). The storage, not a tensor: autograd hands out its own tensor objects for the
+buffer and its views, while the storage lives exactly as long as any of them."""
 
 _REGATHERED: dict[tuple[int, Ranks], weakref.ref[torch.Tensor]] = {}
 """Backward: (shard id, ranks) -> a buffer gathered again, shared by the saved views of it."""
@@ -324,7 +327,8 @@ class _Zero3Use(torch.autograd.Function):
     ) -> Any:
         ctx.ref, ctx.shard, ctx.pad = ref, shard, shard.numel() * ref.size - numel
         full = _c10d.wait_tensor(issued)[:numel]
-        _GATHERED[full.untyped_storage().data_ptr()] = (weakref.ref(full), (shard, ref, numel))
+        storage = full.untyped_storage()
+        _GATHERED[storage.data_ptr()] = (StorageWeakRef(storage), (shard, ref, numel))
         return full
 
     @staticmethod
@@ -361,13 +365,13 @@ class _Regather:
 
 
 def _pack(t: torch.Tensor) -> Any:
-    entry = _GATHERED.get(t.untyped_storage().data_ptr())
-    full = entry[0]() if entry is not None else None
-    if entry is None or full is None:
-        return t
+    storage = t.untyped_storage()
+    entry = _GATHERED.get(storage.data_ptr())
+    if entry is None or entry[0].expired() or entry[0] != StorageWeakRef(storage):
+        return t  # not a gathered parameter (or an address reused after one was freed)
     shard, ref, numel = entry[1]
-    offset = t.storage_offset() - full.storage_offset()
-    return _Regather(shard, ref, numel, (tuple(t.shape), tuple(t.stride()), offset))
+    view = (tuple(t.shape), tuple(t.stride()), int(t.storage_offset()))
+    return _Regather(shard, ref, numel, view)
 
 
 def _unpack(h: Any) -> torch.Tensor:
@@ -380,7 +384,7 @@ def _unpack(h: Any) -> torch.Tensor:
             full = _gather_flat(h.shard.detach(), h.ref, h.numel)
         _REGATHERED[key] = weakref.ref(full)
     size, stride, offset = h.view
-    return full.as_strided(size, stride, full.storage_offset() + offset)
+    return full.as_strided(size, stride, offset)  # the gathered buffer starts its storage
 
 
 @contextlib.contextmanager
@@ -402,6 +406,8 @@ def groups_of(target: Any, args: Sequence[Any]) -> list[Ranks]:
         return [tuple(args[1])]
     if target is global_count:
         return [tuple(args[2])]
+    if getattr(target, "__name__", "") == "vocab_cross_entropy":
+        return [tuple(args[7])]
     if target in (reduce_scatter, gather_partial, gather_whole, split_local, split_zero):
         return [tuple(args[2])]
     if target is switch_layout:

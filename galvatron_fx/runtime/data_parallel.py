@@ -116,7 +116,9 @@ class GradSync:
 
     def _launch(self, b: Bucket) -> None:
         flat = torch.empty(b.padded, dtype=b.params[0].param.dtype)
-        torch.cat([p.param.grad.reshape(-1) for p in b.params], out=flat[: b.numel])
+        grads = [p.param.grad for p in b.params]
+        assert all(g is not None for g in grads), "a bucket launched before all its gradients"
+        torch.cat([g.reshape(-1) for g in grads if g is not None], out=flat[: b.numel])
         flat[b.numel :].zero_()
         if b.tp_group is not None:
             dist.all_reduce(flat, group=_pg(b.tp_group))
