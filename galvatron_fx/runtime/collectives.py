@@ -48,6 +48,7 @@ __all__ = [
     "groups_of",
     "reduce_both",
     "reduce_scatter",
+    "release_zero3_buffers",
     "split_local",
     "split_zero",
     "switch_layout",
@@ -307,6 +308,17 @@ buffer and its views, while the storage lives exactly as long as any of them."""
 _REGATHERED: dict[tuple[int, Ranks], weakref.ref[torch.Tensor]] = {}
 """Backward: (shard id, ranks) -> a buffer gathered again, shared by the saved views of it."""
 
+_ORDER: dict[tuple[int, Ranks], tuple[torch.Tensor, GroupRef, int]] = {}
+"""Forward order of the units' buffers (key -> shard, group, numel): backward needs them in
+reverse, so gathering one starts gathering the one before it (FSDP's backward prefetch)."""
+
+_INFLIGHT: dict[tuple[int, Ranks], torch.Tensor] = {}
+"""Backward prefetches issued and not yet waited for."""
+
+_HELD: dict[tuple[int, Ranks], torch.Tensor] = {}
+"""The buffer backward is working on, kept until it moves to another one: without it each
+saved view would gather its whole buffer again as soon as the previous view was freed."""
+
 PENDING: list[tuple[torch.Tensor, torch.nn.Parameter]] = []
 """Reduce-scattered ZeRO-3 gradients in flight: (result, the shard it belongs to), for
 `GradSync.finish` to wait for and accumulate."""
@@ -329,6 +341,7 @@ class _Zero3Use(torch.autograd.Function):
         full = _c10d.wait_tensor(issued)[:numel]
         storage = full.untyped_storage()
         _GATHERED[storage.data_ptr()] = (StorageWeakRef(storage), (shard, ref, numel))
+        _ORDER.setdefault((id(shard), ref.ranks), (shard, ref, numel))
         return full
 
     @staticmethod
@@ -378,13 +391,42 @@ def _unpack(h: Any) -> torch.Tensor:
     if not isinstance(h, _Regather):
         return h
     key = (id(h.shard), h.ref.ranks)
-    full = _REGATHERED[key]() if key in _REGATHERED else None
+    full = _HELD.get(key)
+    if full is None and key in _REGATHERED:
+        full = _REGATHERED[key]()
     if full is None:  # the first saved view of this buffer that backward needs
-        with torch.no_grad():
-            full = _gather_flat(h.shard.detach(), h.ref, h.numel)
-        _REGATHERED[key] = weakref.ref(full)
+        full = _regather(key, h.shard, h.ref, h.numel)
+    if key not in _HELD:
+        _HELD.clear()
+        _HELD[key] = full
     size, stride, offset = h.view
     return full.as_strided(size, stride, offset)  # the gathered buffer starts its storage
+
+
+def _regather(key: tuple[int, Ranks], shard: torch.Tensor, ref: GroupRef, numel: int) -> Any:
+    with torch.no_grad():
+        issued = _INFLIGHT.pop(key, None)
+        if issued is None:
+            full = _gather_flat(shard.detach(), ref, numel)
+        else:
+            full = _c10d.wait_tensor(issued)[:numel]
+        _REGATHERED[key] = weakref.ref(full)
+        keys = list(_ORDER)
+        i = keys.index(key) if key in _ORDER else 0
+        if i > 0 and keys[i - 1] not in _INFLIGHT:  # the next buffer backward will need
+            prev_shard, prev_ref, _ = _ORDER[keys[i - 1]]
+            _INFLIGHT[keys[i - 1]] = _c10d.all_gather_into_tensor(
+                prev_shard.detach().contiguous(), prev_ref.size, GROUPS.name(prev_ref)
+            )
+    return full
+
+
+def release_zero3_buffers() -> None:
+    """Drop what backward still holds of gathered ZeRO-3 buffers (call after backward)."""
+    _HELD.clear()
+    for issued in _INFLIGHT.values():  # an unused prefetch: collectives must still complete
+        _c10d.wait_tensor(issued)
+    _INFLIGHT.clear()
 
 
 @contextlib.contextmanager
@@ -393,6 +435,9 @@ def zero3_saved_tensors() -> Iterator[None]:
     gathers them again when backward needs them, so the full parameters live only around
     their use."""
     _REGATHERED.clear()
+    _ORDER.clear()
+    _INFLIGHT.clear()
+    _HELD.clear()
     with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
         try:
             yield

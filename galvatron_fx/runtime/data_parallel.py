@@ -147,7 +147,9 @@ class GradSync:
             b.work = None
 
     def _finish_zero3(self) -> None:
-        """ZeRO-3: the reduce-scatters backward launched land on their shards."""
+        """ZeRO-3: the reduce-scatters backward launched land on their shards; the last
+        buffer backward held is let go."""
+        C.release_zero3_buffers()
         for out, shard in C.PENDING:
             g = torch.ops._c10d_functional.wait_tensor(out)
             shard.grad = g if shard.grad is None else shard.grad + g
