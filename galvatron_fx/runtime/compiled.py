@@ -85,10 +85,13 @@ class CompiledModel:
         loss of the whole batch (the same on every rank)."""
         self.sync.zero_grad()
         loss = self.forward_loss(*args, target=target, **kwargs)
+        reported, work = self._global(loss.detach().clone())  # overlaps backward
         loss.backward()
         self.sync.finish()
         self.sync.step()
-        return self._global(loss.detach())
+        if work is not None:
+            work.wait()
+        return reported
 
     def _loss(self, out: Any, target: Any) -> torch.Tensor:
         if self.loss_fn is not None:
@@ -102,10 +105,13 @@ class CompiledModel:
             )
         return loss
 
-    def _global(self, loss: torch.Tensor) -> torch.Tensor:
-        if self.loss_group.size > 1:
-            dist.all_reduce(loss, group=GROUPS.groups[tuple(sorted(self.loss_group.ranks))])
-        return loss
+    def _global(self, loss: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """The whole batch's loss: the sum of the ranks' (already scaled) losses, reduced
+        asynchronously; wait for the returned work before reading it."""
+        if self.loss_group.size == 1:
+            return loss, None
+        group = GROUPS.groups[tuple(sorted(self.loss_group.ranks))]
+        return loss, dist.all_reduce(loss, group=group, async_op=True)
 
     # whole tensors -----------------------------------------------------------------------
 
