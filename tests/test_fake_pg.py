@@ -186,3 +186,27 @@ def test_vocab_parallel_segments_split_the_vocabulary(fake_world, gpt):
     assert all(
         c.size_bytes <= BATCH // 8 * SEQ * 4 * 2 for c in listed["loss"] if c.kind == "all_reduce"
     )
+
+
+def test_collective_list_of_sharded_data_parallel(fake_world, gpt):
+    analysis, _ = gpt
+    plan = _plan(analysis, LayerStrategy(tp=4, sp=True, dp=16, dp_mode="zero3"))
+    listed = plan_collectives(analysis, plan, rank=21)["blocks.1"]
+    kinds = Counter((c.kind, c.phase, c.source) for c in listed)
+    # the prefetch of the next unit (head) starts here; this block is gathered again in
+    # backward and its gradient reduce-scattered once, asynchronously
+    assert kinds[("all_gather", "forward", "zero3_issue")] == 1
+    assert kinds[("all_gather", "backward", "zero3_use")] == 1
+    assert kinds[("reduce_scatter", "backward", "zero3_use")] == 1
+    (rs,) = [c for c in listed if c.kind == "reduce_scatter" and c.source == "zero3_use"]
+    assert rs.overlappable and rs.group_size == 16
+    # sequence-parallel norms and biases: their shard ranges are summed over the TP group
+    assert kinds[("all_reduce", "backward", "grad_sync")] == 6
+
+
+def test_batch_not_divisible_by_dp_is_refused_with_the_unit_named():
+    model, args, kwargs = build(GPT, batch=8, seq=SEQ)
+    analysis = analyze(model, args, kwargs)
+    plan = _plan(analysis, LayerStrategy(dp=16), world=16)
+    with pytest.raises(Exception, match=r"unit 'embedding': dp=16 does not divide the batch of 8"):
+        plan_collectives(analysis, plan)

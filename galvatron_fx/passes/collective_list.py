@@ -10,6 +10,7 @@ the runtime runs. `switch_collectives` isolates the redistribution between two s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any, Final
 
@@ -160,8 +161,18 @@ def _grad_sync(
     from galvatron_fx.passes.insert_collectives import get_attr
 
     for name, spec in params.items():
+        if spec.alias_of is not None:
+            continue
+        if spec.zero3_flat:  # the graph's gather already reduce-scatters over dp
+            if spec.grad_sum_tp:
+                elem = get_attr(gm, spec.zero3_flat).element_size()
+                size = math.prod(spec.zero3_shape or ()) * elem // spec.dp_group.size
+                yield Collective(
+                    _AR, size, spec.tp_group.size, "backward", False, spec.unit, "grad_sync"
+                )
+            continue
         param = get_attr(gm, name)
-        if spec.alias_of is not None or not getattr(param, "requires_grad", False):
+        if not getattr(param, "requires_grad", False):
             continue
         size = param.numel() * param.element_size()
         if spec.grad_sum_tp:

@@ -259,6 +259,7 @@ class _Rewrite:
         out = self._insert(anchor, aten.div.Tensor, (node, count), node, p.dp, p.tp)
         for u in users:
             u.replace_input_with(node, out)
+        self.names[node.name] = out  # later needs on this value apply to what replaced it
 
     def _needs_copy(
         self, node: fx.Node, p: NodePlacement, a: fx.Node, cur: fx.Node, tp: Any
@@ -358,6 +359,7 @@ class _Rewrite:
             out = self._insert(anchor, aten.add.Tensor, (red, bias), node, p.dp, p.tp)
         for u in users:
             u.replace_input_with(node, out)
+        self.names[node.name] = out  # later needs on this value apply to what replaced it
 
     def _local_args(self, node: fx.Node, p: NodePlacement) -> None:
         """Sizes baked into arguments become this rank's local sizes."""

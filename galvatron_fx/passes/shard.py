@@ -88,6 +88,7 @@ class _Propagation:
         self.strategies = unit_strategies(self.gm, self.plan)
         self.params = frozenset(n for n in self.gm.graph.nodes if n.op == "get_attr")
         self.batch = batch_inputs(self.gm)
+        _check_batch(self.batch, self.strategies)
         self.stream = _stream_shapes(self.gm)
         self.vocab = _vocab_size(self.gm)
         self.place: dict[str, dict[fx.Node, object]] = {a: {} for a in AXES}
@@ -172,6 +173,16 @@ class _Propagation:
             )
         PLACEMENT.set(src, NodePlacement(**{**placement.__dict__, "blocks": count}))
         return 1
+
+
+def _check_batch(batch: set[fx.Node], strategies: dict[str, LayerStrategy]) -> None:
+    size = next((shape(n)[0] for n in batch), None)
+    for unit, s in strategies.items():
+        if size is not None and size % s.dp:
+            raise ValueError(
+                f"unit {unit!r}: dp={s.dp} does not divide the batch of {size} (the example "
+                "inputs' first dimension); give a batch that every unit's dp divides"
+            )
 
 
 def _vocab_size(gm: fx.GraphModule) -> int | None:
