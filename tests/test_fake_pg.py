@@ -210,3 +210,35 @@ def test_batch_not_divisible_by_dp_is_refused_with_the_unit_named():
     plan = _plan(analysis, LayerStrategy(dp=16), world=16)
     with pytest.raises(Exception, match=r"unit 'embedding': dp=16 does not divide the batch of 8"):
         plan_collectives(analysis, plan)
+
+
+class _FlipBlock(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.fc2 = torch.nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.flip(torch.nn.functional.gelu(self.fc1(x)), dims=[-1]))
+
+
+class _FlipModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_FlipBlock() for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x.square().mean()
+
+
+def test_an_op_without_a_rule_gathers_its_inputs_and_says_so():
+    from galvatron_fx.passes.shard import ShardWarning
+
+    analysis = analyze(_FlipModel(), (torch.randn(4, 8, 16),))
+    plan = _plan(analysis, LayerStrategy(tp=2), world=2)
+    with pytest.warns(ShardWarning, match=r"aten\.flip\.default .* gathering \['gelu"):
+        listed = plan_collectives(analysis, plan)
+    fwd = [c.source for c in listed["blocks.0"] if c.phase == "forward"]
+    assert "gather_whole" in fwd or "gather_partial" in fwd

@@ -262,3 +262,29 @@ def test_zero3_keeps_one_dp_th_of_the_parameters(family):
         units = 6  # embedding, layers, head, loss: at most one padded flat shard each
         assert got["total"] / world <= got["local"] <= got["total"] / world + units * 4 * world
         assert got["recipes"] > 0 and got["recipe_bytes"] > 0
+
+
+def _with_loss_fn(rank: int, world: int, strategy: LayerStrategy) -> list[float]:
+    model, args, kwargs = build(SPECS["gpt"], batch=BATCH, seq=SEQ)
+    idx, targets = args if len(args) == 2 else (args[0], kwargs["targets"])
+    analysis = analyze(model, (idx,))  # the model returns logits: the loss is the user's
+    units = [u.name for u in analysis.layers]
+    plan = Plan.uniform(
+        units,
+        strategy,
+        world_size=world,
+        model_fingerprint=model_fingerprint(analysis.graph_module),
+    )
+
+    def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+
+    compiled = parallelize(analysis, plan=plan, optimizer=_adamw, loss_fn=loss_fn)
+    return [compiled.train_step(idx, target=targets).item() for _ in range(STEPS)]
+
+
+@pytest.mark.parametrize("strategy", [LayerStrategy(dp=2), LayerStrategy(tp=2, sp=True)], ids=str)
+def test_user_loss_fn_on_the_model_outputs(strategy):
+    ref = _reference(SPECS["gpt"])
+    losses = run_ranks(_with_loss_fn, 2, strategy)[0]
+    assert losses == pytest.approx(ref["losses"], rel=RTOL)
