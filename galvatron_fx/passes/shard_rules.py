@@ -525,27 +525,88 @@ _LINEAR_UNARY = {
     aten.detach.default,
 }
 
-_UNARY = (
-    "neg.default clone.default alias.default contiguous.default to.dtype to.dtype_layout "
-    "to.device _to_copy.default detach.default gelu.default silu.default relu.default "
-    "tanh.default rsqrt.default sqrt.default exp.default log.default abs.default cos.default "
-    "sin.default sigmoid.default pow.Tensor_Scalar dropout.default ne.Scalar eq.Scalar "
-    "ge.Scalar gt.Scalar le.Scalar lt.Scalar mul.Scalar div.Scalar add.Scalar sub.Scalar "
-    "zeros_like.default ones_like.default full_like.default erf.default "
-    "native_dropout.default"
-).split()
-_BINARY = (
-    "where.ScalarOther masked_fill.Scalar tanh_backward.default add.Tensor sub.Tensor "
-    "mul.Tensor div.Tensor pow.Tensor_Tensor eq.Tensor ne.Tensor le.Tensor lt.Tensor "
-    "ge.Tensor gt.Tensor __and__.Tensor __or__.Tensor bitwise_and.Tensor bitwise_or.Tensor "
-    "where.self minimum.default maximum.default min.other max.other masked_fill.Tensor "
-    "add_.Tensor"
-).split()
-_CREATION = (
-    "arange.default arange.start arange.start_step zeros.default ones.default full.default "
-    "empty.memory_format new_ones.default new_zeros.default new_full.default "
-    "new_empty.default scalar_tensor.default lift_fresh_copy.default"
-).split()
+_UNARY = [
+    "neg.default",
+    "clone.default",
+    "alias.default",
+    "contiguous.default",
+    "to.dtype",
+    "to.dtype_layout",
+    "to.device",
+    "_to_copy.default",
+    "detach.default",
+    "gelu.default",
+    "silu.default",
+    "relu.default",
+    "tanh.default",
+    "rsqrt.default",
+    "sqrt.default",
+    "exp.default",
+    "log.default",
+    "abs.default",
+    "cos.default",
+    "sin.default",
+    "sigmoid.default",
+    "pow.Tensor_Scalar",
+    "dropout.default",
+    "ne.Scalar",
+    "eq.Scalar",
+    "ge.Scalar",
+    "gt.Scalar",
+    "le.Scalar",
+    "lt.Scalar",
+    "mul.Scalar",
+    "div.Scalar",
+    "add.Scalar",
+    "sub.Scalar",
+    "zeros_like.default",
+    "ones_like.default",
+    "full_like.default",
+    "erf.default",
+    "native_dropout.default",
+]
+_BINARY = [
+    "where.ScalarOther",
+    "masked_fill.Scalar",
+    "tanh_backward.default",
+    "add.Tensor",
+    "sub.Tensor",
+    "mul.Tensor",
+    "div.Tensor",
+    "pow.Tensor_Tensor",
+    "eq.Tensor",
+    "ne.Tensor",
+    "le.Tensor",
+    "lt.Tensor",
+    "ge.Tensor",
+    "gt.Tensor",
+    "__and__.Tensor",
+    "__or__.Tensor",
+    "bitwise_and.Tensor",
+    "bitwise_or.Tensor",
+    "where.self",
+    "minimum.default",
+    "maximum.default",
+    "min.other",
+    "max.other",
+    "masked_fill.Tensor",
+    "add_.Tensor",
+]
+_CREATION = [
+    "arange.default",
+    "arange.start",
+    "arange.start_step",
+    "zeros.default",
+    "ones.default",
+    "full.default",
+    "empty.memory_format",
+    "new_ones.default",
+    "new_zeros.default",
+    "new_full.default",
+    "new_empty.default",
+    "scalar_tensor.default",
+    "lift_fresh_copy.default",
+]
 
 
 def _op(name: str) -> Any:

@@ -7,6 +7,7 @@ slice, so a test or a single-machine script feeds every rank alike. `full_params
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,8 @@ class CompiledModel:
         self.module, self.plan, self.params, self.sync = module, plan, params, sync
         self.loss_fn, self.rank = loss_fn, rank
         self.inputs = _input_slices(module, plan, rank)
+        self.zero3 = any(spec.zero3_flat for spec in params.values())
+        """Only ZeRO-3 needs the saved-tensor hooks (a Python call per saved tensor)."""
         self.loss_group, self.loss_avg = _loss_reduction(module, plan, rank)
 
     @property
@@ -75,7 +78,7 @@ class CompiledModel:
     def forward_loss(self, *args: Any, target: Any = None, **kwargs: Any) -> torch.Tensor:
         """This rank's loss, scaled so that summing gradients over ranks gives the mean."""
         largs, lkwargs = self.local_inputs(args, kwargs)
-        with zero3_saved_tensors():
+        with zero3_saved_tensors() if self.zero3 else contextlib.nullcontext():
             out = self.module(*largs, **lkwargs)
         loss = self._loss(out, target)
         return loss / self.loss_group.size if self.loss_avg else loss
