@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from galvatron_fx.cost_models.compute import UnitFlops
 from galvatron_fx.meta import COST, LAYER
 from galvatron_fx.passes.group_layers import layer_digraph, unit_nodes
 from galvatron_fx.plan import LayerShape
@@ -25,6 +26,7 @@ __all__ = [
     "summary",
     "to_dot",
     "to_json",
+    "unit_flops",
 ]
 
 
@@ -41,6 +43,22 @@ class LayerSummary:
     bwd_flops: int
     saved_activation_bytes: int
     nodes: int
+
+
+def unit_flops(gm: fx.GraphModule) -> dict[str, UnitFlops]:
+    """Per unit, the forward / backward FLOPs and those of its attention cores, for the
+    compute cost model."""
+    from galvatron_fx.passes.recompute import attention_cores
+
+    out = {}
+    for name, nodes in unit_nodes(gm).items():
+        cores = [n for core in attention_cores(nodes) for n in core]
+        out[name] = UnitFlops(
+            fwd_flops=sum(COST.get(n).fwd_flops for n in nodes),
+            bwd_flops=sum(COST.get(n).bwd_flops for n in nodes),
+            attention_fwd_flops=sum(COST.get(n).fwd_flops for n in cores if COST.has(n)),
+        )
+    return out
 
 
 def layer_table(gm: fx.GraphModule) -> list[LayerSummary]:

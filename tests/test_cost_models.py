@@ -1,0 +1,134 @@
+"""The cost models' formulas against hand-computed numbers (issue 4, first part)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import build
+
+from galvatron_fx.compile import analyze
+from galvatron_fx.cost_models.comm import Collective
+from galvatron_fx.cost_models.communication import (
+    collective_time_s,
+    collectives_time,
+    explain,
+    group_spans_nodes,
+)
+from galvatron_fx.cost_models.compute import UnitFlops, roofline_time_s, training_flops
+from galvatron_fx.cost_models.hardware import PRESETS, ClusterSpec, Link, load_cluster
+from galvatron_fx.cost_models.memory import model_state_bytes
+from galvatron_fx.plan import Recompute
+from galvatron_fx.summary import unit_flops
+
+LINK = Link("all_reduce", "intra", latency_s=1e-5, bus_bandwidth_bytes_per_s=100e9)
+
+
+@pytest.mark.parametrize(
+    ("kind", "factor"),
+    [("all_reduce", 2 * 7 / 8), ("all_gather", 7 / 8), ("reduce_scatter", 7 / 8), ("p2p", 1.0)],
+)
+def test_bus_bandwidth_factors_of_nccl_tests(kind, factor):
+    size = 256 * 2**20
+    want = 1e-5 + size * factor / 100e9
+    assert collective_time_s(kind, size, 8, LINK) == pytest.approx(want, rel=1e-12)
+
+
+def test_collective_time_broadcasts_and_is_free_on_one_rank():
+    sizes = np.array([2**10, 2**20, 2**30])
+    groups = np.array([1, 2, 4])
+    t = collective_time_s("all_reduce", sizes, groups, LINK)
+    assert t[0] == 0.0
+    assert t[1] == pytest.approx(1e-5 + 2**20 * 1.0 / 100e9)
+    assert t[2] == pytest.approx(1e-5 + 2**30 * 1.5 / 100e9)
+
+
+def test_explain_substitutes_the_numbers():
+    text = explain("all_gather", 1e6, 4, LINK)
+    assert "latency_s + size_bytes" in text and "3/4" in text and text.endswith(" s")
+
+
+def test_overlap_hides_only_overlappable_collectives():
+    cluster = PRESETS["a100-80gb-sxm"]
+    inline = Collective("all_reduce", 2**24, 8, "forward", False, "blocks.0", "tp_reduce")
+    bucket = Collective("all_reduce", 2**24, 8, "backward", True, "blocks.0", "grad_sync")
+    t = collectives_time([inline, bucket], cluster, lambda size: False)
+    one = float(collective_time_s("all_reduce", 2**24, 8, cluster.link("all_reduce", 8, False)))
+    assert t.total_s == pytest.approx(2 * one)
+    assert t.exposed_s == pytest.approx(one + one * (1 - cluster.overlap))
+
+
+def test_groups_leave_a_node_only_past_its_devices():
+    assert not group_spans_nodes(8, 1, 8)  # tp 8, consecutive
+    assert group_spans_nodes(2, 8, 8)  # dp 2 over tp 8: the next node
+    assert not group_spans_nodes(4, 2, 8)
+
+
+@pytest.mark.parametrize(
+    ("mode", "per_device_gb"),
+    # ZeRO paper, Figure 1: Psi = 7.5B, N = 64, K = 12
+    [("allreduce", 120.0), ("zero1", 31.4), ("zero2", 16.6), ("zero3", 1.9)],
+)
+def test_zero_model_states_of_the_zero_paper(mode, per_device_gb):
+    states = model_state_bytes(7.5e9, 64, mode)
+    assert states.total_bytes / 1e9 == pytest.approx(per_device_gb, abs=0.05)
+
+
+def test_model_states_hand_computed():
+    psi, n = 1_000_000, 4
+    assert model_state_bytes(psi, n, "allreduce").total_bytes == (2 + 2 + 12) * psi
+    assert model_state_bytes(psi, n, "zero1").total_bytes == 2 * psi + 2 * psi + 12 * psi / n
+    assert model_state_bytes(psi, n, "zero2").total_bytes == 2 * psi + (2 + 12) * psi / n
+    assert model_state_bytes(psi, n, "zero3").total_bytes == (2 + 2 + 12) * psi / n
+    assert model_state_bytes(psi, n, "allreduce", "fp32").total_bytes == 16 * psi
+    with pytest.raises(ValueError, match="precision"):
+        model_state_bytes(psi, n, "zero1", "fp8")  # type: ignore[arg-type]
+
+
+def test_megatron_flops_per_iteration_with_full_recomputation():
+    """96 B s l h^2 (1 + s/6h + V/16lh) for a GPT, every layer recomputed. Dropout makes
+    attention take the math path, whose backward is 2x its forward, as the formula assumes."""
+    B, s, L, h, V = 2, 32, 3, 64, 256
+    model, args, kwargs = build(
+        f"gpt:layers={L},hidden={h},heads=4,vocab={V},seq={s},dropout=0.1", batch=B, seq=s
+    )
+    flops = unit_flops(analyze(model, args, kwargs).graph_module)
+    total = sum(
+        training_flops(f, Recompute.FULL if "." in unit else Recompute.NONE)
+        for unit, f in flops.items()
+    )
+    megatron = 96 * B * s * L * h**2 * (1 + s / (6 * h) + V / (16 * L * h))
+    assert total == pytest.approx(megatron, rel=1e-12)  # exact up to float rounding
+
+
+def test_selective_recomputation_repeats_only_the_attention_core():
+    unit = UnitFlops(fwd_flops=100.0, bwd_flops=200.0, attention_fwd_flops=10.0)
+    assert training_flops(unit) == 300.0
+    assert training_flops(unit, "selective") == 310.0
+    assert training_flops(unit, "full") == 400.0
+
+
+def test_roofline_takes_the_slower_of_compute_and_memory():
+    a100 = PRESETS["a100-80gb-sxm"]
+    assert roofline_time_s(312e12, 0, a100) == pytest.approx(1.0)
+    assert roofline_time_s(0, 2039e9, a100) == pytest.approx(1.0)
+    assert roofline_time_s(312e12, 0, a100, efficiency=0.5) == pytest.approx(2.0)
+
+
+def test_cluster_presets_options_and_json(tmp_path):
+    spec = load_cluster("a100-80gb-sxm:nodes=8")
+    assert spec.world_size == 64 and spec.link("all_reduce", 16, True).scope == "inter"
+    for preset in PRESETS.values():
+        assert preset.source and preset.peak_flops and preset.links
+    path = tmp_path / "cluster.json"
+    path.write_text(json.dumps(spec.to_json()))
+    assert load_cluster(str(path)) == spec
+    with pytest.raises(ValueError, match="unknown cluster 'a200'"):
+        load_cluster("a200")
+    with pytest.raises(ValueError, match="unknown option 'gpus'"):
+        load_cluster("h100-80gb-sxm:gpus=4")
+    with pytest.raises(ValueError, match="unknown field"):
+        ClusterSpec.from_json({**spec.to_json(), "tflops": 1})
+    with pytest.raises(ValueError, match="no profile"):
+        load_cluster("local", local_profile=tmp_path / "missing.json")
