@@ -27,17 +27,11 @@ reads "n/a" and the output says why.
 from __future__ import annotations
 
 import argparse
-import io
-import multiprocessing as mp
-import os
-import socket
 import statistics
 import time
-import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -59,6 +53,7 @@ from galvatron_fx.compile import analyze, compile
 from galvatron_fx.models.gpt import GPT, CausalSelfAttention
 from galvatron_fx.models.spec import parse_model_spec
 from galvatron_fx.plan import DPMode, LayerStrategy, Plan
+from galvatron_fx.runtime.launch import fork_ranks as launch
 from galvatron_fx.summary import model_fingerprint
 
 CASES = ("dp", "zero3", "tp")
@@ -102,68 +97,6 @@ class SideResult:
     """Median over steps of the slowest rank's step time."""
     range_ms: tuple[float, float]
     """The fastest and slowest of those steps: how noisy the machine was."""
-
-
-# ---------------------------------------------------------------------------------------
-# the launcher: forked gloo ranks (bench/ does not import tests/)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _rank_main(
-    fn: Callable[..., Any], rank: int, world: int, port: int, args: Any, out: Any
-) -> None:
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(seconds=60),
-        )
-        buf = io.BytesIO()
-        torch.save(fn(rank, world, *args), buf)
-        out.put((rank, True, buf.getvalue()))
-    except BaseException:
-        out.put((rank, False, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        out.close()
-        out.join_thread()
-        os._exit(0)
-
-
-def launch(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 300) -> list[Any]:
-    """`fn(rank, world, *args)` on `world` forked gloo ranks; results by rank, or
-    RuntimeError with the first failing rank's traceback."""
-    ctx = mp.get_context("fork")
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [
-        ctx.Process(target=_rank_main, args=(fn, r, world, port, args, out)) for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    results: dict[int, Any] = {}
-    try:
-        for _ in procs:
-            rank, ok, value = out.get(timeout=timeout_s)
-            if not ok:
-                raise RuntimeError(f"rank {rank} failed:\n{value}")
-            results[rank] = torch.load(io.BytesIO(value), weights_only=False)
-    finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-    return [results[r] for r in range(world)]
 
 
 # ---------------------------------------------------------------------------------------

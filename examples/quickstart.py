@@ -11,9 +11,7 @@ loss split the vocabulary across the same ranks.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import socket
 import warnings
 
 import torch
@@ -21,6 +19,7 @@ import torch.distributed as dist
 
 import galvatron_fx as gfx
 from galvatron_fx.models.spec import parse_model_spec
+from galvatron_fx.runtime.launch import fork_ranks
 
 SPEC = "gpt:layers=4,hidden=256,heads=8,vocab=4096,seq=256"
 BATCH, SEQ, STEPS, WORLD = 8, 128, 5, 2
@@ -59,41 +58,15 @@ def reference_losses() -> list[float]:
 
 def train(rank: int, world: int) -> list[float]:
     model, args, kwargs = build()
-    analysis = gfx.analyze(model, args, kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # capture's notices, once per rank
+        analysis = gfx.analyze(model, args, kwargs)
     plan = make_plan(analysis, world)
     if rank == 0:
         print(gfx.summary(analysis.graph_module), end="\n\n")
         print(plan.table(), end="\n\n")
     compiled = gfx.parallelize(analysis, plan=plan)
     return [compiled.train_step(*args, **kwargs).item() for _ in range(STEPS)]
-
-
-def _rank_main(rank: int, world: int, port: int, out: mp.Queue) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        losses = train(rank, world)
-    if rank == 0:
-        out.put(losses)
-    dist.destroy_process_group()
-
-
-def fork_ranks(world: int) -> list[float]:
-    ctx = mp.get_context("fork")
-    out = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    losses = out.get(timeout=600)
-    for p in procs:
-        p.join()
-    return losses
 
 
 def main() -> None:
@@ -104,7 +77,7 @@ def main() -> None:
             return
     else:
         print(f"{SPEC}  batch={BATCH} seq={SEQ}: forking {WORLD} local gloo ranks\n")
-        losses = fork_ranks(WORLD)
+        losses = fork_ranks(train, WORLD)[0]
     ref = reference_losses()
     print(f"{'step':>4}  {'compiled (2 ranks)':>18}  {'model (1 process)':>17}")
     for i, (a, b) in enumerate(zip(losses, ref, strict=True)):

@@ -1,7 +1,8 @@
-"""`galvatron-fx`: the command line. Subcommands: inspect (later issues add profile, plan,
-train, explain).
+"""`galvatron-fx`: the command line. Subcommands: inspect, profile (later issues add cost,
+plan, train, explain).
 
     galvatron-fx inspect MODEL [--batch B] [--seq S] [--device meta|cpu] [--json FILE] [--dot FILE]
+    galvatron-fx profile [--nproc N] [--out FILE] [--max-bytes B] [--quick]
 """
 
 from __future__ import annotations
@@ -40,7 +41,36 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dot", type=Path, help="write the layer graph as Graphviz to FILE")
     p.add_argument("--print-after", default="", help="comma-separated passes to print after")
     p.set_defaults(run=_inspect)
+    p = sub.add_parser("profile", help="measure this machine's compute and collectives")
+    p.add_argument("--nproc", type=int, default=2, help="ranks to measure collectives on")
+    p.add_argument("--out", type=Path, default=None, help="where to write the cluster JSON")
+    p.add_argument("--max-bytes", type=int, default=256 * 2**20, help="largest message")
+    p.add_argument("--quick", action="store_true", help="small sizes, few repeats (tests)")
+    p.set_defaults(run=_profile)
     return parser
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from galvatron_fx.runtime.profiler import DEFAULT_PROFILE, ProfileConfig, profile
+
+    if args.nproc < 2:
+        raise ValueError("--nproc must be >= 2: collectives need two ranks")
+    cfg = ProfileConfig(nproc=args.nproc, max_bytes=args.max_bytes)
+    if args.quick:
+        cfg = ProfileConfig(args.nproc, 2**20, 2, (128, 256), 8 * 2**20)
+    spec = profile(cfg)
+    out = args.out or DEFAULT_PROFILE
+    _write(out, json.dumps(spec.to_json(), indent=2) + "\n")
+    for name, value in spec.peak_flops.items():
+        print(f"matmul {name}: {value / 1e9:.1f} GFLOP/s")
+    print(f"memory bandwidth: {spec.memory_bandwidth_bytes_per_s / 1e9:.1f} GB/s")
+    for link in spec.links:
+        if link.scope == "intra" and link.group_size:
+            print(
+                f"{link.kind:<15} n={link.group_size}: latency {link.latency_s * 1e6:.0f} us, "
+                f"bus bandwidth {link.bus_bandwidth_bytes_per_s / 1e9:.2f} GB/s"
+            )
+    return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:

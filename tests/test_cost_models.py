@@ -132,3 +132,26 @@ def test_cluster_presets_options_and_json(tmp_path):
         ClusterSpec.from_json({**spec.to_json(), "tflops": 1})
     with pytest.raises(ValueError, match="no profile"):
         load_cluster("local", local_profile=tmp_path / "missing.json")
+
+
+def test_alpha_beta_fit_recovers_latency_and_bandwidth():
+    from galvatron_fx.cost_models.fit import fit_alpha_beta
+
+    sizes = [2**k for k in range(10, 28, 2)]
+    times = [20e-6 + s * 2 * 3 / 4 / 5e9 for s in sizes]  # all-reduce on 4 ranks
+    fit = fit_alpha_beta("all_reduce", 4, sizes, times)
+    assert fit.latency_s == pytest.approx(20e-6, rel=1e-6)
+    assert fit.bus_bandwidth_bytes_per_s == pytest.approx(5e9, rel=1e-6)
+    assert fit.relative_error < 1e-6
+
+
+def test_profile_command_writes_a_local_cluster(tmp_path):
+    from galvatron_fx.cli import main
+
+    out = tmp_path / "local.json"
+    assert main(["profile", "--quick", "--out", str(out)]) == 0
+    spec = load_cluster("local", local_profile=out)
+    assert spec.peak_flops["fp32"] > 0 and spec.memory_bandwidth_bytes_per_s > 0
+    link = spec.link("all_reduce", 2, False)
+    assert link.group_size == 2 and link.bus_bandwidth_bytes_per_s > 0
+    assert spec.link("all_gather", 8, False).group_size == 0  # unmeasured size: the default

@@ -41,6 +41,7 @@ __all__ = [
     "PENDING",
     "GroupRef",
     "GroupRegistry",
+    "all_gather_flat",
     "flat_shard",
     "gather_partial",
     "gather_whole",
@@ -48,6 +49,7 @@ __all__ = [
     "groups_of",
     "reduce_both",
     "reduce_scatter",
+    "reduce_scatter_flat",
     "release_zero3_buffers",
     "split_local",
     "split_zero",
@@ -61,6 +63,11 @@ __all__ = [
 ]
 
 _c10d = torch.ops._c10d_functional
+
+# torch 2.13 renamed the c10d flat-tensor collectives (the old names warn); torch 2.6 lacks
+# the new ones
+all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 @dataclass(frozen=True)

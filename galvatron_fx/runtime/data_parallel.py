@@ -127,7 +127,7 @@ class GradSync:
             b.work, b.flat = None, flat
         elif b.mode is DPMode.ZERO2:
             out = flat.new_empty(b.padded // b.dp_group.size)
-            b.work, b.flat = dist.reduce_scatter_tensor(out, flat, group=pg, async_op=True), out
+            b.work, b.flat = C.reduce_scatter_flat(out, flat, group=pg, async_op=True), out
         else:
             b.work, b.flat = dist.all_reduce(flat, group=pg, async_op=True), flat
 
@@ -200,7 +200,7 @@ class GradSync:
             if b.shard.grad is None:
                 return None
             full = b.shard.grad.new_empty(b.padded)
-            dist.all_gather_into_tensor(full, b.shard.grad.contiguous(), group=_pg(b.dp_group))
+            C.all_gather_flat(full, b.shard.grad.contiguous(), group=_pg(b.dp_group))
             offset = 0
             for p in b.params:
                 if p.param is param:
@@ -261,7 +261,7 @@ def _make_shard(b: Bucket) -> nn.Parameter:
 def _gather_shard(b: Bucket) -> None:
     assert b.shard is not None
     full = b.shard.new_empty(b.padded)
-    dist.all_gather_into_tensor(full, b.shard.detach().contiguous(), group=_pg(b.dp_group))
+    C.all_gather_flat(full, b.shard.detach().contiguous(), group=_pg(b.dp_group))
     offset = 0
     for p in b.params:
         n = p.param.numel()
