@@ -155,3 +155,23 @@ def test_profile_command_writes_a_local_cluster(tmp_path):
     link = spec.link("all_reduce", 2, False)
     assert link.group_size == 2 and link.bus_bandwidth_bytes_per_s > 0
     assert spec.link("all_gather", 8, False).group_size == 0  # unmeasured size: the default
+
+
+@pytest.mark.parametrize(("stages", "micro", "want"), [(4, 8, 3 / 8), (8, 32, 7 / 32), (1, 4, 0.0)])
+def test_pipeline_bubble(stages, micro, want):
+    from galvatron_fx.cost_models.pipeline import bubble_fraction
+
+    assert bubble_fraction(stages, micro, "1f1b") == pytest.approx(want)
+    assert bubble_fraction(stages, micro, "gpipe") == pytest.approx(want)
+    if stages > 1:
+        assert bubble_fraction(stages, micro, "interleaved-1f1b", chunks=2) == pytest.approx(
+            want / 2
+        )
+
+
+def test_micro_batches_in_flight():
+    from galvatron_fx.cost_models.pipeline import in_flight_micro_batches
+
+    assert in_flight_micro_batches(0, 4, 8, "gpipe") == 8
+    assert [in_flight_micro_batches(s, 4, 8, "1f1b") for s in range(4)] == [4, 3, 2, 1]
+    assert in_flight_micro_batches(0, 4, 2, "1f1b") == 2  # fewer micro-batches than stages
