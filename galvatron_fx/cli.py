@@ -1,8 +1,9 @@
-"""`galvatron-fx`: the command line. Subcommands: inspect, profile (later issues add cost,
+"""`galvatron-fx`: the command line. Subcommands: inspect, profile, cost (later issues add
 plan, train, explain).
 
     galvatron-fx inspect MODEL [--batch B] [--seq S] [--device meta|cpu] [--json FILE] [--dot FILE]
     galvatron-fx profile [--nproc N] [--out FILE] [--max-bytes B] [--quick]
+    galvatron-fx cost MODEL --cluster C --batch B --seq S --strategy "tp=4,dp=2,zero=3,ckpt=full"
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -47,7 +49,114 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bytes", type=int, default=256 * 2**20, help="largest message")
     p.add_argument("--quick", action="store_true", help="small sizes, few repeats (tests)")
     p.set_defaults(run=_profile)
+    p = sub.add_parser("cost", help="predicted time and memory of a uniform strategy")
+    p.add_argument("model", help=_MODEL_HELP)
+    p.add_argument("--cluster", default="a100-80gb-sxm", help="preset[:nodes=N], local, or JSON")
+    p.add_argument("--batch", type=int, default=8, help="global batch (default 8)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: model max)")
+    p.add_argument(
+        "--strategy", default="dp=1", help='e.g. "tp=4,dp=2,sp=1,zero=3,ckpt=full,vocab=1"'
+    )
+    p.add_argument("--dtype", default="bf16", help="compute dtype for peak FLOP/s")
+    p.add_argument("--precision", default="mixed", choices=("mixed", "fp32"))
+    p.add_argument("--json", type=Path, help="write per-layer and total figures to FILE")
+    p.set_defaults(run=_cost)
     return parser
+
+
+_ZERO = {"0": "allreduce", "1": "zero1", "2": "zero2", "3": "zero3"}
+
+
+def parse_strategy(text: str) -> Any:
+    """`tp=4,dp=2,sp=1,zero=3,ckpt=full,vocab=1` -> LayerStrategy (ValueError names the key)."""
+    from galvatron_fx.plan import LayerStrategy
+
+    fields: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key in ("tp", "dp"):
+            fields[key] = int(value)
+        elif key in ("sp", "vocab"):
+            fields["sp" if key == "sp" else "vocab_parallel"] = value in ("1", "true", "on")
+        elif key == "zero":
+            if value not in _ZERO:
+                raise ValueError(f"--strategy: zero={value!r}: give 0, 1, 2 or 3")
+            fields["dp_mode"] = _ZERO[value]
+        elif key == "ckpt":
+            fields["recompute"] = value
+        elif key == "strided":
+            fields["tp_consecutive"] = value not in ("1", "true", "on")
+        else:
+            raise ValueError(
+                f"--strategy: unknown key {key!r} (tp, dp, sp, zero, ckpt, vocab, strided)"
+            )
+    return LayerStrategy(**fields)
+
+
+def _cost(args: argparse.Namespace) -> int:
+    import galvatron_fx as gfx
+    from galvatron_fx.cost_models.hardware import load_cluster
+    from galvatron_fx.models.spec import parse_model_spec
+    from galvatron_fx.passes.plan_costs import plan_costs
+
+    cluster = load_cluster(args.cluster)
+    strategy = parse_strategy(args.strategy)
+    spec = parse_model_spec(args.model)
+    model = spec.build("meta")
+    inputs, kwargs = spec.example_inputs(model, args.batch, args.seq)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = gfx.analyze(model, inputs, kwargs)
+    units = [u.name for u in analysis.layers]
+    fp = gfx.model_fingerprint(analysis.graph_module)
+    plan = gfx.Plan.uniform(units, strategy, world_size=strategy.devices, model_fingerprint=fp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deep-copying the graph's pytree specs warns
+        costs = plan_costs(analysis, plan, cluster, dtype=args.dtype, precision=args.precision)
+    _print_costs(costs, cluster.name, strategy.short())
+    if args.json:
+        total = {
+            "step_time_s": sum(c.time_s for c in costs),
+            "peak_memory_bytes": sum(c.memory_bytes for c in costs),
+        }
+        data = {
+            "cluster": cluster.name,
+            "strategy": strategy.short(),
+            "total": total,
+            "layers": [{"unit": c.unit, **_cost_fields(c)} for c in costs],
+        }
+        _write(args.json, json.dumps(data, indent=2) + "\n")
+    return 0
+
+
+def _cost_fields(c: Any) -> dict[str, float]:
+    return {
+        "time_s": c.time_s,
+        "fwd_s": c.fwd_s,
+        "bwd_s": c.bwd_s,
+        "recompute_s": c.recompute_s,
+        "comm_exposed_s": c.comm_exposed_s,
+        "comm_total_s": c.comm_total_s,
+        "memory_bytes": c.memory_bytes,
+        "model_state_bytes": c.model_state_bytes,
+        "activation_bytes": c.activation_bytes,
+    }
+
+
+def _print_costs(costs: Sequence[Any], cluster: str, strategy: str) -> None:
+    print(f"{strategy} on {cluster} (one rank)")
+    print(
+        f"{'unit':<24}{'time ms':>10}{'compute':>10}{'comm':>9}{'states MiB':>12}{'acts MiB':>10}"
+    )
+    for c in costs:
+        compute = (c.fwd_s + c.bwd_s + c.recompute_s) * 1e3
+        print(
+            f"{c.unit:<24}{c.time_s * 1e3:>10.3f}{compute:>10.3f}{c.comm_exposed_s * 1e3:>9.3f}"
+            f"{c.model_state_bytes / 2**20:>12.1f}{c.activation_bytes / 2**20:>10.1f}"
+        )
+    step = sum(c.time_s for c in costs)
+    memory = sum(c.memory_bytes for c in costs)
+    print(f"step time {step * 1e3:.3f} ms, peak memory {memory / 2**30:.3f} GiB")
 
 
 def _profile(args: argparse.Namespace) -> int:

@@ -175,3 +175,69 @@ def test_micro_batches_in_flight():
     assert in_flight_micro_batches(0, 4, 8, "gpipe") == 8
     assert [in_flight_micro_batches(s, 4, 8, "1f1b") for s in range(4)] == [4, 3, 2, 1]
     assert in_flight_micro_batches(0, 4, 2, "1f1b") == 2  # fewer micro-batches than stages
+
+
+@pytest.fixture(scope="module")
+def small_gpt():
+    model, args, kwargs = build(
+        "gpt:layers=2,hidden=256,heads=8,vocab=1024,seq=128", batch=8, seq=128
+    )
+    return analyze(model, args, kwargs)
+
+
+def _block(analysis, strategy, world):
+    from galvatron_fx.passes.plan_costs import plan_costs
+    from galvatron_fx.plan import Plan
+    from galvatron_fx.summary import model_fingerprint
+
+    units = [u.name for u in analysis.layers]
+    plan = Plan.uniform(
+        units,
+        strategy,
+        world_size=world,
+        model_fingerprint=model_fingerprint(analysis.graph_module),
+    )
+    costs = plan_costs(analysis, plan, PRESETS["a100-80gb-sxm"])
+    return next(c for c in costs if c.unit == "blocks.0")
+
+
+def test_plan_costs_follow_the_strategy(small_gpt):
+    from galvatron_fx.plan import LayerStrategy
+
+    one = _block(small_gpt, LayerStrategy(), 1)
+    dp = _block(small_gpt, LayerStrategy(dp=2), 2)
+    zero3 = _block(small_gpt, LayerStrategy(dp=2, dp_mode="zero3"), 2)
+    full = _block(small_gpt, LayerStrategy(dp=2, recompute="full"), 2)
+    selective = _block(small_gpt, LayerStrategy(dp=2, recompute="selective"), 2)
+    tp = _block(small_gpt, LayerStrategy(tp=2), 2)
+    assert one.comm_total_s == 0.0 and dp.comm_total_s > 0.0
+    assert dp.fwd_s == pytest.approx(one.fwd_s / 2) and dp.activation_bytes == pytest.approx(
+        one.activation_bytes / 2
+    )
+    # a block: 12h^2 + 13h parameters, fp32 Adam by default (16 bytes each), over dp for ZeRO-3
+    params = 12 * 256**2 + 13 * 256
+    assert dp.model_state_bytes == 16 * params and zero3.model_state_bytes == 16 * params / 2
+    assert tp.model_state_bytes == 16 * ((12 * 256**2 + 7 * 256) / 2 + 6 * 256)
+    assert (
+        full.recompute_s == pytest.approx(full.fwd_s)
+        and full.activation_bytes < selective.activation_bytes
+    )
+    assert (
+        0 < selective.recompute_s < full.recompute_s
+        and selective.activation_bytes < dp.activation_bytes
+    )
+    assert zero3.comm_total_s > dp.comm_total_s  # gather, gather again, reduce-scatter
+
+
+def test_cost_command_prints_and_writes_json(tmp_path):
+    from galvatron_fx.cli import main
+
+    out = tmp_path / "cost.json"
+    model = "gpt:layers=2,hidden=64,heads=4,vocab=128,seq=32"
+    strategy = "tp=2,dp=2,sp=1,zero=3,ckpt=full"
+    argv = ["cost", model, "--batch", "4", "--strategy", strategy, "--json", str(out)]
+    assert main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["total"]["step_time_s"] > 0 and data["total"]["peak_memory_bytes"] > 0
+    assert [e["unit"] for e in data["layers"]][:2] == ["embedding", "blocks.0"]
+    assert main([*argv[:4], "--strategy", "tp=2,pp=2"]) == 2  # unknown key, named

@@ -10,6 +10,7 @@ the runtime runs. `switch_collectives` isolates the redistribution between two s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any, Final
@@ -52,9 +53,22 @@ def collectives_of(
     for node in gm.graph.nodes:
         for c in _node_collectives(node):
             out.setdefault(c.unit, []).append(c)
-    for c in _grad_sync(gm, params, plan):
+    for c in _bucketed(_grad_sync(gm, params, plan)):
         out.setdefault(c.unit, []).append(c)
     return out
+
+
+def _bucketed(collectives: Iterator[Collective]) -> list[Collective]:
+    """Gradient sync as the runtime runs it: a unit's parameters share buckets, so their
+    collectives of one kind and group are one call (one latency), not one per parameter."""
+    merged: dict[tuple[Any, ...], Collective] = {}
+    for c in collectives:
+        key = (c.unit, c.kind, c.group_size, c.phase, c.overlappable)
+        old = merged.get(key)
+        merged[key] = (
+            c if old is None else dataclasses.replace(old, size_bytes=old.size_bytes + c.size_bytes)
+        )
+    return list(merged.values())
 
 
 def plan_collectives(analysis: Any, plan: Plan, rank: int = 0) -> dict[str, list[Collective]]:
@@ -95,9 +109,10 @@ def _node_collectives(node: fx.Node) -> Iterator[Collective]:
     name = getattr(node.target, "__name__", str(node.target))
     if node.target in _PAIRS:
         yield from _paired(node, unit, name)
-    elif node.target is C.zero3_issue:
+    elif node.target is C.zero3_issue:  # runs a unit early (prefetch), belongs to its user
+        owner = LAYER.get(next(iter(node.users))).name if node.users else unit
         size = _nbytes(node.meta["val"])
-        yield Collective(_AG, size, len(_a(node)[1]), "forward", True, unit, name)
+        yield Collective(_AG, size, len(_a(node)[1]), "forward", True, owner, name)
     elif node.target is C.zero3_use:
         size, n = _nbytes(node.meta["val"]), len(_a(node)[2])
         padded = _nbytes(_a(node)[1].meta["val"]) * n

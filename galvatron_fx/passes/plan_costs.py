@@ -1,0 +1,181 @@
+"""Time and memory of every unit under a plan, on one rank, from the compiler's own rewrite.
+
+The analysed graph knows each node's global FLOPs, bytes and saved activations
+(`annotate_costs`); the rewrite (`plan_collectives`' copy) knows how each node is split and
+what every unit communicates. A node whose output is split (or partial) on an axis of size n
+does 1/n of the work and saves 1/n of the bytes; recomputation adds a forward (full: the
+unit; selective: its attention cores) and keeps only the unit's inputs (full) or drops what
+the attention cores saved (selective). Model states follow ZeRO per the unit's dp mode.
+Times come from `cost_models` (roofline compute, alpha-beta collectives with overlap).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+from torch.distributed.tensor import Partial, Shard
+
+from galvatron_fx.cost_models.communication import collectives_time, group_spans_nodes
+from galvatron_fx.cost_models.compute import roofline_time_s
+from galvatron_fx.cost_models.hardware import ClusterSpec
+from galvatron_fx.cost_models.memory import Precision, model_state_bytes
+from galvatron_fx.meta import COST, PLACEMENT, NodePlacement
+from galvatron_fx.passes.collective_list import collectives_of
+from galvatron_fx.passes.group_layers import unit_nodes
+from galvatron_fx.passes.insert_collectives import ParamSpec
+from galvatron_fx.passes.recompute import attention_cores
+from galvatron_fx.plan import LayerStrategy, Plan, Recompute
+
+__all__ = ["UnitCost", "plan_costs"]
+
+
+@dataclass(frozen=True)
+class UnitCost:
+    """One unit on one rank for one training step."""
+
+    unit: str
+    strategy: str
+    fwd_s: float
+    bwd_s: float
+    recompute_s: float
+    comm_total_s: float
+    comm_exposed_s: float
+    """Communication the step waits for (in-line, plus what overlap does not hide)."""
+    model_state_bytes: float
+    """Parameters, gradients and optimizer states on this rank."""
+    activation_bytes: float
+    """Saved for backward on this rank."""
+
+    @property
+    def time_s(self) -> float:
+        return self.fwd_s + self.bwd_s + self.recompute_s + self.comm_exposed_s
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.model_state_bytes + self.activation_bytes
+
+
+def plan_costs(
+    analysis: Any,
+    plan: Plan,
+    cluster: ClusterSpec,
+    *,
+    rank: int = 0,
+    dtype: str = "fp32",
+    precision: Precision = "fp32",
+    efficiency: float = 1.0,
+) -> list[UnitCost]:
+    """Per unit, in order: what `plan` costs rank `rank` on `cluster`."""
+    from galvatron_fx.compile import PARALLEL_PASSES
+    from galvatron_fx.passes.manager import run_passes
+
+    original = unit_nodes(analysis.graph_module)
+    work = analysis.copy()
+    work.context.results.update(plan=plan, rank=rank)
+    before_recompute = [p for p in PARALLEL_PASSES if p.name != "recompute"]
+    gm = run_passes(work.graph_module, work.context, before_recompute)
+    params: dict[str, ParamSpec] = work.context.results["params"]
+    comms = collectives_of(gm, params, plan)
+    rewritten = unit_nodes(gm)
+    out = []
+    for unit, s in plan.strategies:
+        nodes = [n for n in rewritten.get(unit, []) if COST.has(n) and PLACEMENT.has(n)]
+        cores = {n.name for core in attention_cores(original.get(unit, [])) for n in core}
+        work_s = _compute(nodes, cores, s, cluster, dtype, efficiency)
+        comm = collectives_time(comms.get(unit, []), cluster, _spans(s, cluster))
+        states = _model_states(params, unit, s, precision)
+        acts = _activations(nodes, cores, s, rewritten.get(unit, []))
+        out.append(UnitCost(unit, s.short(), *work_s, comm.total_s, comm.exposed_s, states, acts))
+    return out
+
+
+def _split(p: NodePlacement, s: LayerStrategy) -> float:
+    """How many ways this node's work is divided on its mesh."""
+    factor = 1.0
+    for axis, n in (("dp", s.dp), ("tp", s.tp)):
+        placement = getattr(p, axis)
+        first = placement[0] if isinstance(placement, tuple) and placement else placement
+        if isinstance(first, (Shard, Partial)) or (axis == "tp" and "row" in p.kinds):
+            factor *= n
+    return factor
+
+
+def _compute(
+    nodes: list[fx.Node],
+    cores: set[str],
+    s: LayerStrategy,
+    cluster: ClusterSpec,
+    dtype: str,
+    efficiency: float,
+) -> tuple[float, float, float]:
+    """(forward, backward, recomputation) seconds; backward moves about twice the bytes."""
+    fwd = bwd = again = 0.0
+    for node in nodes:
+        cost, split = COST.get(node), _split(PLACEMENT.get(node), s)
+        f = float(
+            roofline_time_s(
+                cost.fwd_flops / split, cost.fwd_bytes / split, cluster, dtype, efficiency
+            )
+        )
+        b = roofline_time_s(
+            cost.bwd_flops / split, 2 * cost.fwd_bytes / split, cluster, dtype, efficiency
+        )
+        fwd, bwd = fwd + f, bwd + float(b)
+        selective = s.recompute is Recompute.SELECTIVE and node.name in cores
+        if s.recompute is Recompute.FULL or selective:
+            again += f
+    return fwd, bwd, again
+
+
+def _activations(
+    nodes: list[fx.Node], cores: set[str], s: LayerStrategy, all_nodes: list[fx.Node]
+) -> float:
+    if s.recompute is Recompute.FULL:  # only the unit's inputs stay, for the recomputation
+        inside = set(all_nodes)
+        inputs = {
+            a
+            for n in all_nodes
+            for a in n.all_input_nodes
+            if a not in inside and a.op != "get_attr"
+        }
+        return float(sum(_local_bytes(a) for a in inputs))
+    total = 0.0
+    for node in nodes:
+        if s.recompute is Recompute.SELECTIVE and node.name in cores:
+            continue
+        total += COST.get(node).saved_bytes / _split(PLACEMENT.get(node), s)
+    return total
+
+
+def _local_bytes(node: fx.Node) -> int:
+    val = node.meta.get("val")
+    return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
+
+
+def _model_states(
+    params: dict[str, ParamSpec], unit: str, s: LayerStrategy, precision: Precision
+) -> float:
+    numel = 0
+    for spec in params.values():
+        if spec.unit != unit or spec.alias_of is not None:
+            continue
+        whole = math.prod(spec.global_shape)
+        numel += whole // spec.tp_group.size if spec.tp_dim is not None else whole
+    return model_state_bytes(numel, s.dp, s.dp_mode, precision).total_bytes
+
+
+def _spans(s: LayerStrategy, cluster: ClusterSpec) -> Any:
+    """Whether a group of a given size leaves a node, on this unit's mesh."""
+
+    def spans(size: int) -> bool:
+        if size == s.tp:
+            stride = 1 if s.tp_consecutive else s.dp
+        else:
+            stride = s.tp if s.tp_consecutive else 1
+        return group_spans_nodes(size, stride, cluster.devices_per_node)
+
+    return spans
