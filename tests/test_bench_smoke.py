@@ -35,3 +35,20 @@ def test_runtime_bench_smoke():
     for case, value in ratios.items():
         # a baseline this torch cannot run reads "n/a", and the output must say why
         assert (value == "n/a" and f"{case} (" in out) or float(value) > 0, out
+
+
+def test_cost_model_bench_smoke(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "cost_model.py"),
+            "--smoke",
+            "--profile",
+            str(tmp_path / "local.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=True,
+    ).stdout
+    assert "median |error|" in out and "spearman" in out and out.count("predicted") == 3

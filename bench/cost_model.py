@@ -1,0 +1,139 @@
+"""Cost model against measurement: predicted and measured step time of many plans.
+
+Profiles this machine (`galvatron-fx profile`, cached), then for each plan of the reference
+GPT on local gloo ranks: the step time `plan_costs` predicts for rank 0 on the `local`
+cluster, and the measured median step time (slowest rank). Prints each plan's error, the
+median absolute error and Spearman's rank correlation across plans.
+
+    python bench/cost_model.py               # 12 plans on 4 ranks
+    python bench/cost_model.py --smoke       # 3 plans on 2 ranks, for the test suite
+
+Per-rank peak memory is not measured yet: the CPU allocator keeps no peak counter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import galvatron_fx as gfx
+from galvatron_fx.cost_models.hardware import ClusterSpec, load_cluster
+from galvatron_fx.models.spec import parse_model_spec
+from galvatron_fx.passes.plan_costs import plan_costs
+from galvatron_fx.runtime.launch import fork_ranks
+from galvatron_fx.runtime.profiler import DEFAULT_PROFILE, ProfileConfig, profile
+
+SPEC = "gpt:layers=4,hidden=256,heads=8,vocab=1024,seq=128"
+PLANS = [
+    "dp=4",
+    "dp=4,zero=1",
+    "dp=4,zero=2",
+    "dp=4,zero=3",
+    "dp=4,ckpt=full",
+    "tp=2,dp=2",
+    "tp=2,dp=2,sp=1",
+    "tp=2,dp=2,zero=3,ckpt=selective",
+    "tp=4",
+    "tp=4,sp=1,ckpt=full",
+    "tp=2,dp=2,strided=1",
+    "tp=4,sp=1,vocab=1",
+]
+
+
+def _plan(analysis: gfx.Analysis, text: str, world: int) -> gfx.Plan:
+    from galvatron_fx.cli import parse_strategy
+
+    s = parse_strategy(text)
+    layers = parse_strategy(text.replace(",vocab=1", ""))  # vocab-parallel: segments only
+    units = [u.name for u in analysis.layers]
+    strategies = tuple((u, layers if "." in u else s) for u in units)
+    return gfx.Plan(world, strategies, gfx.model_fingerprint(analysis.graph_module))
+
+
+def _build(batch: int, seq: int) -> tuple[Any, tuple, dict]:
+    torch.manual_seed(0)
+    spec = parse_model_spec(SPEC)
+    model = spec.build("cpu")
+    args, kwargs = spec.example_inputs(model, batch, seq)
+    return model, args, kwargs
+
+
+def _measure(rank: int, world: int, text: str, batch: int, seq: int, steps: int) -> float:
+    model, args, kwargs = _build(batch, seq)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = gfx.analyze(model, args, kwargs)
+        compiled = gfx.parallelize(analysis, plan=_plan(analysis, text, world))
+    times = []
+    for i in range(steps + 2):
+        dist.barrier()
+        start = time.perf_counter()
+        compiled.train_step(*args, **kwargs)
+        elapsed = torch.tensor(time.perf_counter() - start)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        if i >= 2:
+            times.append(float(elapsed))
+    return statistics.median(times)
+
+
+def _predict(cluster: ClusterSpec, text: str, world: int, batch: int, seq: int) -> float:
+    model, args, kwargs = _build(batch, seq)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = gfx.analyze(model, args, kwargs)
+        costs = plan_costs(analysis, _plan(analysis, text, world), cluster, dtype="fp32")
+    return sum(c.time_s for c in costs)
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--profile", type=Path, default=DEFAULT_PROFILE)
+    parser.add_argument("--smoke", action="store_true")
+    opts = parser.parse_args()
+    plans = PLANS
+    if opts.smoke:
+        opts.world, opts.steps, opts.seq = 2, 1, 32
+        plans = ["dp=2", "tp=2,sp=1", "dp=2,zero=3,ckpt=full"]
+    if opts.smoke or not opts.profile.exists():
+        quick = ProfileConfig(opts.world, 2**20, 2, (128, 256), 8 * 2**20)
+        cfg = quick if opts.smoke else ProfileConfig(opts.world, 16 * 2**20)
+        spec = profile(cfg)
+        opts.profile.parent.mkdir(parents=True, exist_ok=True)
+        opts.profile.write_text(json.dumps(spec.to_json(), indent=2))
+    cluster = load_cluster("local", local_profile=opts.profile)
+    rows = []
+    for text in plans:
+        predicted = _predict(cluster, text, opts.world, opts.batch, opts.seq)
+        measured = fork_ranks(_measure, opts.world, text, opts.batch, opts.seq, opts.steps)[0]
+        rows.append((text, predicted, measured))
+        error = (predicted - measured) / measured
+        line = f"predicted {predicted * 1e3:8.1f} ms  measured {measured * 1e3:8.1f} ms"
+        print(f"{text:<36} {line}  error {error:+.0%}", flush=True)
+    errors = [abs(p - m) / m for _, p, m in rows]
+    rho = _spearman([p for _, p, _ in rows], [m for _, _, m in rows])
+    median = statistics.median(errors)
+    print(
+        f"median |error| {median:.0%}  spearman {rho:.2f}  ({len(rows)} plans, {opts.world} ranks)"
+    )
+
+
+if __name__ == "__main__":
+    main()
