@@ -66,6 +66,8 @@ class ClusterSpec:
     links: tuple[Link, ...]
     overlap: float = 0.8
     """Fraction of an overlappable collective's time hidden behind compute (0: none)."""
+    op_overhead_s: float = 0.0
+    """Fixed cost of launching one op (kernel launch, or Python dispatch on CPU ranks)."""
     source: str = ""
     """Where the figures come from."""
     extra: Mapping[str, Any] = field(default_factory=dict)

@@ -124,7 +124,8 @@ def _compute(
         b = roofline_time_s(
             cost.bwd_flops / split, 2 * cost.fwd_bytes / split, cluster, dtype, efficiency
         )
-        fwd, bwd = fwd + f, bwd + float(b)
+        f += cluster.op_overhead_s  # backward runs about two ops per forward op
+        fwd, bwd = fwd + f, bwd + float(b) + 2 * cluster.op_overhead_s
         selective = s.recompute is Recompute.SELECTIVE and node.name in cores
         if s.recompute is Recompute.FULL or selective:
             again += f

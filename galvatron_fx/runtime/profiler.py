@@ -131,10 +131,18 @@ def measure_collectives(cfg: ProfileConfig, world: int) -> dict[tuple[str, int, 
     return results
 
 
+def _device(rank: int, world: int, cfg: ProfileConfig) -> tuple[dict[str, float], float, float]:
+    """One rank's compute while every rank computes: the devices here share cores."""
+    dist.barrier()
+    flops, bandwidth = measure_matmul(cfg), measure_copy(cfg)
+    one = torch.ones(1)
+    overhead = _best_s(lambda: [torch.add(one, one) for _ in range(100)], cfg.repeats) / 100
+    return flops, bandwidth, overhead
+
+
 def profile(cfg: ProfileConfig) -> ClusterSpec:
-    """Measure this machine; group sizes 2..nproc."""
-    flops = measure_matmul(cfg)
-    bandwidth = measure_copy(cfg)
+    """Measure this machine with `cfg.nproc` ranks at once; collectives on 2..nproc ranks."""
+    flops, bandwidth, overhead = fork_ranks(_device, cfg.nproc, cfg, timeout_s=600)[0]
     links = []
     fits = []
     for world in range(2, cfg.nproc + 1):
@@ -165,6 +173,7 @@ def profile(cfg: ProfileConfig) -> ClusterSpec:
         memory_bandwidth_bytes_per_s=bandwidth,
         links=tuple(links),
         overlap=0.5,
+        op_overhead_s=overhead,
         source=f"galvatron-fx profile on {os.uname().nodename} ({cfg.nproc} gloo CPU ranks); "
         "overlap not measured yet (0.5); fits: " + ", ".join(fits),
     )
