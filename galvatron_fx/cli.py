@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", help="compute dtype for peak FLOP/s")
     p.add_argument("--precision", default="mixed", choices=("mixed", "fp32"))
     p.add_argument("--json", type=Path, help="write per-layer and total figures to FILE")
+    p.add_argument("--explain", metavar="UNIT", help="print UNIT's formulas with their numbers")
     p.set_defaults(run=_cost)
     return parser
 
@@ -114,6 +115,11 @@ def _cost(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore")  # deep-copying the graph's pytree specs warns
         costs = plan_costs(analysis, plan, cluster, dtype=args.dtype, precision=args.precision)
     _print_costs(costs, cluster.name, strategy.short())
+    if args.explain:
+        cost = next((c for c in costs if c.unit == args.explain), None)
+        if cost is None:
+            raise ValueError(f"--explain: no unit {args.explain!r}; units: {units}")
+        _explain(analysis, plan, cluster, cost, args.precision)
     if args.json:
         total = {
             "step_time_s": sum(c.time_s for c in costs),
@@ -127,6 +133,28 @@ def _cost(args: argparse.Namespace) -> int:
         }
         _write(args.json, json.dumps(data, indent=2) + "\n")
     return 0
+
+
+def _explain(analysis: Any, plan: Any, cluster: Any, cost: Any, precision: Any) -> None:
+    from galvatron_fx.cost_models.communication import explain
+    from galvatron_fx.cost_models.compute import explain_training_flops
+    from galvatron_fx.cost_models.memory import explain_model_states
+    from galvatron_fx.passes.collective_list import plan_collectives
+    from galvatron_fx.summary import unit_flops
+
+    unit = cost.unit
+    flops = unit_flops(analysis.graph_module)
+    s = plan.strategy(unit)
+    print(f"\n{unit} under {s.short()}")
+    print(explain_training_flops(flops[unit], s.recompute))
+    print(f"  (this rank computes 1/tp of split ops, 1/dp of the batch: tp={s.tp}, dp={s.dp})")
+    print(explain_model_states(cost.params, s.dp, s.dp_mode, precision))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        listed = plan_collectives(analysis, plan).get(unit, [])
+    for c in listed:
+        link = cluster.link(c.kind, c.group_size, c.group_size > cluster.devices_per_node)
+        print(f"{c.phase} {c.source}: " + explain(c.kind, c.size_bytes, c.group_size, link))
 
 
 def _cost_fields(c: Any) -> dict[str, float]:

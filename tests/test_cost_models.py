@@ -241,3 +241,14 @@ def test_cost_command_prints_and_writes_json(tmp_path):
     assert data["total"]["step_time_s"] > 0 and data["total"]["peak_memory_bytes"] > 0
     assert [e["unit"] for e in data["layers"]][:2] == ["embedding", "blocks.0"]
     assert main([*argv[:4], "--strategy", "tp=2,pp=2"]) == 2  # unknown key, named
+
+
+def test_cost_explain_prints_formulas_with_numbers(capsys):
+    from galvatron_fx.cli import main
+
+    model = "gpt:layers=2,hidden=64,heads=4,vocab=128,seq=32"
+    argv = ["cost", model, "--batch", "4", "--strategy", "tp=2,dp=2,zero=3"]
+    assert main([*argv, "--explain", "blocks.0"]) == 0
+    out = capsys.readouterr().out
+    assert "bwd_flops + fwd_flops" in out and "16*psi/N" in out and "bus_bandwidth" in out
+    assert main([*argv, "--explain", "blocks.9"]) == 2

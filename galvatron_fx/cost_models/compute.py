@@ -23,7 +23,13 @@ import sympy
 from galvatron_fx.cost_models.hardware import ClusterSpec
 from galvatron_fx.plan import Recompute
 
-__all__ = ["TRAINING_FLOPS", "UnitFlops", "roofline_time_s", "training_flops"]
+__all__ = [
+    "TRAINING_FLOPS",
+    "UnitFlops",
+    "explain_training_flops",
+    "roofline_time_s",
+    "training_flops",
+]
 
 fwd, bwd, attn = sympy.symbols("fwd_flops bwd_flops attention_fwd_flops", nonnegative=True)
 flops, nbytes, peak, bandwidth, efficiency = sympy.symbols(
@@ -72,4 +78,16 @@ def roofline_time_s(
         cluster.peak_flops[dtype],
         cluster.memory_bandwidth_bytes_per_s,
         efficiency,
+    )
+
+
+def explain_training_flops(unit: UnitFlops, recompute: Recompute | str = Recompute.NONE) -> str:
+    """The FLOPs formula of this recomputation mode, with the unit's numbers, and its value."""
+    expr = TRAINING_FLOPS[Recompute(recompute)]
+    values = {fwd: unit.fwd_flops, bwd: unit.bwd_flops, attn: unit.attention_fwd_flops}
+    return (
+        f"training FLOPs (recompute={Recompute(recompute).value}): {expr}\n"
+        f"  with fwd = {unit.fwd_flops:g}, bwd = {unit.bwd_flops:g}, "
+        f"attention fwd = {unit.attention_fwd_flops:g} (whole unit, before splitting)\n"
+        f"  = {float(expr.subs(values)):.6g} FLOPs"
     )

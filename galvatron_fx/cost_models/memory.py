@@ -26,7 +26,7 @@ import sympy
 
 from galvatron_fx.plan import DPMode
 
-__all__ = ["MODEL_STATES", "PRECISIONS", "ModelStates", "model_state_bytes"]
+__all__ = ["MODEL_STATES", "PRECISIONS", "ModelStates", "explain_model_states", "model_state_bytes"]
 
 Precision = Literal["mixed", "fp32"]
 
@@ -78,3 +78,17 @@ def model_state_bytes(
     values = np.asarray(_COMPILED[(precision, DPMode(mode))](params, dp), dtype=float)
     p, g, o = values.reshape(3)
     return ModelStates(float(p), float(g), float(o))
+
+
+def explain_model_states(
+    params: float, dp: int, mode: DPMode | str, precision: Precision = "mixed"
+) -> str:
+    """The model-state formula of this ZeRO stage, with the numbers, and its value."""
+    exprs = MODEL_STATES[(precision, DPMode(mode))]
+    total = sum(exprs, sympy.Integer(0))
+    value = float(total.subs({psi: params, N: dp}))
+    return (
+        f"model states ({DPMode(mode).value}, {precision}): bytes = {total}\n"
+        f"  with psi = {params:g} parameters, N = {dp}\n"
+        f"  = {value:.6g} bytes ({value / 2**20:.1f} MiB)"
+    )

@@ -47,6 +47,8 @@ class UnitCost:
     """Communication the step waits for (in-line, plus what overlap does not hide)."""
     model_state_bytes: float
     """Parameters, gradients and optimizer states on this rank."""
+    params: int
+    """The unit's parameters this rank's TP piece holds (before any ZeRO sharding)."""
     activation_bytes: float
     """Saved for backward on this rank."""
 
@@ -87,9 +89,11 @@ def plan_costs(
         cores = {n.name for core in attention_cores(original.get(unit, [])) for n in core}
         work_s = _compute(nodes, cores, s, cluster, dtype, efficiency)
         comm = collectives_time(comms.get(unit, []), cluster, _spans(s, cluster))
-        states = _model_states(params, unit, s, precision)
+        local_params = _local_params(params, unit)
+        states = model_state_bytes(local_params, s.dp, s.dp_mode, precision).total_bytes
         acts = _activations(nodes, cores, s, rewritten.get(unit, []))
-        out.append(UnitCost(unit, s.short(), *work_s, comm.total_s, comm.exposed_s, states, acts))
+        comm_s = (comm.total_s, comm.exposed_s)
+        out.append(UnitCost(unit, s.short(), *work_s, *comm_s, states, local_params, acts))
     return out
 
 
@@ -157,16 +161,14 @@ def _local_bytes(node: fx.Node) -> int:
     return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
 
 
-def _model_states(
-    params: dict[str, ParamSpec], unit: str, s: LayerStrategy, precision: Precision
-) -> float:
+def _local_params(params: dict[str, ParamSpec], unit: str) -> int:
     numel = 0
     for spec in params.values():
         if spec.unit != unit or spec.alias_of is not None:
             continue
         whole = math.prod(spec.global_shape)
         numel += whole // spec.tp_group.size if spec.tp_dim is not None else whole
-    return model_state_bytes(numel, s.dp, s.dp_mode, precision).total_bytes
+    return numel
 
 
 def _spans(s: LayerStrategy, cluster: ClusterSpec) -> Any:
