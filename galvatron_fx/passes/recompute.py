@@ -37,8 +37,11 @@ __all__ = ["attention_cores", "recompute", "recompute_regions"]
 
 R = Replicate()
 
-_NEVER = (C.zero3_issue,)
-"""Kept out of regions: a prefetch for the next layer must not run again in recomputation."""
+_NEVER = (C.zero3_issue, C.zero3_use)
+"""Kept out of regions: a prefetch for the next layer must not run again in recomputation,
+and a region must not take an all-gather still in flight as an input (checkpoint would save
+a tensor the collective is still writing). The gathered buffer enters the region instead,
+saved by checkpoint as a recipe to gather it again (`collectives.zero3_saved_tensors`)."""
 
 _SDPA_PREFIXES = ("scaled_dot_product", "_scaled_dot_product")
 _MATMULS = frozenset({"matmul", "bmm", "baddbmm"})
