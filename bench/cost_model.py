@@ -14,7 +14,6 @@ Per-rank peak memory is not measured yet: the CPU allocator keeps no peak counte
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 import warnings
@@ -54,9 +53,8 @@ def _plan(analysis: gfx.Analysis, text: str, world: int) -> gfx.Plan:
 
     s = parse_strategy(text)
     layers = parse_strategy(text.replace(",vocab=1", ""))  # vocab-parallel: segments only
-    units = [u.name for u in analysis.layers]
-    strategies = tuple((u, layers if "." in u else s) for u in units)
-    return gfx.Plan(world, strategies, gfx.model_fingerprint(analysis.graph_module))
+    strategies = {u.name: layers if u.kind == "layer" else s for u in analysis.layers}
+    return analysis.plan(strategies, world_size=world)
 
 
 def _build(batch: int, seq: int) -> tuple[Any, tuple, dict]:
@@ -116,8 +114,7 @@ def main() -> None:
         quick = ProfileConfig(opts.world, 2**20, 2, (128, 256), 8 * 2**20)
         cfg = quick if opts.smoke else ProfileConfig(opts.world, 16 * 2**20)
         spec = profile(cfg)
-        opts.profile.parent.mkdir(parents=True, exist_ok=True)
-        opts.profile.write_text(json.dumps(spec.to_json(), indent=2))
+        spec.save(opts.profile)
     cluster = load_cluster("local", local_profile=opts.profile)
     rows = []
     for text in plans:

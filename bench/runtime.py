@@ -52,9 +52,8 @@ from torch.nn.parallel import DistributedDataParallel
 from galvatron_fx.compile import analyze, compile
 from galvatron_fx.models.gpt import GPT, CausalSelfAttention
 from galvatron_fx.models.spec import parse_model_spec
-from galvatron_fx.plan import DPMode, LayerStrategy, Plan
+from galvatron_fx.plan import DPMode, LayerStrategy
 from galvatron_fx.runtime.launch import fork_ranks as launch
-from galvatron_fx.summary import model_fingerprint
 
 CASES = ("dp", "zero3", "tp")
 HEADER = ("ours ms/step", "PyTorch ms/step", "ratio", "ours range", "PyTorch range")
@@ -179,12 +178,7 @@ def ours(rank: int, world: int, case: str, cfg: Config) -> Step:
     model, idx, tgt = _model_and_batch(cfg)
     args, kwargs = (idx,), {"targets": tgt}
     analysis = analyze(model, args, kwargs)
-    plan = Plan.uniform(
-        [u.name for u in analysis.layers],
-        _STRATEGY[case](world),
-        world_size=world,
-        model_fingerprint=model_fingerprint(analysis.graph_module),
-    )
+    plan = analysis.plan(_STRATEGY[case](world), world_size=world)
     cm = compile(model, args, kwargs, plan=plan, optimizer=_adamw, bucket_mb=25)
     return lambda: float(cm.train_step(*args, **kwargs).item())
 

@@ -36,10 +36,9 @@ def build() -> tuple[torch.nn.Module, tuple, dict]:
 def make_plan(analysis: gfx.Analysis, world: int) -> gfx.Plan:
     blocks = gfx.LayerStrategy(tp=world, sp=True)
     segments = gfx.LayerStrategy(tp=world, vocab_parallel=True)
-    units = [u.name for u in analysis.layers]
-    strategies = [(u, blocks if "." in u else segments) for u in units]
-    last = [u for u in units if "." in u][-1]
-    plan = gfx.Plan(world, tuple(strategies), gfx.model_fingerprint(analysis.graph_module))
+    strategies = {u.name: blocks if u.kind == "layer" else segments for u in analysis.layers}
+    last = [u.name for u in analysis.layers if u.kind == "layer"][-1]
+    plan = analysis.plan(strategies, world_size=world)
     return plan.with_strategy(last, gfx.LayerStrategy(tp=world, sp=True, recompute="selective"))
 
 

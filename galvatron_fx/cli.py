@@ -76,6 +76,8 @@ def parse_strategy(text: str) -> Any:
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
         if key in ("tp", "dp"):
+            if not value.isdigit():
+                raise ValueError(f"--strategy: {key}={value!r} is not a whole number")
             fields[key] = int(value)
         elif key in ("sp", "vocab"):
             fields["sp" if key == "sp" else "vocab_parallel"] = value in ("1", "true", "on")
@@ -108,9 +110,8 @@ def _cost(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         analysis = gfx.analyze(model, inputs, kwargs)
-    units = [u.name for u in analysis.layers]
-    fp = gfx.model_fingerprint(analysis.graph_module)
-    plan = gfx.Plan.uniform(units, strategy, world_size=strategy.devices, model_fingerprint=fp)
+    units = analysis.units
+    plan = analysis.plan(strategy, world_size=strategy.devices)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deep-copying the graph's pytree specs warns
         costs = plan_costs(analysis, plan, cluster, dtype=args.dtype, precision=args.precision)
@@ -139,7 +140,7 @@ def _explain(analysis: Any, plan: Any, cluster: Any, cost: Any, precision: Any) 
     from galvatron_fx.cost_models.communication import explain
     from galvatron_fx.cost_models.compute import explain_training_flops
     from galvatron_fx.cost_models.memory import explain_model_states
-    from galvatron_fx.passes.collective_list import plan_collectives
+    from galvatron_fx.passes.plan_costs import spans_nodes
     from galvatron_fx.summary import unit_flops
 
     unit = cost.unit
@@ -149,11 +150,9 @@ def _explain(analysis: Any, plan: Any, cluster: Any, cost: Any, precision: Any) 
     print(explain_training_flops(flops[unit], s.recompute))
     print(f"  (this rank computes 1/tp of split ops, 1/dp of the batch: tp={s.tp}, dp={s.dp})")
     print(explain_model_states(cost.params, s.dp, s.dp_mode, precision))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        listed = plan_collectives(analysis, plan).get(unit, [])
-    for c in listed:
-        link = cluster.link(c.kind, c.group_size, c.group_size > cluster.devices_per_node)
+    spans = spans_nodes(s, cluster)
+    for c in cost.collectives:
+        link = cluster.link(c.kind, c.group_size, spans(c.group_size))
         print(f"{c.phase} {c.source}: " + explain(c.kind, c.size_bytes, c.group_size, link))
 
 
@@ -197,7 +196,8 @@ def _profile(args: argparse.Namespace) -> int:
         cfg = ProfileConfig(args.nproc, 2**20, 2, (128, 256), 8 * 2**20)
     spec = profile(cfg)
     out = args.out or DEFAULT_PROFILE
-    _write(out, json.dumps(spec.to_json(), indent=2) + "\n")
+    spec.save(out)
+    print(f"wrote {out}")
     for name, value in spec.peak_flops.items():
         print(f"matmul {name}: {value / 1e9:.1f} GFLOP/s")
     print(f"memory bandwidth: {spec.memory_bandwidth_bytes_per_s / 1e9:.1f} GB/s")

@@ -12,7 +12,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,22 @@ class Analysis:
     @property
     def graph(self) -> fx.Graph:
         return self.graph_module.graph
+
+    @property
+    def units(self) -> list[str]:
+        """Layer and segment names in execution order: what a plan gives strategies to."""
+        return [u.name for u in self.layers]
+
+    def plan(
+        self, strategies: Mapping[str, LayerStrategy] | LayerStrategy, *, world_size: int
+    ) -> Plan:
+        """A plan for this model: one strategy for every unit, or a strategy per unit name."""
+        fingerprint = model_fingerprint(self.graph_module)
+        if isinstance(strategies, LayerStrategy):
+            return Plan.uniform(
+                self.units, strategies, world_size=world_size, model_fingerprint=fingerprint
+            )
+        return Plan(world_size, tuple(strategies.items()), fingerprint)
 
     def copy(self) -> Analysis:
         """A deep copy of the graph (parameters included) with a fresh context: rewrite one
@@ -144,12 +160,7 @@ def parallelize(
     rank = (dist.get_rank() if dist.is_initialized() else 0) if rank is None else rank
     gm, ctx = analysis.graph_module, analysis.context
     if plan is None:
-        plan = Plan.uniform(
-            [u.name for u in analysis.layers],
-            LayerStrategy(dp=world),
-            world_size=world,
-            model_fingerprint=model_fingerprint(gm),
-        )
+        plan = analysis.plan(LayerStrategy(dp=world), world_size=world)
     _check_plan(plan, gm, world)
     ctx.results.update(plan=plan, rank=rank)
     gm = run_passes(gm, ctx, PARALLEL_PASSES)

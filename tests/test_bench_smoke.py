@@ -9,25 +9,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _bench(script: str, *args: str) -> str:
+    """The benchmark's standard output; fails the test if it exits non-zero."""
+    command = [sys.executable, str(ROOT / "bench" / script), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=240, check=True).stdout
+
+
 def test_capture_bench_smoke():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "capture.py"), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=True,
-    ).stdout
+    out = _bench("capture.py", "--smoke")
     assert "torch.export alone (baseline)" in out and "ratio to export alone" in out
 
 
 def test_runtime_bench_smoke():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "runtime.py"), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=True,
-    ).stdout
+    out = _bench("runtime.py", "--smoke")
     line = next(line for line in out.splitlines() if line.startswith("ratios"))
     words = line.split(":")[-1].split()  # "dp 0.95  zero3 1.10  tp n/a"
     ratios = dict(zip(words[::2], words[1::2], strict=True))
@@ -38,17 +32,5 @@ def test_runtime_bench_smoke():
 
 
 def test_cost_model_bench_smoke(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "cost_model.py"),
-            "--smoke",
-            "--profile",
-            str(tmp_path / "local.json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=True,
-    ).stdout
+    out = _bench("cost_model.py", "--smoke", "--profile", str(tmp_path / "local.json"))
     assert "median |error|" in out and "spearman" in out and out.count("predicted") == 3

@@ -187,17 +187,10 @@ def small_gpt():
 
 def _block(analysis, strategy, world):
     from galvatron_fx.passes.plan_costs import plan_costs
-    from galvatron_fx.plan import Plan
-    from galvatron_fx.summary import model_fingerprint
 
-    units = [u.name for u in analysis.layers]
-    plan = Plan.uniform(
-        units,
-        strategy,
-        world_size=world,
-        model_fingerprint=model_fingerprint(analysis.graph_module),
+    costs = plan_costs(
+        analysis, analysis.plan(strategy, world_size=world), PRESETS["a100-80gb-sxm"]
     )
-    costs = plan_costs(analysis, plan, PRESETS["a100-80gb-sxm"])
     return next(c for c in costs if c.unit == "blocks.0")
 
 
@@ -252,3 +245,12 @@ def test_cost_explain_prints_formulas_with_numbers(capsys):
     out = capsys.readouterr().out
     assert "bwd_flops + fwd_flops" in out and "16*psi/N" in out and "bus_bandwidth" in out
     assert main([*argv, "--explain", "blocks.9"]) == 2
+
+
+def test_strategy_text_errors_name_the_key():
+    from galvatron_fx.cli import parse_strategy
+
+    with pytest.raises(ValueError, match=r"tp='four' is not a whole number"):
+        parse_strategy("tp=four")
+    with pytest.raises(ValueError, match=r"zero='4'"):
+        parse_strategy("dp=2,zero=4")

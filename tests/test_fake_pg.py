@@ -21,7 +21,6 @@ from galvatron_fx.passes.collective_list import plan_collectives
 from galvatron_fx.passes.insert_collectives import get_attr, take_shard
 from galvatron_fx.plan import LayerStrategy, Plan
 from galvatron_fx.runtime import collectives as C
-from galvatron_fx.summary import model_fingerprint
 
 WORLD = 64
 GPT = "gpt:layers=2,hidden=64,heads=8,vocab=128,seq=16"
@@ -43,9 +42,7 @@ def gpt():
 
 
 def _plan(analysis, strategy: LayerStrategy, world: int = WORLD) -> Plan:
-    units = [u.name for u in analysis.layers]
-    fp = model_fingerprint(analysis.graph_module)
-    return Plan.uniform(units, strategy, world_size=world, model_fingerprint=fp)
+    return analysis.plan(strategy, world_size=world)
 
 
 def _ops(gm, unit: str) -> Counter:
@@ -170,13 +167,10 @@ def test_sequence_parallel_collectives_and_grad_sync():
 
 def test_vocab_parallel_segments_split_the_vocabulary(fake_world, gpt):
     analysis, _ = gpt
-    units = [u.name for u in analysis.layers]
     layer = LayerStrategy(tp=8, dp=8)
     vocab = LayerStrategy(tp=8, dp=8, vocab_parallel=True)
-    plan = Plan(
-        WORLD,
-        tuple((u, layer if "." in u else vocab) for u in units),
-        model_fingerprint(analysis.graph_module),
+    plan = analysis.plan(
+        {u: layer if "." in u else vocab for u in analysis.units}, world_size=WORLD
     )
     compiled = parallelize(analysis.copy(), plan=plan, rank=13)
     gm = compiled.module

@@ -113,10 +113,9 @@ def _reference(spec: str) -> dict[str, object]:
 def _run_plans(rank: int, world: int, spec: str, plans: list[dict[str, LayerStrategy]]) -> list:
     model, args, kwargs = build(spec, batch=BATCH, seq=SEQ)
     analysis = analyze(model, args, kwargs)
-    fingerprint = model_fingerprint(analysis.graph_module)
     results = []
     for strategies in plans:
-        plan = Plan(world, tuple(strategies.items()), fingerprint)
+        plan = analysis.plan(strategies, world_size=world)
         compiled = parallelize(analysis.copy(), plan=plan, optimizer=_adamw)
         losses, grads = [], {}
         for step in range(STEPS):
@@ -224,13 +223,7 @@ def _zero3_memory(rank: int, world: int, spec: str) -> dict[str, int]:
     model, args, kwargs = build(spec, batch=BATCH, seq=SEQ)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     analysis = analyze(model, args, kwargs)
-    units = [u.name for u in analysis.layers]
-    plan = Plan.uniform(
-        units,
-        LayerStrategy(dp=world, dp_mode="zero3"),
-        world_size=world,
-        model_fingerprint=model_fingerprint(analysis.graph_module),
-    )
+    plan = analysis.plan(LayerStrategy(dp=world, dp_mode="zero3"), world_size=world)
     compiled = parallelize(analysis, plan=plan, optimizer=_adamw)
     recipes: list[int] = []
     pack = C._pack
@@ -268,13 +261,7 @@ def _with_loss_fn(rank: int, world: int, strategy: LayerStrategy) -> list[float]
     model, args, kwargs = build(SPECS["gpt"], batch=BATCH, seq=SEQ)
     idx, targets = args if len(args) == 2 else (args[0], kwargs["targets"])
     analysis = analyze(model, (idx,))  # the model returns logits: the loss is the user's
-    units = [u.name for u in analysis.layers]
-    plan = Plan.uniform(
-        units,
-        strategy,
-        world_size=world,
-        model_fingerprint=model_fingerprint(analysis.graph_module),
-    )
+    plan = analysis.plan(strategy, world_size=world)
 
     def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())

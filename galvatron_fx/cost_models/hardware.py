@@ -111,6 +111,14 @@ class ClusterSpec:
         data["links"] = [asdict(lk) for lk in self.links]
         return data
 
+    def save(self, path: str | Path) -> None:
+        """Write the JSON atomically: a crash leaves the previous file whole."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        tmp.replace(path)
+
     @classmethod
     def from_json(cls, data: Mapping[str, Any], *, source: str = "cluster") -> ClusterSpec:
         known = {f for f in cls.__dataclass_fields__}

@@ -88,12 +88,9 @@ def switch_collectives(
 ) -> list[Collective]:
     """The layout switch into `unit` when every unit before it runs `before` and it (and
     everything after) runs `after`: the redistributions `unit` issues for its inputs."""
-    units = [u.name for u in analysis.layers]
-    i = units.index(unit)
-    strategies = tuple((u, before if k < i else after) for k, u in enumerate(units))
-    from galvatron_fx.summary import model_fingerprint
-
-    plan = Plan(world_size, strategies, model_fingerprint(analysis.graph_module))
+    i = analysis.units.index(unit)
+    strategies = {u: before if k < i else after for k, u in enumerate(analysis.units)}
+    plan = analysis.plan(strategies, world_size=world_size)
     listed = plan_collectives(analysis, plan).get(unit, [])
     return [c for c in listed if c.source == "switch_layout"]
 
@@ -156,17 +153,10 @@ def _switch(node: fx.Node, unit: str, name: str) -> Iterator[Collective]:
             if step[0] == "gather":
                 dims[step[1]] *= len(step[2])
                 if len(step[2]) > 1:
-                    size = elem * _prod(dims)
+                    size = elem * math.prod(dims)
                     yield Collective(_AG, size, len(step[2]), phase, False, unit, name)
             else:
                 dims[step[1]] = step[3] - step[2]
-
-
-def _prod(dims: list[int]) -> int:
-    out = 1
-    for d in dims:
-        out *= d
-    return out
 
 
 def _grad_sync(

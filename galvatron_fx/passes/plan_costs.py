@@ -12,6 +12,7 @@ Times come from `cost_models` (roofline compute, alpha-beta collectives with ove
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from torch import fx
 from torch.distributed.tensor import Partial, Shard
 
+from galvatron_fx.cost_models.comm import Collective
 from galvatron_fx.cost_models.communication import collectives_time, group_spans_nodes
 from galvatron_fx.cost_models.compute import roofline_time_s
 from galvatron_fx.cost_models.hardware import ClusterSpec
@@ -30,7 +32,7 @@ from galvatron_fx.passes.insert_collectives import ParamSpec
 from galvatron_fx.passes.recompute import attention_cores
 from galvatron_fx.plan import LayerStrategy, Plan, Recompute
 
-__all__ = ["UnitCost", "plan_costs"]
+__all__ = ["UnitCost", "plan_costs", "spans_nodes"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class UnitCost:
     """The unit's parameters this rank's TP piece holds (before any ZeRO sharding)."""
     activation_bytes: float
     """Saved for backward on this rank."""
+    collectives: tuple[Collective, ...] = ()
+    """What the unit communicates (priced in `comm_total_s`)."""
 
     @property
     def time_s(self) -> float:
@@ -88,12 +92,13 @@ def plan_costs(
         nodes = [n for n in rewritten.get(unit, []) if COST.has(n) and PLACEMENT.has(n)]
         cores = {n.name for core in attention_cores(original.get(unit, [])) for n in core}
         work_s = _compute(nodes, cores, s, cluster, dtype, efficiency)
-        comm = collectives_time(comms.get(unit, []), cluster, _spans(s, cluster))
+        listed = tuple(comms.get(unit, []))
+        comm = collectives_time(listed, cluster, spans_nodes(s, cluster))
         local_params = _local_params(params, unit)
         states = model_state_bytes(local_params, s.dp, s.dp_mode, precision).total_bytes
         acts = _activations(nodes, cores, s, rewritten.get(unit, []))
         comm_s = (comm.total_s, comm.exposed_s)
-        out.append(UnitCost(unit, s.short(), *work_s, *comm_s, states, local_params, acts))
+        out.append(UnitCost(unit, s.short(), *work_s, *comm_s, states, local_params, acts, listed))
     return out
 
 
@@ -171,7 +176,7 @@ def _local_params(params: dict[str, ParamSpec], unit: str) -> int:
     return numel
 
 
-def _spans(s: LayerStrategy, cluster: ClusterSpec) -> Any:
+def spans_nodes(s: LayerStrategy, cluster: ClusterSpec) -> Callable[[int], bool]:
     """Whether a group of a given size leaves a node, on this unit's mesh."""
 
     def spans(size: int) -> bool:

@@ -104,7 +104,7 @@ class _Propagation:
         needs: list[tuple[str, str, object]] = []
         views = self._inputs(node, s, needs)
         decided = {}
-        kind, blocks = "", 1
+        kind = ""
         for axis in AXES:
             v = views[axis]
             if v.n == 1 or node.op == "output":
@@ -120,10 +120,10 @@ class _Propagation:
                 if a in self.params:
                     self.place[axis][a] = p
             if d.kind.startswith("blocks="):
-                blocks = self._mark_blocks(node, int(d.kind.split("=")[1]))
+                self._mark_blocks(node, int(d.kind.split("=")[1]))
         for axis in AXES:
             self.place[axis][node] = decided[axis]
-        return NodePlacement(decided["dp"], decided["tp"], kind, tuple(needs), blocks)
+        return NodePlacement(decided["dp"], decided["tp"], kind, tuple(needs))
 
     def _inputs(
         self, node: fx.Node, s: LayerStrategy, needs: list[tuple[str, str, object]]
@@ -159,7 +159,7 @@ class _Propagation:
             "tp": OpView(node, s.tp, eff["tp"], shard_w, s.sp, self.params, vocab),
         }
 
-    def _mark_blocks(self, split: fx.Node, count: int) -> int:
+    def _mark_blocks(self, split: fx.Node, count: int) -> None:
         """Find the column-parallel linear whose output this split cuts into `count` equal
         parts (through views) and record that its weight is sharded block by block."""
         src = _a(split)[0]
@@ -172,7 +172,6 @@ class _Propagation:
                 "the output of a column-parallel linear"
             )
         PLACEMENT.set(src, NodePlacement(**{**placement.__dict__, "blocks": count}))
-        return 1
 
 
 def _check_batch(batch: set[fx.Node], strategies: dict[str, LayerStrategy]) -> None:

@@ -39,6 +39,7 @@ from galvatron_fx.runtime.mesh import Gather, SliceStep
 __all__ = [
     "GROUPS",
     "PENDING",
+    "RANKS_ARG",
     "GroupRef",
     "GroupRegistry",
     "all_gather_flat",
@@ -50,6 +51,7 @@ __all__ = [
     "reduce_both",
     "reduce_scatter",
     "reduce_scatter_flat",
+    "register",
     "release_zero3_buffers",
     "split_local",
     "split_zero",
@@ -452,16 +454,29 @@ def zero3_saved_tensors() -> Iterator[None]:
             _GATHERED.clear()
 
 
+RANKS_ARG: dict[Any, int] = {}
+"""Graph op -> the position of its group's ranks among its arguments. Every op that
+communicates registers here (`register`), so process groups can be created for them."""
+
+
+def register(op: Any, ranks_arg: int) -> None:
+    RANKS_ARG[op] = ranks_arg
+
+
+RANKS_ARG.update(dict.fromkeys((tp_copy, tp_reduce, reduce_both, zero3_issue), 1))
+RANKS_ARG.update(
+    dict.fromkeys(
+        (reduce_scatter, gather_partial, gather_whole, split_local, split_zero, global_count),
+        2,
+    )
+)
+RANKS_ARG[zero3_use] = 2
+
+
 def groups_of(target: Any, args: Sequence[Any]) -> list[Ranks]:
     """The rank sets a collective graph node uses (empty for any other node)."""
-    if target in (tp_copy, tp_reduce, reduce_both, zero3_issue):
-        return [tuple(args[1])]
-    if target is global_count:
-        return [tuple(args[2])]
-    if getattr(target, "__name__", "") == "vocab_cross_entropy":
-        return [tuple(args[7])]
-    if target in (reduce_scatter, gather_partial, gather_whole, split_local, split_zero):
-        return [tuple(args[2])]
-    if target is switch_layout:
+    if target is switch_layout:  # its groups sit inside its steps
         return [tuple(s[2]) for s in (*args[1], *args[2]) if s[0] == "gather"]
+    if target in RANKS_ARG:
+        return [tuple(args[RANKS_ARG[target]])]
     return []

@@ -8,6 +8,7 @@ slice, so a test or a single-machine script feeds every rank alike. `full_params
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -135,7 +136,7 @@ class CompiledModel:
         if spec.zero3_shape is not None:  # this parameter's piece of the unit's flat buffer
             t = _all_gather(t.reshape(-1), GroupRef(tuple(sorted(spec.dp_group.ranks))))
             start = spec.zero3_offset
-            t = t[start : start + _numel(spec.zero3_shape)].view(spec.zero3_shape)
+            t = t[start : start + math.prod(spec.zero3_shape)].view(spec.zero3_shape)
         if spec.tp_dim is not None:
             pieces = _all_gather_list(t, spec.tp_group)
             blocks = [
@@ -143,13 +144,6 @@ class CompiledModel:
             ]
             t = torch.cat([torch.cat(b, spec.tp_dim) for b in blocks], spec.tp_dim)
         return t
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _all_gather_list(t: torch.Tensor, ref: GroupRef) -> list[torch.Tensor]:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from galvatron_fx.runtime.collectives import GROUPS, GroupRef, Ranks
+from galvatron_fx.runtime.collectives import GROUPS, GroupRef, Ranks, register
 
 __all__ = ["vocab_cross_entropy", "vocab_embedding"]
 
@@ -94,3 +94,6 @@ def vocab_cross_entropy(
     return _VocabCrossEntropy.apply(
         logits, target, reduction, ignore_index, start, GroupRef(tuple(ranks))
     )
+
+
+register(vocab_cross_entropy, 7)
