@@ -3,6 +3,7 @@ plan, train, explain).
 
     galvatron-fx inspect MODEL [--batch B] [--seq S] [--device meta|cpu] [--json FILE] [--dot FILE]
     galvatron-fx profile [--nproc N] [--out FILE] [--max-bytes B] [--quick]
+                         [--model MODEL --batch B --seq S [--strategies "dp=2;tp=2,sp=1"]]
     galvatron-fx cost MODEL --cluster C --batch B --seq S --strategy "tp=4,dp=2,zero=3,ckpt=full"
 """
 
@@ -48,6 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="where to write the cluster JSON")
     p.add_argument("--max-bytes", type=int, default=256 * 2**20, help="largest message")
     p.add_argument("--quick", action="store_true", help="small sizes, few repeats (tests)")
+    p.add_argument("--model", help="also time each distinct layer of MODEL: " + _MODEL_HELP)
+    p.add_argument("--batch", type=int, default=8, help="--model: global batch (default 8)")
+    p.add_argument("--seq", type=int, default=None, help="--model: sequence length")
+    p.add_argument(
+        "--strategies",
+        default=None,
+        help='--model: ";"-separated strategies to time (default: every tp x dp split of '
+        "--nproc, with sp, plain DP or ZeRO-3, each recomputation)",
+    )
+    p.add_argument("--layers", type=Path, default=None, help="--model: layer-timing JSON")
     p.set_defaults(run=_profile)
     p = sub.add_parser("cost", help="predicted time and memory of a uniform strategy")
     p.add_argument("model", help=_MODEL_HELP)
@@ -61,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="mixed", choices=("mixed", "fp32"))
     p.add_argument("--json", type=Path, help="write per-layer and total figures to FILE")
     p.add_argument("--explain", metavar="UNIT", help="print UNIT's formulas with their numbers")
+    p.add_argument(
+        "--layers",
+        type=Path,
+        default=None,
+        help="measured layer times (profile --model) to use with --cluster local "
+        "(default: the cached ones)",
+    )
     p.set_defaults(run=_cost)
     return parser
 
@@ -104,6 +122,7 @@ def _cost(args: argparse.Namespace) -> int:
 
     cluster = load_cluster(args.cluster)
     strategy = parse_strategy(args.strategy)
+    layer_times = _layer_times(args.layers, cluster.name)
     spec = parse_model_spec(args.model)
     model = spec.build("meta")
     inputs, kwargs = spec.example_inputs(model, args.batch, args.seq)
@@ -114,7 +133,14 @@ def _cost(args: argparse.Namespace) -> int:
     plan = analysis.plan(strategy, world_size=strategy.devices)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deep-copying the graph's pytree specs warns
-        costs = plan_costs(analysis, plan, cluster, dtype=args.dtype, precision=args.precision)
+        costs = plan_costs(
+            analysis,
+            plan,
+            cluster,
+            dtype=args.dtype,
+            precision=args.precision,
+            layer_times=layer_times,
+        )
     _print_costs(costs, cluster.name, strategy.short())
     if args.explain:
         cost = next((c for c in costs if c.unit == args.explain), None)
@@ -134,6 +160,19 @@ def _cost(args: argparse.Namespace) -> int:
         }
         _write(args.json, json.dumps(data, indent=2) + "\n")
     return 0
+
+
+def _layer_times(path: Path | None, cluster: str) -> Any:
+    """Measured layer times apply to the machine that measured them: `--cluster local`."""
+    from galvatron_fx.runtime.layer_profile import DEFAULT_LAYERS, load_layer_times
+
+    if cluster != "local":
+        if path is not None:
+            raise ValueError("--layers: measured layer times apply only to --cluster local")
+        return None
+    if path is not None and not path.exists():
+        raise ValueError(f"--layers: no file {path} (run galvatron-fx profile --model first)")
+    return load_layer_times(path or DEFAULT_LAYERS)
 
 
 def _explain(analysis: Any, plan: Any, cluster: Any, cost: Any, precision: Any) -> None:
@@ -156,12 +195,14 @@ def _explain(analysis: Any, plan: Any, cluster: Any, cost: Any, precision: Any) 
         print(f"{c.phase} {c.source}: " + explain(c.kind, c.size_bytes, c.group_size, link))
 
 
-def _cost_fields(c: Any) -> dict[str, float]:
+def _cost_fields(c: Any) -> dict[str, Any]:
     return {
         "time_s": c.time_s,
         "fwd_s": c.fwd_s,
         "bwd_s": c.bwd_s,
         "recompute_s": c.recompute_s,
+        "step_s": c.step_s,
+        "measured": c.measured,
         "comm_exposed_s": c.comm_exposed_s,
         "comm_total_s": c.comm_total_s,
         "memory_bytes": c.memory_bytes,
@@ -176,11 +217,13 @@ def _print_costs(costs: Sequence[Any], cluster: str, strategy: str) -> None:
         f"{'unit':<24}{'time ms':>10}{'compute':>10}{'comm':>9}{'states MiB':>12}{'acts MiB':>10}"
     )
     for c in costs:
-        compute = (c.fwd_s + c.bwd_s + c.recompute_s) * 1e3
+        compute = f"{c.compute_s * 1e3:.3f}{'*' if c.measured else ' '}"
         print(
-            f"{c.unit:<24}{c.time_s * 1e3:>10.3f}{compute:>10.3f}{c.comm_exposed_s * 1e3:>9.3f}"
+            f"{c.unit:<24}{c.time_s * 1e3:>10.3f}{compute:>11}{c.comm_exposed_s * 1e3:>8.3f}"
             f"{c.model_state_bytes / 2**20:>12.1f}{c.activation_bytes / 2**20:>10.1f}"
         )
+    if any(c.measured for c in costs):
+        print("* compute measured by galvatron-fx profile --model; the rest: roofline")
     step = sum(c.time_s for c in costs)
     memory = sum(c.memory_bytes for c in costs)
     print(f"step time {step * 1e3:.3f} ms, peak memory {memory / 2**30:.3f} GiB")
@@ -194,6 +237,8 @@ def _profile(args: argparse.Namespace) -> int:
     cfg = ProfileConfig(nproc=args.nproc, max_bytes=args.max_bytes)
     if args.quick:
         cfg = ProfileConfig(args.nproc, 2**20, 2, (128, 256), 8 * 2**20)
+    if args.model:  # fail on a bad model before minutes of measuring
+        layer_inputs = _layer_inputs(args)
     spec = profile(cfg)
     out = args.out or DEFAULT_PROFILE
     spec.save(out)
@@ -207,7 +252,48 @@ def _profile(args: argparse.Namespace) -> int:
                 f"{link.kind:<15} n={link.group_size}: latency {link.latency_s * 1e6:.0f} us, "
                 f"bus bandwidth {link.bus_bandwidth_bytes_per_s / 1e9:.2f} GB/s"
             )
+    print(f"overlap of asynchronous collectives with compute: {spec.overlap:.2f}")
+    if args.model:
+        _profile_layers(args, *layer_inputs)
     return 0
+
+
+def _layer_inputs(args: argparse.Namespace) -> tuple[Any, tuple, dict, list[Any]]:
+    import galvatron_fx as gfx
+    from galvatron_fx.models.spec import parse_model_spec
+    from galvatron_fx.runtime.layer_profile import default_strategies
+
+    spec = parse_model_spec(args.model)
+    model = spec.build("cpu")
+    inputs, kwargs = spec.example_inputs(model, args.batch, args.seq)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = gfx.analyze(model, inputs, kwargs)
+    if args.strategies:
+        strategies = [parse_strategy(t) for t in args.strategies.split(";") if t.strip()]
+    else:
+        strategies = default_strategies(args.nproc)
+    return analysis, inputs, kwargs, strategies
+
+
+def _profile_layers(
+    args: argparse.Namespace, analysis: Any, inputs: tuple, kwargs: dict, strategies: list[Any]
+) -> None:
+    from galvatron_fx.runtime.layer_profile import DEFAULT_LAYERS, profile_layers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        times = profile_layers(
+            analysis,
+            inputs,
+            kwargs,
+            strategies,
+            concurrency=args.nproc,
+            repeats=2 if args.quick else 5,
+        )
+    out = args.layers or DEFAULT_LAYERS
+    times.save(out)
+    print(f"wrote {out}: {len(times.entries)} (unit, strategy) timings of {args.model}")
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -8,7 +8,9 @@ Megatron's count per iteration, 96 B s l h^2 (1 + s / 6h + V / 16 l h) (Narayana
 appendix) - the tests check exactly that.
 
 Time is a roofline: the larger of FLOPs over the sustained FLOP/s and bytes over memory
-bandwidth. Written as sympy expressions, compiled to numpy.
+bandwidth. The optimizer step is memory-bound: Adam reads parameter, gradient and both
+moments and writes back parameter and moments, 7 accesses per element of the states it steps.
+Written as sympy expressions, compiled to numpy.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from galvatron_fx.cost_models.hardware import ClusterSpec
 from galvatron_fx.plan import Recompute
 
 __all__ = [
+    "ADAM_STEP",
     "TRAINING_FLOPS",
     "UnitFlops",
+    "adam_step_time_s",
     "explain_training_flops",
     "roofline_time_s",
     "training_flops",
@@ -45,9 +49,14 @@ TRAINING_FLOPS: dict[Recompute, sympy.Expr] = {
 
 ROOFLINE: sympy.Expr = sympy.Max(flops / (peak * efficiency), nbytes / bandwidth)
 
+elems, state_bytes = sympy.symbols("stepped_elements state_bytes", nonnegative=True)
+ADAM_STEP: sympy.Expr = 7 * elems * state_bytes / bandwidth
+"""Seconds of an Adam step over `stepped_elements` held at `state_bytes` each."""
+
 _TRAINING: dict[Recompute, Callable[..., Any]] = {
     mode: sympy.lambdify((fwd, bwd, attn), e, "numpy") for mode, e in TRAINING_FLOPS.items()
 }
+_ADAM = sympy.lambdify((elems, state_bytes, bandwidth), ADAM_STEP, "numpy")
 _ROOFLINE = sympy.lambdify((flops, nbytes, peak, bandwidth, efficiency), ROOFLINE, "numpy")
 
 
@@ -78,6 +87,13 @@ def roofline_time_s(
         cluster.peak_flops[dtype],
         cluster.memory_bandwidth_bytes_per_s,
         efficiency,
+    )
+
+
+def adam_step_time_s(elems_: Any, cluster: ClusterSpec, state_bytes_: int = 4) -> Any:
+    """Seconds of one Adam step over `elems_` elements (numpy-broadcast)."""
+    return _ADAM(
+        np.asarray(elems_, dtype=float), state_bytes_, cluster.memory_bandwidth_bytes_per_s
     )
 
 

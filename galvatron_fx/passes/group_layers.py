@@ -161,19 +161,26 @@ def _input_unit(
 
 def _fingerprint(nodes: list[fx.Node]) -> str:
     """Hash of ops, literal arguments, value shapes and dtypes, with node references replaced
-    by their position inside the unit (or their order of appearance for external inputs)."""
-    local = {n: i for i, n in enumerate(nodes)}
+    by their position inside the unit (or their order of appearance for external inputs).
+    The same model captured on `meta` and on `cpu` must hash alike (the profiler times units
+    on one, the planner reads them on the other), so devices and `contiguous` (kept on one and
+    not the other where meta kernels give other strides) are left out."""
+    kept = [n for n in nodes if n.target is not torch.ops.aten.contiguous.default]
+    local: dict[fx.Node, Any] = {n: ("local", i) for i, n in enumerate(kept)}
     external: dict[fx.Node, int] = {}
 
     def ref(a: Any) -> Any:
         if isinstance(a, fx.Node):
             if a in local:
-                return ("local", local[a])
+                return local[a]
             return ("ext", external.setdefault(a, len(external)))
-        return a
+        return "device" if isinstance(a, torch.device) else a
 
     h = hashlib.sha1()
     for n in nodes:
+        if n.target is torch.ops.aten.contiguous.default:
+            local[n] = ref(n.args[0])
+            continue
         target = n.target if n.op != "get_attr" else "param"
         args = fx.node.map_aggregate(n.args, ref)
         kwargs = fx.node.map_aggregate(n.kwargs, ref)

@@ -6,7 +6,9 @@ what every unit communicates. A node whose output is split (or partial) on an ax
 does 1/n of the work and saves 1/n of the bytes; recomputation adds a forward (full: the
 unit; selective: its attention cores) and keeps only the unit's inputs (full) or drops what
 the attention cores saved (selective). Model states follow ZeRO per the unit's dp mode.
-Times come from `cost_models` (roofline compute, alpha-beta collectives with overlap).
+Compute times are measured where the profiler timed the unit's fingerprint under this
+strategy (`profile --model`, `LayerTimes`), and a roofline elsewhere; collectives are
+alpha-beta with overlap (`cost_models`).
 """
 
 from __future__ import annotations
@@ -22,17 +24,18 @@ from torch.distributed.tensor import Partial, Shard
 
 from galvatron_fx.cost_models.comm import Collective
 from galvatron_fx.cost_models.communication import collectives_time, group_spans_nodes
-from galvatron_fx.cost_models.compute import roofline_time_s
+from galvatron_fx.cost_models.compute import adam_step_time_s, roofline_time_s
 from galvatron_fx.cost_models.hardware import ClusterSpec
 from galvatron_fx.cost_models.memory import Precision, model_state_bytes
-from galvatron_fx.meta import COST, PLACEMENT, NodePlacement
+from galvatron_fx.meta import COST, LAYER, PLACEMENT, NodePlacement
 from galvatron_fx.passes.collective_list import collectives_of
 from galvatron_fx.passes.group_layers import unit_nodes
 from galvatron_fx.passes.insert_collectives import ParamSpec
 from galvatron_fx.passes.recompute import attention_cores
-from galvatron_fx.plan import LayerStrategy, Plan, Recompute
+from galvatron_fx.plan import DPMode, LayerStrategy, Plan, Recompute
+from galvatron_fx.runtime.layer_profile import LayerTimes
 
-__all__ = ["UnitCost", "plan_costs", "spans_nodes"]
+__all__ = ["UnitCost", "plan_costs", "spans_nodes", "stepped_elems"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class UnitCost:
     fwd_s: float
     bwd_s: float
     recompute_s: float
+    step_s: float
+    """The optimizer step over what this rank steps."""
     comm_total_s: float
     comm_exposed_s: float
     """Communication the step waits for (in-line, plus what overlap does not hide)."""
@@ -55,10 +60,16 @@ class UnitCost:
     """Saved for backward on this rank."""
     collectives: tuple[Collective, ...] = ()
     """What the unit communicates (priced in `comm_total_s`)."""
+    measured: bool = False
+    """Compute times come from the profiler's table, not the roofline."""
+
+    @property
+    def compute_s(self) -> float:
+        return self.fwd_s + self.bwd_s + self.recompute_s + self.step_s
 
     @property
     def time_s(self) -> float:
-        return self.fwd_s + self.bwd_s + self.recompute_s + self.comm_exposed_s
+        return self.compute_s + self.comm_exposed_s
 
     @property
     def memory_bytes(self) -> float:
@@ -74,8 +85,10 @@ def plan_costs(
     dtype: str = "fp32",
     precision: Precision = "fp32",
     efficiency: float = 1.0,
+    layer_times: LayerTimes | None = None,
 ) -> list[UnitCost]:
-    """Per unit, in order: what `plan` costs rank `rank` on `cluster`."""
+    """Per unit, in order: what `plan` costs rank `rank` on `cluster`; compute measured
+    where `layer_times` has the unit under its strategy."""
     from galvatron_fx.compile import PARALLEL_PASSES
     from galvatron_fx.passes.manager import run_passes
 
@@ -87,18 +100,46 @@ def plan_costs(
     params: dict[str, ParamSpec] = work.context.results["params"]
     comms = collectives_of(gm, params, plan)
     rewritten = unit_nodes(gm)
+    stepped = stepped_elems(params, plan)
+    state_bytes = 4 if precision == "fp32" else 2
     out = []
     for unit, s in plan.strategies:
         nodes = [n for n in rewritten.get(unit, []) if COST.has(n) and PLACEMENT.has(n)]
         cores = {n.name for core in attention_cores(original.get(unit, [])) for n in core}
-        work_s = _compute(nodes, cores, s, cluster, dtype, efficiency)
+        found = layer_times.lookup(_fingerprint(original, unit), s) if layer_times else None
+        if found is not None:
+            work_s = (found.fwd_s, found.bwd_s, found.recompute_s, found.step_s)
+        else:
+            step_s = float(adam_step_time_s(stepped.get(unit, 0), cluster, state_bytes))
+            work_s = (*_compute(nodes, cores, s, cluster, dtype, efficiency), step_s)
         listed = tuple(comms.get(unit, []))
         comm = collectives_time(listed, cluster, spans_nodes(s, cluster))
         local_params = _local_params(params, unit)
         states = model_state_bytes(local_params, s.dp, s.dp_mode, precision).total_bytes
         acts = _activations(nodes, cores, s, rewritten.get(unit, []))
         comm_s = (comm.total_s, comm.exposed_s)
-        out.append(UnitCost(unit, s.short(), *work_s, *comm_s, states, local_params, acts, listed))
+        out.append(
+            UnitCost(
+                unit, s.short(), *work_s, *comm_s, states, local_params, acts, listed,
+                measured=found is not None,
+            )
+        )  # fmt: skip
+    return out
+
+
+def _fingerprint(original: dict[str, list[fx.Node]], unit: str) -> str:
+    nodes = original.get(unit, [])
+    return LAYER.get(nodes[0]).fingerprint if nodes else ""
+
+
+def stepped_elems(params: dict[str, ParamSpec], plan: Plan) -> dict[str, int]:
+    """Per unit: the parameter elements this rank's optimizer steps (its TP piece, 1/dp of
+    it under ZeRO)."""
+    out: dict[str, int] = {}
+    for unit, s in plan.strategies:
+        numel = _local_params(params, unit)
+        sharded = s.dp_mode is not DPMode.ALLREDUCE and s.dp > 1
+        out[unit] = numel // s.dp if sharded else numel
     return out
 
 
