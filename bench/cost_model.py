@@ -25,10 +25,12 @@ import torch
 import torch.distributed as dist
 
 import galvatron_fx as gfx
+from galvatron_fx.cli import parse_strategy
 from galvatron_fx.cost_models.hardware import ClusterSpec, load_cluster
 from galvatron_fx.models.spec import parse_model_spec
 from galvatron_fx.passes.plan_costs import plan_costs
 from galvatron_fx.runtime.launch import fork_ranks
+from galvatron_fx.runtime.layer_profile import LayerTimes, profile_layers, uniform_plan
 from galvatron_fx.runtime.profiler import DEFAULT_PROFILE, ProfileConfig, profile
 
 SPEC = "gpt:layers=4,hidden=256,heads=8,vocab=1024,seq=128"
@@ -49,12 +51,9 @@ PLANS = [
 
 
 def _plan(analysis: gfx.Analysis, text: str, world: int) -> gfx.Plan:
-    from galvatron_fx.cli import parse_strategy
-
-    s = parse_strategy(text)
-    layers = parse_strategy(text.replace(",vocab=1", ""))  # vocab-parallel: segments only
-    strategies = {u.name: layers if u.kind == "layer" else s for u in analysis.layers}
-    return analysis.plan(strategies, world_size=world)
+    plan = uniform_plan(analysis, parse_strategy(text))
+    assert plan.world_size == world, f"{text} is not a plan for {world} ranks"
+    return plan
 
 
 def _build(batch: int, seq: int) -> tuple[Any, tuple, dict]:
@@ -83,13 +82,30 @@ def _measure(rank: int, world: int, text: str, batch: int, seq: int, steps: int)
     return statistics.median(times)
 
 
-def _predict(cluster: ClusterSpec, text: str, world: int, batch: int, seq: int) -> float:
+def _analysis(batch: int, seq: int) -> tuple[gfx.Analysis, tuple, dict]:
     model, args, kwargs = _build(batch, seq)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        analysis = gfx.analyze(model, args, kwargs)
-        costs = plan_costs(analysis, _plan(analysis, text, world), cluster, dtype="fp32")
+        return gfx.analyze(model, args, kwargs), args, kwargs
+
+
+def _predict(
+    cluster: ClusterSpec, layers: LayerTimes | None, text: str, world: int, batch: int, seq: int
+) -> float:
+    analysis, _, _ = _analysis(batch, seq)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = _plan(analysis, text, world)
+        costs = plan_costs(analysis, plan, cluster, dtype="fp32", layer_times=layers)
     return sum(c.time_s for c in costs)
+
+
+def _profile_layers(plans: list[str], world: int, batch: int, seq: int) -> LayerTimes:
+    analysis, args, kwargs = _analysis(batch, seq)
+    strategies = [parse_strategy(text) for text in plans]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return profile_layers(analysis, args, kwargs, strategies, concurrency=world)
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
@@ -100,11 +116,14 @@ def _spearman(a: list[float], b: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--profile", type=Path, default=DEFAULT_PROFILE)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument(
+        "--roofline", action="store_true", help="predict without measured layer times"
+    )
     opts = parser.parse_args()
     plans = PLANS
     if opts.smoke:
@@ -116,9 +135,12 @@ def main() -> None:
         spec = profile(cfg)
         spec.save(opts.profile)
     cluster = load_cluster("local", local_profile=opts.profile)
+    layers = None
+    if not opts.roofline:
+        layers = _profile_layers(plans, opts.world, opts.batch, opts.seq)
     rows = []
     for text in plans:
-        predicted = _predict(cluster, text, opts.world, opts.batch, opts.seq)
+        predicted = _predict(cluster, layers, text, opts.world, opts.batch, opts.seq)
         measured = fork_ranks(_measure, opts.world, text, opts.batch, opts.seq, opts.steps)[0]
         rows.append((text, predicted, measured))
         error = (predicted - measured) / measured

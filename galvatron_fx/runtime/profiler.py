@@ -42,6 +42,8 @@ class ProfileConfig:
     repeats: int = 5
     matmul_sizes: tuple[int, ...] = (512, 1024, 2048)
     copy_bytes: int = 256 * 2**20
+    chunk_s: float = 0.01
+    """Compute between two collectives while measuring them (about a layer's)."""
 
     @property
     def sizes(self) -> list[int]:
@@ -88,47 +90,104 @@ def measure_copy(cfg: ProfileConfig) -> float:
     return 2 * cfg.copy_bytes / _best_s(lambda: dst.copy_(src), cfg.repeats)
 
 
-def _collective(kind: str, size: int, n: int) -> Callable[[], Any]:
+def _collective(kind: str, size: int, n: int, group: Any) -> Callable[..., Any]:
     elems = max(size // 4, n)
     elems -= elems % n
     if kind == "all_reduce":
         t = torch.ones(elems)
-        return lambda: dist.all_reduce(t)
+        return functools.partial(dist.all_reduce, t, group=group)
     if kind == "all_gather":
         piece, out = torch.ones(elems // n), torch.empty(elems)
-        return lambda: C.all_gather_flat(out, piece)
+        return functools.partial(C.all_gather_flat, out, piece, group=group)
     if kind == "reduce_scatter":
         full, out = torch.ones(elems), torch.empty(elems // n)
-        return lambda: C.reduce_scatter_flat(out, full)
+        return functools.partial(C.reduce_scatter_flat, out, full, group=group)
     src, dst = torch.ones(elems), torch.empty(elems)
-    return lambda: dist.all_to_all_single(dst, src)
+    return functools.partial(dist.all_to_all_single, dst, src, group=group)
 
 
-def _rank(rank: int, world: int, cfg: ProfileConfig) -> dict[tuple[str, int, int], float]:
-    results: dict[tuple[str, int, int], float] = {}
-    steps = [(k, s) for k in KINDS for s in cfg.sizes]
-    for i, (kind, size) in enumerate(steps):
-        try:
-            fn = _collective(kind, size, world)
-            dist.barrier()
-            results[(kind, world, size)] = statistics.median(_timed(fn) for _ in range(cfg.repeats))
-        except RuntimeError:  # a kind this backend lacks
-            pass
-        if rank == 0:
-            _progress(i + 1, len(steps), f"{kind} {size} B on {world} ranks")
-    return results
+def _chunk(target_s: float) -> Callable[[], Any]:
+    """Compute lasting about `target_s` while every rank computes (a layer's worth)."""
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    once = _best_s(functools.partial(torch.mm, a, b), 3)
+    reps = max(1, round(target_s / once))
+    return lambda: [torch.mm(a, b) for _ in range(reps)]
 
 
-def _timed(fn: Callable[[], Any]) -> float:
+def _loop(chunk: Callable[[], Any], coll: Callable[..., Any] | None, iters: int) -> float:
+    """Seconds per iteration of compute then, in line, the collective."""
+    dist.barrier()
     start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    for _ in range(iters):
+        chunk()
+        if coll is not None:
+            coll()
+    return (time.perf_counter() - start) / iters
 
 
-def measure_collectives(cfg: ProfileConfig, world: int) -> dict[tuple[str, int, int], float]:
-    results = fork_ranks(_rank, world, cfg, timeout_s=1800)[0]
+def _overlapped(chunk: Callable[[], Any], coll: Callable[..., Any], iters: int) -> float:
+    """Seconds per iteration with the collective launched before the compute."""
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(iters):
+        work = coll(async_op=True)
+        chunk()
+        work.wait()
+    return (time.perf_counter() - start) / iters
+
+
+def _my_block(world: int, n: int) -> Any:
+    """Consecutive groups of `n` ranks (every rank creates every group): this rank's, or
+    None for a rank left over."""
+    mine = None
+    for start in range(0, world - n + 1, n):
+        ranks = list(range(start, start + n))
+        group = dist.new_group(ranks)
+        if dist.get_rank() in ranks:
+            mine = group
+    return mine
+
+
+def _rank(rank: int, world: int, cfg: ProfileConfig) -> dict[str, Any]:
+    """In-situ collective costs: what an in-line collective adds to compute that every rank
+    runs, so the arrival skew of ranks sharing cores and the CPU the transport takes are in
+    the figure (ranks outside a group keep computing). Also how much of an asynchronous
+    all-reduce compute hides."""
+    chunk = _chunk(cfg.chunk_s)
+    alone = statistics.median(_loop(chunk, None, cfg.repeats) for _ in range(3))
+    groups = {n: _my_block(world, n) for n in range(2, world + 1)}
+    results: dict[tuple[str, int, int], float] = {}
+    overlaps = []
+    steps = [(n, k, s) for n in range(2, world + 1) for k in KINDS for s in cfg.sizes]
+    for i, (n, kind, size) in enumerate(steps):
+        group = groups[n]
+        coll = _collective(kind, size, n, group) if group is not None else None
+        try:
+            with_coll = _loop(chunk, coll, cfg.repeats)
+        except RuntimeError:  # a kind this backend lacks
+            continue
+        results[(kind, n, size)] = max(with_coll - alone, 1e-7)
+        if coll is not None and kind == "all_reduce" and n == world and size * 16 >= cfg.max_bytes:
+            both = _overlapped(chunk, coll, cfg.repeats)
+            overlaps.append((with_coll - both) / max(min(alone, with_coll - alone), 1e-9))
+        if rank == 0:
+            _progress(i + 1, len(steps), f"{kind} {size} B on {n} of {world} ranks")
+    return {"collectives": results, "overlaps": overlaps}
+
+
+def measure_collectives(cfg: ProfileConfig) -> tuple[dict[tuple[str, int, int], float], float]:
+    """Per (kind, group size, bytes): in-situ seconds, the mean over the ranks in a group;
+    and the fraction of an asynchronous collective that compute hides."""
+    per_rank = fork_ranks(_rank, cfg.nproc, cfg, timeout_s=1800)
     print(file=sys.stderr)
-    return results
+    samples: dict[tuple[str, int, int], list[float]] = {}
+    for r, result in enumerate(per_rank):
+        for (kind, n, size), t in result["collectives"].items():
+            if r < cfg.nproc - cfg.nproc % n:  # ranks in a group of n
+                samples.setdefault((kind, n, size), []).append(t)
+    overlaps = [o for r in per_rank for o in r["overlaps"]]
+    overlap = min(max(statistics.median(overlaps), 0.0), 1.0) if overlaps else 0.0
+    return {k: statistics.mean(v) for k, v in samples.items()}, overlap
 
 
 def _device(rank: int, world: int, cfg: ProfileConfig) -> tuple[dict[str, float], float, float]:
@@ -145,10 +204,10 @@ def profile(cfg: ProfileConfig) -> ClusterSpec:
     flops, bandwidth, overhead = fork_ranks(_device, cfg.nproc, cfg, timeout_s=600)[0]
     links = []
     fits = []
+    measured, overlap = measure_collectives(cfg)
     for world in range(2, cfg.nproc + 1):
-        measured = measure_collectives(cfg, world)
         for kind in KINDS:
-            points = sorted((s, t) for (k, w, s), t in measured.items() if k == kind)
+            points = sorted((s, t) for (k, w, s), t in measured.items() if (k, w) == (kind, world))
             if len(points) < 2:
                 continue
             fit = fit_alpha_beta(kind, world, [s for s, _ in points], [t for _, t in points])
@@ -172,10 +231,11 @@ def profile(cfg: ProfileConfig) -> ClusterSpec:
         memory_bytes=_memory_bytes(),
         memory_bandwidth_bytes_per_s=bandwidth,
         links=tuple(links),
-        overlap=0.5,
+        overlap=overlap,
         op_overhead_s=overhead,
         source=f"galvatron-fx profile on {os.uname().nodename} ({cfg.nproc} gloo CPU ranks); "
-        "overlap not measured yet (0.5); fits: " + ", ".join(fits),
+        f"collectives in situ after {cfg.chunk_s * 1e3:.0f} ms of compute on every rank; "
+        f"overlap {overlap:.2f} measured; fits: " + ", ".join(fits),
     )
 
 
