@@ -8,7 +8,8 @@ median absolute error and Spearman's rank correlation across plans.
     python bench/cost_model.py               # 12 plans on 4 ranks
     python bench/cost_model.py --smoke       # 3 plans on 2 ranks, for the test suite
 
-Per-rank peak memory is not measured yet: the CPU allocator keeps no peak counter.
+Peak memory per rank: the PyTorch profiler's allocation events over one more step
+(`runtime/memory_probe.py`) against `plan_peak`, every rank; the worst rank's error is shown.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ import galvatron_fx as gfx
 from galvatron_fx.cli import parse_strategy
 from galvatron_fx.cost_models.hardware import ClusterSpec, load_cluster
 from galvatron_fx.models.spec import parse_model_spec
-from galvatron_fx.passes.plan_costs import plan_costs
+from galvatron_fx.passes.plan_costs import plan_costs, plan_peak
 from galvatron_fx.runtime.launch import fork_ranks
 from galvatron_fx.runtime.layer_profile import LayerTimes, profile_layers, uniform_plan
+from galvatron_fx.runtime.memory_probe import measure_step_memory
 from galvatron_fx.runtime.profiler import DEFAULT_PROFILE, ProfileConfig, profile
 
 SPEC = "gpt:layers=4,hidden=256,heads=8,vocab=1024,seq=128"
@@ -64,7 +66,10 @@ def _build(batch: int, seq: int) -> tuple[Any, tuple, dict]:
     return model, args, kwargs
 
 
-def _measure(rank: int, world: int, text: str, batch: int, seq: int, steps: int) -> float:
+def _measure(
+    rank: int, world: int, text: str, batch: int, seq: int, steps: int
+) -> tuple[float, int]:
+    """(median step time of the slowest rank, this rank's peak bytes over one more step)."""
     model, args, kwargs = _build(batch, seq)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -79,7 +84,7 @@ def _measure(rank: int, world: int, text: str, batch: int, seq: int, steps: int)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         if i >= 2:
             times.append(float(elapsed))
-    return statistics.median(times)
+    return statistics.median(times), measure_step_memory(compiled, *args, **kwargs).peak_bytes
 
 
 def _analysis(batch: int, seq: int) -> tuple[gfx.Analysis, tuple, dict]:
@@ -91,13 +96,18 @@ def _analysis(batch: int, seq: int) -> tuple[gfx.Analysis, tuple, dict]:
 
 def _predict(
     cluster: ClusterSpec, layers: LayerTimes | None, text: str, world: int, batch: int, seq: int
-) -> float:
+) -> tuple[float, list[float]]:
+    """(rank 0's step time, every rank's peak bytes)."""
     analysis, _, _ = _analysis(batch, seq)
+    plan = _plan(analysis, text, world)
+    step_s, peaks = 0.0, []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plan = _plan(analysis, text, world)
-        costs = plan_costs(analysis, plan, cluster, dtype="fp32", layer_times=layers)
-    return sum(c.time_s for c in costs)
+        for rank in range(world):
+            costs = plan_costs(analysis, plan, cluster, rank=rank, dtype="fp32", layer_times=layers)
+            step_s = step_s or sum(c.time_s for c in costs)
+            peaks.append(plan_peak(costs, plan, cluster).peak_bytes)
+    return step_s, peaks
 
 
 def _profile_layers(plans: list[str], world: int, batch: int, seq: int) -> LayerTimes:
@@ -138,19 +148,30 @@ def main() -> None:
     layers = None
     if not opts.roofline:
         layers = _profile_layers(plans, opts.world, opts.batch, opts.seq)
-    rows = []
+        layers.save(opts.profile.with_name(opts.profile.stem + ".layers.json"))
+    rows, memory_errors = [], []
+    print(f"{'plan':<34}{'time ms: predicted':>19}{'measured':>9}{'error':>7}   peak MiB (worst rank): predicted  measured  error")  # fmt: skip
     for text in plans:
-        predicted = _predict(cluster, layers, text, opts.world, opts.batch, opts.seq)
-        measured = fork_ranks(_measure, opts.world, text, opts.batch, opts.seq, opts.steps)[0]
+        predicted, peaks = _predict(cluster, layers, text, opts.world, opts.batch, opts.seq)
+        runs = fork_ranks(_measure, opts.world, text, opts.batch, opts.seq, opts.steps)
+        measured = runs[0][0]
         rows.append((text, predicted, measured))
-        error = (predicted - measured) / measured
-        line = f"predicted {predicted * 1e3:8.1f} ms  measured {measured * 1e3:8.1f} ms"
-        print(f"{text:<36} {line}  error {error:+.0%}", flush=True)
+        per_rank = [(p - m) / m for p, (_, m) in zip(peaks, runs, strict=True)]
+        worst = max(range(opts.world), key=lambda r: abs(per_rank[r]))
+        memory_errors.append(abs(per_rank[worst]))
+        time_error = (predicted - measured) / measured
+        print(
+            f"{text:<34}{predicted * 1e3:19.1f}{measured * 1e3:9.1f}{time_error:+7.0%}   "
+            f"{'':>22}{peaks[worst] / 2**20:10.2f}{runs[worst][1] / 2**20:10.2f}"
+            f"{per_rank[worst]:+7.1%}",
+            flush=True,
+        )
     errors = [abs(p - m) / m for _, p, m in rows]
     rho = _spearman([p for _, p, _ in rows], [m for _, _, m in rows])
-    median = statistics.median(errors)
     print(
-        f"median |error| {median:.0%}  spearman {rho:.2f}  ({len(rows)} plans, {opts.world} ranks)"
+        f"time: median |error| {statistics.median(errors):.0%}, spearman {rho:.2f}; "
+        f"peak memory: median |error| {statistics.median(memory_errors):.1%}, "
+        f"worst {max(memory_errors):.1%}  ({len(rows)} plans, {opts.world} ranks)"
     )
 
 

@@ -118,7 +118,7 @@ def _cost(args: argparse.Namespace) -> int:
     import galvatron_fx as gfx
     from galvatron_fx.cost_models.hardware import load_cluster
     from galvatron_fx.models.spec import parse_model_spec
-    from galvatron_fx.passes.plan_costs import plan_costs
+    from galvatron_fx.passes.plan_costs import plan_costs, plan_peak
 
     cluster = load_cluster(args.cluster)
     strategy = parse_strategy(args.strategy)
@@ -141,7 +141,10 @@ def _cost(args: argparse.Namespace) -> int:
             precision=args.precision,
             layer_times=layer_times,
         )
+    peak = plan_peak(costs, plan, cluster, args.precision)
     _print_costs(costs, cluster.name, strategy.short())
+    where = f"{peak.phase} {peak.unit}".strip()
+    print(f"peak memory {peak.peak_bytes / 2**30:.3f} GiB (during {where})")
     if args.explain:
         cost = next((c for c in costs if c.unit == args.explain), None)
         if cost is None:
@@ -150,7 +153,8 @@ def _cost(args: argparse.Namespace) -> int:
     if args.json:
         total = {
             "step_time_s": sum(c.time_s for c in costs),
-            "peak_memory_bytes": sum(c.memory_bytes for c in costs),
+            "peak_memory_bytes": peak.peak_bytes,
+            "peak_phase": where,
         }
         data = {
             "cluster": cluster.name,
@@ -225,8 +229,7 @@ def _print_costs(costs: Sequence[Any], cluster: str, strategy: str) -> None:
     if any(c.measured for c in costs):
         print("* compute measured by galvatron-fx profile --model; the rest: roofline")
     step = sum(c.time_s for c in costs)
-    memory = sum(c.memory_bytes for c in costs)
-    print(f"step time {step * 1e3:.3f} ms, peak memory {memory / 2**30:.3f} GiB")
+    print(f"step time {step * 1e3:.3f} ms")
 
 
 def _profile(args: argparse.Namespace) -> int:

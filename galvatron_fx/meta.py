@@ -120,6 +120,9 @@ class NodeCost:
     saved_bytes: int = 0
     """Activation bytes autograd saves for backward while running this node (parameters and
     buffers excluded, each storage counted once)."""
+    saved: tuple[tuple[str, int, bool], ...] = ()
+    """The storages in `saved_bytes`: (name of the node that produced it, or "" for a tensor
+    the op made itself; bytes; whether another node of the unit saves it too)."""
 
 
 LAYER: MetaKey[LayerTag] = MetaKey("gfx_layer", LayerTag, "the layer or segment of a node")

@@ -18,6 +18,7 @@ Nothing is allocated: everything runs under `FakeTensorMode`, also for meta-devi
 from __future__ import annotations
 
 import copy
+from collections import defaultdict
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -66,13 +67,15 @@ def annotate_costs(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         externals = _external_inputs(nodes)
         for node, obs in zip(nodes, cache[key], strict=True):
             numel, nbytes = params.get(node, (0, 0))
+            saved = _saved_once(obs, nodes, externals, counted)
             cost = NodeCost(
                 fwd_flops=obs.fwd_flops,
                 bwd_flops=obs.bwd_flops,
                 fwd_bytes=_io_bytes(node),
                 param_bytes=nbytes,
                 params=numel,
-                saved_bytes=_saved_once(obs, nodes, externals, counted),
+                saved_bytes=sum(b for _, b, _ in saved),
+                saved=saved,
             )
             COST.set(node, cost)
     return gm
@@ -80,19 +83,21 @@ def annotate_costs(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 
 def _saved_once(
     obs: _Observed, nodes: list[fx.Node], externals: list[fx.Node], counted: set[fx.Node]
-) -> int:
-    """Saved bytes of one node, skipping storages another unit already saved: layers that
+) -> tuple[tuple[str, int, bool], ...]:
+    """What one node saves, skipping storages another unit already saved: layers that
     all save one shared tensor (rotary cos/sin, a mask) hold it once in a real run."""
-    total = 0
-    for producer, nbytes in obs.saves:
+    out = []
+    for producer, nbytes, shared in obs.saves:
+        name = ""
         if producer is not None:
             kind, i = producer
             src = externals[i] if kind == "ext" else nodes[i]
             if src in counted:
                 continue
             counted.add(src)
-        total += nbytes
-    return total
+            name = src.name
+        out.append((name, nbytes, shared))
+    return tuple(out)
 
 
 class _Observed:
@@ -101,9 +106,10 @@ class _Observed:
     def __init__(self) -> None:
         self.fwd_flops = 0
         self.bwd_flops = 0
-        self.saves: list[tuple[tuple[str, int] | None, int]] = []
-        """(producer, bytes) per storage saved: producer is ("ext", i) for the unit's i-th
-        external input, ("int", j) for its j-th node, None for op-internal tensors."""
+        self.saves: list[tuple[tuple[str, int] | None, int, bool]] = []
+        """(producer, bytes, saved by another node too) per storage saved: producer is
+        ("ext", i) for the unit's i-th external input, ("int", j) for its j-th node, None
+        for op-internal tensors."""
 
 
 def requires_grad_nodes(gm: fx.GraphModule) -> dict[fx.Node, bool]:
@@ -188,6 +194,7 @@ class _UnitRun:
         self.seen_storages: dict[int, object] = {}  # kept alive so ids are not reused
         self.saved: dict[fx.Node, list[tuple[int, int]]] = {n: [] for n in nodes}
         self.producer: dict[int, tuple[str, int]] = {}
+        self.savers: dict[int, set[fx.Node]] = defaultdict(set)
         self.grad_owner: dict[object, fx.Node] = {}
         self.bwd_mark: tuple[fx.Node | None, int] = (None, 0)
 
@@ -204,7 +211,9 @@ class _UnitRun:
                     self._produced(env[node], ("int", j))
                 self._backward(env)
         for node in self.nodes:
-            self.obs[node].saves = [(self.producer.get(s), b) for s, b in self.saved[node]]
+            self.obs[node].saves = [
+                (self.producer.get(s), b, len(self.savers[s]) > 1) for s, b in self.saved[node]
+            ]
         return [self.obs[n] for n in self.nodes]
 
     def _produced(self, value: Any, key: tuple[str, int]) -> None:
@@ -237,6 +246,8 @@ class _UnitRun:
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         sid = _storage_id(t)
+        if self.current is not None:
+            self.savers[sid].add(self.current)
         if sid not in self.seen_storages and self.current is not None:
             self.seen_storages[sid] = t
             self.saved[self.current].append((sid, t.untyped_storage().nbytes()))

@@ -27,15 +27,24 @@ from galvatron_fx.cost_models.communication import collectives_time, group_spans
 from galvatron_fx.cost_models.compute import adam_step_time_s, roofline_time_s
 from galvatron_fx.cost_models.hardware import ClusterSpec
 from galvatron_fx.cost_models.memory import Precision, model_state_bytes
+from galvatron_fx.cost_models.peak_memory import PeakMemory, UnitMemory
 from galvatron_fx.meta import COST, LAYER, PLACEMENT, NodePlacement
 from galvatron_fx.passes.collective_list import collectives_of
 from galvatron_fx.passes.group_layers import unit_nodes
 from galvatron_fx.passes.insert_collectives import ParamSpec
+from galvatron_fx.passes.plan_memory import (
+    UnitMemoryInputs,
+    local_ratios,
+    plan_peak_memory,
+    saved_bytes,
+    unit_memory,
+)
 from galvatron_fx.passes.recompute import attention_cores
 from galvatron_fx.plan import DPMode, LayerStrategy, Plan, Recompute
+from galvatron_fx.runtime import collectives as C
 from galvatron_fx.runtime.layer_profile import LayerTimes
 
-__all__ = ["UnitCost", "plan_costs", "spans_nodes", "stepped_elems"]
+__all__ = ["UnitCost", "plan_costs", "plan_peak", "spans_nodes", "stepped_elems"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,9 @@ class UnitCost:
     """What the unit communicates (priced in `comm_total_s`)."""
     measured: bool = False
     """Compute times come from the profiler's table, not the roofline."""
+    memory: UnitMemory | None = None
+    """The unit's terms of the step's peak memory (`plan_peak`)."""
+    memory_inputs: UnitMemoryInputs | None = None
 
     @property
     def compute_s(self) -> float:
@@ -100,7 +112,9 @@ def plan_costs(
     params: dict[str, ParamSpec] = work.context.results["params"]
     comms = collectives_of(gm, params, plan)
     rewritten = unit_nodes(gm)
+    ratio = local_ratios(analysis.graph_module.graph, gm.graph)
     stepped = stepped_elems(params, plan)
+    previous_params = 0
     state_bytes = 4 if precision == "fp32" else 2
     out = []
     for unit, s in plan.strategies:
@@ -116,15 +130,32 @@ def plan_costs(
         comm = collectives_time(listed, cluster, spans_nodes(s, cluster))
         local_params = _local_params(params, unit)
         states = model_state_bytes(local_params, s.dp, s.dp_mode, precision).total_bytes
-        acts = _activations(nodes, cores, s, rewritten.get(unit, []))
+        inputs = _memory_inputs(nodes, rewritten.get(unit, []), ratio, cores, s, params, unit)
+        memory = unit_memory(inputs, s, precision, previous_params)
+        previous_params = inputs.local_params
         comm_s = (comm.total_s, comm.exposed_s)
         out.append(
             UnitCost(
-                unit, s.short(), *work_s, *comm_s, states, local_params, acts, listed,
-                measured=found is not None,
+                unit, s.short(), *work_s, *comm_s, states, local_params, inputs.kept_bytes,
+                listed, measured=found is not None, memory=memory, memory_inputs=inputs,
             )
         )  # fmt: skip
     return out
+
+
+def plan_peak(
+    costs: list[UnitCost],
+    plan: Plan,
+    cluster: ClusterSpec,
+    precision: Precision = "fp32",
+    bucket_mb: float = 25.0,
+) -> PeakMemory:
+    """The rank's peak memory over a step, from `plan_costs`' units. Collectives run on gloo
+    when the cluster is this machine's CPU ranks (`local`)."""
+    units = [(c.unit, c.memory, c.memory_inputs) for c in costs]
+    known = [(u, m, i) for u, m, i in units if m is not None and i is not None]
+    gloo = cluster.name == "local"
+    return plan_peak_memory(plan, known, precision, gloo=gloo, bucket_mb=bucket_mb)
 
 
 def _fingerprint(original: dict[str, list[fx.Node]], unit: str) -> str:
@@ -182,10 +213,19 @@ def _compute(
     return fwd, bwd, again
 
 
-def _activations(
-    nodes: list[fx.Node], cores: set[str], s: LayerStrategy, all_nodes: list[fx.Node]
-) -> float:
-    if s.recompute is Recompute.FULL:  # only the unit's inputs stay, for the recomputation
+def _memory_inputs(
+    nodes: list[fx.Node],
+    all_nodes: list[fx.Node],
+    ratio: dict[str, float],
+    cores: set[str],
+    s: LayerStrategy,
+    params: dict[str, ParamSpec],
+    unit: str,
+) -> UnitMemoryInputs:
+    total, kept = saved_bytes(nodes, ratio, cores, s)
+    if s.recompute is Recompute.FULL:
+        # only the unit's inputs stay, for the recomputation; while it runs, the rebuilt
+        # activations join them (an input the region saves again is not a second copy)
         inside = set(all_nodes)
         inputs = {
             a
@@ -193,13 +233,15 @@ def _activations(
             for a in n.all_input_nodes
             if a not in inside and a.op != "get_attr"
         }
-        return float(sum(_local_bytes(a) for a in inputs))
-    total = 0.0
-    for node in nodes:
-        if s.recompute is Recompute.SELECTIVE and node.name in cores:
-            continue
-        total += COST.get(node).saved_bytes / _split(PLACEMENT.get(node), s)
-    return total
+        kept = float(sum(_local_bytes(a) for a in inputs))
+        resaved = {p for n in nodes for p, _, _ in COST.get(n).saved}
+        total += sum(_local_bytes(a) for a in inputs if a.name not in resaved)
+    computed = [n for n in all_nodes if n.op == "call_function" and not _is_collective(n)]
+    largest_value = max((_local_bytes(n) for n in computed), default=0)
+    largest_param = max(
+        (_local_numel(spec) for spec in params.values() if spec.unit == unit), default=0
+    )
+    return UnitMemoryInputs(total, kept, largest_value, _local_params(params, unit), largest_param)
 
 
 def _local_bytes(node: fx.Node) -> int:
@@ -207,14 +249,22 @@ def _local_bytes(node: fx.Node) -> int:
     return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
 
 
+def _is_collective(node: fx.Node) -> bool:
+    """Runtime collectives (their buffers are the ZeRO-3 term of `plan_memory`)."""
+    return getattr(node.target, "__module__", "") == C.__name__
+
+
+def _local_numel(spec: ParamSpec) -> int:
+    whole = math.prod(spec.global_shape)
+    return whole // spec.tp_group.size if spec.tp_dim is not None else whole
+
+
 def _local_params(params: dict[str, ParamSpec], unit: str) -> int:
-    numel = 0
-    for spec in params.values():
-        if spec.unit != unit or spec.alias_of is not None:
-            continue
-        whole = math.prod(spec.global_shape)
-        numel += whole // spec.tp_group.size if spec.tp_dim is not None else whole
-    return numel
+    return sum(
+        _local_numel(spec)
+        for spec in params.values()
+        if spec.unit == unit and spec.alias_of is None
+    )
 
 
 def spans_nodes(s: LayerStrategy, cluster: ClusterSpec) -> Callable[[int], bool]:

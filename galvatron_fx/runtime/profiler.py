@@ -1,11 +1,20 @@
 """`galvatron-fx profile`: measure this machine into a `ClusterSpec` named `local`.
 
 Measures one device's matmul throughput at a few square shapes per dtype and its memory
-bandwidth (a large copy), then each collective kind for every group size 2..N over message
-sizes from 1 KB up, on N forked gloo CPU ranks (GPUs, when present, are the pipeline issue's
-concern), and fits latency + size / bus bandwidth by least squares (`cost_models.fit`).
+bandwidth (a large copy) while every rank computes (the ranks here share cores), then each
+collective kind for every group size 2..N over message sizes from 1 KB up, on N forked gloo
+CPU ranks (GPUs, when present, are the pipeline issue's concern), and fits latency +
+size / bus bandwidth by least squares (`cost_models.fit`).
+
+Collectives are measured the way a training step meets them: each rank computes about a
+layer's worth (`chunk_s`) and then calls the collective in line; the figure is what the
+collective adds to that compute. On ranks that share cores this includes the ranks' arrival
+skew and the CPU the transport takes, which an isolated measurement misses by 2x or more.
+Ranks outside a group keep computing. An all-reduce launched before the compute and waited
+for after it gives the overlap fraction. Layer timings (`--model`) are `layer_profile`'s.
+
 The result is cached as JSON (default `~/.cache/galvatron_fx/local.json`), which
-`--cluster local` reads. Layer timings (`--model`) come with the rest of the cost issue.
+`--cluster local` reads.
 """
 
 from __future__ import annotations

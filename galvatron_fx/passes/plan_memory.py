@@ -1,0 +1,135 @@
+"""Memory terms of every unit under a plan, on one rank, from the rewritten graph.
+
+Reads the saved tensors `annotate_costs` recorded (`NodeCost.saved`: producer and bytes of
+each storage autograd keeps) and the rewritten graph's local `val`s; writes nothing. Each
+saved storage is scaled by its *producer's* local size on this rank: a column-parallel
+linear saves its replicated input whole, not 1/tp of it.
+
+- kept activations: everything saved (no recomputation); the unit's inputs (full); with
+  selective recomputation, what the attention core saves minus what survives anyway (its
+  inputs, and tensors another node saves too);
+- alive during the unit's own backward: all of its saved activations (rebuilt when
+  recomputed), and under ZeRO-3 the gathered parameters (the unit's three times over: the
+  buffer, its gradient and the views' gradients; the previous unit's twice, for the
+  prefetch). A unit without parameters (the loss) also holds twice its largest value while
+  every saved tensor is still alive: the logits' gradient next to the log-softmax's. Units
+  with parameters free saved tensors as their gradients appear, so measured peaks show no
+  such term for them (`bench/cost_model.py`);
+- the state and gradient terms of `cost_models.peak_memory.runtime_state`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from galvatron_fx.cost_models.memory import PRECISIONS, Precision
+from galvatron_fx.cost_models.peak_memory import PeakMemory, UnitMemory, peak_memory, runtime_state
+from galvatron_fx.meta import COST
+from galvatron_fx.plan import DPMode, LayerStrategy, Plan, Recompute
+
+__all__ = ["UnitMemoryInputs", "local_ratios", "plan_peak_memory", "saved_bytes", "unit_memory"]
+
+_FIRST_BUCKET_BYTES = 2**20
+
+
+@dataclass(frozen=True)
+class UnitMemoryInputs:
+    """What `unit_memory` reads off one unit of the rewritten graph."""
+
+    all_saved_bytes: float
+    kept_bytes: float
+    largest_value_bytes: float
+    local_params: int
+    largest_param: int
+
+
+def _numel(node: fx.Node) -> int:
+    val = node.meta.get("val")
+    return val.numel() if isinstance(val, torch.Tensor) else 0
+
+
+def local_ratios(original: fx.Graph, rewritten: fx.Graph) -> dict[str, float]:
+    """Per node name: local elements on this rank over the captured (global) elements."""
+    whole = {n.name: _numel(n) for n in original.nodes}
+    return {
+        n.name: _numel(n) / whole[n.name]
+        for n in rewritten.nodes
+        if whole.get(n.name) and _numel(n)
+    }
+
+
+def saved_bytes(
+    nodes: Sequence[fx.Node], ratio: dict[str, float], cores: set[str], s: LayerStrategy
+) -> tuple[float, float]:
+    """(all saved, kept under `s.recompute` other than full) local bytes of a unit's nodes."""
+    total = kept = 0.0
+    for node in nodes:
+        if not COST.has(node):
+            continue
+        own = _own_ratio(node, ratio)
+        for producer, nbytes, shared in COST.get(node).saved:
+            local = nbytes * ratio.get(producer, own) if producer else nbytes * own
+            total += local
+            in_core = node.name in cores and (producer == "" or producer in cores)
+            if not (s.recompute is Recompute.SELECTIVE and in_core and not shared):
+                kept += local
+    return total, kept
+
+
+def _own_ratio(node: fx.Node, ratio: dict[str, float]) -> float:
+    """How an op's internal tensors shrink: as its output, or for a scalar output (a loss)
+    as its first input that shrinks."""
+    if node.name in ratio and _numel(node) > 1:
+        return ratio[node.name]
+    return next((ratio[a.name] for a in node.all_input_nodes if a.name in ratio), 1.0)
+
+
+def unit_memory(
+    m: UnitMemoryInputs,
+    s: LayerStrategy,
+    precision: Precision,
+    previous_params: int,
+) -> UnitMemory:
+    """One unit's terms (module docstring); `previous_params`: the unit before it, for the
+    ZeRO-3 prefetch."""
+    state, held, steady = runtime_state(m.local_params, s.dp, s.dp_mode, precision, s.dp > 1)
+    live = m.all_saved_bytes + (2 * m.largest_value_bytes if m.local_params == 0 else 0.0)
+    if s.dp > 1 and s.dp_mode is DPMode.ZERO3:
+        p = PRECISIONS[precision][0]
+        live += 3 * p * m.local_params + 2 * p * previous_params
+    return UnitMemory(state, m.kept_bytes, live, held, steady)
+
+
+def plan_peak_memory(
+    plan: Plan,
+    units: Sequence[tuple[str, UnitMemory, UnitMemoryInputs]],
+    precision: Precision,
+    *,
+    gloo: bool,
+    bucket_mb: float = 25.0,
+) -> PeakMemory:
+    """The rank's peak over a step. Gradient buckets: the sync copies gradients into flat
+    buckets of up to `bucket_mb` (the first one 1 MiB); gloo stages a ZeRO-2 reduce-scatter's
+    whole input and a ZeRO-1/2 all-gather's output, NCCL does not."""
+    g = PRECISIONS[precision][1]
+    synced = sum(g * i.local_params for u, _, i in units if plan.strategy(u).dp > 1)
+    bucket = min(bucket_mb * 2**20, max(synced - _FIRST_BUCKET_BYTES, 0.0))
+    end_extra = 0.0
+    sharded_step = False
+    for unit, _, inputs in units:
+        s = plan.strategy(unit)
+        if s.dp == 1:
+            continue
+        if s.dp_mode is DPMode.ZERO1:
+            end_extra += g * inputs.local_params / s.dp
+        sharded_step |= s.dp_mode in (DPMode.ZERO1, DPMode.ZERO2)
+    if gloo and any(plan.strategy(u).dp_mode is DPMode.ZERO2 for u, _, _ in units):
+        end_extra += bucket
+    largest = max((i.largest_param for _, _, i in units), default=0)
+    staging = 2 if gloo else 1
+    step_extra = max(2 * g * largest, staging * bucket if sharded_step else 0.0)
+    return peak_memory([(u, m) for u, m, _ in units], end_extra, step_extra)
