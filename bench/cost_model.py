@@ -31,7 +31,7 @@ from galvatron_fx.cost_models.hardware import ClusterSpec, load_cluster
 from galvatron_fx.models.spec import parse_model_spec
 from galvatron_fx.passes.plan_costs import plan_costs, plan_peak
 from galvatron_fx.runtime.launch import fork_ranks
-from galvatron_fx.runtime.layer_profile import LayerTimes, profile_layers, uniform_plan
+from galvatron_fx.runtime.layer_profile import LayerTimes, profile_layers
 from galvatron_fx.runtime.memory_probe import measure_step_memory
 from galvatron_fx.runtime.profiler import DEFAULT_PROFILE, ProfileConfig, profile
 
@@ -53,9 +53,7 @@ PLANS = [
 
 
 def _plan(analysis: gfx.Analysis, text: str, world: int) -> gfx.Plan:
-    plan = uniform_plan(analysis, parse_strategy(text))
-    assert plan.world_size == world, f"{text} is not a plan for {world} ranks"
-    return plan
+    return analysis.plan(parse_strategy(text), world_size=world)
 
 
 def _build(batch: int, seq: int) -> tuple[Any, tuple, dict]:

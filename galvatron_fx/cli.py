@@ -115,20 +115,13 @@ def parse_strategy(text: str) -> Any:
 
 
 def _cost(args: argparse.Namespace) -> int:
-    import galvatron_fx as gfx
     from galvatron_fx.cost_models.hardware import load_cluster
-    from galvatron_fx.models.spec import parse_model_spec
     from galvatron_fx.passes.plan_costs import plan_costs, plan_peak
 
     cluster = load_cluster(args.cluster)
     strategy = parse_strategy(args.strategy)
     layer_times = _layer_times(args.layers, cluster.name)
-    spec = parse_model_spec(args.model)
-    model = spec.build("meta")
-    inputs, kwargs = spec.example_inputs(model, args.batch, args.seq)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        analysis = gfx.analyze(model, inputs, kwargs)
+    analysis, _, _ = _capture(args.model, "meta", args.batch, args.seq)
     units = analysis.units
     plan = analysis.plan(strategy, world_size=strategy.devices)
     with warnings.catch_warnings():
@@ -261,21 +254,27 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _layer_inputs(args: argparse.Namespace) -> tuple[Any, tuple, dict, list[Any]]:
+def _capture(model_text: str, device: str, batch: int, seq: int | None) -> tuple[Any, tuple, dict]:
+    """Build MODEL on `device` and analyse it: (analysis, example args, example kwargs)."""
     import galvatron_fx as gfx
     from galvatron_fx.models.spec import parse_model_spec
-    from galvatron_fx.runtime.layer_profile import default_strategies
 
-    spec = parse_model_spec(args.model)
-    model = spec.build("cpu")
-    inputs, kwargs = spec.example_inputs(model, args.batch, args.seq)
+    spec = parse_model_spec(model_text)
+    model = spec.build(device)
+    inputs, kwargs = spec.example_inputs(model, batch, seq)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        analysis = gfx.analyze(model, inputs, kwargs)
+        warnings.simplefilter("ignore")  # the use_cache notice is expected here
+        return gfx.analyze(model, inputs, kwargs), inputs, kwargs
+
+
+def _layer_inputs(args: argparse.Namespace) -> tuple[Any, tuple, dict, list[Any]]:
+    from galvatron_fx.runtime.layer_profile import default_strategies, fitting_strategies
+
+    analysis, inputs, kwargs = _capture(args.model, "cpu", args.batch, args.seq)
     if args.strategies:
         strategies = [parse_strategy(t) for t in args.strategies.split(";") if t.strip()]
     else:
-        strategies = default_strategies(args.nproc)
+        strategies = fitting_strategies(analysis, default_strategies(args.nproc))
     return analysis, inputs, kwargs, strategies
 
 

@@ -66,12 +66,14 @@ class Analysis:
     def plan(
         self, strategies: Mapping[str, LayerStrategy] | LayerStrategy, *, world_size: int
     ) -> Plan:
-        """A plan for this model: one strategy for every unit, or a strategy per unit name."""
+        """A plan for this model: one strategy for every unit, or a strategy per unit name.
+
+        One strategy with `vocab_parallel` splits the vocabulary where there is one, in the
+        segments; the layers get the strategy without it (the flag means nothing there)."""
         fingerprint = model_fingerprint(self.graph_module)
         if isinstance(strategies, LayerStrategy):
-            return Plan.uniform(
-                self.units, strategies, world_size=world_size, model_fingerprint=fingerprint
-            )
+            layer = dataclasses.replace(strategies, vocab_parallel=False)
+            strategies = {u.name: strategies if u.kind == "segment" else layer for u in self.layers}
         return Plan(world_size, tuple(strategies.items()), fingerprint)
 
     def copy(self) -> Analysis:

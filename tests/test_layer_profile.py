@@ -19,9 +19,8 @@ from galvatron_fx.runtime.layer_profile import (
     load_layer_times,
     profile_layers,
     timing_key,
-    uniform_plan,
 )
-from galvatron_fx.runtime.layer_timer import LayerTime, time_units
+from galvatron_fx.runtime.layer_timer import LayerTime, instrument, time_units
 
 MID_GPT = "gpt:layers=2,hidden=128,heads=4,vocab=256,seq=64"
 
@@ -39,11 +38,17 @@ def _timed_step(compiled, args, kwargs) -> tuple[float, float]:
 def test_unit_times_add_up_to_the_step_and_land_on_the_blocks(recompute):
     model, args, kwargs = build(MID_GPT, batch=4, seq=64)
     analysis = analyze(model, args, kwargs)
-    plan = uniform_plan(analysis, LayerStrategy(recompute=recompute))
+    plan = analysis.plan(LayerStrategy(recompute=recompute), world_size=1)
     compiled = parallelize(analysis, plan=plan)
     reference = [_timed_step(compiled, args, kwargs) for _ in range(5)]
+    compiled.sync.zero_grad()
+    before = compiled.forward_loss(*args, **kwargs).item()
     times = time_units(compiled, args, kwargs, stepped_elems(compiled.params, plan), repeats=5)
     assert list(times) == ["embedding", "blocks.0", "blocks.1", "head", "loss"]
+    fresh, _, _ = build(MID_GPT, batch=4, seq=64)  # same seed, same parameters
+    marked = parallelize(analyze(fresh, args, kwargs), plan=plan)
+    instrument(marked.module)  # the ticks and marks change no value
+    assert marked.forward_loss(*args, **kwargs).item() == pytest.approx(before, rel=1e-6)
     fwd = sum(t.fwd_s for t in times.values())
     bwd = sum(t.bwd_s + t.recompute_s for t in times.values())
     ref_fwd = sorted(f for f, _ in reference)[2]
@@ -77,7 +82,7 @@ def test_layer_times_json_merges_at_one_concurrency(tmp_path):
     assert set(load_layer_times(path).entries) == {"c/x"}
     assert load_layer_times(tmp_path / "none.json") is None
     path.write_text(json.dumps({"concurrency": 2}))
-    with pytest.raises(ValueError, match="malformed"):
+    with pytest.raises(ValueError, match=r"layers\.json: .*malformed"):
         load_layer_times(path)
 
 
@@ -91,21 +96,24 @@ def test_profiled_layers_feed_plan_costs():
     # 5 units, the two blocks one fingerprint: 4 entries per strategy
     assert len(table.entries) == 8 and table.concurrency == 2
     for s in (LayerStrategy(dp=2, dp_mode="zero1"), strategies[1]):
-        plan = uniform_plan(analysis, s)
+        plan = analysis.plan(s, world_size=s.devices)
         costs = plan_costs(analysis, plan, PRESETS["a100-80gb-sxm"], layer_times=table)
         assert all(c.measured for c in costs)
         block = next(c for c in costs if c.unit == "blocks.1")
-        measured = table.lookup(_fingerprint(analysis, "blocks.1"), s)
+        measured = table.lookup(
+            next(u.fingerprint for u in analysis.layers if u.name == "blocks.1"), s
+        )
         assert (block.fwd_s, block.recompute_s) == (measured.fwd_s, measured.recompute_s)
-    roofline = plan_costs(analysis, uniform_plan(analysis, LayerStrategy(tp=2)), PRESETS["a100-80gb-sxm"], layer_times=table)  # fmt: skip
+    tp2 = analysis.plan(LayerStrategy(tp=2), world_size=2)
+    roofline = plan_costs(analysis, tp2, PRESETS["a100-80gb-sxm"], layer_times=table)
     assert not any(c.measured for c in roofline)  # not profiled: the roofline
 
 
-def _fingerprint(analysis, unit):
-    from galvatron_fx.meta import LAYER
-
-    node = next(n for n in analysis.graph_module.graph.nodes if LAYER.has(n) and LAYER.get(n).name == unit)  # fmt: skip
-    return LAYER.get(node).fingerprint
+def test_a_strategy_the_model_refuses_is_named():
+    model, args, kwargs = build(TINY_GPT, batch=4, seq=32)
+    analysis = analyze(model, args, kwargs)
+    with pytest.raises(ValueError, match="'tp3 dp1' does not fit"):
+        profile_layers(analysis, args, kwargs, [LayerStrategy(tp=3)], concurrency=1)
 
 
 def test_profile_and_cost_commands_use_measured_layers(tmp_path, capsys):

@@ -15,7 +15,6 @@ from galvatron_fx.cost_models.peak_memory import UnitMemory, peak_memory, runtim
 from galvatron_fx.passes.plan_costs import plan_costs, plan_peak
 from galvatron_fx.plan import DPMode, LayerStrategy
 from galvatron_fx.runtime.launch import fork_ranks
-from galvatron_fx.runtime.layer_profile import uniform_plan
 from galvatron_fx.runtime.memory_probe import measure_step_memory
 
 GPT = "gpt:layers=2,hidden=128,heads=4,vocab=512,seq=64"
@@ -55,7 +54,7 @@ def _measured(rank: int, world: int, strategy: LayerStrategy) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         analysis = analyze(model, args, kwargs)
-        compiled = parallelize(analysis, plan=uniform_plan(analysis, strategy))
+        compiled = parallelize(analysis, plan=analysis.plan(strategy, world_size=world))
     return measure_step_memory(compiled, *args, **kwargs).peak_bytes
 
 
@@ -72,7 +71,7 @@ def test_predicted_peak_matches_the_probe_within_5_percent(strategy):
     measured = fork_ranks(_measured, 2, strategy)
     model, args, kwargs = build(GPT, batch=8, seq=64)
     analysis = analyze(model, args, kwargs)
-    plan = uniform_plan(analysis, strategy)
+    plan = analysis.plan(strategy, world_size=strategy.devices)
     local = replace(PRESETS["a100-80gb-sxm"], name="local")  # collectives on gloo
     for rank, got in enumerate(measured):
         with warnings.catch_warnings():

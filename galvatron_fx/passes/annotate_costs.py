@@ -61,7 +61,9 @@ def annotate_costs(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     cache: dict[tuple[object, ...], list[_Observed]] = {}
     counted: set[fx.Node] = set()  # producers whose saved storage is already counted
     for nodes in unit_nodes(gm).values():
-        key = (LAYER.get(nodes[0]).fingerprint, *_boundary_grads(nodes, needs_grad))
+        # the fingerprint leaves out `contiguous` (a meta capture keeps some a CPU one does
+        # not), so the node count tells such units apart
+        key = (LAYER.get(nodes[0]).fingerprint, len(nodes), *_boundary_grads(nodes, needs_grad))
         if key not in cache:
             cache[key] = _UnitRun(gm, nodes, needs_grad).run()
         externals = _external_inputs(nodes)

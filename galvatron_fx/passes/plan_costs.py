@@ -28,7 +28,7 @@ from galvatron_fx.cost_models.compute import adam_step_time_s, roofline_time_s
 from galvatron_fx.cost_models.hardware import ClusterSpec
 from galvatron_fx.cost_models.memory import Precision, model_state_bytes
 from galvatron_fx.cost_models.peak_memory import PeakMemory, UnitMemory
-from galvatron_fx.meta import COST, LAYER, PLACEMENT, NodePlacement
+from galvatron_fx.meta import COST, PLACEMENT, NodePlacement
 from galvatron_fx.passes.collective_list import collectives_of
 from galvatron_fx.passes.group_layers import unit_nodes
 from galvatron_fx.passes.insert_collectives import ParamSpec
@@ -114,13 +114,14 @@ def plan_costs(
     rewritten = unit_nodes(gm)
     ratio = local_ratios(analysis.graph_module.graph, gm.graph)
     stepped = stepped_elems(params, plan)
+    fingerprints = {u.name: u.fingerprint for u in analysis.layers}
     previous_params = 0
     state_bytes = 4 if precision == "fp32" else 2
     out = []
     for unit, s in plan.strategies:
         nodes = [n for n in rewritten.get(unit, []) if COST.has(n) and PLACEMENT.has(n)]
         cores = {n.name for core in attention_cores(original.get(unit, [])) for n in core}
-        found = layer_times.lookup(_fingerprint(original, unit), s) if layer_times else None
+        found = layer_times.lookup(fingerprints[unit], s) if layer_times else None
         if found is not None:
             work_s = (found.fwd_s, found.bwd_s, found.recompute_s, found.step_s)
         else:
@@ -130,7 +131,9 @@ def plan_costs(
         comm = collectives_time(listed, cluster, spans_nodes(s, cluster))
         local_params = _local_params(params, unit)
         states = model_state_bytes(local_params, s.dp, s.dp_mode, precision).total_bytes
-        inputs = _memory_inputs(nodes, rewritten.get(unit, []), ratio, cores, s, params, unit)
+        inputs = _memory_inputs(
+            nodes, rewritten.get(unit, []), ratio, cores, s, params, unit, local_params
+        )
         memory = unit_memory(inputs, s, precision, previous_params)
         previous_params = inputs.local_params
         comm_s = (comm.total_s, comm.exposed_s)
@@ -156,11 +159,6 @@ def plan_peak(
     known = [(u, m, i) for u, m, i in units if m is not None and i is not None]
     gloo = cluster.name == "local"
     return plan_peak_memory(plan, known, precision, gloo=gloo, bucket_mb=bucket_mb)
-
-
-def _fingerprint(original: dict[str, list[fx.Node]], unit: str) -> str:
-    nodes = original.get(unit, [])
-    return LAYER.get(nodes[0]).fingerprint if nodes else ""
 
 
 def stepped_elems(params: dict[str, ParamSpec], plan: Plan) -> dict[str, int]:
@@ -221,6 +219,7 @@ def _memory_inputs(
     s: LayerStrategy,
     params: dict[str, ParamSpec],
     unit: str,
+    local_params: int,
 ) -> UnitMemoryInputs:
     total, kept = saved_bytes(nodes, ratio, cores, s)
     if s.recompute is Recompute.FULL:
@@ -241,7 +240,7 @@ def _memory_inputs(
     largest_param = max(
         (_local_numel(spec) for spec in params.values() if spec.unit == unit), default=0
     )
-    return UnitMemoryInputs(total, kept, largest_value, _local_params(params, unit), largest_param)
+    return UnitMemoryInputs(total, kept, largest_value, local_params, largest_param)
 
 
 def _local_bytes(node: fx.Node) -> int:

@@ -27,7 +27,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from galvatron_fx.meta import LAYER
 from galvatron_fx.plan import DPMode, LayerStrategy, Recompute
 from galvatron_fx.runtime import collectives as C
 from galvatron_fx.runtime.launch import fork_ranks
@@ -37,9 +36,9 @@ __all__ = [
     "DEFAULT_LAYERS",
     "LayerTimes",
     "default_strategies",
+    "fitting_strategies",
     "profile_layers",
     "timing_key",
-    "uniform_plan",
 ]
 
 DEFAULT_LAYERS = Path.home() / ".cache" / "galvatron_fx" / "layers.json"
@@ -106,8 +105,8 @@ def load_layer_times(path: Path) -> LayerTimes | None:
         return None
     try:
         return LayerTimes.from_json(json.loads(path.read_text()))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not JSON ({err}); delete it and profile again") from None
+    except (json.JSONDecodeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}; delete it and profile again") from None
 
 
 def default_strategies(world: int) -> list[LayerStrategy]:
@@ -124,13 +123,6 @@ def default_strategies(world: int) -> list[LayerStrategy]:
     return out
 
 
-def uniform_plan(analysis: Any, s: LayerStrategy) -> Any:
-    """`s` on every unit (vocab parallelism only where there is a vocabulary: segments)."""
-    layer = replace(s, vocab_parallel=False)
-    strategies = {u.name: (layer if u.kind == "layer" else s) for u in analysis.layers}
-    return analysis.plan(strategies, world_size=s.devices)
-
-
 def _measure(
     analysis: Any, args: tuple, kwargs: dict, s: LayerStrategy, repeats: int
 ) -> dict[str, LayerTime]:
@@ -144,7 +136,7 @@ def _measure(
         dist.destroy_process_group()
     C.GROUPS.clear()
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=s.devices)
-    plan = uniform_plan(analysis, s)
+    plan = analysis.plan(s, world_size=s.devices)
     compiled = parallelize(analysis.copy(), plan=plan, rank=0)
     return time_units(compiled, args, kwargs, stepped_elems(compiled.params, plan), repeats=repeats)
 
@@ -184,47 +176,45 @@ def profile_layers(
     repeats: int = 5,
 ) -> LayerTimes:
     """Measure every distinct unit of `analysis` (captured with example inputs `args`,
-    `kwargs`, the global batch) under each strategy, `concurrency` copies at once."""
-    valid = [s for s in strategies if _fits(analysis, s)]
-    if not valid:
-        raise ValueError("profile --model: none of the strategies fits this model's shapes")
+    `kwargs`, the global batch) under each strategy, `concurrency` copies at once. A strategy
+    the model refuses (tp not dividing its heads, say) is an error naming it."""
+    for s in strategies:
+        _check(analysis, s)
     barrier = mp.get_context("fork").Barrier(concurrency)
     per_rank = fork_ranks(
-        _rank, concurrency, analysis, args, kwargs, valid, repeats, barrier, timeout_s=3600
+        _rank, concurrency, analysis, args, kwargs, strategies, repeats, barrier, timeout_s=3600
     )
     print(file=sys.stderr)
-    fingerprints = {u.name: u.fingerprint for u in _tags(analysis)}
     samples: dict[str, list[LayerTime]] = defaultdict(list)
-    for s in valid:
-        layer = replace(s, vocab_parallel=False)
+    for s in strategies:
+        plan = analysis.plan(s, world_size=s.devices)
         for times in per_rank:
-            for unit, t in times[s.short()].items():
-                kind = _kind(analysis, unit)
-                key, _ = timing_key(fingerprints[unit], layer if kind == "layer" else s)
-                samples[key].append(t)
+            for unit in analysis.layers:
+                key, _ = timing_key(unit.fingerprint, plan.strategy(unit.name))
+                samples[key].append(times[s.short()][unit.name])
     entries = {k: median_time(v) for k, v in samples.items()}
     source = f"galvatron-fx profile --model on {os.uname().nodename}, {concurrency} at once"
     return LayerTimes(concurrency, entries, source)
 
 
-def _fits(analysis: Any, s: LayerStrategy) -> bool:
+def _check(analysis: Any, s: LayerStrategy) -> None:
     from galvatron_fx.plan import PlanError
+    from galvatron_fx.summary import layer_shapes, model_fingerprint
 
+    gm = analysis.graph_module
     try:
-        uniform_plan(analysis, s)
-    except PlanError:
-        return False
-    return True
+        analysis.plan(s, world_size=s.devices).check_model(model_fingerprint(gm), layer_shapes(gm))
+    except PlanError as err:
+        raise ValueError(f"profile --model: strategy {s.short()!r} does not fit: {err}") from None
 
 
-def _tags(analysis: Any) -> list[Any]:
-    seen: dict[str, Any] = {}
-    for node in analysis.graph_module.graph.nodes:
-        if LAYER.has(node):
-            tag = LAYER.get(node)
-            seen.setdefault(tag.name, tag)
-    return list(seen.values())
-
-
-def _kind(analysis: Any, unit: str) -> str:
-    return next(u.kind for u in analysis.layers if u.name == unit)
+def fitting_strategies(analysis: Any, strategies: list[LayerStrategy]) -> list[LayerStrategy]:
+    """The strategies this model accepts (drops, say, a tp that does not divide its heads)."""
+    out = []
+    for s in strategies:
+        try:
+            _check(analysis, s)
+        except ValueError:
+            continue
+        out.append(s)
+    return out
