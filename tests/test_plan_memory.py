@@ -64,8 +64,9 @@ def _measured(rank: int, world: int, strategy: LayerStrategy) -> int:
         LayerStrategy(dp=2),
         LayerStrategy(tp=2, sp=True, recompute="full"),
         LayerStrategy(dp=2, dp_mode="zero2"),
+        LayerStrategy(tp=2, sp=True, vocab_parallel=True),
     ],
-    ids=["dp2", "tp2-sp-full", "zero2"],
+    ids=["dp2", "tp2-sp-full", "zero2", "tp2-sp-vocab"],
 )
 def test_predicted_peak_matches_the_probe_within_5_percent(strategy):
     measured = fork_ranks(_measured, 2, strategy)

@@ -34,6 +34,7 @@ from galvatron_fx.passes.group_layers import unit_nodes
 from galvatron_fx.passes.insert_collectives import ParamSpec
 from galvatron_fx.passes.plan_memory import (
     UnitMemoryInputs,
+    is_collective,
     local_ratios,
     plan_peak_memory,
     saved_bytes,
@@ -41,7 +42,6 @@ from galvatron_fx.passes.plan_memory import (
 )
 from galvatron_fx.passes.recompute import attention_cores
 from galvatron_fx.plan import DPMode, LayerStrategy, Plan, Recompute
-from galvatron_fx.runtime import collectives as C
 from galvatron_fx.runtime.layer_profile import LayerTimes
 
 __all__ = ["UnitCost", "plan_costs", "plan_peak", "spans_nodes", "stepped_elems"]
@@ -235,7 +235,7 @@ def _memory_inputs(
         kept = float(sum(_local_bytes(a) for a in inputs))
         resaved = {p for n in nodes for p, _, _ in COST.get(n).saved}
         total += sum(_local_bytes(a) for a in inputs if a.name not in resaved)
-    computed = [n for n in all_nodes if n.op == "call_function" and not _is_collective(n)]
+    computed = [n for n in all_nodes if n.op == "call_function" and not is_collective(n)]
     largest_value = max((_local_bytes(n) for n in computed), default=0)
     largest_param = max(
         (_local_numel(spec) for spec in params.values() if spec.unit == unit), default=0
@@ -246,11 +246,6 @@ def _memory_inputs(
 def _local_bytes(node: fx.Node) -> int:
     val = node.meta.get("val")
     return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
-
-
-def _is_collective(node: fx.Node) -> bool:
-    """Runtime collectives (their buffers are the ZeRO-3 term of `plan_memory`)."""
-    return getattr(node.target, "__module__", "") == C.__name__
 
 
 def _local_numel(spec: ParamSpec) -> int:

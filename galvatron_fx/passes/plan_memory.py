@@ -2,8 +2,9 @@
 
 Reads the saved tensors `annotate_costs` recorded (`NodeCost.saved`: producer and bytes of
 each storage autograd keeps) and the rewritten graph's local `val`s; writes nothing. Each
-saved storage is scaled by its *producer's* local size on this rank: a column-parallel
-linear saves its replicated input whole, not 1/tp of it.
+saved storage is scaled by its *producer's* local size on this rank, as the saving node
+receives it: a column-parallel linear saves its replicated input whole, not 1/tp of it, and
+under sequence parallelism the gathered input, not the rank's slice of the sequence.
 
 - kept activations: everything saved (no recomputation); the unit's inputs (full); with
   selective recomputation, what the attention core saves minus what survives anyway (its
@@ -30,8 +31,16 @@ from galvatron_fx.cost_models.memory import PRECISIONS, Precision
 from galvatron_fx.cost_models.peak_memory import PeakMemory, UnitMemory, peak_memory, runtime_state
 from galvatron_fx.meta import COST
 from galvatron_fx.plan import DPMode, LayerStrategy, Plan, Recompute
+from galvatron_fx.runtime import collectives as C
 
-__all__ = ["UnitMemoryInputs", "local_ratios", "plan_peak_memory", "saved_bytes", "unit_memory"]
+__all__ = [
+    "UnitMemoryInputs",
+    "is_collective",
+    "local_ratios",
+    "plan_peak_memory",
+    "saved_bytes",
+    "unit_memory",
+]
 
 _FIRST_BUCKET_BYTES = 2**20
 
@@ -45,6 +54,11 @@ class UnitMemoryInputs:
     largest_value_bytes: float
     local_params: int
     largest_param: int
+
+
+def is_collective(node: fx.Node) -> bool:
+    """A runtime collective the rewrite inserted."""
+    return getattr(node.target, "__module__", "") == C.__name__
 
 
 def _numel(node: fx.Node) -> int:
@@ -72,12 +86,25 @@ def saved_bytes(
             continue
         own = _own_ratio(node, ratio)
         for producer, nbytes, shared in COST.get(node).saved:
-            local = nbytes * ratio.get(producer, own) if producer else nbytes * own
+            local = nbytes * (_fed_ratio(node, producer, ratio) if producer else own)
             total += local
             in_core = node.name in cores and (producer == "" or producer in cores)
             if not (s.recompute is Recompute.SELECTIVE and in_core and not shared):
                 kept += local
     return total, kept
+
+
+def _fed_ratio(node: fx.Node, producer: str, ratio: dict[str, float]) -> float:
+    """How the producer's value shrinks as this node receives it: the rewrite may put a
+    collective between them (sequence parallelism gathers a layer norm's output whole before
+    a column-parallel linear, which saves the gathered tensor)."""
+    for a in node.all_input_nodes:
+        if a.name == producer:
+            break
+        source = next((x for x in a.all_input_nodes if x.name == producer), None)
+        if is_collective(a) and source is not None and _numel(source) and producer in ratio:
+            return ratio[producer] * _numel(a) / _numel(source)
+    return ratio.get(producer, 1.0)
 
 
 def _own_ratio(node: fx.Node, ratio: dict[str, float]) -> float:

@@ -48,7 +48,7 @@ class ProfileConfig:
     nproc: int = 2
     max_bytes: int = 256 * 2**20
     """Largest message; sizes go up by 4x from 1 KB."""
-    repeats: int = 5
+    repeats: int = 8
     matmul_sizes: tuple[int, ...] = (512, 1024, 2048)
     copy_bytes: int = 256 * 2**20
     chunk_s: float = 0.01
@@ -116,11 +116,17 @@ def _collective(kind: str, size: int, n: int, group: Any) -> Callable[..., Any]:
 
 
 def _chunk(target_s: float) -> Callable[[], Any]:
-    """Compute lasting about `target_s` while every rank computes (a layer's worth)."""
+    """Compute lasting about `target_s` while every rank computes (a layer's worth). Every
+    rank runs the same number of matmuls (the median of their estimates): the skew a
+    collective meets grows with the compute before it, so it must not differ by rank."""
     a, b = torch.randn(512, 512), torch.randn(512, 512)
-    once = _best_s(functools.partial(torch.mm, a, b), 3)
-    reps = max(1, round(target_s / once))
-    return lambda: [torch.mm(a, b) for _ in range(reps)]
+    mm = functools.partial(torch.mm, a, b)
+    dist.barrier()
+    once = statistics.median(_best_s(lambda: [mm() for _ in range(5)], 3) / 5 for _ in range(3))
+    estimates = [0.0] * dist.get_world_size()
+    dist.all_gather_object(estimates, target_s / once)
+    reps = max(1, round(statistics.median(estimates)))
+    return lambda: [mm() for _ in range(reps)]
 
 
 def _loop(chunk: Callable[[], Any], coll: Callable[..., Any] | None, iters: int) -> float:
@@ -172,12 +178,12 @@ def _rank(rank: int, world: int, cfg: ProfileConfig) -> dict[str, Any]:
         group = groups[n]
         coll = _collective(kind, size, n, group) if group is not None else None
         try:
-            with_coll = _loop(chunk, coll, cfg.repeats)
+            with_coll = statistics.median(_loop(chunk, coll, cfg.repeats) for _ in range(3))
         except RuntimeError:  # a kind this backend lacks
             continue
         results[(kind, n, size)] = max(with_coll - alone, 1e-7)
         if coll is not None and kind == "all_reduce" and n == world and size * 16 >= cfg.max_bytes:
-            both = _overlapped(chunk, coll, cfg.repeats)
+            both = statistics.median(_overlapped(chunk, coll, cfg.repeats) for _ in range(3))
             overlaps.append((with_coll - both) / max(min(alone, with_coll - alone), 1e-9))
         if rank == 0:
             _progress(i + 1, len(steps), f"{kind} {size} B on {n} of {world} ranks")

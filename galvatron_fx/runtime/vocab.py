@@ -55,13 +55,15 @@ class _VocabCrossEntropy(torch.autograd.Function):
         mine = (target >= start) & (target < start + width)
         local = (target - start).clamp(0, width - 1)
         picked = shifted.gather(1, local.unsqueeze(1)).squeeze(1) * mine
-        exp = shifted.exp()
+        # in place from here: one logits-sized buffer becomes the saved softmax, instead of
+        # three alive at once (the forward's memory peak under vocab parallelism)
+        exp = shifted.exp_()
         total = _reduce(exp.sum(dim=1), "sum", ref)
         picked = _reduce(picked, "sum", ref)
         valid = target != ignore
         losses = (total.log() - picked) * valid
         count = valid.sum().clamp(min=1)
-        ctx.save_for_backward(exp / total.unsqueeze(1), local, mine, valid)
+        ctx.save_for_backward(exp.div_(total.unsqueeze(1)), local, mine, valid)
         ctx.reduction, ctx.count = reduction, count
         return losses.sum() / count if reduction == 1 else losses.sum()
 
