@@ -21,7 +21,7 @@ class Collective:
     """One collective call on one rank."""
 
     kind: CollectiveKind
-    size_bytes: int
+    size_bytes: float
     """The whole buffer (nccl-tests' size): the reduced tensor of an all-reduce, the output of
     an all-gather, the input of a reduce-scatter."""
     group_size: int

@@ -20,6 +20,7 @@ import sympy
 
 from galvatron_fx.cost_models.comm import Collective
 from galvatron_fx.cost_models.hardware import ClusterSpec, Link
+from galvatron_fx.plan import LayerStrategy
 
 __all__ = [
     "BUS_FACTOR",
@@ -29,6 +30,7 @@ __all__ = [
     "collectives_time",
     "explain",
     "group_spans_nodes",
+    "spans_nodes",
 ]
 
 n, size_bytes, latency_s, bus_bw = sympy.symbols(
@@ -106,3 +108,16 @@ def collectives_time(
         total += t
         exposed += t * (1.0 - cluster.overlap) if c.overlappable else t
     return CommTime(total, exposed)
+
+
+def spans_nodes(s: LayerStrategy, cluster: ClusterSpec) -> Callable[[int], bool]:
+    """Whether a group of a given size leaves a node, on this unit's mesh."""
+
+    def spans(size: int) -> bool:
+        if size == s.tp:
+            stride = 1 if s.tp_consecutive else s.dp
+        else:
+            stride = s.tp if s.tp_consecutive else 1
+        return group_spans_nodes(size, stride, cluster.devices_per_node)
+
+    return spans

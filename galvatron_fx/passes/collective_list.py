@@ -60,10 +60,12 @@ def collectives_of(
 
 def _bucketed(collectives: Iterator[Collective]) -> list[Collective]:
     """Gradient sync as the runtime runs it: a unit's parameters share buckets, so their
-    collectives of one kind and group are one call (one latency), not one per parameter."""
+    collectives of one kind and group are one call (one latency), not one per parameter.
+    The TP-group sums (`grad_sync_tp`) are other calls than the data-parallel buckets even
+    when both groups have the same size."""
     merged: dict[tuple[Any, ...], Collective] = {}
     for c in collectives:
-        key = (c.unit, c.kind, c.group_size, c.phase, c.overlappable)
+        key = (c.unit, c.kind, c.group_size, c.phase, c.overlappable, c.source)
         old = merged.get(key)
         merged[key] = (
             c if old is None else dataclasses.replace(old, size_bytes=old.size_bytes + c.size_bytes)
@@ -173,7 +175,7 @@ def _grad_sync(
                 elem = get_attr(gm, spec.zero3_flat).element_size()
                 size = math.prod(spec.zero3_shape or ()) * elem // spec.dp_group.size
                 yield Collective(
-                    _AR, size, spec.tp_group.size, "backward", False, spec.unit, "grad_sync"
+                    _AR, size, spec.tp_group.size, "backward", False, spec.unit, "grad_sync_tp"
                 )
             continue
         param = get_attr(gm, name)
@@ -182,7 +184,7 @@ def _grad_sync(
         size = param.numel() * param.element_size()
         if spec.grad_sum_tp:
             yield Collective(
-                _AR, size, spec.tp_group.size, "backward", True, spec.unit, "grad_sync"
+                _AR, size, spec.tp_group.size, "backward", True, spec.unit, "grad_sync_tp"
             )
         n, mode = spec.dp_group.size, plan.strategy(spec.unit).dp_mode
         if n == 1 or spec.zero3_shape is not None:

@@ -91,7 +91,8 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     rewrite = _Rewrite(gm, ctx.results["plan"], int(ctx.results.get("rank", 0)))
     ctx.results["params"] = rewrite.run()
     gm.graph.lint()
-    gm.recompile()
+    if ctx.results.get("codegen", True):  # a costs-only rewrite never runs the module
+        gm.recompile()
     return gm
 
 

@@ -14,7 +14,6 @@ alpha-beta with overlap (`cost_models`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +22,7 @@ from torch import fx
 from torch.distributed.tensor import Partial, Shard
 
 from galvatron_fx.cost_models.comm import Collective
-from galvatron_fx.cost_models.communication import collectives_time, group_spans_nodes
+from galvatron_fx.cost_models.communication import collectives_time, spans_nodes
 from galvatron_fx.cost_models.compute import adam_step_time_s, roofline_time_s
 from galvatron_fx.cost_models.hardware import ClusterSpec
 from galvatron_fx.cost_models.memory import Precision, model_state_bytes
@@ -44,7 +43,14 @@ from galvatron_fx.passes.recompute import attention_cores
 from galvatron_fx.plan import DPMode, LayerStrategy, Plan, Recompute
 from galvatron_fx.runtime.layer_profile import LayerTimes
 
-__all__ = ["UnitCost", "plan_costs", "plan_peak", "spans_nodes", "stepped_elems"]
+__all__ = [
+    "UnitCost",
+    "plan_costs",
+    "plan_peak",
+    "rewrite_for_costs",
+    "spans_nodes",
+    "stepped_elems",
+]
 
 
 @dataclass(frozen=True)
@@ -101,18 +107,9 @@ def plan_costs(
 ) -> list[UnitCost]:
     """Per unit, in order: what `plan` costs rank `rank` on `cluster`; compute measured
     where `layer_times` has the unit under its strategy."""
-    from galvatron_fx.compile import PARALLEL_PASSES
-    from galvatron_fx.passes.manager import run_passes
-
     original = unit_nodes(analysis.graph_module)
-    work = analysis.copy()
-    work.context.results.update(plan=plan, rank=rank)
-    before_recompute = [p for p in PARALLEL_PASSES if p.name != "recompute"]
-    gm = run_passes(work.graph_module, work.context, before_recompute)
-    params: dict[str, ParamSpec] = work.context.results["params"]
-    comms = collectives_of(gm, params, plan)
+    gm, params, comms, ratio = rewrite_for_costs(analysis, plan, rank)
     rewritten = unit_nodes(gm)
-    ratio = local_ratios(analysis.graph_module.graph, gm.graph)
     stepped = stepped_elems(params, plan)
     fingerprints = {u.name: u.fingerprint for u in analysis.layers}
     previous_params = 0
@@ -144,6 +141,23 @@ def plan_costs(
             )
         )  # fmt: skip
     return out
+
+
+def rewrite_for_costs(
+    analysis: Any, plan: Plan, rank: int = 0
+) -> tuple[fx.GraphModule, dict[str, ParamSpec], dict[str, list[Collective]], dict[str, float]]:
+    """Rank `rank`'s rewrite of a copy of `analysis` (recomputation left out: costs price it
+    from the plan): (graph, parameter specs, collectives per unit, local size ratios)."""
+    from galvatron_fx.compile import PARALLEL_PASSES
+    from galvatron_fx.passes.manager import run_passes
+
+    work = analysis.copy()
+    work.context.results.update(plan=plan, rank=rank, codegen=False)
+    before_recompute = [p for p in PARALLEL_PASSES if p.name != "recompute"]
+    gm = run_passes(work.graph_module, work.context, before_recompute)
+    params: dict[str, ParamSpec] = work.context.results["params"]
+    comms = collectives_of(gm, params, plan)
+    return gm, params, comms, local_ratios(analysis.graph_module.graph, gm.graph)
 
 
 def plan_peak(
@@ -259,16 +273,3 @@ def _local_params(params: dict[str, ParamSpec], unit: str) -> int:
         for spec in params.values()
         if spec.unit == unit and spec.alias_of is None
     )
-
-
-def spans_nodes(s: LayerStrategy, cluster: ClusterSpec) -> Callable[[int], bool]:
-    """Whether a group of a given size leaves a node, on this unit's mesh."""
-
-    def spans(size: int) -> bool:
-        if size == s.tp:
-            stride = 1 if s.tp_consecutive else s.dp
-        else:
-            stride = s.tp if s.tp_consecutive else 1
-        return group_spans_nodes(size, stride, cluster.devices_per_node)
-
-    return spans
