@@ -28,8 +28,11 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/capture.py
 	$(PY) bench/runtime.py
+	$(PY) bench/search.py
+	$(PY) bench/plan_quality.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -6,6 +6,7 @@ data, ZeRO-1/2/3 parallelism and recomputation per layer) with `CompiledModel.tr
 See README.md for the concepts and the CLI.
 """
 
+from galvatron_fx import search  # callable: galvatron_fx.search(model, ...) (search/__init__)
 from galvatron_fx.compile import (
     FRONTEND_PASSES,
     PARALLEL_PASSES,
@@ -75,6 +76,7 @@ __all__ = [
     "parallelize",
     "plan_collectives",
     "run_passes",
+    "search",
     "summary",
     "switch_collectives",
     "to_dot",

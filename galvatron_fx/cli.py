@@ -5,6 +5,8 @@ plan, train, explain).
     galvatron-fx profile [--nproc N] [--out FILE] [--max-bytes B] [--quick]
                          [--model MODEL --batch B --seq S [--strategies "dp=2;tp=2,sp=1"]]
     galvatron-fx cost MODEL --cluster C --batch B --seq S --strategy "tp=4,dp=2,zero=3,ckpt=full"
+    galvatron-fx plan MODEL --cluster C --memory-gb M --global-batch B [--seq S] [--json FILE]
+    galvatron-fx explain PLAN.json [--diff OTHER.json]
 """
 
 from __future__ import annotations
@@ -80,6 +82,22 @@ def _parser() -> argparse.ArgumentParser:
         "(default: the cached ones)",
     )
     p.set_defaults(run=_cost)
+    p = sub.add_parser("plan", help="search the best plan for a cluster and a memory budget")
+    p.add_argument("model", help=_MODEL_HELP)
+    p.add_argument("--cluster", default="a100-80gb-sxm", help="preset[:nodes=N], local, or JSON")
+    p.add_argument("--memory-gb", type=float, required=True, help="memory budget per device")
+    p.add_argument("--global-batch", type=int, required=True, help="samples per step")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: model max)")
+    p.add_argument("--world", type=int, default=None, help="devices (default: the cluster's)")
+    p.add_argument("--precision", default="mixed", choices=("mixed", "fp32"))
+    p.add_argument("--max-pipeline", type=int, default=None, help="cap the pipeline degree")
+    p.add_argument("--no-baselines", action="store_true", help="skip pricing the baselines")
+    p.add_argument("--json", type=Path, help="write the plan, predictions and baselines")
+    p.set_defaults(run=_plan)
+    p = sub.add_parser("explain", help="why each layer of a plan got its strategy")
+    p.add_argument("plan", type=Path, help="a JSON written by galvatron-fx plan --json")
+    p.add_argument("--diff", type=Path, default=None, help="compare with another plan JSON")
+    p.set_defaults(run=_explain_plan)
     return parser
 
 
@@ -173,10 +191,9 @@ def _layer_times(path: Path | None, cluster: str) -> Any:
 
 
 def _explain(analysis: Any, plan: Any, cluster: Any, cost: Any, precision: Any) -> None:
-    from galvatron_fx.cost_models.communication import explain
+    from galvatron_fx.cost_models.communication import explain, spans_nodes
     from galvatron_fx.cost_models.compute import explain_training_flops
     from galvatron_fx.cost_models.memory import explain_model_states
-    from galvatron_fx.passes.plan_costs import spans_nodes
     from galvatron_fx.summary import unit_flops
 
     unit = cost.unit
@@ -296,6 +313,80 @@ def _profile_layers(
     out = args.layers or DEFAULT_LAYERS
     times.save(out)
     print(f"wrote {out}: {len(times.entries)} (unit, strategy) timings of {args.model}")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from galvatron_fx.compile import search
+
+    if args.seq is not None and args.seq < 1:
+        raise ValueError("--seq must be >= 1")
+    # captured whole, as `compile` will capture it: the plan's fingerprint then matches
+    analysis, _, _ = _capture(args.model, "meta", args.global_batch, args.seq)
+    result = search(
+        analysis,
+        cluster=args.cluster,
+        memory_budget_gb=args.memory_gb,
+        global_batch=args.global_batch,
+        world_size=args.world,
+        precision=args.precision,
+        baselines=not args.no_baselines,
+        max_pipeline=args.max_pipeline,
+        progress=_progress,
+    )
+    print(format_result(result))
+    if args.json:
+        _write(args.json, json.dumps(result.to_json(), indent=2) + "\n")
+    return 0
+
+
+def _progress(done: int, total: int) -> None:
+    if sys.stderr.isatty() or done == total:
+        bar = "#" * (20 * done // max(total, 1))
+        end = "\n" if done == total else ""
+        print(f"\rsearching configurations [{bar:<20}] {done}/{total}", end=end, file=sys.stderr)
+
+
+def format_result(result: Any) -> str:
+    """The plan table, the predictions and the baselines, as `galvatron-fx plan` prints."""
+    p = result.predicted
+    lines = [result.plan.table(), ""]
+    lines.append(f"predicted step time   {p['step_time_s'] * 1e3:.1f} ms")
+    lines.append(f"samples/s             {p['samples_per_s']:.2f}")
+    lines.append(f"TFLOP/s per device    {p['tflops_per_device']:.1f}")
+    for k, mem in enumerate(p["peak_memory_bytes"]):
+        lines.append(f"stage {k} peak memory  {mem / 2**30:.2f} GiB (upper bound)")
+    lines.append(f"search time           {result.search_time_s:.2f} s")
+    if result.baselines:
+        lines.append("")
+        lines.append(f"{'baseline':<24}{'samples/s':>12}{'plan / baseline':>18}")
+        for name, sps in result.baselines.items():
+            if sps is None:
+                lines.append(f"{name:<24}{'does not fit':>12}")
+            else:
+                lines.append(f"{name:<24}{sps:>12.2f}{p['samples_per_s'] / sps:>17.3f}x")
+    return "\n".join(lines)
+
+
+def _explain_plan(args: argparse.Namespace) -> int:
+    from galvatron_fx.search.explain import diff_plans, format_explain
+
+    data = _read_json(args.plan)
+    if args.diff is not None:
+        print(diff_plans(data, _read_json(args.diff), (args.plan.name, args.diff.name)))
+        return 0
+    if "units" not in data:
+        raise ValueError(
+            f"{args.plan}: no per-unit explanations (write it with galvatron-fx plan --json)"
+        )
+    print(format_explain(data))
+    return 0
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -36,7 +36,15 @@ from galvatron_fx.runtime.compiled import CompiledModel, LossFn
 from galvatron_fx.runtime.data_parallel import GradSync, SyncedParam, Zero3TPSum
 from galvatron_fx.summary import LayerSummary, layer_shapes, layer_table, model_fingerprint
 
-__all__ = ["FRONTEND_PASSES", "PARALLEL_PASSES", "Analysis", "analyze", "compile", "parallelize"]
+__all__ = [
+    "FRONTEND_PASSES",
+    "PARALLEL_PASSES",
+    "Analysis",
+    "analyze",
+    "compile",
+    "parallelize",
+    "search",
+]
 
 FRONTEND_PASSES: tuple[Pass, ...] = (
     group_layers,  # gfx_layer: which repeated block or segment every node belongs to
@@ -109,6 +117,44 @@ def analyze(
     ctx.timings_s["capture"] = time.perf_counter() - start
     gm = run_passes(gm, ctx, passes)
     return Analysis(gm, layer_table(gm), dict(ctx.timings_s), ctx)
+
+
+def search(
+    model: nn.Module | Analysis,
+    example_inputs: Sequence[Any] = (),
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    cluster: Any,
+    memory_budget_gb: float,
+    global_batch: int,
+    world_size: int | None = None,
+    precision: Any = "mixed",
+    baselines: bool = True,
+    max_pipeline: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Any:
+    """The best plan for `model` (or an `Analysis` of it) on `world_size` devices of
+    `cluster` (a `ClusterSpec`, a preset name like `a100-80gb-sxm:nodes=8`, or `local`), each
+    with `memory_budget_gb`, training `global_batch` samples a step: a `SearchResult` with
+    `.plan`, `.predicted`, `.baselines` and per-unit explanations; `max_pipeline` caps the
+    pipeline degree. Plans for any cluster from any machine: a model built on the meta
+    device allocates nothing."""
+    from galvatron_fx.passes.search import run_search
+
+    analysis = (
+        model if isinstance(model, Analysis) else analyze(model, example_inputs, example_kwargs)
+    )
+    return run_search(
+        analysis,
+        cluster=cluster,
+        memory_budget_gb=memory_budget_gb,
+        global_batch=global_batch,
+        world_size=world_size,
+        precision=precision,
+        baselines=baselines,
+        max_pipeline=max_pipeline,
+        progress=progress,
+    )
 
 
 PARALLEL_PASSES: tuple[Pass, ...] = (

@@ -27,6 +27,7 @@ __all__ = [
     "PlanError",
     "Recompute",
     "Schedule",
+    "save_json",
 ]
 
 SCHEMA_VERSION = 1
@@ -274,11 +275,7 @@ class Plan:
             raise PlanError(f"{source}: missing field {err}") from None
 
     def save(self, path: str | Path) -> None:
-        """Write atomically: a crash leaves the previous file whole."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        tmp.replace(path)
+        save_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
@@ -286,6 +283,8 @@ class Plan:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as err:
             raise PlanError(f"{path}: not valid JSON ({err})") from None
+        if isinstance(data, dict) and "plan" in data:  # a search result: the plan inside
+            data = data["plan"]
         return cls.from_json(data, source=str(path))
 
     # Table -----------------------------------------------------------------------------
@@ -311,6 +310,14 @@ class Plan:
                 rows.append((unit, label))
         width = max(len(u) for u, _ in rows)
         return "\n".join([*head, *(f"  {u.ljust(width)}  {label}".rstrip() for u, label in rows)])
+
+
+def save_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically: a crash leaves the previous file whole."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def _enum(kind: type[Enum], value: Any, name: str) -> Any:

@@ -35,3 +35,13 @@ def test_cost_model_bench_smoke(tmp_path):
     out = _bench("cost_model.py", "--smoke", "--profile", str(tmp_path / "local.json"))
     rows = [line for line in out.splitlines() if line.startswith(("dp=", "tp="))]
     assert len(rows) == 3 and "spearman" in out and "peak memory: median |error|" in out
+
+
+def test_search_bench_smoke():
+    out = _bench("search.py", "--smoke")
+    assert "tiny, 8 x A100" in out and "configurations solved" in out
+
+
+def test_plan_quality_bench_smoke():
+    out = _bench("plan_quality.py", "--smoke")
+    assert "| tiny | 8 x A100 |" in out and "vs best" in out

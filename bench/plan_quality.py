@@ -1,0 +1,144 @@
+"""Plan quality: the searched plan's predicted throughput against every baseline.
+
+GPT shapes of 1.3B, 7B, 13B and 70B parameters and a BERT-Huge-32 shape, on 8 and 64
+A100-80GB (NVLink nodes of 8, InfiniBand across) and on 8 RTX TITAN (PCIe), at 16, 24, 40 and
+80 GB per device (budgets above a device's memory are skipped). Every number is a prediction
+of the same cost model (`search/costs.py`); the baselines are in `search/baselines.py`.
+Each row: the plan's samples/s, each baseline's as a ratio plan / baseline ("-": does not
+fit), and the plan against the best baseline.
+
+    python bench/plan_quality.py            # the full table (a few minutes)
+    python bench/plan_quality.py --smoke    # one tiny row, for the test suite
+
+Writes bench/results/plan_quality.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from galvatron_fx.compile import Analysis, analyze, search
+from galvatron_fx.cost_models.hardware import load_cluster
+from galvatron_fx.models.spec import parse_model_spec
+from galvatron_fx.plan import PlanError
+
+RESULTS = Path(__file__).parent / "results"
+MODELS = {
+    "gpt-1.3b": "gpt:layers=24,hidden=2048,heads=16,vocab=50257,seq=2048",
+    "gpt-7b": "gpt:layers=32,hidden=4096,heads=32,vocab=32000,seq=2048",
+    "gpt-13b": "gpt:layers=40,hidden=5120,heads=40,vocab=32000,seq=2048",
+    "gpt-70b": "gpt:layers=80,hidden=8192,heads=64,vocab=32000,seq=2048",
+    "bert-huge-32": "hf:bert:hidden_size=1280,num_hidden_layers=32,num_attention_heads=16,"
+    "intermediate_size=5120,max_position_embeddings=512",
+}
+SEQ = {"bert-huge-32": 512}
+CLUSTERS = {
+    "8 x A100": ("a100-80gb-sxm", 8, 64),
+    "64 x A100": ("a100-80gb-sxm:nodes=8", 64, 512),
+    "8 x RTX TITAN": ("rtx-titan-24gb-pcie", 8, 64),
+}
+BUDGETS_GB = (16, 24, 40, 80)
+BASELINES = ("dp", "zero3", "zero3+full-recompute", "tp-in-node", "megatron-3d", "uniform")
+
+
+def capture(spec_text: str, batch: int, seq: int | None) -> Analysis:
+    spec = parse_model_spec(spec_text)
+    model = spec.build("meta")
+    args, kwargs = spec.example_inputs(model, batch, seq)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return analyze(model, args, kwargs)
+
+
+def row(analysis: Analysis, cluster: str, world: int, batch: int, budget: float) -> dict[str, Any]:
+    try:
+        result = search(
+            analysis, cluster=cluster, memory_budget_gb=budget, global_batch=batch, world_size=world
+        )
+    except PlanError:
+        return {"plan": None, "baselines": dict.fromkeys(BASELINES)}
+    p = result.plan.pipeline
+    shape = f"pp{p.degree}" + (f"x{p.virtual_stages}" if p.virtual_stages > 1 else "")
+    kinds = sorted({s.short() for _, s in result.plan.strategies})
+    return {
+        "plan": result.samples_per_s,
+        "baselines": result.baselines,
+        "shape": f"{shape} m{p.micro_batches} {p.schedule.value}, {len(kinds)} strategies",
+        "search_time_s": result.search_time_s,
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ["model", "cluster", "GB", "plan samples/s", *BASELINES, "vs best", "plan"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["model"], r["cluster"], str(r["budget_gb"])]
+        if r["plan"] is None:
+            cells += ["does not fit", *["-"] * len(BASELINES), "-", "-"]
+        else:
+            fits = [v for v in r["baselines"].values() if v]
+            ratios = [
+                f"{r['plan'] / v:.2f}x" if v else "-"
+                for v in (r["baselines"][b] for b in BASELINES)
+            ]
+            best = f"{r['plan'] / max(fits):.3f}x" if fits else "only plan fits"
+            cells += [f"{r['plan']:.1f}", *ratios, best, r["shape"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run(
+    models: dict[str, str], clusters: dict[str, tuple[str, int, int]], budgets: tuple[float, ...]
+) -> list[dict[str, Any]]:
+    rows = []
+    for name, spec in models.items():
+        captured: dict[int, Analysis] = {}
+        for label, (cluster, world, batch) in clusters.items():
+            if batch not in captured:
+                captured[batch] = capture(spec, batch, SEQ.get(name))
+            memory_gb = load_cluster(cluster).memory_bytes / 2**30
+            for budget in budgets:
+                if budget > memory_gb + 1e-9:
+                    continue
+                start = time.perf_counter()
+                got = row(captured[batch], cluster, world, batch, budget)
+                rows.append({"model": name, "cluster": label, "budget_gb": budget, **got})
+                print(
+                    f"{name:<14}{label:<15}{budget:>4} GB  {time.perf_counter() - start:6.1f} s",
+                    flush=True,
+                )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS / "plan_quality.json")
+    args = parser.parse_args()
+    if args.smoke:
+        models = {"tiny": "gpt:layers=4,hidden=128,heads=4,vocab=256,seq=64"}
+        rows = run(models, {"8 x A100": ("a100-80gb-sxm", 8, 16)}, (0.02,))
+        print(table(rows))
+        return
+    rows = run(MODELS, CLUSTERS, BUDGETS_GB)
+    text = table(rows)
+    print(text)
+    worse = [
+        r
+        for r in rows
+        if r["plan"] and any(v and v > r["plan"] * (1 + 1e-9) for v in r["baselines"].values())
+    ]
+    print(f"rows where a baseline beats the plan: {len(worse)}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(text + "\n")
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Search time: Llama-2-7B on 8 devices, GPT-3-175B on 1024, and how it grows.
+
+The search time is what `galvatron-fx plan` reports: the cost tables read off the graph
+(`passes/search_costs.py`) plus the search over every pipeline configuration, one process,
+baselines not included, the fastest of three runs (the first is shown next to it). The
+capture on the meta device is timed apart (it is the same for every search of a model).
+Targets on this machine: <= 1 s and <= 10 s.
+
+    python bench/search.py              # the two anchors, then the sweeps and the plot
+    python bench/search.py --smoke      # a tiny model, for the test suite
+
+Writes bench/results/search.json, and bench/results/search.png when matplotlib is installed
+(`pip install -e '.[bench]'`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from galvatron_fx.compile import Analysis, analyze, search
+from galvatron_fx.models.spec import parse_model_spec
+
+RESULTS = Path(__file__).parent / "results"
+LLAMA_7B = "gpt:layers=32,hidden=4096,heads=32,vocab=32000,seq=2048"
+GPT3_175B = "gpt:layers=96,hidden=12288,heads=96,vocab=51200,seq=2048"
+ANCHORS = [
+    # name, model, cluster, world, global batch, budget GB, target s
+    ("llama-2-7b, 8 x A100, 36 GB", LLAMA_7B, "a100-80gb-sxm", 8, 64, 36, 1.0),
+    ("llama-2-7b, 8 x A100, 16 GB", LLAMA_7B, "a100-80gb-sxm", 8, 64, 16, 1.0),
+    ("gpt-3-175b, 1024 x A100, 80 GB", GPT3_175B, "a100-80gb-sxm:nodes=128", 1024, 1536, 80, 10.0),
+]
+REPEATS = 3
+"""Each anchor is searched this many times; the fastest is reported, and the first (which
+also pays one-time costs in the process: lazy imports, numpy warm-up) next to it."""
+LAYER_SWEEP = (8, 16, 32, 64, 128)
+DEVICE_SWEEP = (8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def capture(spec_text: str, batch: int) -> tuple[Analysis, float]:
+    start = time.perf_counter()
+    spec = parse_model_spec(spec_text)
+    model = spec.build("meta")
+    args, kwargs = spec.example_inputs(model, batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = analyze(model, args, kwargs)
+    return analysis, time.perf_counter() - start
+
+
+def timed_search(
+    analysis: Analysis, cluster: str, world: int, batch: int, budget: float
+) -> dict[str, Any]:
+    result = search(
+        analysis, cluster=cluster, memory_budget_gb=budget, global_batch=batch,
+        world_size=world, baselines=False,
+    )  # fmt: skip
+    p = result.plan.pipeline
+    return {
+        "search_time_s": result.search_time_s,
+        "samples_per_s": result.samples_per_s,
+        "plan": f"pp{p.degree} x{p.virtual_stages} m{p.micro_batches} {p.schedule.value}",
+        "configs": result.stats.get("configs"),
+        "solved": result.stats.get("solved"),
+    }
+
+
+def anchors(rows: list[tuple]) -> list[dict[str, Any]]:
+    out = []
+    captured: dict[tuple[str, int], tuple[Analysis, float]] = {}
+    print(f"{'case':<34}{'capture s':>10}{'search s':>10}{'first':>8}{'target':>8}  plan")
+    for name, spec, cluster, world, batch, budget, target in rows:
+        if (spec, batch) not in captured:
+            captured[(spec, batch)] = capture(spec, batch)
+        analysis, capture_s = captured[(spec, batch)]
+        runs = [timed_search(analysis, cluster, world, batch, budget) for _ in range(REPEATS)]
+        got = min(runs, key=lambda r: r["search_time_s"])
+        first = runs[0]["search_time_s"]
+        ok = "ok" if got["search_time_s"] <= target else "MISSED"
+        print(
+            f"{name:<34}{capture_s:>10.2f}{got['search_time_s']:>10.2f}{first:>8.2f}"
+            f"{target:>7.0f}s  {got['plan']} ({got['solved']}/{got['configs']} "
+            f"configurations solved) {ok}"
+        )
+        out.append(
+            {"case": name, "capture_s": capture_s, "target_s": target, "first_s": first, **got}
+        )
+    return out
+
+
+def layer_sweep(layers: tuple[int, ...], hidden: int, world: int) -> list[dict[str, Any]]:
+    out = []
+    for n in layers:
+        spec = f"gpt:layers={n},hidden={hidden},heads={hidden // 128},vocab=32000,seq=2048"
+        analysis, capture_s = capture(spec, 64)
+        got = timed_search(analysis, f"a100-80gb-sxm:nodes={max(world // 8, 1)}", world, 64, 40)
+        print(f"layers {n:>4}: search {got['search_time_s']:.2f} s (capture {capture_s:.1f} s)")
+        out.append({"layers": n, "capture_s": capture_s, **got})
+    return out
+
+
+def device_sweep(devices: tuple[int, ...], spec: str, batch: int) -> list[dict[str, Any]]:
+    analysis, _ = capture(spec, batch)
+    out = []
+    for n in devices:
+        got = timed_search(analysis, f"a100-80gb-sxm:nodes={max(n // 8, 1)}", n, batch, 40)
+        print(f"devices {n:>5}: search {got['search_time_s']:.2f} s  {got['plan']}")
+        out.append({"devices": n, **got})
+    return out
+
+
+def plot(data: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install -e '.[bench]'): no plot")
+        return False
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    layers = data["layers"]
+    a.plot([r["layers"] for r in layers], [r["search_time_s"] for r in layers], "o-")
+    a.set(xlabel="layers (hidden 4096, 64 devices)", ylabel="search time (s)", xscale="log")
+    devices = data["devices"]
+    b.plot([r["devices"] for r in devices], [r["search_time_s"] for r in devices], "o-")
+    b.set(xlabel="devices (GPT 13B shape)", ylabel="search time (s)", xscale="log")
+    for ax in (a, b):
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny model, no sweeps")
+    parser.add_argument("--out", type=Path, default=RESULTS / "search.json")
+    args = parser.parse_args()
+    if args.smoke:
+        tiny = "gpt:layers=4,hidden=128,heads=4,vocab=256,seq=64"
+        rows = [("tiny, 8 x A100", tiny, "a100-80gb-sxm", 8, 16, 1, 1.0)]
+        anchors(rows)
+        return
+    data = {
+        "anchors": anchors(ANCHORS),
+        "layers": layer_sweep(LAYER_SWEEP, 4096, 64),
+        "devices": device_sweep(
+            DEVICE_SWEEP, "gpt:layers=40,hidden=5120,heads=40,vocab=32000,seq=2048", 1024
+        ),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    plot(data, args.out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The search step: an analysed graph, a cluster and a budget in; the best plan out.
+
+Reads: an `Analysis` (its layers and costs). Writes nothing on the graph: returns a
+`SearchResult` holding the `Plan` (a plain value, passed on explicitly to the rewrite), what
+the cost model predicts for it, the baselines priced by the same model, and per unit why it
+got its strategy. Guarantees: the plan's stages fit `memory_budget_gb` under the search's
+memory model (an upper bound of the three-moment peak, `search/costs.py`), and it is the
+fastest plan of the candidate space under that model (`search/dp.py`, `search/planner.py`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from galvatron_fx.cost_models.hardware import ClusterSpec, load_cluster
+from galvatron_fx.cost_models.memory import Precision
+from galvatron_fx.passes.search_costs import ModelTerms, model_terms
+from galvatron_fx.plan import Plan, PlanError, save_json
+from galvatron_fx.search.baselines import run_baselines
+from galvatron_fx.search.explain import explain_units, smallest_memory
+from galvatron_fx.search.planner import Searched, SearchSpace, configs, search_space
+from galvatron_fx.search.strategies import powers_of_two
+
+__all__ = ["SearchResult", "run_search"]
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The plan and what the search knows about it."""
+
+    plan: Plan
+    predicted: dict[str, Any]
+    """step_time_s, samples_per_s, tflops_per_device, peak_memory_bytes (per stage), ..."""
+    search_time_s: float
+    baselines: dict[str, float | None]
+    """Baseline name -> predicted samples/s (None: nothing of that family fits)."""
+    units: list[dict[str, Any]] = field(default_factory=list)
+    """Per unit: strategy, cost, runner-up and binding constraint (`explain`)."""
+    stats: dict[str, Any] = field(default_factory=dict)
+    setup: dict[str, Any] = field(default_factory=dict)
+    """What was searched for: cluster, world, budget, batch, precision."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "plan": self.plan.to_json(),
+            "predicted": self.predicted,
+            "search_time_s": self.search_time_s,
+            "baselines": self.baselines,
+            "setup": self.setup,
+            "stats": self.stats,
+            "units": self.units,
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Atomically, like `Plan.save`; `Plan.load` reads the plan back."""
+        save_json(path, self.to_json())
+
+    @property
+    def samples_per_s(self) -> float:
+        return float(self.predicted["samples_per_s"])
+
+
+def run_search(
+    analysis: Any,
+    *,
+    cluster: ClusterSpec | str,
+    memory_budget_gb: float,
+    global_batch: int,
+    world_size: int | None = None,
+    precision: Precision = "mixed",
+    dtype: str = "bf16",
+    baselines: bool = True,
+    buckets: int = 256,
+    max_pipeline: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> SearchResult:
+    """Search `analysis` for `world_size` devices (default: the whole cluster) of `cluster`
+    with `memory_budget_gb` per device and `global_batch` samples per step; `max_pipeline`
+    caps the pipeline degree (1: no pipeline stages)."""
+    spec = load_cluster(cluster) if isinstance(cluster, str) else cluster
+    world = world_size or spec.nodes * spec.devices_per_node
+    _check_inputs(world, memory_budget_gb, global_batch)
+    start = time.perf_counter()
+    tps = [t for t in powers_of_two(min(world, spec.devices_per_node))]
+    terms = model_terms(analysis, spec, tps, dtype=dtype)
+    budget = memory_budget_gb * GiB
+    space = SearchSpace(terms, spec, world, global_batch, budget, precision, buckets=buckets)
+    tried = [
+        c
+        for c in configs(world, len(terms.units), global_batch)
+        if max_pipeline is None or c.pipeline <= max_pipeline
+    ]
+    best, stats = search_space(space, tried, progress)
+    elapsed = time.perf_counter() - start
+    if best is None:
+        raise PlanError(smallest_memory(space, memory_budget_gb))
+    plan = best.plan(terms, world)
+    predicted = _predicted(best, terms, space)
+    priced = _baselines(space) if baselines else {}
+    stats.update(space.stats, refused_tp=terms.refused)
+    setup = {
+        "cluster": spec.name,
+        "world_size": world,
+        "memory_budget_gb": memory_budget_gb,
+        "global_batch": global_batch,
+        "precision": precision,
+        "max_pipeline": max_pipeline,
+    }
+    units = explain_units(space, best)
+    return SearchResult(plan, predicted, elapsed, priced, units, stats, setup)
+
+
+def _check_inputs(world: int, memory_budget_gb: float, global_batch: int) -> None:
+    if world < 1 or world & (world - 1):
+        raise PlanError(f"search: world size must be a power of two, got {world}")
+    if memory_budget_gb <= 0:
+        raise PlanError(f"search: memory budget must be > 0 GB, got {memory_budget_gb}")
+    if global_batch < 1:
+        raise PlanError(f"search: global batch must be >= 1, got {global_batch}")
+
+
+def _predicted(best: Searched, terms: ModelTerms, space: SearchSpace) -> dict[str, Any]:
+    s = best.solution
+    c = best.config
+    per_device = [0.0] * c.pipeline
+    for k, mem in enumerate(s.stage_memory_bytes):
+        per_device[k % c.pipeline] += mem
+    batch = space.global_batch
+    return {
+        "step_time_s": s.time_s,
+        "samples_per_s": batch / s.time_s,
+        "tflops_per_device": terms.flops_per_sample * batch / s.time_s / space.world / 1e12,
+        "peak_memory_bytes": per_device,
+        "stage_time_per_micro_batch_s": list(s.stage_time_s),
+    }
+
+
+def _baselines(space: SearchSpace) -> dict[str, float | None]:
+    return {
+        r.name: (space.global_batch / r.time_s if r.time_s else None) for r in run_baselines(space)
+    }

@@ -1,0 +1,142 @@
+"""Hand-made plans, priced by the same cost model as the search, for comparison.
+
+Each baseline is a family of uniform plans (one strategy for every layer, the segments the
+same but free to split the vocabulary) with layers cut evenly into stages, as Megatron-LM
+does; the family's best member over micro-batch counts (and its own degrees) is reported:
+
+- `dp`: plain data parallelism over every device;
+- `zero3`: ZeRO-3 over every device; `zero3+full-recompute`: the same, every layer recomputed;
+- `tp-in-node`: tensor parallelism over a node (with or without sequence parallelism), plain
+  data parallelism across nodes;
+- `megatron-3d`: TP inside a node, pipeline stages (1F1B), plain DP for the rest, with any
+  recomputation and sequence parallelism, best over the degrees;
+- `uniform`: the best single strategy of the search's own candidates, any pipeline.
+
+A family with no member that fits reports None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from galvatron_fx.plan import DPMode, LayerStrategy, Recompute, Schedule
+from galvatron_fx.search.dp import Solution, solve
+from galvatron_fx.search.planner import Config, SearchSpace, configs
+from galvatron_fx.search.strategies import candidates
+
+__all__ = ["BASELINES", "Baseline", "BaselineResult", "even_starts", "run_baselines"]
+
+
+@dataclass(frozen=True)
+class Baseline:
+    name: str
+    layer_strategies: Callable[[SearchSpace, int], list[LayerStrategy]]
+    """Strategies to try for a stage of `d` devices."""
+    pipelined: bool = False
+    """Whether the family may use pipeline stages (1F1B)."""
+
+
+@dataclass(frozen=True)
+class BaselineResult:
+    name: str
+    time_s: float | None
+    config: Config | None
+    strategy: LayerStrategy | None
+    solution: Solution | None
+
+
+def _tp1(mode: DPMode, rc: Recompute) -> Callable[[SearchSpace, int], list[LayerStrategy]]:
+    return lambda space, d: [
+        LayerStrategy(dp=d, dp_mode=mode if d > 1 else DPMode.ALLREDUCE, recompute=rc)
+    ]
+
+
+def _tp_in_node(space: SearchSpace, d: int) -> list[LayerStrategy]:
+    tp = min(space.cluster.devices_per_node, d)
+    if tp == 1:
+        return [LayerStrategy(dp=d)]
+    return [LayerStrategy(tp=tp, sp=sp, dp=d // tp) for sp in (False, True)]
+
+
+def _megatron(space: SearchSpace, d: int) -> list[LayerStrategy]:
+    out = []
+    tp = 1
+    while tp <= min(space.cluster.devices_per_node, d):
+        for sp in (False, True) if tp > 1 else (False,):
+            for rc in Recompute:
+                out.append(LayerStrategy(tp=tp, sp=sp, dp=d // tp, recompute=rc))
+        tp *= 2
+    return out
+
+
+def _uniform(space: SearchSpace, d: int) -> list[LayerStrategy]:
+    return candidates(d, min(space.cluster.devices_per_node, d))
+
+
+BASELINES: tuple[Baseline, ...] = (
+    Baseline("dp", _tp1(DPMode.ALLREDUCE, Recompute.NONE)),
+    Baseline("zero3", _tp1(DPMode.ZERO3, Recompute.NONE)),
+    Baseline("zero3+full-recompute", _tp1(DPMode.ZERO3, Recompute.FULL)),
+    Baseline("tp-in-node", _tp_in_node),
+    Baseline("megatron-3d", _megatron, pipelined=True),
+    Baseline("uniform", _uniform, pipelined=True),
+)
+
+
+def even_starts(kinds: tuple[str, ...], stages: int) -> tuple[int, ...] | None:
+    """Stage starts with the layers divided as evenly as they go (the first stages take
+    the remainder), segments staying with their neighbouring layers."""
+    layers = [i for i, k in enumerate(kinds) if k == "layer"]
+    if len(layers) < stages:
+        return None
+    base, extra = divmod(len(layers), stages)
+    starts, at = [0], 0
+    for k in range(stages - 1):
+        at += base + (1 if k < extra else 0)
+        starts.append(layers[at])
+    return tuple(starts)
+
+
+def _segment_variants(s: LayerStrategy) -> set[LayerStrategy]:
+    plain = dataclasses.replace(s, sp=False, recompute=Recompute.NONE, vocab_parallel=False)
+    out = {plain}
+    if s.tp > 1:
+        out.add(dataclasses.replace(plain, vocab_parallel=True))
+    return out
+
+
+def _member_of(allowed: frozenset[LayerStrategy]) -> Callable[[LayerStrategy], bool]:
+    return allowed.__contains__
+
+
+def _family_configs(space: SearchSpace, baseline: Baseline) -> Iterable[Config]:
+    for c in configs(space.world, len(space.terms.units), space.global_batch, chunks=()):
+        if c.schedule is Schedule.GPIPE:
+            continue
+        if c.pipeline > 1 and not baseline.pipelined:
+            continue
+        yield c
+
+
+def best_of(space: SearchSpace, baseline: Baseline) -> BaselineResult:
+    best = BaselineResult(baseline.name, None, None, None, None)
+    for config in _family_configs(space, baseline):
+        starts = even_starts(space.terms.kinds, config.stages)
+        if starts is None:
+            continue
+        d = space.world // config.pipeline
+        for s in baseline.layer_strategies(space, d):
+            sub = space.restricted(_member_of(frozenset({s} | _segment_variants(s))))
+            if best.time_s is not None and sub.lower_bound(config) >= best.time_s:
+                continue
+            problem = sub.problem(config, prune=False)
+            solution = solve(problem, starts) if problem is not None else None
+            if solution is not None and (best.time_s is None or solution.time_s < best.time_s):
+                best = BaselineResult(baseline.name, solution.time_s, config, s, solution)
+    return best
+
+
+def run_baselines(space: SearchSpace) -> list[BaselineResult]:
+    return [best_of(space, b) for b in BASELINES]

@@ -1,0 +1,249 @@
+"""What one unit costs under one candidate strategy, at any micro-batch size, for the search.
+
+The graph's part comes in as `UnitTerms`: read once per distinct layer from the compiler's
+own rewrite at one tensor-parallel layout (tp, sp, vocab) and dp = 1, at the captured batch
+(`passes/search_costs.py`). Everything the batch split changes is proportional to the local
+batch: the roofline of a node whose FLOPs and bytes both shrink by 1/dp shrinks by 1/dp, saved
+activations and the tensor-parallel collectives too (`plan_costs` divides each node the same
+way, so at equal batch the two agree; the tests check it). What data parallelism adds is
+priced from the unit's parameters, with the same rules as `collective_list._grad_sync` and
+`plan_memory.unit_memory`.
+
+Per micro-batch of `b` samples on a stage holding `a` micro-batches in flight:
+
+    time_mb   = (fwd + bwd + recompute) * b / b_ref + ops * op_overhead
+                + exposed(TP/SP collectives * b / b_ref, ZeRO-3 gathers and reduce-scatters)
+    step      = exposed(gradient sync) + optimizer step                    (once a step)
+    state     = parameters, optimizer states, held gradients (`runtime_state`)
+    act       = activations kept for backward                              (x a on the stage)
+    transient = what the unit's own backward adds on top (rebuilt activations, ZeRO-3's
+                gathered parameters) or the optimizer step's largest parameter buffer
+
+A stage's memory is `sum(state + a * act) + max(transient)`: an upper bound of the
+three-moment peak of `cost_models/peak_memory.py` (a unit's backward holds the earlier units'
+activations and the later units' gradients, never more than all of both), so a plan the
+search accepts also fits under `plan_peak`. Pure: no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from galvatron_fx.cost_models.comm import Collective
+from galvatron_fx.cost_models.communication import (
+    collective_time_s,
+    collectives_time,
+    group_spans_nodes,
+    spans_nodes,
+)
+from galvatron_fx.cost_models.compute import adam_step_time_s
+from galvatron_fx.cost_models.hardware import ClusterSpec
+from galvatron_fx.cost_models.memory import PRECISIONS, Precision
+from galvatron_fx.cost_models.peak_memory import runtime_state
+from galvatron_fx.plan import DPMode, LayerStrategy, Recompute
+
+__all__ = [
+    "OptionCost",
+    "UnitTerms",
+    "boundary_bytes",
+    "option_cost",
+    "p2p_time_s",
+    "switch_time_s",
+]
+
+
+@dataclass(frozen=True)
+class UnitTerms:
+    """One unit under one tensor-parallel layout, at dp = 1 and `ref_batch` samples."""
+
+    unit: str
+    tp: int
+    sp: bool
+    vocab_parallel: bool
+    ref_batch: int
+    fwd_s: float
+    """Roofline forward time, launch overhead excluded."""
+    bwd_s: float
+    recompute_selective_s: float
+    recompute_full_s: float
+    ops: int
+    """Forward ops (backward runs about two per forward op): the launch-overhead count."""
+    selective_ops: int
+    collectives: tuple[Collective, ...]
+    """Tensor-parallel collectives of one micro-batch (proportional to the batch)."""
+    tp_grad_sum_bytes: float
+    """Gradients summed over the TP group (sequence-parallel norms), once a step."""
+    params: int
+    """Parameters of this rank's TP piece."""
+    param_bytes: int
+    """Element size of the graph's parameters (what gradient collectives move)."""
+    largest_param: int
+    saved_bytes: float
+    """Everything the unit saves for backward (no recomputation)."""
+    kept_selective_bytes: float
+    """What it keeps with selective recomputation."""
+    full_kept_bytes: float
+    """Full recomputation: the unit's inputs."""
+    full_live_bytes: float
+    """Full recomputation: inputs plus rebuilt activations, during its backward."""
+    largest_value_bytes: float
+    boundary_bytes: float
+    """The activations it receives from the unit before, whole (no split)."""
+    previous_params: int = 0
+    """Parameters of the unit before it (ZeRO-3 prefetches them during its backward)."""
+    dp_collectives: tuple[Collective, ...] = ()
+    """Graph collectives over the data-parallel group (a mean loss's count of targets), at
+    dp = 2 and `ref_batch / 2` samples: priced at the strategy's dp and batch."""
+
+
+@dataclass(frozen=True)
+class OptionCost:
+    """One candidate on one unit at one micro-batch size."""
+
+    time_mb_s: float
+    step_s: float
+    state_bytes: float
+    act_bytes: float
+    transient_bytes: float
+
+
+def option_cost(
+    t: UnitTerms,
+    s: LayerStrategy,
+    micro_batch: float,
+    cluster: ClusterSpec,
+    precision: Precision,
+) -> OptionCost:
+    """The unit's cost under `s` with `micro_batch` samples on each data-parallel rank."""
+    width = _width(t, precision)
+    scale = micro_batch / t.ref_batch
+    overhead = cluster.op_overhead_s
+    compute = (t.fwd_s + t.bwd_s) * scale + 3 * t.ops * overhead
+    if s.recompute is Recompute.FULL:
+        compute += t.recompute_full_s * scale + t.ops * overhead
+    elif s.recompute is Recompute.SELECTIVE:
+        compute += t.recompute_selective_s * scale + t.selective_ops * overhead
+    spans = spans_nodes(s, cluster)
+    values = scale * width
+    per_mb = [dataclasses.replace(c, size_bytes=c.size_bytes * values) for c in t.collectives]
+    per_mb += _zero3(t, s, width)
+    if s.dp > 1:
+        per_mb += [
+            dataclasses.replace(c, size_bytes=c.size_bytes * 2 * values, group_size=s.dp)
+            for c in t.dp_collectives
+        ]
+    per_step = _grad_sync(t, s, width)
+    stepped = t.params // s.dp if s.dp > 1 and s.dp_mode is not DPMode.ALLREDUCE else t.params
+    state_width = 4 if precision == "fp32" else 2
+    step = float(adam_step_time_s(stepped, cluster, state_width))
+    time_mb = compute + collectives_time(per_mb, cluster, spans).exposed_s
+    state, held, _ = runtime_state(t.params, s.dp, s.dp_mode, precision, s.dp > 1)
+    kept, live = _activations(t, s, values)
+    p, g, _ = PRECISIONS[precision]
+    if s.dp > 1 and s.dp_mode is DPMode.ZERO3:
+        live += 3 * p * t.params + 2 * p * t.previous_params  # gathered, and the prefetch
+        if s.recompute is Recompute.FULL:  # the checkpoint holds its gathered weights too
+            kept += p * t.params
+            live += p * t.params
+    transient = max(live - kept - held, 2 * g * t.largest_param, 0.0)
+    return OptionCost(
+        time_mb,
+        step + collectives_time(per_step, cluster, spans).exposed_s,
+        state + held,
+        kept,
+        transient,
+    )
+
+
+def _activations(t: UnitTerms, s: LayerStrategy, scale: float) -> tuple[float, float]:
+    """(kept, live during its backward) bytes, as `plan_memory.unit_memory` counts them."""
+    extra = 2 * t.largest_value_bytes * scale if t.params == 0 else 0.0
+    if s.recompute is Recompute.FULL:
+        return t.full_kept_bytes * scale, t.full_live_bytes * scale + extra
+    kept = t.kept_selective_bytes if s.recompute is Recompute.SELECTIVE else t.saved_bytes
+    return kept * scale, t.saved_bytes * scale + extra
+
+
+def _width(t: UnitTerms, precision: Precision) -> float:
+    """Bytes of a trained value over the graph's: a model captured in fp32 and trained in
+    mixed precision moves and saves half of what its graph says (compute times keep the
+    graph's bytes: a small overestimate on memory-bound ops)."""
+    return PRECISIONS[precision][0] / t.param_bytes
+
+
+def _zero3(t: UnitTerms, s: LayerStrategy, width: float) -> list[Collective]:
+    """ZeRO-3 gathers the unit's shard before forward and again in backward, and
+    reduce-scatters its gradient: every micro-batch."""
+    if s.dp == 1 or s.dp_mode is not DPMode.ZERO3 or t.params == 0:
+        return []
+    size = -(-t.params // s.dp) * s.dp * t.param_bytes * width
+    return [
+        Collective("all_gather", size, s.dp, "forward", True, t.unit, "zero3_issue"),
+        Collective("all_gather", size, s.dp, "backward", False, t.unit, "zero3_use"),
+        Collective("reduce_scatter", size, s.dp, "backward", True, t.unit, "zero3_use"),
+    ]
+
+
+def _grad_sync(t: UnitTerms, s: LayerStrategy, width: float) -> list[Collective]:
+    """Once a step, after the last micro-batch's backward."""
+    out: list[Collective] = []
+    zero3 = s.dp > 1 and s.dp_mode is DPMode.ZERO3
+    if t.tp_grad_sum_bytes:
+        size = t.tp_grad_sum_bytes * width / (s.dp if zero3 else 1)
+        out.append(Collective("all_reduce", size, s.tp, "backward", not zero3, t.unit, "grad"))
+    if s.dp == 1 or zero3 or t.params == 0:
+        return out
+    size = t.params * t.param_bytes * width
+    padded = -(-t.params // s.dp) * s.dp * t.param_bytes * width
+    if s.dp_mode is DPMode.ZERO2:
+        out.append(Collective("reduce_scatter", padded, s.dp, "backward", True, t.unit, "grad"))
+    else:
+        out.append(Collective("all_reduce", size, s.dp, "backward", True, t.unit, "grad"))
+    if s.dp_mode in (DPMode.ZERO1, DPMode.ZERO2):
+        out.append(Collective("all_gather", padded, s.dp, "step", False, t.unit, "grad"))
+    return out
+
+
+def boundary_bytes(t: UnitTerms, micro_batch_samples: float, precision: Precision) -> float:
+    """The whole boundary tensor entering a unit, for a micro-batch of that many samples."""
+    return t.boundary_bytes * micro_batch_samples / t.ref_batch * _width(t, precision)
+
+
+def switch_time_s(
+    boundary_bytes: float,
+    before: LayerStrategy,
+    after: LayerStrategy,
+    cluster: ClusterSpec,
+) -> float:
+    """The layout switch between two adjacent units of one stage, for a micro-batch whose
+    boundary activations are `boundary_bytes` whole: a dimension split fewer ways after the
+    switch is all-gathered in forward, one split more ways is sliced in forward and
+    all-gathered in backward (`runtime.collectives.switch_layout`)."""
+    total = 0.0
+    q_before = before.tp if before.sp else 1
+    q_after = after.tp if after.sp else 1
+    groups_differ = before.tp_consecutive != after.tp_consecutive and before.dp == after.dp
+    for x, y in ((before.dp, after.dp), (q_before, q_after)):
+        factor = max(x, y) // min(x, y)
+        if factor == 1:
+            continue
+        whole = boundary_bytes / (min(before.dp, after.dp) * min(q_before, q_after))
+        stride = after.tp if after.tp_consecutive else 1
+        link = cluster.link(
+            "all_gather", factor, group_spans_nodes(factor, stride, cluster.devices_per_node)
+        )
+        total += float(collective_time_s("all_gather", whole, factor, link))
+    if groups_differ:  # the same degrees on other ranks: gather whole, keep this rank's part
+        total += switch_time_s(boundary_bytes, before, LayerStrategy(dp=1), cluster)
+    return total
+
+
+def p2p_time_s(boundary_bytes: float, first: LayerStrategy, cluster: ClusterSpec) -> float:
+    """A stage boundary: activations forward and their gradient backward, each rank sending
+    its own part of the boundary tensor."""
+    q = first.tp if first.sp else 1
+    size = boundary_bytes / (first.dp * q)
+    across = first.devices >= cluster.devices_per_node
+    link = cluster.link("p2p", 2, across)
+    return 2 * (link.latency_s + size / link.bus_bandwidth_bytes_per_s)

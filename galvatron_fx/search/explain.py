@@ -1,0 +1,181 @@
+"""Why the search chose what it chose: runner-ups, binding constraints, plan diffs, and the
+smallest memory any plan needs when nothing fits.
+
+For every unit, each other candidate is tried in its place with the rest of the plan fixed
+(its stage re-priced: switches to its neighbours, the stage's memory): the runner-up is the
+best alternative that still fits, and the binding constraint is `memory` when a faster
+alternative exists but its stage would not fit, `time` otherwise. Pure: no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from galvatron_fx.search.dp import Problem, bucketed, stage_cost, step_time
+from galvatron_fx.search.planner import Searched, SearchSpace, configs
+
+__all__ = ["diff_plans", "explain_units", "format_explain", "smallest_memory"]
+
+GiB = 2**30
+
+
+def explain_units(space: SearchSpace, best: Searched) -> list[dict[str, Any]]:
+    problem = space.problem(best.config)
+    if problem is None:
+        return []
+    sol = best.solution
+    b = bucketed(problem)
+    bounds = [*sol.stage_starts, len(problem.units)]
+    stage_of = np.searchsorted(bounds, np.arange(len(problem.units)), side="right") - 1
+    rows = []
+    for i, unit in enumerate(space.terms.units):
+        k = int(stage_of[i])
+        rows.append(_unit_row(problem, b, sol, bounds, k, i, unit))
+    return rows
+
+
+def _unit_row(
+    problem: Problem, b: Any, sol: Any, bounds: list[int], k: int, i: int, unit: str
+) -> dict[str, Any]:
+    u = problem.units[i]
+    picked = list(sol.choice[bounds[k] : bounds[k + 1]])
+    chosen = sol.choice[i]
+    limit = b.capacity * b.bucket_bytes
+    best_alt: tuple[float, int] | None = None
+    faster_blocked: tuple[float, int, float] | None = None
+    for s in range(len(u.strategies)):
+        if s == chosen:
+            continue
+        trial = list(picked)
+        trial[i - bounds[k]] = s
+        t, mem = stage_cost(problem, b, k, bounds[k], trial)
+        times = list(sol.stage_time_s)
+        times[k] = t
+        T = step_time(times, problem.micro_batches, problem.chunks)
+        if mem <= limit * (1 + 1e-12):
+            if best_alt is None or best_alt[0] > T:
+                best_alt = (T, s)
+        elif sol.time_s > T and (faster_blocked is None or faster_blocked[0] > T):
+            faster_blocked = (T, s, mem - limit)
+    row: dict[str, Any] = {
+        "unit": unit,
+        "stage": k,
+        "strategy": u.strategies[chosen].short(),
+        "time_per_micro_batch_s": float(u.time_s[chosen]),
+        "state_bytes": float(u.state_bytes[chosen]),
+        "activation_bytes": float(u.act_bytes[chosen]),
+        "runner_up": None,
+        "runner_up_delta_s": None,
+        "binding": "time",
+        "note": "the fastest choice for this unit given its neighbours",
+    }
+    if best_alt is not None:
+        row["runner_up"] = u.strategies[best_alt[1]].short()
+        row["runner_up_delta_s"] = best_alt[0] - sol.time_s
+    if faster_blocked is not None:
+        T, s, over = faster_blocked
+        row["binding"] = "memory"
+        row["note"] = (
+            f"{u.strategies[s].short()} would save {(sol.time_s - T) * 1e3:.3g} ms a step "
+            f"but stage {k} would need {over / GiB:.2f} GiB more than the budget"
+        )
+    return row
+
+
+def format_explain(data: Mapping[str, Any]) -> str:
+    """Text for `galvatron-fx explain`: one line per unit, runs of equal rows folded."""
+    lines = [f"{'unit':<26}{'strategy':<28}{'runner-up':<28}{'delta ms':>9}  why"]
+    for row in data.get("units", []):
+        delta = row.get("runner_up_delta_s")
+        delta_text = f"{delta * 1e3:+.2f}" if delta is not None else "-"
+        lines.append(
+            f"{row['unit']:<26}{row['strategy']:<28}{(row['runner_up'] or '-'):<28}"
+            f"{delta_text:>9}  {row['binding']}: {row['note']}"
+        )
+    return "\n".join(lines)
+
+
+def diff_plans(
+    a: Mapping[str, Any], b: Mapping[str, Any], names: Sequence[str] = ("A", "B")
+) -> str:
+    """Two search results (or plans) side by side, unit by unit, and their predictions."""
+    pa, pb = a.get("plan", a), b.get("plan", b)
+    sa = {row["unit"]: row for row in pa["strategies"]}
+    sb = {row["unit"]: row for row in pb["strategies"]}
+    lines = [f"{'unit':<26}{names[0]:<34}{names[1]}"]
+    for unit in list(sa) + [u for u in sb if u not in sa]:
+        x, y = _short(sa.get(unit)), _short(sb.get(unit))
+        mark = "  " if x == y else "* "
+        lines.append(f"{mark}{unit:<24}{x:<34}{y}")
+    for label, p in ((names[0], pa), (names[1], pb)):
+        pipe = p.get("pipeline", {})
+        lines.append(
+            f"{label}: pipeline {pipe.get('degree', 1)} x {pipe.get('virtual_stages', 1)}, "
+            f"{pipe.get('micro_batches', 1)} micro-batches, {pipe.get('schedule', '1f1b')}"
+        )
+    for key in ("step_time_s", "samples_per_s", "tflops_per_device"):
+        if key in a.get("predicted", {}) and key in b.get("predicted", {}):
+            va, vb = a["predicted"][key], b["predicted"][key]
+            lines.append(f"{key}: {va:.4g} vs {vb:.4g} ({(vb / va - 1) * 100:+.1f}%)")
+    return "\n".join(lines)
+
+
+def _short(row: Mapping[str, Any] | None) -> str:
+    if row is None:
+        return "(absent)"
+    from galvatron_fx.plan import LayerStrategy
+
+    fields = {k: v for k, v in row.items() if k != "unit"}
+    return LayerStrategy(**fields).short()
+
+
+def smallest_memory(space: SearchSpace, budget_gb: float) -> str:
+    """The error when nothing fits: the least memory any configuration needs and the unit
+    that dominates it (each unit at its smallest candidate, stages cut to balance memory)."""
+    best: tuple[float, str, float, float] | None = None
+    for config in configs(space.world, len(space.terms.units), space.global_batch):
+        problem = space.problem(config, prune=False)
+        if problem is None:
+            continue
+        need, unit, state, act = _least_for(problem, space.terms.units)
+        if best is None or need < best[0]:
+            best = (need, unit, state, act)
+    if best is None:
+        return "search: no candidate strategy applies (check the batch size and world size)"
+    need, unit, state, act = best
+    return (
+        f"search: no plan fits {budget_gb:g} GB per device; the smallest needs about "
+        f"{need / GiB:.1f} GiB. It is dominated by {unit!r} (at its smallest: "
+        f"{state / GiB:.2f} GiB of parameters, gradients and optimizer states, "
+        f"{act / GiB:.2f} GiB of activations). Raise the budget, use more devices, or "
+        f"lower the global batch."
+    )
+
+
+def _least_for(problem: Problem, names: Sequence[str]) -> tuple[float, str, float, float]:
+    n_units = len(problem.units)
+    mins = []
+    for a in problem.in_flight:
+        per = [(u.state_bytes + a * u.act_bytes + u.transient_bytes) for u in problem.units]
+        mins.append([float(x.min()) for x in per])
+    # min over cuts of the largest stage (chain DP on prefix sums per stage multiplier)
+    n = problem.stages
+    G = np.full(n_units + 1, np.inf)
+    G[0] = 0.0
+    for k in range(n):
+        prefix = np.concatenate([[0.0], np.cumsum(mins[k])])
+        stage = prefix[None, :] - prefix[:, None]
+        stage = np.where(np.triu(np.ones_like(stage), 1) > 0, stage, np.inf)
+        G = np.min(np.maximum(G[:, None], stage), axis=0)
+    worst = int(np.argmax(mins[0]))
+    u = problem.units[worst]
+    s = int(np.argmin(u.state_bytes + problem.in_flight[0] * u.act_bytes))
+    return (
+        float(G[-1]) * problem.chunks,
+        names[worst],
+        float(u.state_bytes[s]),
+        float(u.act_bytes[s] * problem.in_flight[0]),
+    )

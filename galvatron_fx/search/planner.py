@@ -1,0 +1,383 @@
+"""The outer search: pipeline degree, micro-batches and schedule around the dynamic program.
+
+For every pipeline configuration (degree p over powers of two, chunks v for the interleaved
+schedule, micro-batch count m, schedule) the units' candidates for a stage of `world / p`
+devices are priced at the micro-batch size each implies (`costs.option_cost`), dominated
+candidates are dropped per unit, and `dp.solve` picks strategies and stage boundaries
+jointly. Configurations are visited in order of a lower bound on their step time (every unit
+at its fastest candidate, perfectly balanced, memory ignored) and the loop stops when the
+bound passes the best time found: the result is the optimum over all configurations.
+Pure: the graph's part arrives as `ModelTerms`-like terms through `TermSource`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from galvatron_fx.cost_models.hardware import ClusterSpec
+from galvatron_fx.cost_models.memory import Precision
+from galvatron_fx.cost_models.pipeline import in_flight_micro_batches
+from galvatron_fx.plan import LayerStrategy, PipelineConfig, Plan, Schedule
+from galvatron_fx.search.costs import (
+    OptionCost,
+    UnitTerms,
+    boundary_bytes,
+    option_cost,
+    p2p_time_s,
+    switch_time_s,
+)
+from galvatron_fx.search.dp import (
+    Problem,
+    Solution,
+    UnitOptions,
+    lower_bound,
+    pick_levels,
+    solve,
+)
+from galvatron_fx.search.strategies import candidates, dominated, layout_key, powers_of_two
+
+__all__ = ["Config", "SearchSpace", "Searched", "TermSource", "configs", "search_space"]
+
+
+class TermSource(Protocol):
+    """What the search needs of the model (`passes.search_costs.ModelTerms`)."""
+
+    @property
+    def units(self) -> tuple[str, ...]: ...
+
+    @property
+    def kinds(self) -> tuple[str, ...]: ...
+
+    @property
+    def representative(self) -> dict[str, str]: ...
+
+    @property
+    def model_fingerprint(self) -> str: ...
+
+    @property
+    def flops_per_sample(self) -> float: ...
+
+    def tps(self) -> list[int]: ...
+
+    def unit_terms(self, unit: str, s: LayerStrategy) -> UnitTerms: ...
+
+
+@dataclass(frozen=True)
+class Config:
+    """One pipeline configuration of the outer loop."""
+
+    pipeline: int
+    micro_batches: int
+    schedule: Schedule
+    chunks: int = 1
+
+    @property
+    def stages(self) -> int:
+        return self.pipeline * self.chunks
+
+    def in_flight(self) -> tuple[float, ...]:
+        p, m, v = self.pipeline, self.micro_batches, self.chunks
+        return tuple(in_flight_micro_batches(c % p, p, m, self.schedule, v) for c in range(p * v))
+
+
+@dataclass(frozen=True)
+class Searched:
+    """The best plan of one configuration."""
+
+    config: Config
+    solution: Solution
+    options: tuple[UnitOptions, ...]
+
+    def plan(self, terms: TermSource, world: int) -> Plan:
+        units = terms.units
+        strategies = tuple(
+            (u, self.options[i].strategies[s])
+            for i, (u, s) in enumerate(zip(units, self.solution.choice, strict=True))
+        )
+        c = self.config
+        pipeline = PipelineConfig(
+            degree=c.pipeline,
+            stage_starts=tuple(units[i] for i in self.solution.stage_starts[1:]),
+            micro_batches=c.micro_batches,
+            schedule=c.schedule,
+            virtual_stages=c.chunks,
+        )
+        return Plan(world, strategies, terms.model_fingerprint, pipeline)
+
+
+def configs(
+    world: int, units: int, global_batch: int, chunks: Sequence[int] = (2, 4)
+) -> list[Config]:
+    """Every configuration the outer loop may try."""
+    out = []
+    for p in powers_of_two(world):
+        if p > units:
+            break
+        for m in _divisors(global_batch):
+            if p == 1:
+                out.append(Config(1, m, Schedule.ONE_F_ONE_B))
+                continue
+            out.append(Config(p, m, Schedule.ONE_F_ONE_B))
+            out.append(Config(p, m, Schedule.GPIPE))
+            for v in chunks:
+                if m % p == 0 and p * v <= units:
+                    out.append(Config(p, m, Schedule.INTERLEAVED_1F1B, v))
+    return out
+
+
+def _divisors(n: int) -> list[int]:
+    """Micro-batch counts: the powers of two that divide the batch (Megatron's and
+    Galvatron's practice; odd factors multiply the configurations for little)."""
+    return [1 << k for k in range(n.bit_length()) if n % (1 << k) == 0]
+
+
+@dataclass
+class SearchSpace:
+    """Prices candidates for one model, cluster and batch, with caches across configs."""
+
+    terms: TermSource
+    cluster: ClusterSpec
+    world: int
+    global_batch: int
+    budget_bytes: float
+    precision: Precision = "mixed"
+    allowed: Callable[[LayerStrategy], bool] | None = None
+    """Restricts candidates (baselines); None: every candidate."""
+    buckets: int = 256
+    _costs: dict[tuple[str, LayerStrategy, float], OptionCost] = field(default_factory=dict)
+    _levels: dict[Config, tuple[int, ...]] = field(default_factory=dict)
+    """Transient levels per configuration, from every candidate (shared with restricted
+    spaces, so a baseline's memory rounds as the search's does)."""
+    _root: SearchSpace | None = None
+    _cands: dict[tuple[int, str], list[LayerStrategy]] = field(default_factory=dict)
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def restricted(self, allowed: Callable[[LayerStrategy], bool]) -> SearchSpace:
+        """The same space with fewer candidates (priced costs shared)."""
+        return SearchSpace(
+            self.terms, self.cluster, self.world, self.global_batch, self.budget_bytes,
+            self.precision, allowed, self.buckets, self._costs, self._levels,
+            _root=self._root or self,
+        )  # fmt: skip
+
+    def candidates(self, stage_devices: int, kind: str) -> list[LayerStrategy]:
+        key = (stage_devices, kind)
+        if key not in self._cands:
+            tps = set(self.terms.tps())
+            found = candidates(
+                stage_devices,
+                min(self.cluster.devices_per_node, stage_devices),
+                segment=kind == "segment",
+            )
+            self._cands[key] = [
+                s for s in found if s.tp in tps and (self.allowed is None or self.allowed(s))
+            ]
+        return self._cands[key]
+
+    def cost(self, unit: str, s: LayerStrategy, micro_batch: float) -> OptionCost:
+        rep = self.terms.representative[unit]
+        key = (rep, s, micro_batch)
+        if key not in self._costs:
+            t = self.terms.unit_terms(unit, s)
+            self._costs[key] = option_cost(t, s, micro_batch, self.cluster, self.precision)
+        return self._costs[key]
+
+    def problem(self, config: Config, prune: bool = True) -> Problem | None:
+        """The configuration's DP instance (None when some unit has no candidate)."""
+        d = self.world // config.pipeline
+        m = config.micro_batches
+        layouts: dict[tuple[int, int, bool], int] = {}
+        reps: dict[int, LayerStrategy] = {}
+        units: list[UnitOptions] = []
+        built: dict[str, UnitOptions] = {}
+        transients: list[float] = [0.0]
+        for unit, kind in zip(self.terms.units, self.terms.kinds, strict=True):
+            rep = self.terms.representative[unit]
+            if rep not in built:
+                opts = self._unit_options(unit, kind, d, m, layouts, reps, prune, transients)
+                if opts is None:
+                    return None
+                built[rep] = opts
+            units.append(built[rep])
+        if self._root is None and self.allowed is None:  # every candidate was priced
+            self._levels.setdefault(config, self._pick(config, transients))
+        wired: dict[str, UnitOptions] = {}
+        for k, unit in enumerate(self.terms.units):
+            rep = self.terms.representative[unit]
+            if rep not in wired:
+                wired[rep] = self._with_switches(units[k], unit, config, layouts, reps)
+            units[k] = wired[rep]
+        return Problem(
+            tuple(units),
+            config.stages,
+            config.chunks,
+            m,
+            config.in_flight(),
+            self.budget_bytes,
+            len(layouts),
+            self.buckets,
+            (self._root or self).transient_levels(config),
+        )
+
+    def transient_levels(self, config: Config) -> tuple[int, ...]:
+        """The configuration's transient levels (buckets), from all its candidates."""
+        if config not in self._levels:
+            d, m = self.world // config.pipeline, config.micro_batches
+            transients = [0.0]
+            kinds = dict(zip(self.terms.units, self.terms.kinds, strict=True))
+            for unit in {self.terms.representative[u]: u for u in self.terms.units}.values():
+                for s in self.candidates(d, kinds[unit]):
+                    if self.global_batch % (m * s.dp) == 0:
+                        b = self.global_batch / (m * s.dp)
+                        transients.append(self.cost(unit, s, b).transient_bytes)
+            self._levels[config] = self._pick(config, transients)
+        return self._levels[config]
+
+    def _pick(self, config: Config, transients: list[float]) -> tuple[int, ...]:
+        bucket = self.budget_bytes / (config.chunks * self.buckets)
+        raw = np.ceil(np.asarray(transients) / bucket).astype(np.int64)
+        return tuple(int(x) for x in pick_levels(raw))
+
+    def _unit_options(
+        self, unit, kind, d, m, layouts, reps, prune, transients
+    ) -> UnitOptions | None:
+        rows, picked = [], []
+        for s in self.candidates(d, kind):
+            if self.global_batch % (m * s.dp):
+                continue
+            c = self.cost(unit, s, self.global_batch / (m * s.dp))
+            rows.append((c.time_mb_s + c.step_s / m, c.state_bytes, c.act_bytes, c.transient_bytes))
+            transients.append(c.transient_bytes)
+            picked.append(s)
+        if not picked:
+            return None
+        table = np.array(rows)
+        keys = [layout_key(s) for s in picked]
+        keep = ~dominated(table, keys) if prune else np.ones(len(picked), dtype=bool)
+        for s, k in zip(picked, keys, strict=True):
+            if k not in layouts:
+                layouts[k] = len(layouts)
+                reps[layouts[k]] = s
+        order = sorted(np.flatnonzero(keep), key=lambda i: (layouts[keys[i]], i))
+        self.stats["candidates"] = self.stats.get("candidates", 0) + len(picked)
+        self.stats["after_dominance"] = self.stats.get("after_dominance", 0) + len(order)
+        idx = np.array(order, dtype=int)
+        return UnitOptions(
+            key=self.terms.representative[unit],
+            strategies=tuple(picked[i] for i in order),
+            time_s=table[idx, 0],
+            state_bytes=table[idx, 1],
+            act_bytes=table[idx, 2],
+            transient_bytes=table[idx, 3],
+            layout=np.array([layouts[keys[i]] for i in order], dtype=int),
+            switch_s=np.zeros((0, 0)),
+            p2p_s=np.zeros(0),
+        )
+
+    def _with_switches(
+        self, u: UnitOptions, unit: str, config: Config, layouts, reps
+    ) -> UnitOptions:
+        n = len(layouts)
+        if u.switch_s.shape == (n, n):
+            return u
+        t = self.terms.unit_terms(unit, reps[int(u.layout[0])])
+        whole = boundary_bytes(t, self.global_batch / config.micro_batches, self.precision)
+        switch = np.array(
+            [
+                [switch_time_s(whole, reps[a], reps[b], self.cluster) for b in range(n)]
+                for a in range(n)
+            ]
+        )
+        p2p = np.array(
+            [
+                p2p_time_s(whole, reps[a], self.cluster) if config.pipeline > 1 else 0.0
+                for a in range(n)
+            ]
+        )
+        return UnitOptions(
+            u.key,
+            u.strategies,
+            u.time_s,
+            u.state_bytes,
+            u.act_bytes,
+            u.transient_bytes,
+            u.layout,
+            switch,
+            p2p,
+        )
+
+    def lower_bound(self, config: Config) -> float:
+        """No configuration's step time beats this (every unit at its fastest, balanced)."""
+        d, m, v, p = (
+            self.world // config.pipeline,
+            config.micro_batches,
+            config.chunks,
+            config.pipeline,
+        )
+        fastest: dict[str, float] = {}
+        for unit, kind in zip(self.terms.units, self.terms.kinds, strict=True):
+            rep = self.terms.representative[unit]
+            if rep not in fastest:
+                fastest[rep] = self._fastest(unit, kind, d, m)
+        times = [fastest[self.terms.representative[u]] for u in self.terms.units]
+        total = float(sum(times))
+        slowest = max(total / (p * v), max(times))
+        return total / v + (m * v - 1) * slowest
+
+    def _fastest(self, unit: str, kind: str, d: int, m: int) -> float:
+        times = [
+            self.cost(unit, s, self.global_batch / (m * s.dp)).time_mb_s
+            for s in self.candidates(d, kind)
+            if self.global_batch % (m * s.dp) == 0
+        ]
+        return min(times, default=np.inf)
+
+
+def search_space(
+    space: SearchSpace,
+    config_list: Sequence[Config],
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Searched | None, dict[str, Any]]:
+    """The best configuration's plan, visiting configurations by lower bound."""
+    start = time.perf_counter()
+    bounds = sorted((space.lower_bound(c), i) for i, c in enumerate(config_list))
+    best: Searched | None = None
+    solved = dominated = 0
+    twins = {
+        (c.pipeline, c.micro_batches) for c in config_list if c.schedule is Schedule.ONE_F_ONE_B
+    }
+    for done, (bound, i) in enumerate(bounds):
+        if progress:
+            progress(done, len(bounds))
+        if best is not None and bound >= best.solution.time_s:
+            break
+        c = config_list[i]
+        if c.schedule is Schedule.GPIPE and (c.pipeline, c.micro_batches) in twins:
+            # GPipe's time is 1F1B's (equation (1)) and every stage holds m micro-batches,
+            # never fewer than 1F1B's min(p - k, m): its 1F1B twin dominates it
+            dominated += 1
+            continue
+        problem = space.problem(config_list[i])
+        if problem is None:
+            continue
+        bound = lower_bound(problem)  # inf: no cut fits even at the smallest candidates
+        if bound == np.inf or (best is not None and bound >= best.solution.time_s):
+            continue
+        solution = solve(problem)
+        solved += 1
+        if solution is not None and (best is None or solution.time_s < best.solution.time_s):
+            best = Searched(config_list[i], solution, problem.units)
+    if progress:
+        progress(len(bounds), len(bounds))
+    stats = {
+        "configs": len(config_list),
+        "solved": solved,
+        "gpipe_dominated": dominated,
+        "seconds": time.perf_counter() - start,
+    }
+    return best, stats

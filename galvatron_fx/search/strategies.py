@@ -1,0 +1,189 @@
+"""Candidate strategies for one layer: Galvatron's decision tree, its pruning rules, dominance.
+
+A stage of `devices` (a power of two) is split level by level, each level a factor of two
+given to tensor parallelism (tp), plain data parallelism (dp) or sharded data parallelism
+(sdp, ZeRO). Galvatron's rules, as implemented here:
+
+- pipeline first, across device islands: the outer search gives each stage `world / pp`
+  devices, whole nodes while pp <= nodes (`pipeline_degrees`);
+- each of tp / dp / sdp forms one contiguous run of levels, so a tree is an ordering of at most
+  two kinds with their degrees; which kind takes the innermost levels gets consecutive ranks
+  (`tp_consecutive`);
+- a tree mixing plain and sharded data parallelism is pruned;
+- a TP group that would leave a node is pruned.
+
+Every surviving split then takes the flags the runtime offers: sequence parallelism (tp > 1,
+layers: a segment's input is gathered by a layout switch instead), the ZeRO stage of its
+sharded data parallelism (1, 2 or 3), recomputation (layers: none, selective, full), and for
+segments the vocabulary split. Dominance pruning (`dominated`) removes, per
+layer, a candidate that is no faster and no smaller than another of the same layout.
+Pure: no torch.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from galvatron_fx.plan import DPMode, LayerStrategy, Recompute
+
+__all__ = [
+    "TreeCounts",
+    "candidates",
+    "decision_tree",
+    "dominated",
+    "layout_key",
+    "pipeline_degrees",
+    "powers_of_two",
+    "tree_counts",
+]
+
+
+def powers_of_two(n: int) -> list[int]:
+    """1, 2, 4, ... up to n (n itself a power of two)."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"device counts must be powers of two, got {n}")
+    return [1 << k for k in range(n.bit_length())]
+
+
+@dataclass(frozen=True)
+class Split:
+    """One leaf of the decision tree: how a stage's devices divide, before the flags."""
+
+    tp: int
+    dp: int
+    sharded: bool
+    """The data-parallel levels are sdp (ZeRO) rather than plain dp."""
+    tp_consecutive: bool
+
+
+def decision_tree(devices: int) -> list[Split]:
+    """Every ordering of tp and one kind of data parallelism over log2(devices) levels
+    (mixed dp/sdp trees never generated: they are pruned by construction)."""
+    leaves: list[Split] = []
+    for tp in powers_of_two(devices):
+        dp = devices // tp
+        for sharded in (False, True):
+            if dp == 1 and sharded:
+                continue  # no data-parallel levels: sdp and dp are the same tree
+            orders = (True, False) if tp > 1 and dp > 1 else (True,)
+            leaves.extend(Split(tp, dp, sharded, inner) for inner in orders)
+    return leaves
+
+
+def _tp_inside_node(split: Split, devices_per_node: int) -> bool:
+    stride = 1 if split.tp_consecutive else split.dp
+    return (split.tp - 1) * stride + 1 <= devices_per_node
+
+
+def _same_as_consecutive(split: Split, devices_per_node: int) -> bool:
+    """A strided TP group inside one node: the same links as the consecutive tree (and the
+    data-parallel group then spans no more nodes), so it is the same candidate."""
+    return not split.tp_consecutive and split.tp * split.dp <= devices_per_node
+
+
+def candidates(
+    devices: int,
+    devices_per_node: int,
+    *,
+    segment: bool = False,
+    zero_stages: Sequence[DPMode] = (DPMode.ZERO1, DPMode.ZERO2, DPMode.ZERO3),
+) -> list[LayerStrategy]:
+    """The pruned tree's leaves with every flag, in a fixed order (simplest first: the
+    search breaks ties by this order)."""
+    out: list[LayerStrategy] = []
+    for split in decision_tree(devices):
+        if not _tp_inside_node(split, devices_per_node):
+            continue
+        if _same_as_consecutive(split, devices_per_node):
+            continue
+        modes = zero_stages if split.sharded else (DPMode.ALLREDUCE,)
+        sps = (False, True) if split.tp > 1 and not segment else (False,)
+        recomputes = (Recompute.NONE,) if segment else tuple(Recompute)
+        vocabs = (False, True) if segment and split.tp > 1 else (False,)
+        for mode in modes:
+            for sp in sps:
+                for vocab in vocabs:
+                    for rc in recomputes:
+                        out.append(
+                            LayerStrategy(
+                                tp=split.tp,
+                                sp=sp,
+                                dp=split.dp,
+                                dp_mode=mode,
+                                recompute=rc,
+                                tp_consecutive=split.tp_consecutive,
+                                vocab_parallel=vocab,
+                            )
+                        )
+    return out
+
+
+def layout_key(s: LayerStrategy) -> tuple[int, int, bool]:
+    """What the residual stream between two units looks like under `s`: batch split dp ways,
+    sequence split tp ways under sp, and which ranks form the groups. Equal keys: no
+    layout switch between adjacent units."""
+    return (s.dp, s.tp if s.sp else 1, s.tp_consecutive or s.tp == 1 or s.dp == 1)
+
+
+def pipeline_degrees(world: int, units: int) -> list[int]:
+    """Pipeline degrees to try: powers of two dividing the world, at most one unit a stage."""
+    return [p for p in powers_of_two(world) if p <= units]
+
+
+def dominated(costs: np.ndarray, layouts: Sequence[object]) -> np.ndarray:
+    """Mask of candidates to drop: another candidate of the same layout is no worse in every
+    column of `costs` (candidates x terms: time, memory terms, ...) and better in one, or
+    equal in all and earlier. Within one layout only: a slower, larger candidate of another
+    layout may still win by saving a layout switch."""
+    n = len(costs)
+    drop = np.zeros(n, dtype=bool)
+    for i in range(n):
+        same = np.array([layouts[j] == layouts[i] for j in range(n)])
+        no_worse = np.all(costs <= costs[i], axis=1) & same
+        better = np.any(costs < costs[i], axis=1)
+        earlier_equal = np.arange(n) < i
+        no_worse[i] = False
+        if np.any(no_worse & (better | earlier_equal) & ~drop):
+            drop[i] = True
+    return drop
+
+
+@dataclass(frozen=True)
+class TreeCounts:
+    """Candidate counts for one stage size."""
+
+    pipeline: int
+    stage_devices: int
+    tree_leaves: int
+    """Leaves of the tree with every flag, before the rules."""
+    after_rules: int
+
+
+def tree_counts(world: int, devices_per_node: int) -> list[TreeCounts]:
+    """Per pipeline degree: the tree's leaves with every flag before the rules (mixed
+    dp/sdp trees and node-crossing TP groups included) and after them. Dominance pruning
+    depends on the model and is reported by the search."""
+    out = []
+    for p in powers_of_two(world):
+        d = world // p
+        kept = len(candidates(d, devices_per_node))
+        out.append(TreeCounts(p, d, _raw_leaves(d.bit_length() - 1), kept))
+    return out
+
+
+def _raw_leaves(levels: int) -> int:
+    """Leaves of the unpruned tree: every assignment of the levels to tp / dp / sdp where
+    each kind takes one contiguous run, times the flags it can take."""
+    total = 0
+    for seq in itertools.product("tds", repeat=levels):
+        runs = [k for i, k in enumerate(seq) if i == 0 or seq[i - 1] != k]
+        if len(runs) != len(set(runs)):
+            continue
+        tp = 2 ** seq.count("t")
+        flags = (2 if tp > 1 else 1) * (3 if "s" in seq else 1) * len(Recompute)
+        total += flags
+    return total

@@ -1,0 +1,151 @@
+"""The search on real models: its prices agree with `plan_costs`, its plans fit, load back
+and compile, nothing beats it among the baselines, and an impossible budget says why."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from conftest import TINY_GPT, build
+from distributed import run_ranks
+
+import galvatron_fx as gfx
+from galvatron_fx.cli import main
+from galvatron_fx.compile import analyze, parallelize
+from galvatron_fx.cost_models.hardware import load_cluster
+from galvatron_fx.passes.plan_costs import plan_costs, plan_peak
+from galvatron_fx.passes.search_costs import model_terms, representatives
+from galvatron_fx.plan import DPMode, LayerStrategy, Plan, PlanError, Recompute, Schedule
+from galvatron_fx.search.dp import evaluate
+from galvatron_fx.search.planner import Config, SearchSpace
+
+GPT4 = "gpt:layers=4,hidden=128,heads=4,vocab=256,seq=64"
+BATCH, SEQ = 8, 32
+A100 = "a100-80gb-sxm"
+
+
+@pytest.fixture(scope="module")
+def analysis():
+    model, args, kwargs = build(GPT4, device="meta", batch=BATCH, seq=SEQ)
+    return analyze(model, args, kwargs)
+
+
+def test_repeated_layers_share_one_representative(analysis):
+    reduced, rep = representatives(analysis)
+    # the first block stays for the graph's sake; the second (steady state) stands for all
+    assert reduced.units == ["embedding", "blocks.0", "blocks.1", "head", "loss"]
+    assert {rep[f"blocks.{i}"] for i in range(4)} == {"blocks.1"}
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        LayerStrategy(dp=4),
+        LayerStrategy(dp=4, dp_mode=DPMode.ZERO3, recompute=Recompute.FULL),
+        LayerStrategy(tp=2, sp=True, dp=2, dp_mode=DPMode.ZERO1, recompute=Recompute.SELECTIVE),
+        LayerStrategy(tp=4, dp=1),
+    ],
+    ids=lambda s: s.short(),
+)
+def test_search_prices_a_plan_as_plan_costs_does(analysis, strategy):
+    """At the captured batch (one micro-batch) the search's price of a plan and the cost
+    model's whole-plan rewrite agree (the search prices the switches into and out of a
+    sequence-parallel stack with its layout-switch model, the rewrite reads them off the
+    graph: within 3%); the search's memory bounds the three-moment peak."""
+    cluster = load_cluster(A100)
+    terms = model_terms(analysis, cluster, [1, 2, 4])
+    space = SearchSpace(terms, cluster, 4, BATCH, 80 * 2**30, "fp32")
+    segment = dataclasses.replace(strategy, sp=False, recompute=Recompute.NONE)
+    kinds = {u.name: u.kind for u in analysis.layers}
+    plan = analysis.plan(
+        {u: strategy if k == "layer" else segment for u, k in kinds.items()}, world_size=4
+    )
+    costs = plan_costs(analysis, plan, cluster, dtype="bf16", precision="fp32")
+    problem = space.problem(Config(1, 1, Schedule.ONE_F_ONE_B), prune=False)
+    choice = [problem.units[i].strategies.index(plan.strategy(u)) for i, u in enumerate(plan.units)]
+    priced = evaluate(problem, (0,), choice)
+    rel = 3e-2 if strategy.sp else 2e-3
+    assert priced.time_s == pytest.approx(sum(c.time_s for c in costs), rel=rel)
+    peak = plan_peak(costs, plan, cluster, "fp32").peak_bytes
+    assert peak <= priced.stage_memory_bytes[0]
+
+
+@pytest.mark.parametrize("budget_gb", [0.02, 0.05, 0.2])
+def test_returned_plans_fit_the_budget(analysis, budget_gb):
+    result = gfx.search(
+        analysis, cluster=A100, memory_budget_gb=budget_gb, global_batch=BATCH,
+        world_size=4, precision="fp32", max_pipeline=1, baselines=False,
+    )  # fmt: skip
+    plan = result.plan
+    costs = plan_costs(analysis, plan, load_cluster(A100), dtype="bf16", precision="fp32")
+    peak = plan_peak(costs, plan, load_cluster(A100), "fp32").peak_bytes
+    assert peak <= budget_gb * 2**30
+    assert max(result.predicted["peak_memory_bytes"]) <= budget_gb * 2**30
+
+
+def test_pipelined_plans_fit_and_beat_every_baseline(analysis):
+    result = gfx.search(
+        analysis, cluster="a100-80gb-sxm:nodes=2", memory_budget_gb=0.03, global_batch=BATCH,
+        precision="fp32",
+    )  # fmt: skip
+    assert max(result.predicted["peak_memory_bytes"]) <= 0.03 * 2**30
+    for name, sps in result.baselines.items():
+        assert sps is None or sps <= result.samples_per_s * (1 + 1e-9), name
+    assert result.plan.world_size == 16
+    assert result.units and {"runner_up", "binding", "note"} <= set(result.units[0])
+
+
+def test_an_impossible_budget_names_the_smallest_need(analysis):
+    with pytest.raises(PlanError, match=r"smallest needs about .* GiB.*dominated by '"):
+        gfx.search(analysis, cluster=A100, memory_budget_gb=1e-5, global_batch=BATCH, world_size=2)
+
+
+def test_bad_search_inputs_are_refused(analysis):
+    with pytest.raises(PlanError, match="power of two"):
+        gfx.search(analysis, cluster=A100, memory_budget_gb=1, global_batch=8, world_size=3)
+    with pytest.raises(PlanError, match="memory budget"):
+        gfx.search(analysis, cluster=A100, memory_budget_gb=0, global_batch=8)
+
+
+def _compile_saved(rank: int, world: int, path: str) -> float:
+    plan = Plan.load(path)
+    model, args, kwargs = build(TINY_GPT, batch=BATCH, seq=16)
+    compiled = parallelize(analyze(model, args, kwargs), plan=plan)
+    return compiled.train_step(*args, **kwargs).item()
+
+
+def test_cli_plan_json_loads_back_and_compiles(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    rc = main(
+        [
+            "plan", TINY_GPT, "--cluster", A100, "--memory-gb", "0.01", "--global-batch",
+            str(BATCH), "--seq", "16", "--world", "2", "--max-pipeline", "1", "--json", str(out),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "samples/s" in text and "TFLOP/s per device" in text and "baseline" in text
+    data = json.loads(out.read_text())
+    assert {"plan", "predicted", "search_time_s", "baselines"} <= set(data)
+    assert set(data["predicted"]) >= {"step_time_s", "samples_per_s", "tflops_per_device"}
+    assert isinstance(data["predicted"]["peak_memory_bytes"], list)
+    model, args, kwargs = build(TINY_GPT, batch=BATCH, seq=16)
+    want = parallelize(analyze(model, args, kwargs)).train_step(*args, **kwargs).item()
+    losses = run_ranks(_compile_saved, 2, str(out))
+    assert losses == pytest.approx([want, want], rel=1e-5)
+    assert main(["explain", str(out)]) == 0
+    assert "runner-up" in capsys.readouterr().out
+    other = tmp_path / "other.json"
+    assert main(["plan", TINY_GPT, "--cluster", A100, "--memory-gb", "1", "--global-batch",
+                 str(BATCH), "--seq", "16", "--world", "2", "--max-pipeline", "1",
+                 "--no-baselines", "--json", str(other)]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["explain", str(out), "--diff", str(other)]) == 0
+    assert "samples_per_s" in capsys.readouterr().out
+
+
+def test_cli_plan_reports_an_impossible_budget(capsys):
+    rc = main(["plan", TINY_GPT, "--memory-gb", "1e-6", "--global-batch", "8", "--seq", "16"])
+    assert rc == 2
+    assert "smallest needs about" in capsys.readouterr().err
