@@ -102,13 +102,20 @@ def test_every_stage_of_a_solution_fits_its_budget(seed):
         assert real <= mem + 1e-9
 
 
-def test_fixed_stage_starts_are_kept():
-    problem = random_problem(7)
-    while problem.stages < 2 or len(problem.units) < 3:
-        problem = random_problem(int(np.random.default_rng(len(problem.units)).integers(1e9)))
-    got = solve(problem, starts=(0, 1))
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_a_fixed_cut_gets_its_best_assignment(seed):
+    problem = random_problem(seed)
+    n = len(problem.units)
+    if problem.stages > n:
+        return
+    starts = tuple(k * n // problem.stages for k in range(problem.stages))
+    want = brute_force(problem, starts)
+    got = solve(problem, starts)
+    assert (got is None) == math.isinf(want)
     if got is not None:
-        assert got.stage_starts == (0, 1)
+        assert got.stage_starts == starts
+        assert got.time_s == pytest.approx(want, rel=1e-12, abs=1e-12)
 
 
 def test_ties_break_the_same_way_every_time():

@@ -17,14 +17,15 @@ from galvatron_fx.search.dp import Problem, bucketed, step_time
 __all__ = ["brute_force"]
 
 
-def brute_force(problem: Problem) -> float:
-    """The optimal step time (inf when nothing fits)."""
+def brute_force(problem: Problem, starts: tuple[int, ...] | None = None) -> float:
+    """The optimal step time (inf when nothing fits), over every cut or the given one."""
     b = bucketed(problem)
     n_units, n = len(problem.units), problem.stages
     if n > n_units:
         return float("inf")
     best = float("inf")
-    for cuts in itertools.combinations(range(1, n_units), n - 1):
+    every = itertools.combinations(range(1, n_units), n - 1)
+    for cuts in every if starts is None else [starts[1:]]:
         bounds = (0, *cuts, n_units)
         stage_best = [_stage_best(problem, b, k, bounds[k], bounds[k + 1]) for k in range(n)]
         if all(np.isfinite(stage_best)):

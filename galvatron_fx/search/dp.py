@@ -280,11 +280,11 @@ def solve(problem: Problem, starts: Sequence[int] | None = None) -> Solution | N
     if n > n_units:
         return None
     b = bucketed(problem)
+    if starts is not None:
+        return _solve_fixed(problem, b, tuple(starts))
     sweeper = _Sweeper(problem, b)
     F = sweeper.tables()
     stage_F = F[b.stage_mult]  # (stages, U+1, U+1)
-    if starts is not None:
-        stage_F = _only(stage_F, [*starts, n_units])
     bottleneck = _bottleneck(stage_F)
     if not np.isfinite(bottleneck):
         return None
@@ -307,11 +307,26 @@ def solve(problem: Problem, starts: Sequence[int] | None = None) -> Solution | N
     return Solution(step_time(times, m, v), starts, choice, times, mems, stats)
 
 
-def _only(F: np.ndarray, bounds: Sequence[int]) -> np.ndarray:
-    out = np.full_like(F, np.inf)
-    for k in range(F.shape[0]):
-        out[k, bounds[k], bounds[k + 1]] = F[k, bounds[k], bounds[k + 1]]
-    return out
+def _solve_fixed(problem: Problem, b: Bucketed, starts: tuple[int, ...]) -> Solution | None:
+    """With the cut fixed the stages are independent and (1) grows with every stage's time:
+    each stage at its own optimum is the optimum."""
+    bounds = [*starts, len(problem.units)]
+    if len(starts) != problem.stages or any(j <= i for i, j in itertools.pairwise(bounds)):
+        raise ValueError(
+            f"starts {starts} do not cut {len(problem.units)} units into {problem.stages} stages"
+        )
+    choice: list[int] = []
+    times, mems = [], []
+    for k in range(problem.stages):
+        picked = _stage_choice(problem, b, k, bounds[k], bounds[k + 1])
+        if picked is None:
+            return None
+        t, mem = stage_cost(problem, b, k, bounds[k], picked)
+        choice.extend(picked)
+        times.append(t)
+        mems.append(mem)
+    T = step_time(times, problem.micro_batches, problem.chunks)
+    return Solution(T, starts, tuple(choice), tuple(times), tuple(mems))
 
 
 def _bottleneck(F: np.ndarray) -> float:
@@ -352,6 +367,7 @@ def _assign(
     for k in range(problem.stages):
         i, j = bounds[k], bounds[k + 1]
         picked = _stage_choice(problem, b, k, i, j)
+        assert picked is not None, "a stage of the optimal cut has no fitting assignment"
         choice.extend(picked)
         t, mem = stage_cost(problem, b, k, i, picked)
         times.append(t)
@@ -359,7 +375,7 @@ def _assign(
     return tuple(choice), tuple(times), tuple(mems)
 
 
-def _stage_choice(problem: Problem, b: Bucketed, k: int, i: int, j: int) -> list[int]:
+def _stage_choice(problem: Problem, b: Bucketed, k: int, i: int, j: int) -> list[int] | None:
     alpha = int(b.stage_mult[k])
     sub = _single_multiplier(b, alpha)
     sweeper = _Sweeper(problem, sub)
@@ -376,6 +392,8 @@ def _stage_choice(problem: Problem, b: Bucketed, k: int, i: int, j: int) -> list
         s = int(np.argmin(last[lv, :, col]))
         if last[lv, s, col] < best:
             best, pick = float(last[lv, s, col]), (lv, s)
+    if not np.isfinite(best):
+        return None
     lv, s = pick
     col = int(b.capacity - b.levels[lv])
     picked = [s]
