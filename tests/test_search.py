@@ -151,3 +151,14 @@ def test_dominance_only_within_a_layout():
     assert drop.tolist() == [False, True, False]
     equal = dominated(np.ones((2, 2)), [layout_key(a)] * 2)
     assert equal.tolist() == [False, True]  # equal costs: the earlier one stays
+
+
+def test_explain_folds_runs_of_equal_rows():
+    from galvatron_fx.search.explain import format_explain
+
+    row = {"strategy": "tp2 dp4/zero2", "runner_up": "tp2 dp4/zero1", "runner_up_delta_s": 1e-4}
+    row |= {"binding": "memory", "note": "n", "stage": 0}
+    units = [{"unit": f"blocks.{i}", **row} for i in range(3)]
+    units.append({**units[0], "unit": "head", "binding": "time"})
+    text = format_explain({"units": units})
+    assert "blocks.0 .. blocks.2" in text and "head" in text and len(text.splitlines()) == 3

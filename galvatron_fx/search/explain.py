@@ -87,14 +87,22 @@ def _unit_row(
 
 def format_explain(data: Mapping[str, Any]) -> str:
     """Text for `galvatron-fx explain`: one line per unit, runs of equal rows folded."""
-    lines = [f"{'unit':<26}{'strategy':<28}{'runner-up':<28}{'delta ms':>9}  why"]
+    lines = [f"{'unit':<30}{'strategy':<28}{'runner-up':<28}{'delta ms':>9}  why"]
+    runs: list[tuple[str, str, tuple[str, ...]]] = []
     for row in data.get("units", []):
         delta = row.get("runner_up_delta_s")
-        delta_text = f"{delta * 1e3:+.2f}" if delta is not None else "-"
-        lines.append(
-            f"{row['unit']:<26}{row['strategy']:<28}{(row['runner_up'] or '-'):<28}"
-            f"{delta_text:>9}  {row['binding']}: {row['note']}"
-        )
+        delta_text = f"{delta * 1e3:+.3g}" if delta is not None else "-"
+        cells = (
+            row["strategy"], row["runner_up"] or "-", delta_text,
+            f"{row['binding']}: {row['note']}", str(row.get("stage", 0)),
+        )  # fmt: skip
+        if runs and runs[-1][2] == cells:
+            runs[-1] = (runs[-1][0], row["unit"], cells)
+        else:
+            runs.append((row["unit"], row["unit"], cells))
+    for first, last, (strategy, runner, delta_text, why, _) in runs:
+        name = first if first == last else f"{first} .. {last}"
+        lines.append(f"{name:<30}{strategy:<28}{runner:<28}{delta_text:>9}  {why}")
     return "\n".join(lines)
 
 
