@@ -141,49 +141,79 @@ def _short(row: Mapping[str, Any] | None) -> str:
 
 
 def smallest_memory(space: SearchSpace, budget_gb: float) -> str:
-    """The error when nothing fits: the least memory any configuration needs and the unit
-    that dominates it (each unit at its smallest candidate, stages cut to balance memory)."""
-    best: tuple[float, str, float, float] | None = None
+    """The error when nothing fits: the least memory any configuration needs (every unit at
+    its smallest candidate, stages cut to balance memory), and what fills its fullest stage."""
+    best: tuple[float, Any, str] | None = None
     for config in configs(space.world, len(space.terms.units), space.global_batch):
         problem = space.problem(config, prune=False)
         if problem is None:
             continue
-        need, unit, state, act = _least_for(problem, space.terms.units)
+        need, what = _least_for(problem, space.terms.units, space.terms.representative)
         if best is None or need < best[0]:
-            best = (need, unit, state, act)
+            best = (need, config, what)
     if best is None:
         return "search: no candidate strategy applies (check the batch size and world size)"
-    need, unit, state, act = best
+    need, config, what = best
     return (
         f"search: no plan fits {budget_gb:g} GB per device; the smallest needs about "
-        f"{need / GiB:.1f} GiB. It is dominated by {unit!r} (at its smallest: "
-        f"{state / GiB:.2f} GiB of parameters, gradients and optimizer states, "
-        f"{act / GiB:.2f} GiB of activations). Raise the budget, use more devices, or "
-        f"lower the global batch."
+        f"{need / GiB:.1f} GiB (pipeline {config.pipeline}, {config.micro_batches} "
+        f"micro-batches). {what} Raise the budget, use more devices, or lower the global batch."
     )
 
 
-def _least_for(problem: Problem, names: Sequence[str]) -> tuple[float, str, float, float]:
-    n_units = len(problem.units)
-    mins = []
-    for a in problem.in_flight:
-        per = [(u.state_bytes + a * u.act_bytes + u.transient_bytes) for u in problem.units]
-        mins.append([float(x.min()) for x in per])
-    # min over cuts of the largest stage (chain DP on prefix sums per stage multiplier)
-    n = problem.stages
+def _least_for(
+    problem: Problem, names: Sequence[str], representative: Mapping[str, str]
+) -> tuple[float, str]:
+    """(least bytes per device, what dominates the fullest stage)."""
+    n_units, n = len(problem.units), problem.stages
+    least = [
+        [float((u.state_bytes + a * u.act_bytes + u.transient_bytes).min()) for u in problem.units]
+        for a in problem.in_flight
+    ]
     G = np.full(n_units + 1, np.inf)
     G[0] = 0.0
-    for k in range(n):
-        prefix = np.concatenate([[0.0], np.cumsum(mins[k])])
-        stage = prefix[None, :] - prefix[:, None]
-        stage = np.where(np.triu(np.ones_like(stage), 1) > 0, stage, np.inf)
-        G = np.min(np.maximum(G[:, None], stage), axis=0)
-    worst = int(np.argmax(mins[0]))
-    u = problem.units[worst]
-    s = int(np.argmin(u.state_bytes + problem.in_flight[0] * u.act_bytes))
-    return (
-        float(G[-1]) * problem.chunks,
-        names[worst],
-        float(u.state_bytes[s]),
-        float(u.act_bytes[s] * problem.in_flight[0]),
+    arg = np.zeros((n, n_units + 1), dtype=np.int64)
+    upper = np.triu(np.ones((n_units + 1, n_units + 1), dtype=bool), 1)
+    for k in range(n):  # min over cuts of the fullest stage
+        prefix = np.concatenate([[0.0], np.cumsum(least[k])])
+        total = np.maximum(G[:, None], np.where(upper, prefix[None, :] - prefix[:, None], np.inf))
+        arg[k] = np.argmin(total, axis=0)
+        G = total[arg[k], np.arange(n_units + 1)]
+    bounds, j = [n_units], n_units
+    for k in range(n - 1, -1, -1):
+        j = int(arg[k, j])
+        bounds.append(j)
+    bounds.reverse()
+    sizes = [sum(least[k][bounds[k] : bounds[k + 1]]) for k in range(n)]
+    k = int(np.argmax(sizes))
+    return float(G[-1]) * problem.chunks, _dominant(problem, names, representative, bounds, k)
+
+
+def _dominant(
+    problem: Problem,
+    names: Sequence[str],
+    representative: Mapping[str, str],
+    bounds: list[int],
+    k: int,
+) -> str:
+    a = problem.in_flight[k]
+    groups: dict[str, list[int]] = {}
+    for i in range(bounds[k], bounds[k + 1]):
+        groups.setdefault(representative[names[i]], []).append(i)
+    members = max(groups.values(), key=lambda g: sum(_least(problem.units[i], a) for i in g))
+    u = problem.units[members[0]]
+    s = int(np.argmin(u.state_bytes + a * u.act_bytes + u.transient_bytes))
+    label = (
+        names[members[0]]
+        if len(members) == 1
+        else f"{len(members)} units like {names[members[0]]!r}"
     )
+    return (
+        f"Stage {k} is the fullest; most of it is {label}, each at least "
+        f"{u.state_bytes[s] / GiB:.2f} GiB of parameters, gradients and optimizer states and "
+        f"{a * u.act_bytes[s] / GiB:.2f} GiB of activations ({a:g} micro-batches in flight)."
+    )
+
+
+def _least(u: Any, a: float) -> float:
+    return float((u.state_bytes + a * u.act_bytes + u.transient_bytes).min())
