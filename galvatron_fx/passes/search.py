@@ -86,6 +86,12 @@ def run_search(
     spec = load_cluster(cluster) if isinstance(cluster, str) else cluster
     world = world_size or spec.nodes * spec.devices_per_node
     _check_inputs(world, memory_budget_gb, global_batch)
+    if world > spec.nodes * spec.devices_per_node:
+        raise PlanError(
+            f"search: {world} devices but cluster {spec.name!r} has "
+            f"{spec.nodes * spec.devices_per_node}; describe more nodes "
+            f"(e.g. '{spec.name}:nodes={-(-world // spec.devices_per_node)}')"
+        )
     start = time.perf_counter()
     tps = [t for t in powers_of_two(min(world, spec.devices_per_node))]
     terms = model_terms(analysis, spec, tps, dtype=dtype)
