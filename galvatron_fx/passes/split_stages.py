@@ -1,0 +1,108 @@
+"""Split stages: cut a graph at a plan's pipeline stage boundaries, one submodule per stage.
+
+Reads: `gfx_layer` on every node; the plan's `pipeline.stage_starts` (chunks counted as
+stages). Writes: nothing on the input graph; returns a `StageSplit` whose graph module runs
+`stage_0`, `stage_1`, ... in order and passes the activations between them (what a pipeline
+runtime sends between ranks).
+Guarantees:
+- every computed node goes to its unit's stage, or to the latest stage among its inputs when
+  that is later (index arithmetic and masks outside any block), so no stage reads a later one;
+- a parameter lives in the one stage that uses it, under its original name
+  (`torch.fx.passes.split_utils.split_by_tags` copies a `get_attr` into its user's
+  submodule, and the copy refers to the very Parameter object, so gradients land on it);
+- a parameter used by two stages (a tied embedding and head) is refused, naming it: each
+  stage would step its own copy;
+- `StageSplit.param_names[k]` maps stage k's parameter names to the model's.
+
+This is the pipeline issue's first piece: the runtime that puts one stage on each rank
+with `torch.distributed.pipelining` builds on it.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import fx, nn
+from torch.fx.passes.split_utils import split_by_tags
+
+from galvatron_fx.meta import LAYER
+from galvatron_fx.plan import Plan, PlanError
+
+__all__ = ["StageSplit", "split_stages", "unit_stages"]
+
+
+@dataclass(frozen=True)
+class StageSplit:
+    graph_module: fx.GraphModule
+    """Runs the stages in order: the same outputs as the graph it was cut from. It takes the
+    graph's placeholders flat, in order (the export's pytree calling convention is not
+    carried over by `split_by_tags`)."""
+    stages: tuple[str, ...]
+    """Submodule names, in order (`stage_0`, ...)."""
+    param_names: tuple[dict[str, str], ...]
+    """Per stage: its parameter names -> the model's."""
+
+    def stage(self, k: int) -> fx.GraphModule:
+        module = getattr(self.graph_module, self.stages[k])
+        assert isinstance(module, fx.GraphModule)
+        return module
+
+
+def unit_stages(units: Sequence[str], stage_starts: Sequence[str]) -> dict[str, int]:
+    """Each unit's stage: how many stage starts are at or before it."""
+    position = {u: i for i, u in enumerate(units)}
+    missing = [s for s in stage_starts if s not in position]
+    if missing:
+        raise PlanError(f"pipeline stage starts {missing} are not units of this model")
+    starts = sorted(position[s] for s in stage_starts)
+    return {u: bisect.bisect_right(starts, i) for u, i in position.items()}
+
+
+def split_stages(gm: fx.GraphModule, plan: Plan) -> StageSplit:
+    """Cut `gm` (any graph whose nodes carry `gfx_layer`) into `plan`'s stages."""
+    p = plan.pipeline
+    n = p.degree * p.virtual_stages
+    units = list(dict.fromkeys(LAYER.get(node).name for node in gm.graph.nodes))
+    of_unit = unit_stages(units, p.stage_starts)
+    tags = [f"stage_{k}" for k in range(n)]
+    stage_of = _tag_nodes(gm, of_unit, tags)
+    _refuse_shared_params(gm, stage_of)
+    split = split_by_tags(gm, tags)
+    assert isinstance(split, fx.GraphModule)
+    used = [t for t in tags if hasattr(split, t)]
+    if len(used) != n:
+        raise PlanError(f"pipeline: stages {sorted(set(tags) - set(used))} would hold no op")
+    names = tuple(_param_names(getattr(split, t), gm) for t in used)
+    return StageSplit(split, tuple(used), names)
+
+
+def _tag_nodes(gm: fx.GraphModule, of_unit: dict[str, int], tags: list[str]) -> dict[fx.Node, int]:
+    """Stage of every computed node (inputs first: a node never precedes its inputs)."""
+    stage_of: dict[fx.Node, int] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        inputs = [stage_of[a] for a in node.all_input_nodes if a in stage_of]
+        stage_of[node] = max([of_unit[LAYER.get(node).name], *inputs])
+        node.tag = tags[stage_of[node]]  # split_by_tags reads this attribute
+    return stage_of
+
+
+def _refuse_shared_params(gm: fx.GraphModule, stage_of: dict[fx.Node, int]) -> None:
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        stages = sorted({stage_of[u] for u in node.users if u in stage_of})
+        if len(stages) > 1:
+            raise PlanError(
+                f"pipeline: parameter {node.target!r} is used by stages {stages} (tied "
+                "weights?); put its users in one stage or untie it"
+            )
+
+
+def _param_names(stage: nn.Module, root: fx.GraphModule) -> dict[str, str]:
+    """Stage parameter name -> the model's, matched by identity (the same Parameter)."""
+    by_id = {id(p): name for name, p in root.named_parameters(remove_duplicate=False)}
+    return {name: by_id[id(p)] for name, p in stage.named_parameters() if id(p) in by_id}

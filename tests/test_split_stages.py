@@ -1,0 +1,61 @@
+"""Split stages: the stage submodules, run in order in one process, are the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_GPT, build
+
+from galvatron_fx.compile import analyze
+from galvatron_fx.passes.split_stages import split_stages, unit_stages
+from galvatron_fx.plan import LayerStrategy, PipelineConfig, Plan, PlanError
+
+SPEC = "gpt:layers=4,hidden=64,heads=4,vocab=128,seq=32"
+
+
+def _plan(analysis, starts: tuple[str, ...]) -> Plan:
+    n = len(starts) + 1
+    strategies = tuple((u, LayerStrategy()) for u in analysis.units)
+    fingerprint = analysis.plan(LayerStrategy(), world_size=1).model_fingerprint
+    return Plan(n, strategies, fingerprint, PipelineConfig(degree=n, stage_starts=starts))
+
+
+def _flat(args, kwargs):
+    return [*args, *kwargs.values()]
+
+
+@pytest.mark.parametrize("starts", [("blocks.2",), ("blocks.1", "blocks.3"), ("blocks.0", "head")])
+def test_stages_in_order_give_the_loss_and_gradients_of_the_model(starts):
+    model, args, kwargs = build(SPEC, batch=4, seq=16)
+    analysis = analyze(model, args, kwargs)
+    want = analysis.graph_module(*args, **kwargs)
+    loss = want if isinstance(want, torch.Tensor) else want[0]
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in analysis.graph_module.named_parameters()}
+    analysis.graph_module.zero_grad(set_to_none=True)
+
+    split = split_stages(analysis.copy().graph_module, _plan(analysis, starts))
+    assert len(split.stages) == len(starts) + 1
+    got = split.graph_module(*_flat(args, kwargs))
+    got_loss = got if isinstance(got, torch.Tensor) else got[0]
+    assert got_loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    got_loss.backward()
+    for k in range(len(split.stages)):
+        for name, original in split.param_names[k].items():
+            g = split.stage(k).get_parameter(name).grad
+            assert torch.allclose(g, grads[original], rtol=1e-5, atol=1e-8), original
+    covered = [o for names in split.param_names for o in names.values()]
+    assert sorted(covered) == sorted(grads)  # every parameter in exactly one stage
+
+
+def test_unit_stages_and_errors():
+    assert unit_stages(["a", "b", "c", "d"], ["c"]) == {"a": 0, "b": 0, "c": 1, "d": 1}
+    with pytest.raises(PlanError, match=r"\['x'\] are not units"):
+        unit_stages(["a", "b"], ["x"])
+
+
+def test_a_weight_tied_across_stages_is_refused():
+    model, args, kwargs = build(TINY_GPT + ",tied=1", batch=2, seq=16)
+    analysis = analyze(model, args, kwargs)
+    with pytest.raises(PlanError, match=r"used by stages .*tied"):
+        split_stages(analysis.copy().graph_module, _plan(analysis, ("blocks.1",)))
