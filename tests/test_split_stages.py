@@ -59,3 +59,58 @@ def test_a_weight_tied_across_stages_is_refused():
     analysis = analyze(model, args, kwargs)
     with pytest.raises(PlanError, match=r"used by stages .*tied"):
         split_stages(analysis.copy().graph_module, _plan(analysis, ("blocks.1",)))
+
+
+def _pipeline_rank(rank: int, world: int, schedule: str, micro_batches: int) -> dict:
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    from galvatron_fx.runtime.pipeline import example_flights, pipeline_loss, stage_runners
+
+    # the graph bakes its batch into view shapes: capture at the micro-batch size, feed the
+    # schedule the whole batch (the model's weights are the same: build seeds them)
+    model, small_args, small_kwargs = build(SPEC, batch=8 // micro_batches, seq=16)
+    analysis = analyze(model, small_args, small_kwargs)
+    _, args, kwargs = build(SPEC, batch=8, seq=16)
+    starts = ("blocks.2",) if world == 2 else ("blocks.1", "blocks.2", "blocks.3")[: world - 1]
+    split = split_stages(analysis.graph_module, _plan(analysis, starts))
+    runners = stage_runners(split, range(world))
+    inputs, outputs = example_flights(runners, _flat(small_args, small_kwargs))[rank]
+    runner = runners[rank]
+    stage = PipelineStage(
+        runner, rank, world, torch.device("cpu"), input_args=inputs, output_args=outputs
+    )
+    kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
+    sched = kind(stage, micro_batches, loss_fn=pipeline_loss)
+    losses: list[torch.Tensor] = []
+    if rank == 0:
+        sched.step(*_flat(args, kwargs))
+    elif rank == world - 1:
+        sched.step(target=torch.zeros(8), losses=losses)
+    else:
+        sched.step()
+    grads = {
+        split.param_names[rank][name]: p.grad.clone()
+        for name, p in split.stage(rank).named_parameters()
+    }
+    return {"losses": [x.item() for x in losses], "grads": grads}
+
+
+@pytest.mark.parametrize(("world", "schedule"), [(2, "gpipe"), (2, "1f1b"), (4, "1f1b")], ids=str)
+def test_stages_on_ranks_match_one_process(world, schedule):
+    """Each rank runs one stage through torch.distributed.pipelining (4 micro-batches): the
+    mean micro-batch loss and every gradient equal the unsplit model's on the whole batch."""
+    from distributed import run_ranks
+
+    model, args, kwargs = build(SPEC, batch=8, seq=16)
+    analysis = analyze(model, args, kwargs)
+    out = analysis.graph_module(*args, **kwargs)
+    loss = out if isinstance(out, torch.Tensor) else out[0]
+    loss.backward()
+    want = {n: p.grad for n, p in analysis.graph_module.named_parameters()}
+    results = run_ranks(_pipeline_rank, world, schedule, 4)
+    losses = results[-1]["losses"]
+    assert sum(losses) / len(losses) == pytest.approx(loss.item(), rel=1e-6)
+    got = {n: g for r in results for n, g in r["grads"].items()}
+    assert sorted(got) == sorted(want)
+    for name, g in got.items():
+        assert torch.allclose(g, want[name], rtol=1e-5, atol=1e-7), name
