@@ -186,10 +186,54 @@ def compile(  # the public name the design promises: galvatron_fx.compile
     Runs on every rank of an initialised process group (or alone: world size 1). Without a
     plan every unit uses plain data parallelism over all ranks. `example_inputs` are the whole
     batch; `train_step` takes whole batches shaped like them."""
+    if plan is not None and plan.pipeline.degree > 1:
+        return _compile_pipelined(model, example_inputs, example_kwargs or {}, plan, optimizer)
     analysis = analyze(model, example_inputs, example_kwargs, print_after=print_after)
     return parallelize(
         analysis, plan=plan, optimizer=optimizer, loss_fn=loss_fn, bucket_mb=bucket_mb
     )
+
+
+def _compile_pipelined(
+    model: nn.Module,
+    example_inputs: Sequence[Any],
+    example_kwargs: dict[str, Any],
+    plan: Plan,
+    optimizer: OptimizerFactory | None,
+) -> Any:
+    """A pipeline-only plan: the graph is captured at the micro-batch size (it bakes its
+    batch into view shapes), cut into stages, one stage (or chunk set) per rank."""
+    from galvatron_fx.passes.split_stages import split_stages
+    from galvatron_fx.runtime.pipeline import PipelinedModel
+
+    inner = [(u, s.short()) for u, s in plan.strategies if s.tp * s.dp != 1]
+    if inner:
+        raise PlanError(
+            f"pipeline plans with parallelism inside a stage are not supported yet: {inner[:3]}"
+        )
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if plan.world_size != world:
+        raise PlanError(f"plan is for {plan.world_size} ranks, this job has {world}")
+    m = plan.pipeline.micro_batches
+    micro = [_micro(x, m) for x in (*example_inputs, *example_kwargs.values())]
+    names = list(example_kwargs)
+    args = micro[: len(example_inputs)]
+    analysis = analyze(model, args, dict(zip(names, micro[len(example_inputs) :], strict=True)))
+    if analysis.units != list(plan.units):
+        raise PlanError(f"plan's units {list(plan.units)[:4]}... are not this model's")
+    split = split_stages(analysis.graph_module, plan)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return PipelinedModel(split, plan, micro, optimizer or _adamw, rank, world)
+
+
+def _micro(x: Any, micro_batches: int) -> Any:
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        return x
+    if x.shape[0] % micro_batches:
+        raise PlanError(
+            f"pipeline: the batch of {x.shape[0]} does not split into {micro_batches} micro-batches"
+        )
+    return x[: x.shape[0] // micro_batches]
 
 
 def parallelize(

@@ -140,3 +140,41 @@ def test_stages_on_ranks_match_one_process(world, schedule):
     assert sorted(got) == sorted(want)
     for name, g in got.items():
         assert torch.allclose(g, want[name], rtol=1e-5, atol=1e-7), name
+
+
+def _compiled_pipeline(rank: int, world: int, schedule: str) -> dict:
+    import galvatron_fx as gfx
+
+    model, args, kwargs = build(SPEC, batch=8, seq=16)
+    analysis = analyze(model, args, kwargs)
+    chunks = 2 if schedule == "interleaved-1f1b" else 1
+    n = world * chunks
+    starts = ("blocks.2",) if n == 2 else ("blocks.1", "blocks.2", "blocks.3")[: n - 1]
+    plan = _plan(analysis, starts, chunks)
+    compiled = gfx.compile(model, args, kwargs, plan=plan, optimizer=_adamw)
+    losses = [compiled.train_step(*args, **kwargs).item() for _ in range(3)]
+    return {"losses": losses, "params": compiled.full_params()}
+
+
+def _adamw(params):
+    return torch.optim.AdamW(params, lr=1e-3, eps=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved-1f1b"])
+def test_compile_trains_a_pipeline_plan_like_one_process(schedule):
+    """compile(plan=...) with pipeline stages: three AdamW steps on 2 ranks give the loss
+    sequence and the parameters of one process."""
+    from distributed import run_ranks
+
+    import galvatron_fx as gfx
+
+    model, args, kwargs = build(SPEC, batch=8, seq=16)
+    single = gfx.compile(model, args, kwargs, optimizer=_adamw)
+    want = [single.train_step(*args, **kwargs).item() for _ in range(3)]
+    results = run_ranks(_compiled_pipeline, 2, schedule)
+    for r in results:
+        assert r["losses"] == pytest.approx(want, rel=1e-5)
+    params = single.full_params()
+    assert sorted(results[0]["params"]) == sorted(params)
+    for name, got in results[0]["params"].items():
+        assert torch.allclose(got, params[name], rtol=1e-5, atol=1e-7), name

@@ -8,8 +8,8 @@ still needs (the model's inputs included: the targets travel to the loss). The l
 returns the loss as a 1-element tensor (`pipeline_loss` turns it back into a scalar);
 micro-batch gradients are averaged by the schedule (`scale_grads`).
 
-This is the pipeline issue's second piece: pipeline-only plans (tp = dp = 1 in every stage);
-intra-stage strategies and interleaved chunks come with the rest of that issue.
+This is the pipeline issue's second piece: pipeline-only plans (tp = dp = 1 in every stage),
+GPipe, 1F1B and interleaved 1F1B; intra-stage strategies come with the rest of that issue.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from galvatron_fx.passes.split_stages import StageSplit
 
 __all__ = [
     "Flight",
+    "PipelinedModel",
     "StageRunner",
     "example_flights",
     "flights",
@@ -137,3 +138,85 @@ def pipeline_loss(output: torch.Tensor, target: Any = None) -> torch.Tensor:
     """The schedule's `loss_fn`: the last stage already computed the loss."""
     del target
     return output.sum()
+
+
+class PipelinedModel:
+    """A pipeline-only plan on this rank: its stages, their schedule and their optimizer.
+
+    `train_step(*args, **kwargs)` takes whole batches (as `CompiledModel.train_step` does):
+    the schedule cuts them into the plan's micro-batches, runs forward and backward, and the
+    optimizer steps this rank's stages; the loss of the whole batch (the micro-batches'
+    mean) is returned on every rank."""
+
+    def __init__(
+        self,
+        split: StageSplit,
+        plan: Any,
+        micro_inputs: Sequence[torch.Tensor],
+        optimizer: Any,
+        rank: int,
+        world: int,
+    ) -> None:
+        from torch.distributed.pipelining import (
+            PipelineStage,
+            Schedule1F1B,
+            ScheduleGPipe,
+            ScheduleInterleaved1F1B,
+        )
+
+        p = plan.pipeline
+        n = p.degree * p.virtual_stages
+        self.split, self.plan, self.rank, self.world = split, plan, rank, world
+        runners = stage_runners(split, range(n))
+        examples = example_flights(runners, micro_inputs)
+        self.mine = list(range(rank, n, p.degree))
+        self.last = (n - 1) in self.mine
+        device = torch.device("cpu")
+        stages: list[Any] = [
+            PipelineStage(runners[k], k, n, device, examples[k][0], examples[k][1])
+            for k in self.mine
+        ]
+        m = p.micro_batches
+        if p.schedule.value == "interleaved-1f1b":
+            self.schedule: Any = ScheduleInterleaved1F1B(stages, m, loss_fn=pipeline_loss)
+        else:
+            kind = ScheduleGPipe if p.schedule.value == "gpipe" else Schedule1F1B
+            self.schedule = kind(stages[0], m, loss_fn=pipeline_loss)
+        self.params = [q for k in self.mine for q in split.stage(k).parameters()]
+        self.optimizer = optimizer(self.params)
+        self.batch = int(micro_inputs[0].shape[0]) * m
+
+    def train_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        import torch.distributed as dist
+
+        self.optimizer.zero_grad(set_to_none=True)
+        inputs = [*args, *kwargs.values()]
+        target = torch.zeros(self.batch) if self.last else None
+        losses: list[torch.Tensor] = []
+        if self.rank == 0:
+            self.schedule.step(*inputs, target=target, losses=losses)
+        else:
+            self.schedule.step(target=target, losses=losses)
+        self.optimizer.step()
+        loss = torch.stack(losses).mean() if losses else torch.zeros(())
+        p = self.plan.pipeline
+        dist.broadcast(loss, src=(p.degree * p.virtual_stages - 1) % p.degree)  # the last stage's
+        return loss
+
+    def full_params(self) -> dict[str, torch.Tensor]:
+        return self._gathered(lambda q: q.detach())
+
+    def full_grads(self) -> dict[str, torch.Tensor | None]:
+        return self._gathered(lambda q: q.grad)
+
+    def _gathered(self, pick: Any) -> dict[str, Any]:
+        import torch.distributed as dist
+
+        mine = {
+            self.split.param_names[k][name]: pick(q)
+            for k in self.mine
+            for name, q in self.split.stage(k).named_parameters()
+        }
+        everyone: list[Any] = [None] * self.world
+        dist.all_gather_object(everyone, mine)
+        return {name: t for part in everyone for name, t in part.items()}
