@@ -276,7 +276,11 @@ def _check_plan(plan: Plan, gm: fx.GraphModule, world: int) -> None:
     if plan.world_size != world:
         raise PlanError(f"plan is for {plan.world_size} ranks, this job has {world}")
     if plan.pipeline.degree > 1:
-        raise PlanError("pipeline stages are not supported yet (plan.pipeline.degree > 1)")
+        raise PlanError(
+            "parallelize: a plan with pipeline stages needs the graph captured at the "
+            "micro-batch size; use galvatron_fx.compile(model, inputs, plan=...) (pipeline-only "
+            "plans), stages with parallelism inside them come with the pipeline issue"
+        )
     plan.check_model(model_fingerprint(gm), layer_shapes(gm))
 
 
