@@ -179,19 +179,47 @@ def compile(  # the public name the design promises: galvatron_fx.compile
     loss_fn: LossFn | None = None,
     bucket_mb: float = 25.0,
     print_after: Sequence[str] = (),
-) -> CompiledModel:
+    cluster: Any = None,
+    memory_budget_gb: float | None = None,
+) -> Any:
     """Capture `model`, rewrite it for this rank under `plan`, and wrap it with gradient sync
     and `optimizer` (a factory `params -> Optimizer`; default AdamW, lr 1e-3).
 
     Runs on every rank of an initialised process group (or alone: world size 1). Without a
-    plan every unit uses plain data parallelism over all ranks. `example_inputs` are the whole
-    batch; `train_step` takes whole batches shaped like them."""
+    plan, `cluster` and `memory_budget_gb` make rank 0 search one (for the job's ranks and
+    the example batch, without pipeline stages for now) and send it to every rank; with
+    neither, every unit uses plain data parallelism over all ranks. `example_inputs` are the
+    whole batch; `train_step` takes whole batches shaped like them."""
     if plan is not None and plan.pipeline.degree > 1:
         return _compile_pipelined(model, example_inputs, example_kwargs or {}, plan, optimizer)
     analysis = analyze(model, example_inputs, example_kwargs, print_after=print_after)
+    if plan is None and cluster is not None:
+        plan = _searched_plan(analysis, cluster, memory_budget_gb)
     return parallelize(
         analysis, plan=plan, optimizer=optimizer, loss_fn=loss_fn, bucket_mb=bucket_mb
     )
+
+
+def _searched_plan(analysis: Analysis, cluster: Any, memory_budget_gb: float | None) -> Plan:
+    """Rank 0 searches, every rank gets its plan (one decision, however the ranks' clocks
+    or libraries differ)."""
+    from galvatron_fx.passes.search import run_search
+    from galvatron_fx.passes.search_costs import captured_batch
+
+    if memory_budget_gb is None:
+        raise PlanError("compile: cluster= needs memory_budget_gb= to search a plan")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    found: list[Any] = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        result = run_search(
+            analysis, cluster=cluster, memory_budget_gb=memory_budget_gb,
+            global_batch=captured_batch(analysis), world_size=world, max_pipeline=1,
+            baselines=False,
+        )  # fmt: skip
+        found[0] = result.plan.to_json()
+    if dist.is_initialized():
+        dist.broadcast_object_list(found, src=0)
+    return Plan.from_json(found[0], source="the searched plan")
 
 
 def _compile_pipelined(

@@ -153,3 +153,21 @@ def test_cli_plan_reports_an_impossible_budget(capsys):
     rc = main(["plan", TINY_GPT, "--memory-gb", "1e-6", "--global-batch", "8", "--seq", "16"])
     assert rc == 2
     assert "smallest needs about" in capsys.readouterr().err
+
+
+def _compile_searched(rank: int, world: int) -> dict:
+    model, args, kwargs = build(TINY_GPT, batch=BATCH, seq=16)
+    compiled = gfx.compile(model, args, kwargs, cluster=A100, memory_budget_gb=0.01)
+    loss = compiled.train_step(*args, **kwargs).item()
+    return {"loss": loss, "plan": compiled.plan.to_json()}
+
+
+def test_compile_searches_once_and_every_rank_runs_the_plan():
+    model, args, kwargs = build(TINY_GPT, batch=BATCH, seq=16)
+    want = parallelize(analyze(model, args, kwargs)).train_step(*args, **kwargs).item()
+    with pytest.raises(PlanError, match="needs memory_budget_gb"):
+        gfx.compile(model, args, kwargs, cluster=A100)
+    results = run_ranks(_compile_searched, 2)
+    assert results[0]["plan"] == results[1]["plan"]
+    assert results[0]["plan"]["world_size"] == 2
+    assert [r["loss"] for r in results] == pytest.approx([want, want], rel=1e-5)
