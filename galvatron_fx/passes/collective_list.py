@@ -18,10 +18,16 @@ from typing import Any, Final
 import torch
 from torch import fx
 
-from galvatron_fx.cost_models.comm import Collective, CollectiveKind, Phase
+from galvatron_fx.cost_models.comm import (
+    Collective,
+    CollectiveKind,
+    Phase,
+    grad_sync,
+    tp_grad_sum,
+)
 from galvatron_fx.meta import LAYER
 from galvatron_fx.passes.insert_collectives import ParamSpec
-from galvatron_fx.plan import DPMode, LayerStrategy, Plan
+from galvatron_fx.plan import LayerStrategy, Plan
 from galvatron_fx.runtime import collectives as C
 from galvatron_fx.runtime.vocab import vocab_cross_entropy
 
@@ -174,28 +180,18 @@ def _grad_sync(
             if spec.grad_sum_tp:
                 elem = get_attr(gm, spec.zero3_flat).element_size()
                 size = math.prod(spec.zero3_shape or ()) * elem // spec.dp_group.size
-                yield Collective(
-                    _AR, size, spec.tp_group.size, "backward", False, spec.unit, "grad_sync_tp"
-                )
+                yield tp_grad_sum(spec.unit, size, spec.tp_group.size, zero3=True)
             continue
         param = get_attr(gm, name)
         if not getattr(param, "requires_grad", False):
             continue
         size = param.numel() * param.element_size()
         if spec.grad_sum_tp:
-            yield Collective(
-                _AR, size, spec.tp_group.size, "backward", True, spec.unit, "grad_sync_tp"
-            )
+            yield tp_grad_sum(spec.unit, size, spec.tp_group.size, zero3=False)
         n, mode = spec.dp_group.size, plan.strategy(spec.unit).dp_mode
-        if n == 1 or spec.zero3_shape is not None:
-            continue
-        padded = -(-param.numel() // n) * n * param.element_size()
-        kind: CollectiveKind = _RS if mode is DPMode.ZERO2 else _AR
-        yield Collective(
-            kind, padded if kind == _RS else size, n, "backward", True, spec.unit, "grad_sync"
-        )
-        if mode in (DPMode.ZERO1, DPMode.ZERO2):
-            yield Collective(_AG, padded, n, "step", False, spec.unit, "grad_sync")
+        if spec.zero3_shape is None:
+            padded = -(-param.numel() // n) * n * param.element_size()
+            yield from grad_sync(spec.unit, size, padded, n, mode)
 
 
 def _a(node: fx.Node) -> Any:

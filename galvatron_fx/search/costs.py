@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from galvatron_fx.cost_models.comm import Collective
+from galvatron_fx.cost_models.comm import Collective, grad_sync, tp_grad_sum
 from galvatron_fx.cost_models.communication import (
     collective_time_s,
     collectives_time,
@@ -186,23 +186,17 @@ def _zero3(t: UnitTerms, s: LayerStrategy, width: float) -> list[Collective]:
 
 
 def _grad_sync(t: UnitTerms, s: LayerStrategy, width: float) -> list[Collective]:
-    """Once a step, after the last micro-batch's backward."""
+    """Once a step, after the last micro-batch's backward (the rules of `comm.grad_sync`)."""
     out: list[Collective] = []
     zero3 = s.dp > 1 and s.dp_mode is DPMode.ZERO3
     if t.tp_grad_sum_bytes:
         size = t.tp_grad_sum_bytes * width / (s.dp if zero3 else 1)
-        out.append(Collective("all_reduce", size, s.tp, "backward", not zero3, t.unit, "grad"))
-    if s.dp == 1 or zero3 or t.params == 0:
+        out.append(tp_grad_sum(t.unit, size, s.tp, zero3))
+    if zero3 or t.params == 0:
         return out
     size = t.params * t.param_bytes * width
     padded = -(-t.params // s.dp) * s.dp * t.param_bytes * width
-    if s.dp_mode is DPMode.ZERO2:
-        out.append(Collective("reduce_scatter", padded, s.dp, "backward", True, t.unit, "grad"))
-    else:
-        out.append(Collective("all_reduce", size, s.dp, "backward", True, t.unit, "grad"))
-    if s.dp_mode in (DPMode.ZERO1, DPMode.ZERO2):
-        out.append(Collective("all_gather", padded, s.dp, "step", False, t.unit, "grad"))
-    return out
+    return out + grad_sync(t.unit, size, padded, s.dp, s.dp_mode)
 
 
 def boundary_bytes(t: UnitTerms, micro_batch_samples: float, precision: Precision) -> float:
