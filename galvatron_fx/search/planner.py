@@ -195,17 +195,14 @@ class SearchSpace:
         reps: dict[int, LayerStrategy] = {}
         units: list[UnitOptions] = []
         built: dict[str, UnitOptions] = {}
-        transients: list[float] = [0.0]
         for unit, kind in zip(self.terms.units, self.terms.kinds, strict=True):
             rep = self.terms.representative[unit]
             if rep not in built:
-                opts = self._unit_options(unit, kind, d, m, layouts, reps, prune, transients)
+                opts = self._unit_options(unit, kind, d, m, layouts, reps, prune)
                 if opts is None:
                     return None
                 built[rep] = opts
             units.append(built[rep])
-        if self._root is None and self.allowed is None:  # every candidate was priced
-            self._levels.setdefault(config, self._pick(config, transients))
         wired: dict[str, UnitOptions] = {}
         for k, unit in enumerate(self.terms.units):
             rep = self.terms.representative[unit]
@@ -235,24 +232,18 @@ class SearchSpace:
                     if self.global_batch % (m * s.dp) == 0:
                         b = self.global_batch / (m * s.dp)
                         transients.append(self.cost(unit, s, b).transient_bytes)
-            self._levels[config] = self._pick(config, transients)
+            bucket = self.budget_bytes / (config.chunks * self.buckets)
+            raw = np.ceil(np.asarray(transients) / bucket).astype(np.int64)
+            self._levels[config] = tuple(int(x) for x in pick_levels(raw))
         return self._levels[config]
 
-    def _pick(self, config: Config, transients: list[float]) -> tuple[int, ...]:
-        bucket = self.budget_bytes / (config.chunks * self.buckets)
-        raw = np.ceil(np.asarray(transients) / bucket).astype(np.int64)
-        return tuple(int(x) for x in pick_levels(raw))
-
-    def _unit_options(
-        self, unit, kind, d, m, layouts, reps, prune, transients
-    ) -> UnitOptions | None:
+    def _unit_options(self, unit, kind, d, m, layouts, reps, prune) -> UnitOptions | None:
         rows, picked = [], []
         for s in self.candidates(d, kind):
             if self.global_batch % (m * s.dp):
                 continue
             c = self.cost(unit, s, self.global_batch / (m * s.dp))
             rows.append((c.time_mb_s + c.step_s / m, c.state_bytes, c.act_bytes, c.transient_bytes))
-            transients.append(c.transient_bytes)
             picked.append(s)
         if not picked:
             return None
