@@ -47,6 +47,7 @@ __all__ = [
     "Problem",
     "Solution",
     "UnitOptions",
+    "balanced_cut",
     "bucketed",
     "evaluate",
     "fits_somehow",
@@ -485,14 +486,29 @@ def fits_somehow(problem: Problem, b: Bucketed | None = None) -> bool:
     """Whether some cut fits every stage with every unit at its smallest candidate (a
     necessary condition, cheap: the stages' bottleneck over cuts, on bucketed memory)."""
     b = b or bucketed(problem)
-    n_units = len(problem.units)
+    least = [
+        np.array([float(m[int(b.stage_mult[k])].min()) for m in b.mem])
+        for k in range(problem.stages)
+    ]
+    return balanced_cut(least)[0] <= b.capacity
+
+
+def balanced_cut(per_stage: Sequence[np.ndarray]) -> tuple[float, tuple[int, ...]]:
+    """The cut of the units into `len(per_stage)` contiguous stages whose largest stage is
+    smallest, stage k summing `per_stage[k]` over its units: (that largest sum, the stage
+    starts)."""
+    n_units, n = len(per_stage[0]), len(per_stage)
     G = np.full(n_units + 1, np.inf)
     G[0] = 0.0
+    arg = np.zeros((n, n_units + 1), dtype=np.int64)
     upper = np.triu(np.ones((n_units + 1, n_units + 1), dtype=bool), 1)
-    for k in range(problem.stages):
-        alpha = int(b.stage_mult[k])
-        least = np.array([float(m[alpha].min()) for m in b.mem])
-        prefix = np.concatenate([[0.0], np.cumsum(least)])
-        stage = np.where(upper, prefix[None, :] - prefix[:, None], np.inf)
-        G = np.min(np.maximum(G[:, None], stage), axis=0)
-    return bool(G[-1] <= b.capacity)
+    for k in range(n):
+        prefix = np.concatenate([[0.0], np.cumsum(per_stage[k])])
+        total = np.maximum(G[:, None], np.where(upper, prefix[None, :] - prefix[:, None], np.inf))
+        arg[k] = np.argmin(total, axis=0)
+        G = total[arg[k], np.arange(n_units + 1)]
+    starts, j = [], n_units
+    for k in range(n - 1, -1, -1):
+        j = int(arg[k, j])
+        starts.append(j)
+    return float(G[-1]), tuple(reversed(starts))

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from galvatron_fx.search.dp import Problem, bucketed, stage_cost, step_time
+from galvatron_fx.search.dp import Problem, balanced_cut, bucketed, stage_cost, step_time
 from galvatron_fx.search.planner import Searched, SearchSpace, configs
 
 __all__ = ["diff_plans", "explain_units", "format_explain", "smallest_memory"]
@@ -165,28 +165,12 @@ def _least_for(
     problem: Problem, names: Sequence[str], representative: Mapping[str, str]
 ) -> tuple[float, str]:
     """(least bytes per device, what dominates the fullest stage)."""
-    n_units, n = len(problem.units), problem.stages
-    least = [
-        [float((u.state_bytes + a * u.act_bytes + u.transient_bytes).min()) for u in problem.units]
-        for a in problem.in_flight
-    ]
-    G = np.full(n_units + 1, np.inf)
-    G[0] = 0.0
-    arg = np.zeros((n, n_units + 1), dtype=np.int64)
-    upper = np.triu(np.ones((n_units + 1, n_units + 1), dtype=bool), 1)
-    for k in range(n):  # min over cuts of the fullest stage
-        prefix = np.concatenate([[0.0], np.cumsum(least[k])])
-        total = np.maximum(G[:, None], np.where(upper, prefix[None, :] - prefix[:, None], np.inf))
-        arg[k] = np.argmin(total, axis=0)
-        G = total[arg[k], np.arange(n_units + 1)]
-    bounds, j = [n_units], n_units
-    for k in range(n - 1, -1, -1):
-        j = int(arg[k, j])
-        bounds.append(j)
-    bounds.reverse()
-    sizes = [sum(least[k][bounds[k] : bounds[k + 1]]) for k in range(n)]
+    least = [np.array([_least(u, a) for u in problem.units]) for a in problem.in_flight]
+    need, starts = balanced_cut(least)
+    bounds = [*starts, len(problem.units)]
+    sizes = [least[k][bounds[k] : bounds[k + 1]].sum() for k in range(problem.stages)]
     k = int(np.argmax(sizes))
-    return float(G[-1]) * problem.chunks, _dominant(problem, names, representative, bounds, k)
+    return need * problem.chunks, _dominant(problem, names, representative, bounds, k)
 
 
 def _dominant(
