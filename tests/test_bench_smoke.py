@@ -40,6 +40,7 @@ def test_cost_model_bench_smoke(tmp_path):
 def test_search_bench_smoke():
     out = _bench("search.py", "--smoke")
     assert "tiny, 8 x A100" in out and "configurations solved" in out
+    assert "pp=1 tree" in out
 
 
 def test_plan_quality_bench_smoke():

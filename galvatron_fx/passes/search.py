@@ -85,7 +85,7 @@ def run_search(
     caps the pipeline degree (1: no pipeline stages)."""
     spec = load_cluster(cluster) if isinstance(cluster, str) else cluster
     world = world_size or spec.nodes * spec.devices_per_node
-    _check_inputs(world, memory_budget_gb, global_batch)
+    _check_inputs(world, memory_budget_gb, global_batch, max_pipeline)
     if world > spec.nodes * spec.devices_per_node:
         raise PlanError(
             f"search: {world} devices but cluster {spec.name!r} has "
@@ -122,13 +122,17 @@ def run_search(
     return SearchResult(plan, predicted, elapsed, priced, units, stats, setup)
 
 
-def _check_inputs(world: int, memory_budget_gb: float, global_batch: int) -> None:
+def _check_inputs(
+    world: int, memory_budget_gb: float, global_batch: int, max_pipeline: int | None = None
+) -> None:
     if world < 1 or world & (world - 1):
         raise PlanError(f"search: world size must be a power of two, got {world}")
     if memory_budget_gb <= 0:
         raise PlanError(f"search: memory budget must be > 0 GB, got {memory_budget_gb}")
     if global_batch < 1:
         raise PlanError(f"search: global batch must be >= 1, got {global_batch}")
+    if max_pipeline is not None and max_pipeline < 1:
+        raise PlanError(f"search: max_pipeline must be >= 1 (1: no stages), got {max_pipeline}")
 
 
 def _predicted(best: Searched, terms: ModelTerms, space: SearchSpace) -> dict[str, Any]:
