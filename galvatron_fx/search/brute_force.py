@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import itertools
 
-import numpy as np
-
 from galvatron_fx.search.dp import Problem, bucketed, step_time
 
 __all__ = ["brute_force"]
@@ -27,11 +25,13 @@ def brute_force(problem: Problem, starts: tuple[int, ...] | None = None) -> floa
     every = itertools.combinations(range(1, n_units), n - 1)
     for cuts in every if starts is None else [starts[1:]]:
         bounds = (0, *cuts, n_units)
-        stage_best = [_stage_best(problem, b, k, bounds[k], bounds[k + 1]) for k in range(n)]
-        if all(np.isfinite(stage_best)):
-            # the stages are independent given the cut, but (1) mixes a sum and a max: try
-            # every per-stage choice set, not only each stage's fastest
-            best = min(best, _best_mix(problem, b, bounds))
+        # the stages are independent given the cut, but (1) mixes a sum and a max: try every
+        # combination of the stages' fitting times, not only each stage's fastest
+        options = [
+            sorted(set(_stage_options(problem, b, k, bounds[k], bounds[k + 1]))) for k in range(n)
+        ]
+        for times in itertools.product(*options):  # empty when a stage cannot fit
+            best = min(best, step_time(times, problem.micro_batches, problem.chunks))
     return best
 
 
@@ -55,18 +55,3 @@ def _stage_options(problem: Problem, b, k: int, i: int, j: int) -> list[float]:
             )
         out.append(t)
     return out
-
-
-def _stage_best(problem: Problem, b, k: int, i: int, j: int) -> float:
-    return min(_stage_options(problem, b, k, i, j), default=float("inf"))
-
-
-def _best_mix(problem: Problem, b, bounds: tuple[int, ...]) -> float:
-    options = [
-        sorted(set(_stage_options(problem, b, k, bounds[k], bounds[k + 1])))
-        for k in range(problem.stages)
-    ]
-    best = float("inf")
-    for times in itertools.product(*options):
-        best = min(best, step_time(times, problem.micro_batches, problem.chunks))
-    return best
