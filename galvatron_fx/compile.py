@@ -29,7 +29,7 @@ from galvatron_fx.passes.manager import Pass, PassContext, run_passes
 from galvatron_fx.passes.recompute import recompute
 from galvatron_fx.passes.shard import shard
 from galvatron_fx.passes.zero3 import zero3
-from galvatron_fx.plan import DPMode, LayerStrategy, Plan, PlanError
+from galvatron_fx.plan import DPMode, LayerStrategy, PipelineConfig, Plan, PlanError
 from galvatron_fx.runtime import collectives
 from galvatron_fx.runtime.collectives import GROUPS, GroupRef
 from galvatron_fx.runtime.compiled import CompiledModel, LossFn
@@ -181,26 +181,62 @@ def compile(  # the public name the design promises: galvatron_fx.compile
     print_after: Sequence[str] = (),
     cluster: Any = None,
     memory_budget_gb: float | None = None,
+    global_batch: int | None = None,
 ) -> Any:
     """Capture `model`, rewrite it for this rank under `plan`, and wrap it with gradient sync
     and `optimizer` (a factory `params -> Optimizer`; default AdamW, lr 1e-3).
 
     Runs on every rank of an initialised process group (or alone: world size 1). Without a
     plan, `cluster` and `memory_budget_gb` make rank 0 search one (for the job's ranks and
-    the example batch, without pipeline stages for now) and send it to every rank; with
-    neither, every unit uses plain data parallelism over all ranks. `example_inputs` are the
-    whole batch; `train_step` takes whole batches shaped like them."""
+    the example batch, pipeline stages included unless weights are tied across layers) and
+    send it to every rank; with neither, every unit uses plain data parallelism over all
+    ranks. `example_inputs` are the whole batch (`global_batch`, if given, must be its
+    size); `train_step` takes whole batches shaped like them. A plan with pipeline stages
+    gives a `PipelinedModel` (the same `train_step`, checkpoints and whole tensors)."""
     if plan is not None and plan.pipeline.degree > 1:
-        return _compile_pipelined(model, example_inputs, example_kwargs or {}, plan, optimizer)
+        return _compile_pipelined(
+            model, example_inputs, example_kwargs or {}, plan, optimizer, bucket_mb
+        )
+    if loss_fn is not None and plan is not None and plan.pipeline.degree > 1:
+        raise PlanError("compile: loss_fn= with pipeline stages is not supported; return the loss")
     analysis = analyze(model, example_inputs, example_kwargs, print_after=print_after)
+    _check_batch(analysis, global_batch)
     if plan is None and cluster is not None:
-        plan = _searched_plan(analysis, cluster, memory_budget_gb)
+        plan = _searched_plan(analysis, cluster, memory_budget_gb, pipeline=loss_fn is None)
+        if plan.pipeline.degree > 1:
+            return _compile_pipelined(
+                model, example_inputs, example_kwargs or {}, plan, optimizer, bucket_mb
+            )
     return parallelize(
         analysis, plan=plan, optimizer=optimizer, loss_fn=loss_fn, bucket_mb=bucket_mb
     )
 
 
-def _searched_plan(analysis: Analysis, cluster: Any, memory_budget_gb: float | None) -> Plan:
+def _check_batch(analysis: Analysis, global_batch: int | None) -> None:
+    from galvatron_fx.passes.search_costs import captured_batch
+
+    if global_batch is not None and global_batch != captured_batch(analysis):
+        raise PlanError(
+            f"compile: global_batch={global_batch} but the example inputs hold a batch of "
+            f"{captured_batch(analysis)}; pass example inputs of the whole global batch"
+        )
+
+
+def _tied_across_units(gm: fx.GraphModule) -> list[str]:
+    """Parameters read by more than one unit (tied embeddings): a pipeline cannot split
+    their users (each stage would step its own copy)."""
+    from galvatron_fx.meta import LAYER
+
+    return [
+        str(n.target)
+        for n in gm.graph.nodes
+        if n.op == "get_attr" and len({LAYER.get(u).name for u in n.users}) > 1
+    ]
+
+
+def _searched_plan(
+    analysis: Analysis, cluster: Any, memory_budget_gb: float | None, pipeline: bool = True
+) -> Plan:
     """Rank 0 searches, every rank gets its plan (one decision, however the ranks' clocks
     or libraries differ)."""
     from galvatron_fx.passes.search import run_search
@@ -213,8 +249,8 @@ def _searched_plan(analysis: Analysis, cluster: Any, memory_budget_gb: float | N
     if not dist.is_initialized() or dist.get_rank() == 0:
         result = run_search(
             analysis, cluster=cluster, memory_budget_gb=memory_budget_gb,
-            global_batch=captured_batch(analysis), world_size=world, max_pipeline=1,
-            baselines=False,
+            global_batch=captured_batch(analysis), world_size=world, baselines=False,
+            max_pipeline=None if pipeline and not _tied_across_units(analysis.graph_module) else 1,
         )  # fmt: skip
         found[0] = result.plan.to_json()
     if dist.is_initialized():
@@ -228,30 +264,63 @@ def _compile_pipelined(
     example_kwargs: dict[str, Any],
     plan: Plan,
     optimizer: OptimizerFactory | None,
+    bucket_mb: float,
 ) -> Any:
-    """A pipeline-only plan: the graph is captured at the micro-batch size (it bakes its
-    batch into view shapes), cut into stages, one stage (or chunk set) per rank."""
-    from galvatron_fx.passes.split_stages import split_stages
-    from galvatron_fx.runtime.pipeline import PipelinedModel
+    """A plan with pipeline stages: the graph is captured at the micro-batch size (it bakes
+    its batch into view shapes), rewritten by the parallel passes for one stage's ranks
+    (`stage_ranks`), then cut into stages; this rank runs its stage(s)."""
+    from galvatron_fx.passes.split_stages import split_stages, unit_stages
+    from galvatron_fx.passes.stage_ranks import pipeline_groups, shift_ranks
+    from galvatron_fx.runtime.compiled import input_slices, loss_reduction
+    from galvatron_fx.runtime.pipeline import PipelinedModel, StageProgram, held_specs
 
-    inner = [(u, s.short()) for u, s in plan.strategies if s.tp * s.dp != 1]
-    if inner:
-        raise PlanError(
-            f"pipeline plans with parallelism inside a stage are not supported yet: {inner[:3]}"
-        )
     world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
     if plan.world_size != world:
         raise PlanError(f"plan is for {plan.world_size} ranks, this job has {world}")
-    m = plan.pipeline.micro_batches
+    p = plan.pipeline
+    per_stage = world // p.degree
+    offset, local = rank - rank % per_stage, rank % per_stage
+    m = p.micro_batches
     micro = [_micro(x, m) for x in (*example_inputs, *example_kwargs.values())]
     names = list(example_kwargs)
     args = micro[: len(example_inputs)]
     analysis = analyze(model, args, dict(zip(names, micro[len(example_inputs) :], strict=True)))
+    gm, ctx = analysis.graph_module, analysis.context
     if analysis.units != list(plan.units):
         raise PlanError(f"plan's units {list(plan.units)[:4]}... are not this model's")
-    split = split_stages(analysis.graph_module, plan)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return PipelinedModel(split, plan, micro, optimizer or _adamw, rank, world)
+    # the fingerprint hashes activation shapes, and these are the micro-batch's: the plan's
+    # layer names and tp divisibility are what can be checked here
+    stage_plan = dataclasses.replace(plan, world_size=per_stage, pipeline=PipelineConfig())
+    stage_plan.check_model(stage_plan.model_fingerprint, layer_shapes(gm))
+    stage_of = unit_stages(analysis.units, p.stage_starts)
+    ctx.results.update(plan=stage_plan, rank=local, unit_stage=stage_of)
+    gm = run_passes(gm, ctx, PARALLEL_PASSES)
+    specs = shift_ranks(gm, ctx.results["params"], offset)
+    pp_groups = pipeline_groups(world, p.degree)
+    if world > 1:
+        GROUPS.create([*_all_groups(gm, specs), *pp_groups])
+    loss_group, loss_avg = loss_reduction(gm, stage_plan, local)
+    program = StageProgram(
+        split=split_stages(gm, plan),
+        module=gm,
+        specs=specs,
+        inputs=input_slices(gm, stage_plan, local),
+        local_rank=local,
+        loss_group=GroupRef(tuple(r + offset for r in loss_group.ranks)),
+        loss_avg=loss_avg,
+        zero3=any(spec.zero3_flat for spec in specs.values()),
+    )
+    mine = held_specs(program, range(rank // per_stage, len(program.split.stages), p.degree))
+    sync = GradSync(
+        _synced(gm, mine, stage_plan, rank),
+        optimizer or _adamw,
+        bucket_mb,
+        _zero3_tp_sums(gm, mine, rank),
+        accumulations=m,
+    )
+    pp_group = GROUPS.groups.get(pp_groups[local]) if world > 1 else None
+    return PipelinedModel(program, plan, micro, sync, rank, world, pp_group)
 
 
 def _micro(x: Any, micro_batches: int) -> Any:

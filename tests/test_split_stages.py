@@ -71,19 +71,34 @@ def test_a_weight_tied_across_stages_is_refused():
         split_stages(analysis.copy().graph_module, _plan(analysis, ("blocks.1",)))
 
 
-def _pipeline_rank(rank: int, world: int, schedule: str, micro_batches: int) -> dict:
+def _one_step(rank: int, world: int, plan: Plan) -> dict:
+    """One step of `plan` with a frozen optimizer: the loss and the whole gradients."""
     import galvatron_fx as gfx
 
     model, args, kwargs = build(SPEC, batch=8, seq=16)
-    analysis = analyze(model, args, kwargs)
-    chunks = 2 if schedule == "interleaved-1f1b" else 1
-    n = world * chunks
-    starts = ("blocks.2",) if n == 2 else ("blocks.1", "blocks.2", "blocks.3")[: n - 1]
-    plan = _plan(analysis, starts, chunks, schedule, micro_batches)
     frozen = lambda params: torch.optim.SGD(params, lr=0.0)  # noqa: E731  (gradients only)
     compiled = gfx.compile(model, args, kwargs, plan=plan, optimizer=frozen)
     loss = compiled.train_step(*args, **kwargs).item()
     return {"loss": loss, "grads": compiled.full_grads()}
+
+
+def check_against_one_process(plan: Plan) -> None:
+    """Every rank's loss and the gathered gradients equal the unsplit model's on the batch."""
+    from distributed import run_ranks
+
+    model, args, kwargs = build(SPEC, batch=8, seq=16)
+    analysis = analyze(model, args, kwargs)
+    out = analysis.graph_module(*args, **kwargs)
+    loss = out if isinstance(out, torch.Tensor) else out[0]
+    loss.backward()
+    want = {n: p.grad for n, p in analysis.graph_module.named_parameters()}
+    results = run_ranks(_one_step, plan.world_size, plan)
+    for r in results:
+        assert r["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    got = results[0]["grads"]
+    assert sorted(got) == sorted(want)
+    for name, g in got.items():
+        assert torch.allclose(g, want[name], rtol=1e-5, atol=1e-6), name
 
 
 @pytest.mark.parametrize(
@@ -94,21 +109,12 @@ def _pipeline_rank(rank: int, world: int, schedule: str, micro_batches: int) -> 
 def test_stages_on_ranks_match_one_process(world, schedule):
     """Each rank runs its stages through torch.distributed.pipelining (4 micro-batches): the
     mean micro-batch loss and every gradient equal the unsplit model's on the whole batch."""
-    from distributed import run_ranks
-
     model, args, kwargs = build(SPEC, batch=8, seq=16)
     analysis = analyze(model, args, kwargs)
-    out = analysis.graph_module(*args, **kwargs)
-    loss = out if isinstance(out, torch.Tensor) else out[0]
-    loss.backward()
-    want = {n: p.grad for n, p in analysis.graph_module.named_parameters()}
-    results = run_ranks(_pipeline_rank, world, schedule, 4)
-    for r in results:
-        assert r["loss"] == pytest.approx(loss.item(), rel=1e-6)
-    got = results[0]["grads"]
-    assert sorted(got) == sorted(want)
-    for name, g in got.items():
-        assert torch.allclose(g, want[name], rtol=1e-5, atol=1e-7), name
+    chunks = 2 if schedule == "interleaved-1f1b" else 1
+    n = world * chunks
+    starts = ("blocks.2",) if n == 2 else ("blocks.1", "blocks.2", "blocks.3")[: n - 1]
+    check_against_one_process(_plan(analysis, starts, chunks, schedule, 4))
 
 
 def _compiled_pipeline(rank: int, world: int, schedule: str) -> dict:

@@ -6,8 +6,9 @@ Writes: for every unit whose strategy is ZeRO-3 with dp > 1:
 - one parameter `zero3_<unit>` on the module: this rank's 1/dp of the unit's trainable
   parameters (their tensor-parallel pieces, flattened, concatenated, zero-padded to a
   multiple of dp); the unit's own parameter attributes are removed;
-- `zero3_issue` at the start of the previous ZeRO-3 unit (at the first for the first one):
-  the all-gather starts while that unit computes (FSDP's forward prefetch);
+- `zero3_issue` at the start of the previous ZeRO-3 unit (at the first for the first one,
+  and for the first of a pipeline stage: `ctx.results["unit_stage"]`): the all-gather starts
+  while that unit computes (FSDP's forward prefetch);
 - `zero3_use` where the unit begins: waits for the gather; the parameters are views of the
   gathered buffer (`zero3_views`), replacing their `get_attr` nodes;
 - each `ParamSpec` records its flat buffer and offset.
@@ -46,10 +47,14 @@ def zero3(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     specs: dict[str, ParamSpec] = ctx.results["params"]
     units = _zero3_units(gm, plan, specs)
     mode = _fake_mode(gm)
+    stage_of: dict[str, int] = ctx.results.get("unit_stage", {})
     previous: fx.Node | None = None
     for unit, nodes in units.items():
         first = _first_compute(gm, unit)
-        issue_at = _first_compute(gm, LAYER.get(previous).name) if previous is not None else first
+        before = LAYER.get(previous).name if previous is not None else None
+        if before is not None and stage_of.get(before, 0) != stage_of.get(unit, 0):
+            before = None  # a gather never crosses a pipeline stage boundary
+        issue_at = _first_compute(gm, before) if before is not None else first
         rank = int(ctx.results.get("rank", 0))
         previous = _flatten_unit(gm, unit, nodes, specs, rank, (issue_at, first), mode)
     gm.graph.eliminate_dead_code()

@@ -443,10 +443,9 @@ def zero3_saved_tensors() -> Iterator[None]:
     """While active, autograd saves ZeRO-3 gathered parameters as a recipe (their shard) and
     gathers them again when backward needs them, so the full parameters live only around
     their use."""
+    release_zero3_buffers()  # a pipeline's next forward can start before a backward ends
     _REGATHERED.clear()
     _ORDER.clear()
-    _INFLIGHT.clear()
-    _HELD.clear()
     with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
         try:
             yield

@@ -8,7 +8,6 @@ slice, so a test or a single-machine script feeds every rank alike. `full_params
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,13 +24,21 @@ from galvatron_fx.runtime.collectives import GROUPS, GroupRef, zero3_saved_tenso
 from galvatron_fx.runtime.data_parallel import GradSync
 from galvatron_fx.runtime.mesh import Mesh
 
-__all__ = ["CompiledModel", "LossFn"]
+__all__ = [
+    "CompiledModel",
+    "InputSlice",
+    "LossFn",
+    "input_slices",
+    "loss_reduction",
+    "slice_batch",
+    "whole_tensor",
+]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
 
 @dataclass
-class _InputSlice:
+class InputSlice:
     dp_group: GroupRef | None
     """Split the batch (dim 0) across this group; None: every rank takes the whole input."""
 
@@ -50,10 +57,10 @@ class CompiledModel:
     ) -> None:
         self.module, self.plan, self.params, self.sync = module, plan, params, sync
         self.loss_fn, self.rank = loss_fn, rank
-        self.inputs = _input_slices(module, plan, rank)
+        self.inputs = input_slices(module, plan, rank)
         self.zero3 = any(spec.zero3_flat for spec in params.values())
         """Only ZeRO-3 needs the saved-tensor hooks (a Python call per saved tensor)."""
-        self.loss_group, self.loss_avg = _loss_reduction(module, plan, rank)
+        self.loss_group, self.loss_avg = loss_reduction(module, plan, rank)
 
     @property
     def graph(self) -> fx.Graph:
@@ -72,7 +79,7 @@ class CompiledModel:
                 f"{len(self.inputs)} (the example inputs' structure)"
             )
         local = [
-            _slice_batch(x, s.dp_group, self.rank) for x, s in zip(leaves, self.inputs, strict=True)
+            slice_batch(x, s.dp_group, self.rank) for x, s in zip(leaves, self.inputs, strict=True)
         ]
         return pytree.tree_unflatten(local, spec)
 
@@ -99,7 +106,7 @@ class CompiledModel:
 
     def _loss(self, out: Any, target: Any) -> torch.Tensor:
         if self.loss_fn is not None:
-            t = _slice_batch(target, self.loss_group, self.rank) if target is not None else None
+            t = slice_batch(target, self.loss_group, self.rank) if target is not None else None
             return self.loss_fn(out, t)
         loss = _find_loss(out)
         if loss is None:
@@ -119,6 +126,23 @@ class CompiledModel:
 
     # whole tensors -----------------------------------------------------------------------
 
+    def state_parts(self) -> tuple[Any, GradSync, dict[str, Any], int]:
+        """(module, gradient sync, this rank's parameter specs, rank): what checkpoints read."""
+        return (self.module, self.sync, self.params, self.rank)
+
+    def save_checkpoint(self, root: Any, step: int, extra: dict[str, Any] | None = None) -> Any:
+        """`runtime.checkpoint.save`: an atomic, plan-independent checkpoint (every rank)."""
+        from galvatron_fx.runtime import checkpoint
+
+        return checkpoint.save(self, root, step, extra)
+
+    def load_checkpoint(self, root: Any) -> dict[str, Any]:
+        """`runtime.checkpoint.load`: the newest checkpoint under `root`, resharded for this
+        plan; returns its meta (`step`, `extra`)."""
+        from galvatron_fx.runtime import checkpoint
+
+        return checkpoint.load(self, root)
+
     def full_params(self) -> dict[str, torch.Tensor]:
         return {name: self._whole(name, grad=False) for name in self.params}
 
@@ -126,51 +150,29 @@ class CompiledModel:
         return {name: self._whole(name, grad=True) for name in self.params}
 
     def _whole(self, name: str, grad: bool) -> Any:
-        from galvatron_fx.passes.insert_collectives import get_attr
-
-        spec = self.params[name]
-        param = get_attr(self.module, spec.zero3_flat or name)
-        t = self.sync.grad_of(param) if grad else param.detach()
-        if t is None:
-            return None
-        if spec.zero3_shape is not None:  # this parameter's piece of the unit's flat buffer
-            t = _all_gather(t.reshape(-1), GroupRef(tuple(sorted(spec.dp_group.ranks))))
-            start = spec.zero3_offset
-            t = t[start : start + math.prod(spec.zero3_shape)].view(spec.zero3_shape)
-        if spec.tp_dim is not None:
-            pieces = _all_gather_list(t, spec.tp_group)
-            blocks = [
-                [p.chunk(spec.blocks, spec.tp_dim)[b] for p in pieces] for b in range(spec.blocks)
-            ]
-            t = torch.cat([torch.cat(b, spec.tp_dim) for b in blocks], spec.tp_dim)
-        return t
+        return whole_tensor(self.module, self.sync, self.params[name], grad)
 
 
-def _all_gather_list(t: torch.Tensor, ref: GroupRef) -> list[torch.Tensor]:
-    if ref.size == 1:
-        return [t]
-    out = [torch.empty_like(t) for _ in ref.ranks]
-    dist.all_gather(out, t.contiguous(), group=GROUPS.groups[tuple(sorted(ref.ranks))])
-    order = sorted(ref.ranks)
-    return [out[order.index(r)] for r in ref.ranks]
+def whole_tensor(module: fx.GraphModule, sync: GradSync, spec: Any, grad: bool) -> Any:
+    """A parameter (or its synced gradient) of `module` as the whole original tensor,
+    gathered from its ZeRO and TP pieces (collectives over the spec's groups)."""
+    from galvatron_fx.runtime.state import gather_whole
+
+    return gather_whole(module, sync, spec, (lambda q: q.grad) if grad else (lambda q: q.detach()))
 
 
-def _all_gather(t: torch.Tensor, ref: GroupRef) -> torch.Tensor:
-    return torch.cat(_all_gather_list(t, ref))
-
-
-def _slice_batch(x: Any, group: GroupRef | None, rank: int) -> Any:
+def slice_batch(x: Any, group: GroupRef | None, rank: int) -> Any:
     if not isinstance(x, torch.Tensor) or group is None or group.size == 1:
         return x
     return x.chunk(group.size)[group.index(rank)]
 
 
-def _input_slices(gm: fx.GraphModule, plan: Plan, rank: int) -> list[_InputSlice]:
+def input_slices(gm: fx.GraphModule, plan: Plan, rank: int) -> list[InputSlice]:
     out = []
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             split = PLACEMENT.get(node).dp == Shard(0)
-            out.append(_InputSlice(_dp_group(node, plan, rank) if split else None))
+            out.append(InputSlice(_dp_group(node, plan, rank) if split else None))
     return out
 
 
@@ -179,7 +181,7 @@ def _dp_group(node: fx.Node, plan: Plan, rank: int) -> GroupRef:
     return GroupRef(Mesh(plan.world_size, s.tp, s.dp, s.tp_consecutive).group("dp", rank))
 
 
-def _loss_reduction(gm: fx.GraphModule, plan: Plan, rank: int) -> tuple[GroupRef, bool]:
+def loss_reduction(gm: fx.GraphModule, plan: Plan, rank: int) -> tuple[GroupRef, bool]:
     """The dp group the loss is split over and whether ranks' losses average (mean loss)."""
     out = next(n for n in gm.graph.nodes if n.op == "output")
     leaves = [x for x in pytree.tree_leaves(out.args[0]) if isinstance(x, fx.Node)]

@@ -66,7 +66,9 @@ class Bucket:
     padded: int = 0
     shard: nn.Parameter | None = None
     """ZeRO-1/2: this rank's slice of the flattened bucket, the optimizer's parameter."""
-    ready: set[int] = field(default_factory=set)
+    ready: dict[int, int] = field(default_factory=dict)
+    """How many gradients each parameter (by position) has accumulated this step."""
+    launched: bool = False
     work: Any = None
     flat: torch.Tensor | None = None
 
@@ -90,7 +92,11 @@ class GradSync:
         make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
         bucket_mb: float = 25.0,
         zero3_tp_sums: list[Zero3TPSum] | None = None,
+        accumulations: int = 1,
     ) -> None:
+        self.accumulations = accumulations
+        """Backward passes per step (a pipeline's micro-batches): a bucket launches once
+        all its gradients have accumulated that many times."""
         self.buckets = _pack(params, int(bucket_mb * 2**20), _FIRST_BUCKET_BYTES)
         self.zero3_tp_sums = zero3_tp_sums or []
         synced = {id(p.param) for b in self.buckets for p in b.params}
@@ -108,13 +114,15 @@ class GradSync:
     def _hook(self, i: int, j: int) -> Callable[[torch.Tensor], None]:
         def on_grad(_: torch.Tensor) -> None:
             b = self.buckets[i]
-            b.ready.add(j)
-            if len(b.ready) == len(b.params):
+            b.ready[j] = b.ready.get(j, 0) + 1
+            done = len(b.ready) == len(b.params)
+            if done and not b.launched and min(b.ready.values()) >= self.accumulations:
                 self._launch(b)
 
         return on_grad
 
     def _launch(self, b: Bucket) -> None:
+        b.launched = True
         flat = torch.empty(b.padded, dtype=b.params[0].param.dtype)
         grads = [p.param.grad for p in b.params]
         assert all(g is not None for g in grads), "a bucket launched before all its gradients"
@@ -135,7 +143,7 @@ class GradSync:
         """Wait for every bucket and put the synced gradients where the optimizer reads them."""
         self._finish_zero3()
         for b in self.buckets:
-            if len(b.ready) < len(b.params):  # a parameter unused this step: zero gradient
+            if not b.launched:  # a parameter unused this step (or some micro-batches)
                 for p in b.params:
                     if p.param.grad is None:
                         p.param.grad = torch.zeros_like(p.param)
@@ -144,7 +152,7 @@ class GradSync:
                 b.work.wait()
             self._place(b)
             b.ready.clear()
-            b.work = None
+            b.work, b.launched = None, False
 
     def _finish_zero3(self) -> None:
         """ZeRO-3: the reduce-scatters backward launched land on their shards; the last
@@ -187,26 +195,13 @@ class GradSync:
 
     def step(self) -> None:
         self.optimizer.step()
+        self.refresh_params()
+
+    def refresh_params(self) -> None:
+        """ZeRO-1/2: copy the (stepped or loaded) shards back into the whole parameters."""
         for b in self.buckets:
             if b.shard is not None:
                 _gather_shard(b)
-
-    def grad_of(self, param: nn.Parameter) -> torch.Tensor | None:
-        """The synced gradient of `param` as a whole local tensor (ZeRO-1/2: gathered from
-        the shards, a collective over the bucket's dp group)."""
-        for b in self.buckets:
-            if b.shard is None or all(p.param is not param for p in b.params):
-                continue
-            if b.shard.grad is None:
-                return None
-            full = b.shard.grad.new_empty(b.padded)
-            C.all_gather_flat(full, b.shard.grad.contiguous(), group=_pg(b.dp_group))
-            offset = 0
-            for p in b.params:
-                if p.param is param:
-                    return full[offset : offset + param.numel()].view_as(param)
-                offset += p.param.numel()
-        return param.grad
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -8,28 +8,37 @@ still needs (the model's inputs included: the targets travel to the loss). The l
 returns the loss as a 1-element tensor (`pipeline_loss` turns it back into a scalar);
 micro-batch gradients are averaged by the schedule (`scale_grads`).
 
-This is the pipeline issue's second piece: pipeline-only plans (tp = dp = 1 in every stage),
-GPipe, 1F1B and interleaved 1F1B; intra-stage strategies come with the rest of that issue.
+Inside a stage, the program is the parallel passes' rewrite for the stage's ranks (3D:
+pipeline x tensor x data / ZeRO); pipeline rank s owns global ranks s*S .. s*S + S - 1
+(S = world / degree), and rank s*S + i sends to rank (s+1)*S + i (`stage_ranks`).
+Gradients are synced by `GradSync` once every micro-batch's gradient has accumulated.
 """
 
 from __future__ import annotations
 
+import contextlib
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 from torch import fx, nn
 
+from galvatron_fx.passes.insert_collectives import ParamSpec
 from galvatron_fx.passes.split_stages import StageSplit
+from galvatron_fx.runtime.collectives import GROUPS, GroupRef, zero3_saved_tensors
+from galvatron_fx.runtime.compiled import InputSlice, slice_batch, whole_tensor
+from galvatron_fx.runtime.data_parallel import GradSync
 
 __all__ = [
     "Flight",
     "PipelinedModel",
+    "StageProgram",
     "StageRunner",
     "example_flights",
     "flights",
+    "held_specs",
     "pipeline_loss",
     "stage_runners",
 ]
@@ -72,24 +81,70 @@ def _order(graph: fx.Graph) -> Any:
     return lambda n: position[n]
 
 
-class StageRunner(nn.Module):
-    """One stage as a `PipelineStage` runs it: flight in, flight (or the loss) out."""
+@dataclass
+class StageProgram:
+    """One rank's rewritten program, cut into stages, with what running it needs."""
 
-    def __init__(self, split: StageSplit, k: int, flight: Flight, last: bool) -> None:
+    split: StageSplit
+    module: fx.GraphModule
+    """The rewritten graph before the cut: its parameters by name (the stages share them)."""
+    specs: dict[str, ParamSpec]
+    """How every parameter lives on this rank (groups in global ranks)."""
+    inputs: list[InputSlice]
+    """Per model input: the dp group its batch is split over (stage-local ranks)."""
+    local_rank: int
+    """This rank's position among its stage's ranks."""
+    loss_group: GroupRef
+    loss_avg: bool
+    zero3: bool
+
+
+def held_specs(program: StageProgram, stages: Sequence[int]) -> dict[str, ParamSpec]:
+    """The parameters `stages` hold (matched by identity: a recomputed region's submodule
+    holds the same Parameter under another name)."""
+    from galvatron_fx.passes.insert_collectives import get_attr
+
+    split = program.split
+    held = {id(q) for k in stages for q in split.stage(k).parameters()}
+    return {
+        name: spec
+        for name, spec in program.specs.items()
+        if id(get_attr(program.module, spec.zero3_flat or name)) in held
+    }
+
+
+class StageRunner(nn.Module):
+    """One stage as a `PipelineStage` runs it: flight in, flight (or the loss) out. The
+    first stage takes whole micro-batches and keeps this rank's slice of each input; the
+    last returns its loss scaled so that summing gradients over micro-batches and ranks
+    gives the gradient of the batch's mean loss."""
+
+    def __init__(
+        self, program: StageProgram, k: int, flight: Flight, last: bool, loss_scale: float
+    ) -> None:
         super().__init__()
-        self.stage = split.stage(k)
-        self.flight, self.last = flight, last
+        self.stage = program.split.stage(k)
+        self.flight, self.last, self.loss_scale = flight, last, loss_scale
+        self.program, self.first = program, k == 0
 
     def forward(self, *values: torch.Tensor) -> Any:
+        if self.first:
+            r = self.program.local_rank
+            values = tuple(
+                slice_batch(v, s.dp_group, r)
+                for v, s in zip(values, self.program.inputs, strict=True)
+            )
         env: dict[fx.Node, Any] = dict(zip(self.flight.receives, values, strict=True))
         call = self.flight.call
-        out = self.stage(*[env[cast(fx.Node, a)] for a in call.args])  # split passes nodes only
+        with zero3_saved_tensors() if self.program.zero3 else contextlib.nullcontext():
+            out = self.stage(*[env[cast(fx.Node, a)] for a in call.args])  # nodes only
         env[call] = out
         for user in call.users:
             if user.target is operator.getitem:
                 env[user] = out[user.args[1]]
         if self.last:  # shape (1,): the schedule concatenates the micro-batches' outputs
-            return _loss(env[self.flight.sends[0]] if self.flight.sends else out).reshape(1)
+            loss = _loss(env[self.flight.sends[0]] if self.flight.sends else out)
+            return (loss * self.loss_scale).reshape(1)
         return tuple(env[v] for v in self.flight.sends)
 
 
@@ -101,31 +156,43 @@ def _loss(out: Any) -> torch.Tensor:
     return out
 
 
-def stage_runners(split: StageSplit, stages: Sequence[int]) -> list[StageRunner]:
+def stage_runners(
+    program: StageProgram, stages: Sequence[int], micro_batches: int
+) -> dict[int, StageRunner]:
     """This rank's stages, wrapped."""
-    plan = flights(split)
+    plan = flights(program.split)
     n = len(plan)
-    return [StageRunner(split, k, plan[k], k == n - 1) for k in stages]
+    scale = 1.0 / micro_batches / (program.loss_group.size if program.loss_avg else 1)
+    return {k: StageRunner(program, k, plan[k], k == n - 1, scale) for k in stages}
 
 
 def example_flights(
-    runners: Sequence[StageRunner], micro_batch: Sequence[torch.Tensor]
-) -> list[tuple[tuple[torch.Tensor, ...], Any]]:
-    """(inputs, outputs) of every stage on one real micro-batch, for `PipelineStage`'s
-    `input_args` / `output_args`: without them it infers shapes by running each stage on
-    uninitialised tensors, and a stage that receives the targets then indexes garbage.
-    Floating values are marked as needing gradients: that is what tells the stages to send
-    and expect activation gradients."""
-    out = []
+    runners: dict[int, StageRunner],
+    micro_batch: Sequence[torch.Tensor],
+    num_stages: int,
+    rank_of: Callable[[int], int],
+) -> dict[int, tuple[tuple[torch.Tensor, ...], Any]]:
+    """(inputs, outputs) of this rank's stages on one real micro-batch, for
+    `PipelineStage`'s `input_args` / `output_args`: without them it infers shapes by running
+    each stage on uninitialised tensors, and a stage that receives the targets then indexes
+    garbage. Stages run in order, each on what the previous one really sent (`rank_of(k)`:
+    the rank running stage k). Floating values are marked as needing gradients: that is
+    what tells the stages to send and expect activation gradients."""
+    import torch.distributed as dist
+
+    out = {}
     values: tuple[torch.Tensor, ...] = tuple(micro_batch)
-    with torch.no_grad():
-        for runner in runners:
-            result = runner(*values)
-            sent = tuple(
-                _trainable(v) for v in (result if isinstance(result, tuple) else (result,))
-            )
-            out.append((values, sent if isinstance(result, tuple) else sent[0]))
-            values = sent
+    for k in sorted(runners):
+        if k > 0:
+            box: list[Any] = [None]
+            dist.recv_object_list(box, src=rank_of(k - 1))
+            values = tuple(_trainable(v) for v in box[0])
+        with torch.no_grad():
+            result = runners[k](*values)
+        sent = tuple(_trainable(v) for v in (result if isinstance(result, tuple) else (result,)))
+        out[k] = (values, sent if isinstance(result, tuple) else sent[0])
+        if k < num_stages - 1:
+            dist.send_object_list([[v.detach() for v in sent]], dst=rank_of(k + 1))
     return out
 
 
@@ -141,21 +208,23 @@ def pipeline_loss(output: torch.Tensor, target: Any = None) -> torch.Tensor:
 
 
 class PipelinedModel:
-    """A pipeline-only plan on this rank: its stages, their schedule and their optimizer.
+    """A plan with pipeline stages on this rank: its stages (each rewritten for the
+    stage's tp / dp / ZeRO strategies), their schedule, gradient sync and optimizer.
 
     `train_step(*args, **kwargs)` takes whole batches (as `CompiledModel.train_step` does):
-    the schedule cuts them into the plan's micro-batches, runs forward and backward, and the
-    optimizer steps this rank's stages; the loss of the whole batch (the micro-batches'
-    mean) is returned on every rank."""
+    the schedule cuts them into the plan's micro-batches, runs forward and backward, the
+    gradients are synced inside each stage and the optimizer steps this rank's stages; the
+    loss of the whole batch (the micro-batches' mean) is returned on every rank."""
 
     def __init__(
         self,
-        split: StageSplit,
+        program: StageProgram,
         plan: Any,
         micro_inputs: Sequence[torch.Tensor],
-        optimizer: Any,
+        sync: GradSync,
         rank: int,
         world: int,
+        pp_group: Any = None,
     ) -> None:
         from torch.distributed.pipelining import (
             PipelineStage,
@@ -166,56 +235,87 @@ class PipelinedModel:
 
         p = plan.pipeline
         n = p.degree * p.virtual_stages
-        self.split, self.plan, self.rank, self.world = split, plan, rank, world
-        runners = stage_runners(split, range(n))
-        examples = example_flights(runners, micro_inputs)
-        self.mine = list(range(rank, n, p.degree))
+        per_stage = world // p.degree
+        self.program, self.plan, self.rank, self.world = program, plan, rank, world
+        self.sync = sync
+        pp_rank, local = divmod(rank, per_stage)
+        self.mine = list(range(pp_rank, n, p.degree))
         self.last = (n - 1) in self.mine
+        self.last_rank = ((n - 1) % p.degree) * per_stage  # the last stage's first rank
+        runners = stage_runners(program, self.mine, p.micro_batches)
+        examples = example_flights(
+            runners, micro_inputs, n, lambda k: (k % p.degree) * per_stage + local
+        )
         device = torch.device("cpu")
         stages: list[Any] = [
-            PipelineStage(runners[k], k, n, device, examples[k][0], examples[k][1])
-            for k in self.mine
+            PipelineStage(runners[k], k, n, device, *examples[k], group=pp_group) for k in self.mine
         ]
         m = p.micro_batches
+        # the loss is already scaled by 1 / m, and the schedule's own scaling would land
+        # after GradSync has launched the gradients' all-reduce
         if p.schedule.value == "interleaved-1f1b":
-            self.schedule: Any = ScheduleInterleaved1F1B(stages, m, loss_fn=pipeline_loss)
+            self.schedule: Any = ScheduleInterleaved1F1B(
+                stages, m, loss_fn=pipeline_loss, scale_grads=False
+            )
         else:
             kind = ScheduleGPipe if p.schedule.value == "gpipe" else Schedule1F1B
-            self.schedule = kind(stages[0], m, loss_fn=pipeline_loss)
-        self.params = [q for k in self.mine for q in split.stage(k).parameters()]
-        self.optimizer = optimizer(self.params)
+            self.schedule = kind(stages[0], m, loss_fn=pipeline_loss, scale_grads=False)
         self.batch = int(micro_inputs[0].shape[0]) * m
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.sync.optimizer
 
     def train_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         import torch.distributed as dist
 
-        self.optimizer.zero_grad(set_to_none=True)
+        self.sync.zero_grad()
         inputs = [*args, *kwargs.values()]
         target = torch.zeros(self.batch) if self.last else None
         losses: list[torch.Tensor] = []
-        if self.rank == 0:
+        if 0 in self.mine:
             self.schedule.step(*inputs, target=target, losses=losses)
         else:
             self.schedule.step(target=target, losses=losses)
-        self.optimizer.step()
-        loss = torch.stack(losses).mean() if losses else torch.zeros(())
-        p = self.plan.pipeline
-        dist.broadcast(loss, src=(p.degree * p.virtual_stages - 1) % p.degree)  # the last stage's
+        self.sync.finish()
+        self.sync.step()
+        loss = torch.stack(losses).sum().detach() if losses else torch.zeros(())
+        if self.last and self.program.loss_group.size > 1:
+            dist.all_reduce(loss, group=GROUPS.groups[tuple(sorted(self.program.loss_group.ranks))])
+        dist.broadcast(loss, src=self.last_rank)
         return loss
 
+    def state_parts(self) -> tuple[Any, GradSync, dict[str, Any], int]:
+        """(module, gradient sync, this rank's parameter specs, rank): what checkpoints read."""
+        return (self.program.module, self.sync, held_specs(self.program, self.mine), self.rank)
+
+    def save_checkpoint(self, root: Any, step: int, extra: dict[str, Any] | None = None) -> Any:
+        """`runtime.checkpoint.save`: an atomic, plan-independent checkpoint (every rank)."""
+        from galvatron_fx.runtime import checkpoint
+
+        return checkpoint.save(self, root, step, extra)
+
+    def load_checkpoint(self, root: Any) -> dict[str, Any]:
+        """`runtime.checkpoint.load`: the newest checkpoint under `root`, resharded for this
+        plan; returns its meta (`step`, `extra`)."""
+        from galvatron_fx.runtime import checkpoint
+
+        return checkpoint.load(self, root)
+
     def full_params(self) -> dict[str, torch.Tensor]:
-        return self._gathered(lambda q: q.detach())
+        return self._gathered(grad=False)
 
     def full_grads(self) -> dict[str, torch.Tensor | None]:
-        return self._gathered(lambda q: q.grad)
+        return self._gathered(grad=True)
 
-    def _gathered(self, pick: Any) -> dict[str, Any]:
+    def _gathered(self, grad: bool) -> dict[str, Any]:
+        """Whole tensors by the model's names: each stage assembles its own (collectives
+        inside the stage), then every rank receives them all."""
         import torch.distributed as dist
 
         mine = {
-            self.split.param_names[k][name]: pick(q)
-            for k in self.mine
-            for name, q in self.split.stage(k).named_parameters()
+            name: whole_tensor(self.program.module, self.sync, spec, grad)
+            for name, spec in held_specs(self.program, self.mine).items()
         }
         everyone: list[Any] = [None] * self.world
         dist.all_gather_object(everyone, mine)

@@ -1,0 +1,67 @@
+"""Stage ranks: move a stage's rewritten program from stage-local ranks to global ranks.
+
+With pipeline stages, the parallel passes rewrite the graph for one stage's devices as if
+they were the whole job (ranks `0 .. S-1`, S = world / pipeline degree): the per-layer meshes,
+slices and ZeRO shards only ever depend on a rank's position among them. Megatron's layout
+puts pipeline outermost, so pipeline rank `s` owns global ranks `s*S .. s*S + S - 1`; this
+pass adds `s*S` to every rank a collective names.
+
+Reads: the graph's collective nodes (`collectives.RANKS_ARG`, `switch_layout` steps) and the
+`ParamSpec`s. Writes: their rank tuples, shifted by `offset`; returns the shifted specs.
+Guarantees: a rank's index within every group is unchanged (the shift keeps order), so
+what the rewrite decided per position still holds; the graph is recompiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import fx
+
+from galvatron_fx.passes.insert_collectives import ParamSpec
+from galvatron_fx.runtime import collectives as C
+
+__all__ = ["pipeline_groups", "shift_ranks"]
+
+
+def shift_ranks(
+    gm: fx.GraphModule, specs: dict[str, ParamSpec], offset: int
+) -> dict[str, ParamSpec]:
+    if offset == 0:
+        return specs
+    for node in gm.graph.nodes:
+        if node.target is C.switch_layout:
+            x, fwd, bwd, *rest = node.args
+            node.args = (x, _steps(fwd, offset), _steps(bwd, offset), *rest)
+        elif node.target in C.RANKS_ARG:
+            i = C.RANKS_ARG[node.target]
+            args = list(node.args)
+            args[i] = _shift(args[i], offset)
+            node.args = tuple(args)
+    gm.recompile()
+    return {
+        name: dataclasses.replace(
+            spec,
+            tp_group=C.GroupRef(_shift(spec.tp_group.ranks, offset)),
+            dp_group=C.GroupRef(_shift(spec.dp_group.ranks, offset)),
+        )
+        for name, spec in specs.items()
+    }
+
+
+def pipeline_groups(world_size: int, degree: int) -> list[tuple[int, ...]]:
+    """The ranks that pass activations to each other: one group per stage-local position,
+    ordered by pipeline rank (a `PipelineStage`'s group rank is its pipeline rank)."""
+    per_stage = world_size // degree
+    return [tuple(i + s * per_stage for s in range(degree)) for i in range(per_stage)]
+
+
+def _shift(ranks: Any, offset: int) -> tuple[int, ...]:
+    return tuple(int(r) + offset for r in ranks)
+
+
+def _steps(steps: Any, offset: int) -> tuple[Any, ...]:
+    return tuple(
+        ("gather", s[1], _shift(s[2], offset)) if s[0] == "gather" else tuple(s) for s in steps
+    )
