@@ -1,12 +1,14 @@
-"""`galvatron-fx`: the command line. Subcommands: inspect, profile, cost (later issues add
-plan, train, explain).
+"""`galvatron-fx`: the command line. Subcommands: inspect, profile, cost, plan, explain, train.
 
-    galvatron-fx inspect MODEL [--batch B] [--seq S] [--device meta|cpu] [--json FILE] [--dot FILE]
-    galvatron-fx profile [--nproc N] [--out FILE] [--max-bytes B] [--quick]
-                         [--model MODEL --batch B --seq S [--strategies "dp=2;tp=2,sp=1"]]
-    galvatron-fx cost MODEL --cluster C --batch B --seq S --strategy "tp=4,dp=2,zero=3,ckpt=full"
-    galvatron-fx plan MODEL --cluster C --memory-gb M --global-batch B [--seq S] [--json FILE]
-    galvatron-fx explain PLAN.json [--diff OTHER.json]
+galvatron-fx inspect MODEL [--batch B] [--seq S] [--device meta|cpu] [--json FILE] [--dot FILE]
+galvatron-fx profile [--nproc N] [--out FILE] [--max-bytes B] [--quick]
+                     [--model MODEL --batch B --seq S [--strategies "dp=2;tp=2,sp=1"]]
+galvatron-fx cost MODEL --cluster C --batch B --seq S --strategy "tp=4,dp=2,zero=3,ckpt=full"
+galvatron-fx plan MODEL --cluster C --memory-gb M --global-batch B [--seq S] [--json FILE]
+galvatron-fx explain PLAN.json [--diff OTHER.json]
+galvatron-fx train MODEL --nproc N [--cluster C --memory-gb M] [--global-batch B]
+                   [--steps K] [--plan FILE] [--data FILE] [--save DIR] [--save-every K]
+                   [--resume DIR]
 """
 
 from __future__ import annotations
@@ -98,7 +100,47 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("plan", type=Path, help="a JSON written by galvatron-fx plan --json")
     p.add_argument("--diff", type=Path, default=None, help="compare with another plan JSON")
     p.set_defaults(run=_explain_plan)
+    _train_parser(sub)
     return parser
+
+
+def _train_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="compile MODEL and train it on local ranks (or as one rank under torchrun)",
+        description="Without torchrun, starts --nproc local ranks through torch.distributed.run; "
+        "under torchrun (multi-node: torchrun --nnodes N ... -m galvatron_fx.cli train ...) "
+        "each process is one rank.",
+    )
+    p.add_argument("model", help=_MODEL_HELP)
+    p.add_argument("--nproc", type=int, default=2, help="local ranks to start (default 2)")
+    p.add_argument("--global-batch", type=int, default=8, help="samples per step (default 8)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: model max)")
+    p.add_argument("--steps", type=int, default=10, help="train until this step (default 10)")
+    p.add_argument("--plan", type=Path, default=None, help="a plan JSON (skips the search)")
+    p.add_argument("--cluster", default=None, help="search a plan for this cluster (or local)")
+    p.add_argument("--memory-gb", type=float, default=None, help="--cluster: budget per device")
+    p.add_argument("--data", type=Path, default=None, help="token file (numpy memmap of ids)")
+    p.add_argument("--data-dtype", default="uint16", help="--data element type (default uint16)")
+    p.add_argument("--save", type=Path, default=None, help="checkpoint directory")
+    p.add_argument("--save-every", type=int, default=0, help="also save every K steps")
+    p.add_argument("--resume", type=Path, default=None, help="resume from this checkpoint dir")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--seed", type=int, default=0, help="model and data seed (default 0)")
+    p.set_defaults(run=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from galvatron_fx.train import TrainConfig, launch, train, under_launcher
+
+    fields = set(TrainConfig.__dataclass_fields__)
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    if config.cluster is not None and config.memory_gb is None:
+        raise ValueError("--cluster needs --memory-gb (the memory budget per device)")
+    if under_launcher():
+        train(config)
+        return 0
+    return launch(config, args.argv)
 
 
 _ZERO = {"0": "allreduce", "1": "zero1", "2": "zero2", "3": "zero3"}
@@ -427,7 +469,9 @@ def _write(path: Path, text: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    args.argv = argv  # train: the ranks it launches run the same command
     try:
         return int(args.run(args))
     except (ValueError, ImportError, OSError) as err:
