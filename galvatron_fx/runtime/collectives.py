@@ -333,11 +333,31 @@ PENDING: list[tuple[torch.Tensor, torch.nn.Parameter]] = []
 `GradSync.finish` to wait for and accumulate."""
 
 
+def _overlapped(out: torch.Tensor) -> torch.Tensor:
+    """An asynchronous collective's result, left in flight where overlap is safe.
+
+    On gloo, waited at once: with ZeRO-3's gathers and reduce-scatters left in flight while
+    the main thread computes (and runs collectives on other groups), forked CPU ranks died
+    now and then of heap corruption (glibc "malloc(): unaligned tcache chunk detected",
+    caught by faulthandler in `wait_tensor` of a forward prefetch; about one run in five of
+    the 4-rank plan tests). On CPU the overlap buys nothing: gloo's thread and the compute
+    share the same cores."""
+    if _gloo():
+        return _c10d.wait_tensor(out)
+    return out
+
+
+def _gloo() -> bool:  # not cached: forked ranks inherit the parent's state
+    return dist.is_initialized() and dist.get_backend() == "gloo"
+
+
 def zero3_issue(shard: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     """Start all-gathering a ZeRO-3 unit's flat shard (waited for by `zero3_use`)."""
     with torch.no_grad():
-        return _c10d.all_gather_into_tensor(
-            shard.contiguous(), len(ranks), GROUPS.name(GroupRef(ranks))
+        return _overlapped(
+            _c10d.all_gather_into_tensor(
+                shard.contiguous(), len(ranks), GROUPS.name(GroupRef(ranks))
+            )
         )
 
 
@@ -358,7 +378,7 @@ class _Zero3Use(torch.autograd.Function):
         # launched here, waited for in GradSync.finish: overlaps the rest of backward
         flat = torch.nn.functional.pad(g.contiguous(), (0, ctx.pad))
         out = _c10d.reduce_scatter_tensor(flat, "sum", ctx.ref.size, GROUPS.name(ctx.ref))
-        PENDING.append((out, ctx.shard))
+        PENDING.append((_overlapped(out), ctx.shard))
         return None, None, None, None
 
 
@@ -424,8 +444,10 @@ def _regather(key: tuple[int, Ranks], shard: torch.Tensor, ref: GroupRef, numel:
         i = keys.index(key) if key in _ORDER else 0
         if i > 0 and keys[i - 1] not in _INFLIGHT:  # the next buffer backward will need
             prev_shard, prev_ref, _ = _ORDER[keys[i - 1]]
-            _INFLIGHT[keys[i - 1]] = _c10d.all_gather_into_tensor(
-                prev_shard.detach().contiguous(), prev_ref.size, GROUPS.name(prev_ref)
+            _INFLIGHT[keys[i - 1]] = _overlapped(
+                _c10d.all_gather_into_tensor(
+                    prev_shard.detach().contiguous(), prev_ref.size, GROUPS.name(prev_ref)
+                )
             )
     return full
 

@@ -11,6 +11,7 @@ Real jobs use `torchrun`.
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import multiprocessing as mp
 import os
@@ -43,6 +44,7 @@ def _rank_main(
 ) -> None:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
+    faulthandler.enable(all_threads=True)  # a crash in C++ still names the Python frames
     try:
         dist.init_process_group(
             "gloo",
