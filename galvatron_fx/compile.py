@@ -32,7 +32,7 @@ from galvatron_fx.passes.zero3 import zero3
 from galvatron_fx.plan import DPMode, LayerStrategy, PipelineConfig, Plan, PlanError
 from galvatron_fx.runtime import collectives
 from galvatron_fx.runtime.collectives import GROUPS, GroupRef
-from galvatron_fx.runtime.compiled import CompiledModel, LossFn
+from galvatron_fx.runtime.compiled import CompiledModel, LossFn, micro_batch
 from galvatron_fx.runtime.data_parallel import GradSync, SyncedParam, Zero3TPSum
 from galvatron_fx.summary import LayerSummary, layer_shapes, layer_table, model_fingerprint
 
@@ -72,9 +72,14 @@ class Analysis:
         return [u.name for u in self.layers]
 
     def plan(
-        self, strategies: Mapping[str, LayerStrategy] | LayerStrategy, *, world_size: int
+        self,
+        strategies: Mapping[str, LayerStrategy] | LayerStrategy,
+        *,
+        world_size: int,
+        pipeline: PipelineConfig | None = None,
     ) -> Plan:
-        """A plan for this model: one strategy for every unit, or a strategy per unit name.
+        """A plan for this model: one strategy for every unit, or a strategy per unit name,
+        and optionally pipeline stages (each unit's tp x dp is then world_size / degree).
 
         One strategy with `vocab_parallel` splits the vocabulary where there is one, in the
         segments; the layers get the strategy without it (the flag means nothing there)."""
@@ -82,7 +87,9 @@ class Analysis:
         if isinstance(strategies, LayerStrategy):
             layer = dataclasses.replace(strategies, vocab_parallel=False)
             strategies = {u.name: strategies if u.kind == "segment" else layer for u in self.layers}
-        return Plan(world_size, tuple(strategies.items()), fingerprint)
+        return Plan(
+            world_size, tuple(strategies.items()), fingerprint, pipeline or PipelineConfig()
+        )
 
     def copy(self) -> Analysis:
         """A deep copy of the graph (parameters included) with a fresh context: rewrite one
@@ -193,20 +200,20 @@ def compile(  # the public name the design promises: galvatron_fx.compile
     ranks. `example_inputs` are the whole batch (`global_batch`, if given, must be its
     size); `train_step` takes whole batches shaped like them. A plan with pipeline stages
     gives a `PipelinedModel` (the same `train_step`, checkpoints and whole tensors)."""
-    if plan is not None and plan.pipeline.degree > 1:
-        return _compile_pipelined(
-            model, example_inputs, example_kwargs or {}, plan, optimizer, bucket_mb
-        )
     if loss_fn is not None and plan is not None and plan.pipeline.degree > 1:
         raise PlanError("compile: loss_fn= with pipeline stages is not supported; return the loss")
     analysis = analyze(model, example_inputs, example_kwargs, print_after=print_after)
     _check_batch(analysis, global_batch)
     if plan is None and cluster is not None:
         plan = _searched_plan(analysis, cluster, memory_budget_gb, pipeline=loss_fn is None)
+    if plan is not None and plan.pipeline.micro_batches * plan.pipeline.degree > 1:
+        # checked on the whole batch's graph: the plan's fingerprint is of that graph
+        gm = analysis.graph_module
+        plan.check_model(model_fingerprint(gm), layer_shapes(gm))
+        inputs, kwargs = tuple(example_inputs), dict(example_kwargs or {})
         if plan.pipeline.degree > 1:
-            return _compile_pipelined(
-                model, example_inputs, example_kwargs or {}, plan, optimizer, bucket_mb
-            )
+            return _compile_pipelined(model, inputs, kwargs, plan, optimizer, bucket_mb)
+        return _compile_accumulated(model, inputs, kwargs, plan, optimizer, loss_fn, bucket_mb)
     return parallelize(
         analysis, plan=plan, optimizer=optimizer, loss_fn=loss_fn, bucket_mb=bucket_mb
     )
@@ -282,17 +289,14 @@ def _compile_pipelined(
     per_stage = world // p.degree
     offset, local = rank - rank % per_stage, rank % per_stage
     m = p.micro_batches
-    micro = [_micro(x, m) for x in (*example_inputs, *example_kwargs.values())]
+    micro = [micro_batch(x, m, 0) for x in (*example_inputs, *example_kwargs.values())]
     names = list(example_kwargs)
     args = micro[: len(example_inputs)]
     analysis = analyze(model, args, dict(zip(names, micro[len(example_inputs) :], strict=True)))
     gm, ctx = analysis.graph_module, analysis.context
-    if analysis.units != list(plan.units):
+    if analysis.units != list(plan.units):  # compile checked the plan on the whole batch
         raise PlanError(f"plan's units {list(plan.units)[:4]}... are not this model's")
-    # the fingerprint hashes activation shapes, and these are the micro-batch's: the plan's
-    # layer names and tp divisibility are what can be checked here
     stage_plan = dataclasses.replace(plan, world_size=per_stage, pipeline=PipelineConfig())
-    stage_plan.check_model(stage_plan.model_fingerprint, layer_shapes(gm))
     stage_of = unit_stages(analysis.units, p.stage_starts)
     ctx.results.update(plan=stage_plan, rank=local, unit_stage=stage_of)
     gm = run_passes(gm, ctx, PARALLEL_PASSES)
@@ -323,14 +327,24 @@ def _compile_pipelined(
     return PipelinedModel(program, plan, micro, sync, rank, world, pp_group)
 
 
-def _micro(x: Any, micro_batches: int) -> Any:
-    if not isinstance(x, torch.Tensor) or x.dim() == 0:
-        return x
-    if x.shape[0] % micro_batches:
-        raise PlanError(
-            f"pipeline: the batch of {x.shape[0]} does not split into {micro_batches} micro-batches"
-        )
-    return x[: x.shape[0] // micro_batches]
+def _compile_accumulated(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...],
+    example_kwargs: dict[str, Any],
+    plan: Plan,
+    optimizer: OptimizerFactory | None,
+    loss_fn: LossFn | None,
+    bucket_mb: float,
+) -> CompiledModel:
+    """Micro-batches without pipeline stages (gradient accumulation): captured at the
+    micro-batch size, as the search priced it; `train_step` runs the pieces in turn."""
+    m = plan.pipeline.micro_batches
+    analysis = analyze(model, micro_batch(example_inputs, m, 0), micro_batch(example_kwargs, m, 0))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if plan.world_size != world:
+        raise PlanError(f"plan is for {plan.world_size} ranks, this job has {world}")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return _rewrite(analysis, plan, optimizer, loss_fn, bucket_mb, rank, world)
 
 
 def parallelize(
@@ -347,10 +361,23 @@ def parallelize(
     in one process, e.g. with the fake backend); groups are created only in a real job."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = (dist.get_rank() if dist.is_initialized() else 0) if rank is None else rank
-    gm, ctx = analysis.graph_module, analysis.context
+    gm = analysis.graph_module
     if plan is None:
         plan = analysis.plan(LayerStrategy(dp=world), world_size=world)
     _check_plan(plan, gm, world)
+    return _rewrite(analysis, plan, optimizer, loss_fn, bucket_mb, rank, world)
+
+
+def _rewrite(
+    analysis: Analysis,
+    plan: Plan,
+    optimizer: OptimizerFactory | None,
+    loss_fn: LossFn | None,
+    bucket_mb: float,
+    rank: int,
+    world: int,
+) -> CompiledModel:
+    gm, ctx = analysis.graph_module, analysis.context
     ctx.results.update(plan=plan, rank=rank)
     gm = run_passes(gm, ctx, PARALLEL_PASSES)
     specs: dict[str, ParamSpec] = ctx.results["params"]
@@ -361,6 +388,7 @@ def parallelize(
         optimizer or _adamw,
         bucket_mb,
         _zero3_tp_sums(gm, specs, rank),
+        accumulations=plan.pipeline.micro_batches,
     )
     return CompiledModel(gm, plan, specs, sync, loss_fn, rank)
 
@@ -372,11 +400,10 @@ def _adamw(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
 def _check_plan(plan: Plan, gm: fx.GraphModule, world: int) -> None:
     if plan.world_size != world:
         raise PlanError(f"plan is for {plan.world_size} ranks, this job has {world}")
-    if plan.pipeline.degree > 1:
+    if plan.pipeline.degree * plan.pipeline.micro_batches > 1:
         raise PlanError(
-            "parallelize: a plan with pipeline stages needs the graph captured at the "
-            "micro-batch size; use galvatron_fx.compile(model, inputs, plan=...) (pipeline-only "
-            "plans), stages with parallelism inside them come with the pipeline issue"
+            "parallelize: a plan with pipeline stages or micro-batches needs the graph "
+            "captured at the micro-batch size; use galvatron_fx.compile(model, inputs, plan=...)"
         )
     plan.check_model(model_fingerprint(gm), layer_shapes(gm))
 

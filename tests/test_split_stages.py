@@ -153,3 +153,23 @@ def test_compile_trains_a_pipeline_plan_like_one_process(schedule):
     assert sorted(results[0]["params"]) == sorted(params)
     for name, got in results[0]["params"].items():
         assert torch.allclose(got, params[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_a_pipeline_plan_for_another_model_is_refused():
+    import galvatron_fx as gfx
+
+    model, args, kwargs = build(SPEC, batch=8, seq=16)
+    plan = _plan(analyze(model, args, kwargs), ("blocks.2",))
+    wider, args, kwargs = build(SPEC.replace("hidden=64", "hidden=128"), batch=8, seq=16)
+    with pytest.raises(PlanError, match=r"was made for model \w+, this model is \w+"):
+        gfx.compile(wider, args, kwargs, plan=plan)
+
+
+@pytest.mark.parametrize("strategy", [LayerStrategy(dp=2), LayerStrategy(tp=2, sp=True)], ids=str)
+def test_micro_batches_without_stages_accumulate_gradients(strategy):
+    """A plan with 4 micro-batches and one stage (what the search picks when activations
+    do not fit): captured at the micro-batch size, gradients summed over the pieces."""
+    model, args, kwargs = build(SPEC, batch=8, seq=16)
+    analysis = analyze(model, args, kwargs)
+    plan = analysis.plan(strategy, world_size=2, pipeline=PipelineConfig(micro_batches=4))
+    check_against_one_process(plan)

@@ -61,6 +61,8 @@ class CompiledModel:
         self.zero3 = any(spec.zero3_flat for spec in params.values())
         """Only ZeRO-3 needs the saved-tensor hooks (a Python call per saved tensor)."""
         self.loss_group, self.loss_avg = loss_reduction(module, plan, rank)
+        self.micro_batches = plan.pipeline.micro_batches if plan.pipeline.degree == 1 else 1
+        """Gradient accumulation: the module was captured at 1/micro_batches of the batch."""
 
     @property
     def graph(self) -> fx.Graph:
@@ -92,12 +94,20 @@ class CompiledModel:
         return loss / self.loss_group.size if self.loss_avg else loss
 
     def train_step(self, *args: Any, target: Any = None, **kwargs: Any) -> torch.Tensor:
-        """Forward, backward, gradient sync and optimizer step on the whole batch; returns the
-        loss of the whole batch (the same on every rank)."""
+        """Forward, backward, gradient sync and optimizer step on the whole batch (in the
+        plan's micro-batches, gradients accumulated, when it has several); returns the loss
+        of the whole batch (the same on every rank)."""
         self.sync.zero_grad()
-        loss = self.forward_loss(*args, target=target, **kwargs)
-        reported, work = self._global(loss.detach().clone())  # overlaps backward
-        loss.backward()
+        m = self.micro_batches
+        total: torch.Tensor | None = None
+        for i in range(m):
+            margs, mtarget, mkwargs = (micro_batch(x, m, i) for x in (args, target, kwargs))
+            loss = self.forward_loss(*margs, target=mtarget, **mkwargs)
+            loss = loss / m if m > 1 else loss
+            total = loss.detach().clone() if total is None else total + loss.detach()
+            if i == m - 1:
+                reported, work = self._global(total)  # overlaps the last backward
+            loss.backward()
         self.sync.finish()
         self.sync.step()
         if work is not None:
@@ -159,6 +169,24 @@ def whole_tensor(module: fx.GraphModule, sync: GradSync, spec: Any, grad: bool) 
     from galvatron_fx.runtime.state import gather_whole
 
     return gather_whole(module, sync, spec, (lambda q: q.grad) if grad else (lambda q: q.detach()))
+
+
+def micro_batch(x: Any, micro_batches: int, i: int) -> Any:
+    """The i-th of `micro_batches` equal pieces (dim 0) of every tensor in `x` (scalars and
+    non-tensors whole): how inputs are cut for gradient accumulation and pipelines."""
+    if micro_batches == 1:
+        return x
+    return pytree.tree_map(lambda t: _piece(t, micro_batches, i), x)
+
+
+def _piece(x: Any, micro_batches: int, i: int) -> Any:
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        return x
+    if x.shape[0] % micro_batches:
+        raise ValueError(
+            f"a batch of {x.shape[0]} does not split into {micro_batches} micro-batches"
+        )
+    return x.chunk(micro_batches)[i]
 
 
 def slice_batch(x: Any, group: GroupRef | None, rank: int) -> Any:
