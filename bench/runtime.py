@@ -8,6 +8,8 @@ same initial weights and the same AdamW (lr 1e-3):
 | dp    | `LayerStrategy(dp=world)`, 25 MB    | `DistributedDataParallel` (default 25 MB buckets) |
 | zero3 | `LayerStrategy(dp=world, zero3)`    | FSDP2 `fully_shard` on every block, then the root |
 | tp    | `LayerStrategy(tp=world)`           | DTensor `parallelize_module`, Megatron col/row    |
+| pp    | `world` stages, 1F1B, 4 micro-batches | the GPT split by hand into `world` modules,    |
+|       |                                     | `PipelineStage` + `Schedule1F1B`                  |
 
 A step is forward, backward, gradient sync, optimizer step and zero_grad. Both sides of a case
 are built in the same ranks (one set of forked processes per case) and their steps run in
@@ -52,10 +54,12 @@ from torch.nn.parallel import DistributedDataParallel
 from galvatron_fx.compile import analyze, compile
 from galvatron_fx.models.gpt import GPT, CausalSelfAttention
 from galvatron_fx.models.spec import parse_model_spec
-from galvatron_fx.plan import DPMode, LayerStrategy
+from galvatron_fx.plan import DPMode, LayerStrategy, PipelineConfig
 from galvatron_fx.runtime.launch import fork_ranks as launch
 
-CASES = ("dp", "zero3", "tp")
+CASES = ("dp", "zero3", "tp", "pp")
+MICRO_BATCHES = 4
+"""pp: 1F1B over this many micro-batches, one stage per rank, blocks cut evenly."""
 HEADER = ("ours ms/step", "PyTorch ms/step", "ratio", "ours range", "PyTorch range")
 LOSS_TOL = 1e-4
 Step = Callable[[], float]
@@ -174,11 +178,23 @@ _STRATEGY = {
 }
 
 
+def _even_starts(layers: int, world: int) -> tuple[str, ...]:
+    """The first block of every stage after the first: the blocks cut evenly."""
+    if layers % world:
+        raise ValueError(f"pp: {world} stages must divide the {layers} blocks")
+    return tuple(f"blocks.{k * layers // world}" for k in range(1, world))
+
+
 def ours(rank: int, world: int, case: str, cfg: Config) -> Step:
     model, idx, tgt = _model_and_batch(cfg)
     args, kwargs = (idx,), {"targets": tgt}
     analysis = analyze(model, args, kwargs)
-    plan = analysis.plan(_STRATEGY[case](world), world_size=world)
+    if case == "pp":
+        starts = _even_starts(cfg.layers, world)
+        pipeline = PipelineConfig(degree=world, stage_starts=starts, micro_batches=MICRO_BATCHES)
+        plan = analysis.plan(LayerStrategy(), world_size=world, pipeline=pipeline)
+    else:
+        plan = analysis.plan(_STRATEGY[case](world), world_size=world)
     cm = compile(model, args, kwargs, plan=plan, optimizer=_adamw, bucket_mb=25)
     return lambda: float(cm.train_step(*args, **kwargs).item())
 
@@ -260,10 +276,70 @@ def dtensor_tp(rank: int, world: int, cfg: Config) -> Step:
     return _torch_step(model, _adamw(model.parameters()), idx, tgt)
 
 
+class _Stage(nn.Module):
+    """A contiguous piece of the GPT, written by hand as a pipelining user would: the first
+    piece embeds, the last one ends with the final norm and the head (logits out)."""
+
+    def __init__(self, model: GPT, first: int, stop: int, last: bool) -> None:
+        super().__init__()
+        self.embed = (model.wte, model.wpe, model.drop) if first == 0 else None
+        if self.embed is not None:
+            self.wte, self.wpe, self.drop = self.embed
+        self.blocks = nn.ModuleList(model.blocks[first:stop])
+        self.ln_f, self.lm_head = (model.ln_f, model.lm_head) if last else (None, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embed is not None:
+            x = self.drop(self.wte(x) + self.wpe(torch.arange(x.shape[1], device=x.device)))
+        for block in self.blocks:
+            x = block(x)
+        if self.lm_head is not None and self.ln_f is not None:
+            x = self.lm_head(self.ln_f(x))
+        return x
+
+
+def _cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1))
+
+
+def torch_pipeline(rank: int, world: int, cfg: Config) -> Step:
+    """The same stages and schedule with `torch.distributed.pipelining` directly."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+    model, idx, tgt = _model_and_batch(cfg)
+    _even_starts(cfg.layers, world)
+    per = cfg.layers // world
+    stage = _Stage(model, rank * per, (rank + 1) * per, rank == world - 1)
+    mb = cfg.batch // MICRO_BATCHES
+    hidden = torch.zeros(mb, cfg.seq, cfg.hidden, requires_grad=True)
+    # activations that need gradients are what make the stages exchange them in backward
+    example_in = idx[:mb] if rank == 0 else hidden
+    example_out = torch.zeros(mb, cfg.seq, cfg.vocab) if rank == world - 1 else hidden
+    pipe = PipelineStage(stage, rank, world, torch.device("cpu"), example_in, example_out)
+    schedule = Schedule1F1B(pipe, MICRO_BATCHES, loss_fn=_cross_entropy)
+    opt = _adamw(stage.parameters())
+    last = rank == world - 1
+
+    def step() -> float:
+        losses: list[torch.Tensor] = []
+        if rank == 0:
+            schedule.step(idx, target=tgt if last else None, losses=losses)
+        else:
+            schedule.step(target=tgt if last else None, losses=losses)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = torch.stack(losses).mean().detach() if losses else torch.zeros(())
+        dist.broadcast(loss, src=world - 1)  # every rank reports the loss, as ours does
+        return float(loss.item())
+
+    return step
+
+
 BASELINES: dict[str, tuple[str, Callable[..., Step]]] = {
     "dp": ("DDP", ddp),
     "zero3": ("FSDP2", fsdp2),
     "tp": ("DTensor TP", dtensor_tp),
+    "pp": ("pipelining", torch_pipeline),
 }
 
 

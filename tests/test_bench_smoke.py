@@ -23,9 +23,9 @@ def test_capture_bench_smoke():
 def test_runtime_bench_smoke():
     out = _bench("runtime.py", "--smoke")
     line = next(line for line in out.splitlines() if line.startswith("ratios"))
-    words = line.split(":")[-1].split()  # "dp 0.95  zero3 1.10  tp n/a"
+    words = line.split(":")[-1].split()  # "dp 0.95  zero3 1.10  tp n/a  pp 0.97"
     ratios = dict(zip(words[::2], words[1::2], strict=True))
-    assert set(ratios) == {"dp", "zero3", "tp"}, out
+    assert set(ratios) == {"dp", "zero3", "tp", "pp"}, out
     for case, value in ratios.items():
         # a baseline this torch cannot run reads "n/a", and the output must say why
         assert (value == "n/a" and f"{case} (" in out) or float(value) > 0, out
