@@ -2,7 +2,9 @@
 
 `capture` a model to an ATen-level graph, `analyze` it (layers and costs on every node),
 then `compile` / `parallelize` it under a `Plan` into one rank's program (tensor, sequence,
-data, ZeRO-1/2/3 parallelism and recomputation per layer) with `CompiledModel.train_step`.
+data, ZeRO-1/2/3 parallelism and recomputation per layer, pipeline stages around them) with
+`train_step`, plan-independent checkpoints (`save_checkpoint` / `load_checkpoint`,
+`export_state_dict`) and `galvatron-fx train` on torchrun.
 See README.md for the concepts and the CLI.
 """
 
@@ -29,7 +31,9 @@ from galvatron_fx.passes.manager import (
     run_passes,
 )
 from galvatron_fx.plan import DPMode, LayerStrategy, PipelineConfig, Plan, PlanError, Recompute
+from galvatron_fx.runtime.checkpoint import CheckpointError, export_state_dict, latest_checkpoint
 from galvatron_fx.runtime.compiled import CompiledModel
+from galvatron_fx.runtime.pipeline import PipelinedModel
 from galvatron_fx.summary import (
     LayerSummary,
     layer_shapes,
@@ -48,6 +52,7 @@ __all__ = [
     "PLACEMENT",
     "Analysis",
     "CaptureError",
+    "CheckpointError",
     "Collective",
     "CompiledModel",
     "DPMode",
@@ -61,15 +66,18 @@ __all__ = [
     "PassContext",
     "PassError",
     "PipelineConfig",
+    "PipelinedModel",
     "Plan",
     "PlanError",
     "Recompute",
     "analyze",
     "capture",
     "compile",
+    "export_state_dict",
     "format_graph",
     "graph_pass",
     "insert_after",
+    "latest_checkpoint",
     "layer_shapes",
     "layer_table",
     "model_fingerprint",

@@ -84,3 +84,37 @@ def test_two_launchers_as_two_nodes(uninterrupted):
     assert sorted(losses) == [1, 2]
     for step, loss in losses.items():
         assert loss == pytest.approx(uninterrupted[step], rel=1e-6), step
+
+
+def test_token_file_batches_are_shifted_windows(tmp_path):
+    import numpy as np
+
+    from galvatron_fx.train import Batches, TrainConfig
+
+    tokens = np.arange(1000, dtype=np.uint16) % 128
+    path = tmp_path / "tokens.bin"
+    tokens.tofile(path)
+    spec = parse_model_spec(SPEC)
+    model = spec.build("cpu")
+    config = TrainConfig(model=SPEC, global_batch=4, seq=16, data=path)
+    (idx,), kwargs = Batches(config, spec, model).at(3)
+    assert idx.shape == (4, 16) and kwargs["targets"].shape == (4, 16)
+    assert ((kwargs["targets"] - idx) % 128 == 1).all()  # the next token of every position
+    again = Batches(config, spec, model).at(3)[0][0]
+    assert (again == idx).all()  # a step's batch is the same in every run (resume)
+
+    (tokens + 200).astype(np.uint16).tofile(path)
+    with pytest.raises(
+        ValueError, match=r"token id \d+ at step 0 is outside the model's vocabulary of 128"
+    ):
+        Batches(config, spec, model).at(0)
+
+
+def test_train_gpt_example_runs_in_one_process(tmp_path):
+    """examples/train_gpt.py without torchrun: search, train, checkpoint, export."""
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "train_gpt.py")
+    out = _run(
+        [sys.executable, script, "--steps", "2", "--memory-gb", "1", "--save", str(tmp_path / "ck")]
+    )
+    assert "step 2" in out and "plain state dict" in out
+    assert (tmp_path / "ck" / "step-00000002" / "model.pt").is_file()

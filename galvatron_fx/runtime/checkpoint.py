@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,9 @@ def export_state_dict(root: str | Path, out: str | Path | None = None) -> Path:
         raise CheckpointError(f"{root}: no complete checkpoint (no {META} in any step-* dir)")
     known = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     wanted = {k: _empty(v) for k, v in known.items() if k.startswith("model.")}
-    dcp.load(wanted, checkpoint_id=str(path), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+        dcp.load(wanted, checkpoint_id=str(path), no_dist=True)
     target = Path(out) if out is not None else path / "model.pt"
     tmp = target.with_name(target.name + ".tmp")
     torch.save({k.removeprefix("model."): v for k, v in wanted.items()}, tmp)

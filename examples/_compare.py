@@ -1,0 +1,19 @@
+"""Shared by the examples: print two loss sequences side by side and insist they agree."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def compare_losses(
+    ours: Sequence[float], reference: Sequence[float], labels: tuple[str, str]
+) -> None:
+    """Exit with an error if any step differs by more than 1e-5 (relative)."""
+    width = max(len(label) for label in labels)
+    print(f"{'step':>4}  {labels[0]:>{width}}  {labels[1]:>{width}}")
+    for i, (a, b) in enumerate(zip(ours, reference, strict=True)):
+        print(f"{i:>4}  {a:>{width}.6f}  {b:>{width}.6f}")
+    worst = max(abs(a - b) / abs(b) for a, b in zip(ours, reference, strict=True))
+    print(f"largest relative difference: {worst:.1e}")
+    if worst > 1e-5:
+        raise SystemExit("the compiled program does not train like the model")
