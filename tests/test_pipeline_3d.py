@@ -4,6 +4,7 @@ ranks, give the single-process loss and gradients."""
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import build
 from test_split_stages import SPEC, check_against_one_process
 
@@ -61,3 +62,38 @@ def _plan(analysis, kind: str, schedule: str) -> Plan:
 def test_3d_plans_match_one_process(kind, schedule):
     model, args, kwargs = build(SPEC, batch=8, seq=16)
     check_against_one_process(_plan(analyze(model, args, kwargs), kind, schedule))
+
+
+def _adamw(params):
+    return torch.optim.AdamW(params, lr=1e-3, eps=1e-5)  # first steps insensitive to noise
+
+
+def _searched(rank: int, world: int) -> dict:
+    import galvatron_fx as gfx
+
+    model, args, kwargs = build(SPEC, batch=8, seq=16)
+    compiled = gfx.compile(
+        model, args, kwargs, cluster="a100-80gb-sxm", memory_budget_gb=0.002, optimizer=_adamw
+    )
+    loss = compiled.train_step(*args, **kwargs).item()
+    return {"loss": loss, "plan": compiled.plan, "params": compiled.full_params()}
+
+
+def test_compile_searches_a_3d_plan_and_trains_it():
+    """A budget too small for data parallelism: the search (rank 0, broadcast) picks two
+    stages with tp / dp inside; one AdamW step gives the single process's loss and weights."""
+    from distributed import run_ranks
+
+    import galvatron_fx as gfx
+
+    model, args, kwargs = build(SPEC, batch=8, seq=16)
+    single = gfx.compile(model, args, kwargs, optimizer=_adamw)
+    want = single.train_step(*args, **kwargs).item()
+    results = run_ranks(_searched, 4)
+    plan = results[0]["plan"]
+    assert plan.pipeline.degree == 2 and {s.tp for _, s in plan.strategies} == {1, 2}
+    assert all(r["plan"] == plan for r in results)
+    for r in results:
+        assert r["loss"] == pytest.approx(want, rel=1e-5)
+    for name, p in single.full_params().items():
+        assert torch.allclose(results[0]["params"][name], p, rtol=1e-5, atol=1e-6), name

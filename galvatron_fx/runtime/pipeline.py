@@ -258,7 +258,10 @@ class PipelinedModel:
                 stages, m, loss_fn=pipeline_loss, scale_grads=False
             )
         else:
-            kind = ScheduleGPipe if p.schedule.value == "gpipe" else Schedule1F1B
+            # with fewer micro-batches than stages 1F1B never reaches its steady state: it is
+            # GPipe (which torch's Schedule1F1B then refuses to run)
+            gpipe = p.schedule.value == "gpipe" or m < p.degree
+            kind = ScheduleGPipe if gpipe else Schedule1F1B
             self.schedule = kind(stages[0], m, loss_fn=pipeline_loss, scale_grads=False)
         self.batch = int(micro_inputs[0].shape[0]) * m
 
