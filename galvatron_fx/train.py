@@ -83,7 +83,15 @@ class Batches:
 
             if not config.data.is_file():
                 raise ValueError(f"--data {config.data}: no such file")
-            self.tokens = np.memmap(config.data, dtype=np.dtype(config.data_dtype), mode="r")
+            try:
+                dtype = np.dtype(config.data_dtype)
+            except TypeError:
+                raise ValueError(
+                    f"--data-dtype {config.data_dtype!r} is not a numpy dtype"
+                ) from None
+            if dtype.kind not in "iu":
+                raise ValueError(f"--data-dtype {config.data_dtype!r}: token ids are integers")
+            self.tokens = np.memmap(config.data, dtype=dtype, mode="r")
             if len(self.tokens) <= self.seq + 1:
                 raise ValueError(
                     f"--data {config.data}: {len(self.tokens)} tokens, fewer than one "

@@ -103,6 +103,8 @@ def test_token_file_batches_are_shifted_windows(tmp_path):
     again = Batches(config, spec, model).at(3)[0][0]
     assert (again == idx).all()  # a step's batch is the same in every run (resume)
 
+    with pytest.raises(ValueError, match="token ids are integers"):
+        Batches(TrainConfig(model=SPEC, data=path, data_dtype="float32"), spec, model)
     (tokens + 200).astype(np.uint16).tofile(path)
     with pytest.raises(
         ValueError, match=r"token id \d+ at step 0 is outside the model's vocabulary of 128"
