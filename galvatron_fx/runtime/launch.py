@@ -15,7 +15,10 @@ import faulthandler
 import io
 import multiprocessing as mp
 import os
+import queue
 import socket
+import sys
+import time
 import traceback
 import warnings
 from collections.abc import Callable
@@ -44,8 +47,10 @@ def _rank_main(
 ) -> None:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    faulthandler.enable(all_threads=True)  # a crash in C++ still names the Python frames
     try:
+        # a crash in C++ still names the Python frames; the real stderr, since pytest's
+        # capture replaces sys.stderr with an object that has no file descriptor
+        faulthandler.enable(file=sys.__stderr__ or sys.stderr, all_threads=True)
         dist.init_process_group(
             "gloo",
             init_method=f"tcp://127.0.0.1:{port}",
@@ -80,14 +85,10 @@ def fork_ranks(
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout_s
     try:
-        for _ in procs:
-            try:
-                rank, ok, value = out.get(timeout=timeout_s)
-            except Exception as err:  # queue.Empty: a rank hung
-                raise RankError(
-                    f"ranks timed out after {timeout_s} s ({err!r}); answered: {sorted(results)}"
-                ) from None
+        while len(results) < world_size:
+            rank, ok, value = _next_answer(out, procs, results, deadline, timeout_s)
             if not ok:
                 raise RankError(f"rank {rank} failed:\n{value}")
             results[rank] = torch.load(io.BytesIO(value), weights_only=False)
@@ -97,3 +98,27 @@ def fork_ranks(
             if p.is_alive():
                 p.kill()
     return [results[r] for r in range(world_size)]
+
+
+def _next_answer(
+    out: Any, procs: list[Any], results: dict[int, Any], deadline: float, timeout_s: float
+) -> tuple[int, bool, Any]:
+    """The next rank's answer; a rank that died without one (a crash, a signal) is
+    reported at once instead of after the whole timeout."""
+    while True:
+        try:
+            return out.get(timeout=1.0)
+        except queue.Empty:
+            pass
+        dead = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in results]
+        if dead:
+            try:  # its answer may still be in the pipe
+                return out.get(timeout=2.0)
+            except queue.Empty:
+                code = procs[dead[0]].exitcode
+                raise RankError(
+                    f"rank {dead[0]} died without answering (exit code {code}; a negative "
+                    "code is the signal that killed it); its stderr has the details"
+                ) from None
+        if time.monotonic() > deadline:
+            raise RankError(f"ranks timed out after {timeout_s} s; answered: {sorted(results)}")
