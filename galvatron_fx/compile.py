@@ -29,7 +29,7 @@ from galvatron_fx.passes.manager import Pass, PassContext, run_passes
 from galvatron_fx.passes.recompute import recompute
 from galvatron_fx.passes.shard import shard
 from galvatron_fx.passes.zero3 import zero3
-from galvatron_fx.plan import DPMode, LayerStrategy, PipelineConfig, Plan, PlanError
+from galvatron_fx.plan import DPMode, LayerStrategy, PipelineConfig, Plan, PlanError, Schedule
 from galvatron_fx.runtime import collectives
 from galvatron_fx.runtime.collectives import GROUPS, GroupRef
 from galvatron_fx.runtime.compiled import CompiledModel, LossFn, micro_batch
@@ -283,9 +283,16 @@ def _compile_pipelined(
 
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
+    p = plan.pipeline
+    with_dp = [u for u, s in plan.strategies if s.dp > 1]
+    if p.schedule is Schedule.INTERLEAVED_ZB and with_dp:
+        raise PlanError(
+            f"schedule 'interleaved-zb' does not compose with data parallelism inside stages "
+            f"(unit {with_dp[0]!r} has dp > 1): its weight-gradient pass runs after the "
+            "gradient buckets and ZeRO gathers; use 'interleaved-1f1b' or tp-only stages"
+        )
     if plan.world_size != world:
         raise PlanError(f"plan is for {plan.world_size} ranks, this job has {world}")
-    p = plan.pipeline
     per_stage = world // p.degree
     offset, local = rank - rank % per_stage, rank % per_stage
     m = p.micro_batches

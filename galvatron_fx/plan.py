@@ -57,6 +57,10 @@ class Schedule(str, Enum):
     GPIPE = "gpipe"
     ONE_F_ONE_B = "1f1b"
     INTERLEAVED_1F1B = "interleaved-1f1b"
+    INTERLEAVED_ZB = "interleaved-zb"
+    """torch's ScheduleInterleavedZeroBubble: backward split into input and weight gradients,
+    the weight half filling the bubble. Composes with tp / sp / recomputation inside stages,
+    not with dp or ZeRO (their gradient buckets and gathered weights)."""
 
 
 @dataclass(frozen=True)
@@ -128,8 +132,12 @@ class PipelineConfig:
                 f"PipelineConfig: {self.degree * self.virtual_stages} stages need "
                 f"{self.degree * self.virtual_stages - 1} stage_starts, got {len(self.stage_starts)}"
             )
-        if self.virtual_stages > 1 and self.schedule is not Schedule.INTERLEAVED_1F1B:
-            raise PlanError("PipelineConfig: virtual_stages > 1 needs schedule 'interleaved-1f1b'")
+        interleaved = (Schedule.INTERLEAVED_1F1B, Schedule.INTERLEAVED_ZB)
+        if self.virtual_stages > 1 and self.schedule not in interleaved:
+            raise PlanError(
+                "PipelineConfig: virtual_stages > 1 needs schedule 'interleaved-1f1b' or "
+                "'interleaved-zb'"
+            )
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ PLANS = {
 
 
 def _plan(analysis, kind: str, schedule: str) -> Plan:
-    chunks = 2 if schedule == "interleaved-1f1b" else 1
+    chunks = 2 if schedule.startswith("interleaved") else 1
     starts = ("blocks.2",) if chunks == 1 else ("blocks.1", "blocks.2", "blocks.3")
     fingerprint = analysis.plan(LayerStrategy(), world_size=1).model_fingerprint
     pipeline = PipelineConfig(
@@ -56,6 +56,7 @@ def _plan(analysis, kind: str, schedule: str) -> Plan:
         ("pp2xzero3", "1f1b"),
         ("pp2xmixed", "1f1b"),
         ("pp2xmixed", "interleaved-1f1b"),
+        ("pp2xtp2", "interleaved-zb"),
     ],
     ids=str,
 )
@@ -97,3 +98,15 @@ def test_compile_searches_a_3d_plan_and_trains_it():
         assert r["loss"] == pytest.approx(want, rel=1e-5)
     for name, p in single.full_params().items():
         assert torch.allclose(results[0]["params"][name], p, rtol=1e-5, atol=1e-6), name
+
+
+def test_zero_bubble_with_data_parallel_stages_is_refused():
+    import galvatron_fx as gfx
+    from galvatron_fx.plan import PlanError
+
+    model, args, kwargs = build(SPEC, batch=8, seq=16)
+    plan = _plan(analyze(model, args, kwargs), "pp2xzero3", "interleaved-zb")
+    with pytest.raises(
+        PlanError, match=r"'interleaved-zb' does not compose .*\(unit 'embedding' has dp > 1\)"
+    ):
+        gfx.compile(model, args, kwargs, plan=plan)

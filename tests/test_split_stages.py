@@ -103,7 +103,7 @@ def check_against_one_process(plan: Plan) -> None:
 
 @pytest.mark.parametrize(
     ("world", "schedule"),
-    [(2, "gpipe"), (2, "1f1b"), (4, "1f1b"), (2, "interleaved-1f1b")],
+    [(2, "gpipe"), (2, "1f1b"), (4, "1f1b"), (2, "interleaved-1f1b"), (2, "interleaved-zb")],
     ids=str,
 )
 def test_stages_on_ranks_match_one_process(world, schedule):
@@ -111,7 +111,7 @@ def test_stages_on_ranks_match_one_process(world, schedule):
     mean micro-batch loss and every gradient equal the unsplit model's on the whole batch."""
     model, args, kwargs = build(SPEC, batch=8, seq=16)
     analysis = analyze(model, args, kwargs)
-    chunks = 2 if schedule == "interleaved-1f1b" else 1
+    chunks = 2 if schedule.startswith("interleaved") else 1
     n = world * chunks
     starts = ("blocks.2",) if n == 2 else ("blocks.1", "blocks.2", "blocks.3")[: n - 1]
     check_against_one_process(_plan(analysis, starts, chunks, schedule, 4))
@@ -122,7 +122,7 @@ def _compiled_pipeline(rank: int, world: int, schedule: str) -> dict:
 
     model, args, kwargs = build(SPEC, batch=8, seq=16)
     analysis = analyze(model, args, kwargs)
-    chunks = 2 if schedule == "interleaved-1f1b" else 1
+    chunks = 2 if schedule.startswith("interleaved") else 1
     n = world * chunks
     starts = ("blocks.2",) if n == 2 else ("blocks.1", "blocks.2", "blocks.3")[: n - 1]
     plan = _plan(analysis, starts, chunks)

@@ -24,8 +24,11 @@ BUBBLE: dict[Schedule, sympy.Expr] = {
     Schedule.GPIPE: (p - 1) / m,
     Schedule.ONE_F_ONE_B: (p - 1) / m,
     Schedule.INTERLEAVED_1F1B: (p - 1) / (m * v),
+    Schedule.INTERLEAVED_ZB: (p - 1) / (m * v),
 }
-"""Idle time over ideal time, per schedule."""
+"""Idle time over ideal time, per schedule. Zero-bubble is priced as interleaved 1F1B, an
+upper bound: how much of the bubble the deferred weight gradients fill is not modelled (the
+search does not pick it; a user's plan may)."""
 
 _BUBBLE: dict[Schedule, Callable[..., Any]] = {
     s: sympy.lambdify((p, m, v), e, "numpy") for s, e in BUBBLE.items()
@@ -48,6 +51,9 @@ def in_flight_micro_batches(
     if schedule is Schedule.GPIPE:
         return float(micro_batches)
     warmup: float = stages - stage
-    if schedule is Schedule.INTERLEAVED_1F1B:  # Megatron: (p - stage) + (v - 1) p / v extra
+    if schedule in (
+        Schedule.INTERLEAVED_1F1B,
+        Schedule.INTERLEAVED_ZB,
+    ):  # Megatron: (p - stage) + (v - 1) p / v extra
         warmup = (stages - stage) + (chunks - 1) * stages / chunks
     return float(min(warmup, micro_batches))

@@ -231,6 +231,7 @@ class PipelinedModel:
             Schedule1F1B,
             ScheduleGPipe,
             ScheduleInterleaved1F1B,
+            ScheduleInterleavedZeroBubble,
         )
 
         p = plan.pipeline
@@ -253,10 +254,13 @@ class PipelinedModel:
         m = p.micro_batches
         # the loss is already scaled by 1 / m, and the schedule's own scaling would land
         # after GradSync has launched the gradients' all-reduce
-        if p.schedule.value == "interleaved-1f1b":
-            self.schedule: Any = ScheduleInterleaved1F1B(
-                stages, m, loss_fn=pipeline_loss, scale_grads=False
+        if p.schedule.value in ("interleaved-1f1b", "interleaved-zb"):
+            multi = (
+                ScheduleInterleaved1F1B
+                if p.schedule.value == "interleaved-1f1b"
+                else ScheduleInterleavedZeroBubble
             )
+            self.schedule: Any = multi(stages, m, loss_fn=pipeline_loss, scale_grads=False)
         else:
             # with fewer micro-batches than stages 1F1B never reaches its steady state: it is
             # GPipe (which torch's Schedule1F1B then refuses to run)
