@@ -14,10 +14,9 @@ import warnings
 from pathlib import Path
 
 import torch
-from _compare import compare_losses  # examples/_compare.py
+from _shared import compare_losses, seeded_model  # examples/_shared.py
 
 import galvatron_fx as gfx
-from galvatron_fx.models.spec import parse_model_spec
 from galvatron_fx.runtime.launch import fork_ranks
 
 SPEC = (
@@ -29,11 +28,7 @@ LOCAL_PROFILE = Path.home() / ".cache" / "galvatron_fx" / "local.json"
 
 
 def build() -> tuple[torch.nn.Module, tuple, dict]:
-    torch.manual_seed(0)
-    spec = parse_model_spec(SPEC)
-    model = spec.build("cpu")
-    args, kwargs = spec.example_inputs(model, BATCH, SEQ)
-    return model, args, kwargs
+    return seeded_model(SPEC, BATCH, SEQ)
 
 
 def adamw(params):

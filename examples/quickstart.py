@@ -18,10 +18,9 @@ import warnings
 
 import torch
 import torch.distributed as dist
-from _compare import compare_losses  # examples/_compare.py
+from _shared import compare_losses, seeded_model  # examples/_shared.py
 
 import galvatron_fx as gfx
-from galvatron_fx.models.spec import parse_model_spec
 from galvatron_fx.runtime.launch import fork_ranks
 
 SPEC = "gpt:layers=4,hidden=256,heads=8,vocab=4096,seq=256"
@@ -29,11 +28,7 @@ BATCH, SEQ, STEPS, WORLD = 8, 128, 5, 4
 
 
 def build() -> tuple[torch.nn.Module, tuple, dict]:
-    torch.manual_seed(0)
-    spec = parse_model_spec(SPEC)
-    model = spec.build("cpu")
-    args, kwargs = spec.example_inputs(model, BATCH, SEQ)
-    return model, args, kwargs
+    return seeded_model(SPEC, BATCH, SEQ)
 
 
 def make_plan(analysis: gfx.Analysis, world: int) -> gfx.Plan:

@@ -29,7 +29,7 @@ from galvatron_fx.passes.manager import Pass, PassContext, run_passes
 from galvatron_fx.passes.recompute import recompute
 from galvatron_fx.passes.shard import shard
 from galvatron_fx.passes.zero3 import zero3
-from galvatron_fx.plan import DPMode, LayerStrategy, PipelineConfig, Plan, PlanError, Schedule
+from galvatron_fx.plan import DPMode, LayerStrategy, PipelineConfig, Plan, PlanError
 from galvatron_fx.runtime import collectives
 from galvatron_fx.runtime.collectives import GROUPS, GroupRef
 from galvatron_fx.runtime.compiled import CompiledModel, LossFn, micro_batch
@@ -208,12 +208,15 @@ def compile(  # the public name the design promises: galvatron_fx.compile
         plan = _searched_plan(analysis, cluster, memory_budget_gb, pipeline=loss_fn is None)
     if plan is not None and plan.pipeline.micro_batches * plan.pipeline.degree > 1:
         # checked on the whole batch's graph: the plan's fingerprint is of that graph
-        gm = analysis.graph_module
-        plan.check_model(model_fingerprint(gm), layer_shapes(gm))
-        inputs, kwargs = tuple(example_inputs), dict(example_kwargs or {})
+        _check_plan(plan, analysis.graph_module, _world(), micro_batches=True)
+        m = plan.pipeline.micro_batches  # the graph bakes its batch into view shapes
+        inputs, kwargs = micro_batch((tuple(example_inputs), dict(example_kwargs or {})), m, 0)
+        micro = analyze(model, inputs, kwargs)
         if plan.pipeline.degree > 1:
-            return _compile_pipelined(model, inputs, kwargs, plan, optimizer, bucket_mb)
-        return _compile_accumulated(model, inputs, kwargs, plan, optimizer, loss_fn, bucket_mb)
+            return _compile_pipelined(
+                micro, [*inputs, *kwargs.values()], plan, optimizer, bucket_mb
+            )
+        return _rewrite(micro, plan, optimizer, loss_fn, bucket_mb, _rank(), _world())
     return parallelize(
         analysis, plan=plan, optimizer=optimizer, loss_fn=loss_fn, bucket_mb=bucket_mb
     )
@@ -251,7 +254,7 @@ def _searched_plan(
 
     if memory_budget_gb is None:
         raise PlanError("compile: cluster= needs memory_budget_gb= to search a plan")
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = _world()
     found: list[Any] = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
         result = run_search(
@@ -266,40 +269,23 @@ def _searched_plan(
 
 
 def _compile_pipelined(
-    model: nn.Module,
-    example_inputs: Sequence[Any],
-    example_kwargs: dict[str, Any],
+    analysis: Analysis,
+    micro_inputs: list[Any],
     plan: Plan,
     optimizer: OptimizerFactory | None,
     bucket_mb: float,
 ) -> Any:
-    """A plan with pipeline stages: the graph is captured at the micro-batch size (it bakes
-    its batch into view shapes), rewritten by the parallel passes for one stage's ranks
-    (`stage_ranks`), then cut into stages; this rank runs its stage(s)."""
+    """A plan with pipeline stages, on a graph captured at the micro-batch size: rewritten
+    by the parallel passes for one stage's ranks (`stage_ranks`), then cut into stages;
+    this rank runs its stage(s)."""
     from galvatron_fx.passes.split_stages import split_stages, unit_stages
     from galvatron_fx.passes.stage_ranks import pipeline_groups, shift_ranks
     from galvatron_fx.runtime.compiled import input_slices, loss_reduction
     from galvatron_fx.runtime.pipeline import PipelinedModel, StageProgram, held_specs
 
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    p = plan.pipeline
-    with_dp = [u for u, s in plan.strategies if s.dp > 1]
-    if p.schedule is Schedule.INTERLEAVED_ZB and with_dp:
-        raise PlanError(
-            f"schedule 'interleaved-zb' does not compose with data parallelism inside stages "
-            f"(unit {with_dp[0]!r} has dp > 1): its weight-gradient pass runs after the "
-            "gradient buckets and ZeRO gathers; use 'interleaved-1f1b' or tp-only stages"
-        )
-    if plan.world_size != world:
-        raise PlanError(f"plan is for {plan.world_size} ranks, this job has {world}")
+    world, rank, p = _world(), _rank(), plan.pipeline
     per_stage = world // p.degree
     offset, local = rank - rank % per_stage, rank % per_stage
-    m = p.micro_batches
-    micro = [micro_batch(x, m, 0) for x in (*example_inputs, *example_kwargs.values())]
-    names = list(example_kwargs)
-    args = micro[: len(example_inputs)]
-    analysis = analyze(model, args, dict(zip(names, micro[len(example_inputs) :], strict=True)))
     gm, ctx = analysis.graph_module, analysis.context
     if analysis.units != list(plan.units):  # compile checked the plan on the whole batch
         raise PlanError(f"plan's units {list(plan.units)[:4]}... are not this model's")
@@ -323,35 +309,17 @@ def _compile_pipelined(
         zero3=any(spec.zero3_flat for spec in specs.values()),
     )
     mine = held_specs(program, range(rank // per_stage, len(program.split.stages), p.degree))
-    sync = GradSync(
-        _synced(gm, mine, stage_plan, rank),
-        optimizer or _adamw,
-        bucket_mb,
-        _zero3_tp_sums(gm, mine, rank),
-        accumulations=m,
-    )
+    sync = _grad_sync(gm, mine, stage_plan, rank, optimizer, bucket_mb, p.micro_batches)
     pp_group = GROUPS.groups.get(pp_groups[local]) if world > 1 else None
-    return PipelinedModel(program, plan, micro, sync, rank, world, pp_group)
+    return PipelinedModel(program, plan, micro_inputs, sync, rank, world, pp_group)
 
 
-def _compile_accumulated(
-    model: nn.Module,
-    example_inputs: tuple[Any, ...],
-    example_kwargs: dict[str, Any],
-    plan: Plan,
-    optimizer: OptimizerFactory | None,
-    loss_fn: LossFn | None,
-    bucket_mb: float,
-) -> CompiledModel:
-    """Micro-batches without pipeline stages (gradient accumulation): captured at the
-    micro-batch size, as the search priced it; `train_step` runs the pieces in turn."""
-    m = plan.pipeline.micro_batches
-    analysis = analyze(model, micro_batch(example_inputs, m, 0), micro_batch(example_kwargs, m, 0))
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if plan.world_size != world:
-        raise PlanError(f"plan is for {plan.world_size} ranks, this job has {world}")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return _rewrite(analysis, plan, optimizer, loss_fn, bucket_mb, rank, world)
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def parallelize(
@@ -366,12 +334,11 @@ def parallelize(
     """The back half of `compile`: rewrite an analysed graph (in place: pass a deep copy to
     keep it) for this rank. `rank` overrides the process group's (planning for another rank
     in one process, e.g. with the fake backend); groups are created only in a real job."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = (dist.get_rank() if dist.is_initialized() else 0) if rank is None else rank
-    gm = analysis.graph_module
+    world = _world()
+    rank = _rank() if rank is None else rank
     if plan is None:
         plan = analysis.plan(LayerStrategy(dp=world), world_size=world)
-    _check_plan(plan, gm, world)
+    _check_plan(plan, analysis.graph_module, world)
     return _rewrite(analysis, plan, optimizer, loss_fn, bucket_mb, rank, world)
 
 
@@ -390,29 +357,45 @@ def _rewrite(
     specs: dict[str, ParamSpec] = ctx.results["params"]
     if world > 1:
         GROUPS.create(_all_groups(gm, specs))
-    sync = GradSync(
+    sync = _grad_sync(gm, specs, plan, rank, optimizer, bucket_mb, plan.pipeline.micro_batches)
+    return CompiledModel(gm, plan, specs, sync, loss_fn, rank)
+
+
+def _grad_sync(
+    gm: fx.GraphModule,
+    specs: dict[str, ParamSpec],
+    plan: Plan,
+    rank: int,
+    optimizer: OptimizerFactory | None,
+    bucket_mb: float,
+    micro_batches: int,
+) -> GradSync:
+    """The gradient sync and optimizer over the parameters in `specs`."""
+    return GradSync(
         _synced(gm, specs, plan, rank),
         optimizer or _adamw,
         bucket_mb,
         _zero3_tp_sums(gm, specs, rank),
-        accumulations=plan.pipeline.micro_batches,
+        accumulations=micro_batches,
     )
-    return CompiledModel(gm, plan, specs, sync, loss_fn, rank)
 
 
 def _adamw(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3)
 
 
-def _check_plan(plan: Plan, gm: fx.GraphModule, world: int) -> None:
+def _check_plan(plan: Plan, gm: fx.GraphModule, world: int, *, micro_batches: bool = False) -> None:
+    """The plan is for this job and this model (`gm`: captured at the whole batch);
+    `micro_batches`: the caller captures again at the micro-batch size. Another model's
+    plan is named first: it is wrong whatever the job."""
+    plan.check_model(model_fingerprint(gm), layer_shapes(gm))
     if plan.world_size != world:
         raise PlanError(f"plan is for {plan.world_size} ranks, this job has {world}")
-    if plan.pipeline.degree * plan.pipeline.micro_batches > 1:
+    if not micro_batches and plan.pipeline.degree * plan.pipeline.micro_batches > 1:
         raise PlanError(
             "parallelize: a plan with pipeline stages or micro-batches needs the graph "
             "captured at the micro-batch size; use galvatron_fx.compile(model, inputs, plan=...)"
         )
-    plan.check_model(model_fingerprint(gm), layer_shapes(gm))
 
 
 def _synced(

@@ -202,7 +202,8 @@ class Plan:
         return tuple(u for u, _ in self.strategies)
 
     def validate(self) -> None:
-        """Degrees multiply to the world size; pipeline stage starts name known units."""
+        """Degrees multiply to the world size; pipeline stage starts name known units; the
+        schedule composes with the strategies."""
         if self.world_size < 1:
             raise PlanError(f"Plan.world_size must be >= 1, got {self.world_size}")
         pp = self.pipeline.degree
@@ -212,6 +213,13 @@ class Plan:
                     f"layer {unit!r}: tp={s.tp} x dp={s.dp} x pp={pp} = {s.tp * s.dp * pp} "
                     f"devices, but world_size is {self.world_size}"
                 )
+        with_dp = [u for u, s in self.strategies if s.dp > 1]
+        if self.pipeline.schedule is Schedule.INTERLEAVED_ZB and with_dp:
+            raise PlanError(
+                "schedule 'interleaved-zb' does not compose with data parallelism inside stages "
+                f"(unit {with_dp[0]!r} has dp > 1): its weight-gradient pass runs after the "
+                "gradient buckets and ZeRO gathers; use 'interleaved-1f1b' or tp-only stages"
+            )
         order = {u: i for i, u in enumerate(self.units)}
         starts = [order.get(u, -1) for u in self.pipeline.stage_starts]
         for name, pos in zip(self.pipeline.stage_starts, starts, strict=True):

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from galvatron_fx.runtime.state import Cache, gather_whole, holder_of, load_whole
+from galvatron_fx.runtime.state import Cache, holder_of, load_whole, whole_value
 
 __all__ = ["CheckpointError", "export_state_dict", "latest_checkpoint", "load", "save"]
 
@@ -64,14 +64,14 @@ def save(model: Any, root: str | Path, step: int, extra: Mapping[str, Any] | Non
     cache: Cache = {}
     state: dict[str, Any] = {}
     for name, spec in specs.items():
-        state[f"model.{name}"] = gather_whole(module, sync, spec, lambda q: q.detach(), "", cache)
+        state[f"model.{name}"] = whole_value(module, sync, spec, lambda q: q.detach(), "", cache)
     optimizer = sync.optimizer
     for name, spec in specs.items():
         if spec.alias_of is not None:
             continue
         held = optimizer.state.get(holder_of(module, sync, spec).param, {})
         for key in sorted(k for k, v in held.items() if isinstance(v, torch.Tensor)):
-            value = gather_whole(module, sync, spec, _state_of(optimizer, key), key, cache)
+            value = whole_value(module, sync, spec, _state_of(optimizer, key), key, cache)
             state[f"optim.{name}.{key}"] = value
     dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
     _before_publish()
@@ -112,11 +112,10 @@ def load(model: Any, root: str | Path) -> dict[str, Any]:
     """Load the newest checkpoint under `root` into `model` (parameters and optimizer
     states, resharded for its plan); call on every rank. Returns its meta (`step`,
     `extra`, ...)."""
-    path = latest_checkpoint(root)
-    if path is None:
-        raise CheckpointError(f"{root}: no complete checkpoint (no {META} in any step-* dir)")
+    path = _latest_or_fail(root)
     meta = json.loads((path / META).read_text())
-    module, sync, specs, rank = model.state_parts()
+    parts = model.state_parts()
+    module, sync, specs, rank = parts
     known = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     _check_names(path, known, specs)
     wanted = {f"model.{n}": _empty(known[f"model.{n}"]) for n in specs}
@@ -125,19 +124,32 @@ def load(model: Any, root: str | Path) -> dict[str, Any]:
     dcp.load(wanted, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     with torch.no_grad():
         values = load_whole(module, sync, specs, lambda n: wanted[f"model.{n}"], rank)
-        params = {id(holder_of(module, sync, s).param): holder_of(module, sync, s).param
-                  for s in specs.values() if s.alias_of is None}  # fmt: skip
-        for key, param in params.items():
-            param.copy_(values[key])
+        holders = {}  # by id: what the optimizer steps (a parameter or a flat shard)
+        for spec in specs.values():
+            if spec.alias_of is None:
+                holder = holder_of(module, sync, spec).param
+                holders[id(holder)] = holder
+        for key, holder in holders.items():
+            holder.copy_(values[key])
         sync.refresh_params()
-        _load_optimizer(model, wanted, params, meta)
+        _load_optimizer(parts, wanted, holders, meta)
     return meta
 
 
+def _latest_or_fail(root: str | Path) -> Path:
+    path = latest_checkpoint(root)
+    if path is None:
+        raise CheckpointError(f"{root}: no complete checkpoint (no {META} in any step-* dir)")
+    return path
+
+
 def _load_optimizer(
-    model: Any, wanted: dict[str, Any], params: dict[int, Any], meta: dict[str, Any]
+    parts: tuple[Any, Any, dict[str, Any], int],
+    wanted: dict[str, Any],
+    params: dict[int, Any],
+    meta: dict[str, Any],
 ) -> None:
-    module, sync, specs, rank = model.state_parts()
+    module, sync, specs, rank = parts
     optimizer = sync.optimizer
     state_keys = sorted({k.rsplit(".", 1)[1] for k in wanted if k.startswith("optim.")})
     for key in state_keys:
@@ -162,9 +174,7 @@ def export_state_dict(root: str | Path, out: str | Path | None = None) -> Path:
     """Write the newest checkpoint under `root` as one plain `torch.save` file of the
     original model's `state_dict()` (loadable with `weights_only=True`); no process group
     needed. Returns the file (default: `<step dir>/model.pt`)."""
-    path = latest_checkpoint(root)
-    if path is None:
-        raise CheckpointError(f"{root}: no complete checkpoint (no {META} in any step-* dir)")
+    path = _latest_or_fail(root)
     known = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     wanted = {k: _empty(v) for k, v in known.items() if k.startswith("model.")}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process"

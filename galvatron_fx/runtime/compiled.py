@@ -23,6 +23,7 @@ from galvatron_fx.plan import Plan
 from galvatron_fx.runtime.collectives import GROUPS, GroupRef, zero3_saved_tensors
 from galvatron_fx.runtime.data_parallel import GradSync
 from galvatron_fx.runtime.mesh import Mesh
+from galvatron_fx.runtime.state import WholeState
 
 __all__ = [
     "CompiledModel",
@@ -30,8 +31,8 @@ __all__ = [
     "LossFn",
     "input_slices",
     "loss_reduction",
+    "micro_batch",
     "slice_batch",
-    "whole_tensor",
 ]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -43,7 +44,7 @@ class InputSlice:
     """Split the batch (dim 0) across this group; None: every rank takes the whole input."""
 
 
-class CompiledModel:
+class CompiledModel(WholeState):
     """The per-rank module (`.module`), its `.plan` and `.graph`, and `train_step`."""
 
     def __init__(
@@ -137,38 +138,7 @@ class CompiledModel:
     # whole tensors -----------------------------------------------------------------------
 
     def state_parts(self) -> tuple[Any, GradSync, dict[str, Any], int]:
-        """(module, gradient sync, this rank's parameter specs, rank): what checkpoints read."""
         return (self.module, self.sync, self.params, self.rank)
-
-    def save_checkpoint(self, root: Any, step: int, extra: dict[str, Any] | None = None) -> Any:
-        """`runtime.checkpoint.save`: an atomic, plan-independent checkpoint (every rank)."""
-        from galvatron_fx.runtime import checkpoint
-
-        return checkpoint.save(self, root, step, extra)
-
-    def load_checkpoint(self, root: Any) -> dict[str, Any]:
-        """`runtime.checkpoint.load`: the newest checkpoint under `root`, resharded for this
-        plan; returns its meta (`step`, `extra`)."""
-        from galvatron_fx.runtime import checkpoint
-
-        return checkpoint.load(self, root)
-
-    def full_params(self) -> dict[str, torch.Tensor]:
-        return {name: self._whole(name, grad=False) for name in self.params}
-
-    def full_grads(self) -> dict[str, torch.Tensor | None]:
-        return {name: self._whole(name, grad=True) for name in self.params}
-
-    def _whole(self, name: str, grad: bool) -> Any:
-        return whole_tensor(self.module, self.sync, self.params[name], grad)
-
-
-def whole_tensor(module: fx.GraphModule, sync: GradSync, spec: Any, grad: bool) -> Any:
-    """A parameter (or its synced gradient) of `module` as the whole original tensor,
-    gathered from its ZeRO and TP pieces (collectives over the spec's groups)."""
-    from galvatron_fx.runtime.state import gather_whole
-
-    return gather_whole(module, sync, spec, (lambda q: q.grad) if grad else (lambda q: q.detach()))
 
 
 def micro_batch(x: Any, micro_batches: int, i: int) -> Any:

@@ -28,8 +28,9 @@ from torch import fx, nn
 from galvatron_fx.passes.insert_collectives import ParamSpec
 from galvatron_fx.passes.split_stages import StageSplit
 from galvatron_fx.runtime.collectives import GROUPS, GroupRef, zero3_saved_tensors
-from galvatron_fx.runtime.compiled import InputSlice, slice_batch, whole_tensor
+from galvatron_fx.runtime.compiled import InputSlice, slice_batch
 from galvatron_fx.runtime.data_parallel import GradSync
+from galvatron_fx.runtime.state import WholeState
 
 __all__ = [
     "Flight",
@@ -207,7 +208,7 @@ def pipeline_loss(output: torch.Tensor, target: Any = None) -> torch.Tensor:
     return output.sum()
 
 
-class PipelinedModel:
+class PipelinedModel(WholeState):
     """A plan with pipeline stages on this rank: its stages (each rewritten for the
     stage's tp / dp / ZeRO strategies), their schedule, gradient sync and optimizer.
 
@@ -241,6 +242,8 @@ class PipelinedModel:
         self.sync = sync
         pp_rank, local = divmod(rank, per_stage)
         self.mine = list(range(pp_rank, n, p.degree))
+        self.held = held_specs(program, self.mine)
+        """The parameters this rank's stages hold."""
         self.last = (n - 1) in self.mine
         self.last_rank = ((n - 1) % p.degree) * per_stage  # the last stage's first rank
         runners = stage_runners(program, self.mine, p.micro_batches)
@@ -293,37 +296,12 @@ class PipelinedModel:
         return loss
 
     def state_parts(self) -> tuple[Any, GradSync, dict[str, Any], int]:
-        """(module, gradient sync, this rank's parameter specs, rank): what checkpoints read."""
-        return (self.program.module, self.sync, held_specs(self.program, self.mine), self.rank)
+        return (self.program.module, self.sync, self.held, self.rank)
 
-    def save_checkpoint(self, root: Any, step: int, extra: dict[str, Any] | None = None) -> Any:
-        """`runtime.checkpoint.save`: an atomic, plan-independent checkpoint (every rank)."""
-        from galvatron_fx.runtime import checkpoint
-
-        return checkpoint.save(self, root, step, extra)
-
-    def load_checkpoint(self, root: Any) -> dict[str, Any]:
-        """`runtime.checkpoint.load`: the newest checkpoint under `root`, resharded for this
-        plan; returns its meta (`step`, `extra`)."""
-        from galvatron_fx.runtime import checkpoint
-
-        return checkpoint.load(self, root)
-
-    def full_params(self) -> dict[str, torch.Tensor]:
-        return self._gathered(grad=False)
-
-    def full_grads(self) -> dict[str, torch.Tensor | None]:
-        return self._gathered(grad=True)
-
-    def _gathered(self, grad: bool) -> dict[str, Any]:
-        """Whole tensors by the model's names: each stage assembles its own (collectives
-        inside the stage), then every rank receives them all."""
+    def _merge(self, mine: dict[str, Any]) -> dict[str, Any]:
+        """Each stage assembled its own parameters; every rank receives them all."""
         import torch.distributed as dist
 
-        mine = {
-            name: whole_tensor(self.program.module, self.sync, spec, grad)
-            for name, spec in held_specs(self.program, self.mine).items()
-        }
         everyone: list[Any] = [None] * self.world
         dist.all_gather_object(everyone, mine)
         return {name: t for part in everyone for name, t in part.items()}

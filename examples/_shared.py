@@ -1,8 +1,22 @@
-"""Shared by the examples: print two loss sequences side by side and insist they agree."""
+"""Shared by the examples: a seeded model with its batch, and a check that two loss
+sequences agree."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import torch
+
+from galvatron_fx.models.spec import parse_model_spec
+
+
+def seeded_model(spec_text: str, batch: int, seq: int) -> tuple[torch.nn.Module, tuple, dict]:
+    """The model of `spec_text` and one batch, the same in every process (seed 0)."""
+    torch.manual_seed(0)
+    spec = parse_model_spec(spec_text)
+    model = spec.build("cpu")
+    args, kwargs = spec.example_inputs(model, batch, seq)
+    return model, args, kwargs
 
 
 def compare_losses(
