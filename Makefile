@@ -29,10 +29,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) bench/capture.py
-	$(PY) bench/runtime.py
-	$(PY) bench/search.py
-	$(PY) bench/plan_quality.py
+	$(PY) bench/suite.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -16,6 +16,7 @@ Peak memory per rank: the PyTorch profiler's allocation events over one more ste
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 import warnings
@@ -122,24 +123,14 @@ def _spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--world", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=2, help="measurements per plan (fastest)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--profile", type=Path, default=DEFAULT_PROFILE)
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument(
-        "--roofline", action="store_true", help="predict without measured layer times"
-    )
-    opts = parser.parse_args()
+def run(opts: argparse.Namespace) -> dict[str, Any]:
+    """Profile (when the JSON is absent, or always for a smoke run), predict every plan,
+    measure every plan `opts.rounds` times round-robin: the figures the suite keeps."""
     plans = PLANS
     if opts.smoke:
         opts.world, opts.steps, opts.seq, opts.rounds = 2, 1, 32, 1
         plans = ["dp=2", "tp=2,sp=1", "dp=2,zero=3,ckpt=full"]
-    if opts.smoke or not opts.profile.exists():
+    if not opts.profile.exists():
         quick = ProfileConfig(opts.world, 2**20, 2, (128, 256), 8 * 2**20)
         cfg = quick if opts.smoke else ProfileConfig(opts.world, 16 * 2**20)
         spec = profile(cfg)
@@ -155,31 +146,128 @@ def main() -> None:
         for text in plans:
             args = (text, opts.batch, opts.seq, opts.steps)
             runs[text].append(fork_ranks(_measure, opts.world, *args))
-    rows, memory_errors = [], []
-    print(f"{'plan':<34}{'time ms: predicted':>19}{'measured':>9}{'error':>7}   peak MiB (worst rank): predicted  measured  error")  # fmt: skip
+    rows = []
     for text in plans:
         predicted, peaks = predictions[text]
         # interference only slows a run down: the fastest round is the least disturbed
         measured = min(r[0][0] for r in runs[text])
-        rows.append((text, predicted, measured))
-        first = runs[text][0]
-        per_rank = [(p - m) / m for p, (_, m) in zip(peaks, first, strict=True)]
-        worst = max(range(opts.world), key=lambda r: abs(per_rank[r]))
-        memory_errors.append(abs(per_rank[worst]))
-        time_error = (predicted - measured) / measured
-        print(
-            f"{text:<34}{predicted * 1e3:19.1f}{measured * 1e3:9.1f}{time_error:+7.0%}   "
-            f"{'':>22}{peaks[worst] / 2**20:10.2f}{first[worst][1] / 2**20:10.2f}"
-            f"{per_rank[worst]:+7.1%}",
-            flush=True,
+        measured_peaks = [m for _, m in runs[text][0]]
+        rows.append(
+            {
+                "plan": text,
+                "predicted_s": predicted,
+                "measured_s": measured,
+                "predicted_peak_bytes": peaks,
+                "measured_peak_bytes": measured_peaks,
+            }
         )
-    errors = [abs(p - m) / m for _, p, m in rows]
-    rho = _spearman([p for _, p, _ in rows], [m for _, _, m in rows])
+    return {
+        "world": opts.world,
+        "batch": opts.batch,
+        "seq": opts.seq,
+        "model": SPEC,
+        "rows": rows,
+        **errors(rows),
+    }
+
+
+def _memory_error(row: dict[str, Any]) -> tuple[int, float]:
+    """(the rank with the largest |error|, its signed error)."""
+    per_rank = [
+        (p - m) / m
+        for p, m in zip(row["predicted_peak_bytes"], row["measured_peak_bytes"], strict=True)
+    ]
+    worst = max(range(len(per_rank)), key=lambda r: abs(per_rank[r]))
+    return worst, per_rank[worst]
+
+
+def errors(rows: list[dict[str, Any]]) -> dict[str, float]:
+    time_errors = [abs(r["predicted_s"] - r["measured_s"]) / r["measured_s"] for r in rows]
+    memory_errors = [abs(_memory_error(r)[1]) for r in rows]
+    return {
+        "time_median_error": statistics.median(time_errors),
+        "time_worst_error": max(time_errors),
+        "spearman": _spearman([r["predicted_s"] for r in rows], [r["measured_s"] for r in rows]),
+        "memory_median_error": statistics.median(memory_errors),
+        "memory_worst_error": max(memory_errors),
+    }
+
+
+def report(data: dict[str, Any]) -> None:
+    print(f"{'plan':<34}{'time ms: predicted':>19}{'measured':>9}{'error':>7}   peak MiB (worst rank): predicted  measured  error")  # fmt: skip
+    for r in data["rows"]:
+        worst, memory_error = _memory_error(r)
+        time_error = (r["predicted_s"] - r["measured_s"]) / r["measured_s"]
+        print(
+            f"{r['plan']:<34}{r['predicted_s'] * 1e3:19.1f}{r['measured_s'] * 1e3:9.1f}"
+            f"{time_error:+7.0%}   {'':>22}{r['predicted_peak_bytes'][worst] / 2**20:10.2f}"
+            f"{r['measured_peak_bytes'][worst] / 2**20:10.2f}{memory_error:+7.1%}"
+        )
     print(
-        f"time: median |error| {statistics.median(errors):.0%}, spearman {rho:.2f}; "
-        f"peak memory: median |error| {statistics.median(memory_errors):.1%}, "
-        f"worst {max(memory_errors):.1%}  ({len(rows)} plans, {opts.world} ranks)"
+        f"time: median |error| {data['time_median_error']:.0%}, spearman {data['spearman']:.2f}; "
+        f"peak memory: median |error| {data['memory_median_error']:.1%}, "
+        f"worst {data['memory_worst_error']:.1%}  ({len(data['rows'])} plans, {data['world']} ranks)"
     )
+
+
+TARGETS = {"time_median_error": 0.10, "spearman": 0.9, "memory_worst_error": 0.05}
+
+
+def _verdict(name: str, value: float) -> str:
+    ok = value >= TARGETS[name] if name == "spearman" else value <= TARGETS[name]
+    return "met" if ok else "**missed**"
+
+
+def markdown(data: dict[str, Any]) -> str:
+    lines = [
+        f"{data['model']}, batch {data['batch']}, {data['world']} gloo ranks; time: rank 0's "
+        "predicted step against the measured median step of the slowest rank (fastest of the "
+        "rounds); memory: every rank's predicted peak against the profiler's, the worst rank shown.",
+        "",
+        "| plan | predicted ms | measured ms | error | predicted MiB | measured MiB | error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        worst, memory_error = _memory_error(r)
+        lines.append(
+            f"| {r['plan']} | {r['predicted_s'] * 1e3:.1f} | {r['measured_s'] * 1e3:.1f} | "
+            f"{(r['predicted_s'] - r['measured_s']) / r['measured_s']:+.0%} | "
+            f"{r['predicted_peak_bytes'][worst] / 2**20:.2f} | "
+            f"{r['measured_peak_bytes'][worst] / 2**20:.2f} | {memory_error:+.1%} |"
+        )
+    lines += [
+        "",
+        "| figure | value | target | |",
+        "|---|---|---|---|",
+        f"| time: median \\|error\\| | {data['time_median_error']:.1%} | <= 10% | {_verdict('time_median_error', data['time_median_error'])} |",
+        f"| time: worst \\|error\\| | {data['time_worst_error']:.1%} | | |",
+        f"| time: Spearman | {data['spearman']:.2f} | >= 0.9 | {_verdict('spearman', data['spearman'])} |",
+        f"| memory: median \\|error\\| | {data['memory_median_error']:.1%} | | |",
+        f"| memory: worst \\|error\\| | {data['memory_worst_error']:.1%} | <= 5% | {_verdict('memory_worst_error', data['memory_worst_error'])} |",
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--world", type=int, default=4)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=2, help="measurements per plan (fastest)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--profile", type=Path, default=DEFAULT_PROFILE)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--roofline", action="store_true", help="predict without measured layer times")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    return p
+
+
+def main() -> None:
+    opts = parser().parse_args()
+    data = run(opts)
+    report(data)
+    if opts.json:
+        opts.json.write_text(json.dumps(data, indent=2) + "\n")
 
 
 if __name__ == "__main__":

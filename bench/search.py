@@ -9,11 +9,10 @@ Targets on this machine: <= 1 s and <= 10 s. Search time is an absolute figure a
 issue's targets: none of the systems it is compared with (Galvatron, Alpa) runs here to be
 timed in the same run.
 
-    python bench/search.py              # the two anchors, then the sweeps and the plot
+    python bench/search.py [--json F]   # the anchors, then the sweeps
     python bench/search.py --smoke      # a tiny model, for the test suite
 
-Writes bench/results/search.json, and bench/results/search.png when matplotlib is installed
-(`pip install -e '.[bench]'`).
+`bench/suite.py` (`make bench`) runs it and draws bench/results/search.png.
 """
 
 from __future__ import annotations
@@ -43,6 +42,7 @@ REPEATS = 3
 also pays one-time costs in the process: lazy imports, numpy warm-up) next to it."""
 LAYER_SWEEP = (8, 16, 32, 64, 128)
 DEVICE_SWEEP = (8, 16, 32, 64, 128, 256, 512, 1024)
+GPT_13B = "gpt:layers=40,hidden=5120,heads=40,vocab=32000,seq=2048"
 
 
 def candidate_counts(devices: tuple[int, ...] = (8, 16, 32, 64, 1024)) -> list[dict[str, int]]:
@@ -118,10 +118,14 @@ def anchors(rows: list[tuple]) -> list[dict[str, Any]]:
     return out
 
 
-def layer_sweep(layers: tuple[int, ...], hidden: int, world: int) -> list[dict[str, Any]]:
+def layer_sweep(
+    layers: tuple[int, ...], hidden: int, world: int, heads: int = 0, vocab: int = 32000
+) -> list[dict[str, Any]]:
     out = []
     for n in layers:
-        spec = f"gpt:layers={n},hidden={hidden},heads={hidden // 128},vocab=32000,seq=2048"
+        spec = (
+            f"gpt:layers={n},hidden={hidden},heads={heads or hidden // 128},vocab={vocab},seq=2048"
+        )
         analysis, capture_s = capture(spec, 64)
         got = timed_search(analysis, f"a100-80gb-sxm:nodes={max(world // 8, 1)}", world, 64, 40)
         print(f"layers {n:>4}: search {got['search_time_s']:.2f} s (capture {capture_s:.1f} s)")
@@ -139,53 +143,59 @@ def device_sweep(devices: tuple[int, ...], spec: str, batch: int) -> list[dict[s
     return out
 
 
-def plot(data: dict[str, Any], path: Path) -> bool:
-    try:
-        import matplotlib
+TINY = "gpt:layers=4,hidden=128,heads=4,vocab=256,seq=64"
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed (pip install -e '.[bench]'): no plot")
-        return False
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    layers = data["layers"]
-    a.plot([r["layers"] for r in layers], [r["search_time_s"] for r in layers], "o-")
-    a.set(xlabel="layers (hidden 4096, 64 devices)", ylabel="search time (s)", xscale="log")
-    devices = data["devices"]
-    b.plot([r["devices"] for r in devices], [r["search_time_s"] for r in devices], "o-")
-    b.set(xlabel="devices (GPT 13B shape)", ylabel="search time (s)", xscale="log")
-    for ax in (a, b):
-        ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
-    return True
+
+def run(smoke: bool = False) -> dict[str, Any]:
+    """Candidate counts, the anchors, and search time against layers and devices (a tiny
+    model and short sweeps when `smoke`)."""
+    if smoke:
+        tiny = [("tiny, 8 x A100", TINY, "a100-80gb-sxm", 8, 16, 1, 1.0)]
+        return {
+            "candidates": candidate_counts((8,)),
+            "anchors": anchors(tiny),
+            "layers": layer_sweep((2, 4), 128, 8, heads=4, vocab=256),
+            "devices": device_sweep((8, 16), TINY, 16),
+        }
+    return {
+        "candidates": candidate_counts(),
+        "anchors": anchors(ANCHORS),
+        "layers": layer_sweep(LAYER_SWEEP, 4096, 64),
+        "devices": device_sweep(DEVICE_SWEEP, GPT_13B, 1024),
+    }
+
+
+def markdown(data: dict[str, Any]) -> str:
+    lines = [
+        "Search time (cost tables + search over every pipeline configuration, one process, "
+        "baselines not included; the fastest of 3 runs, the first in parentheses). Absolute "
+        "times against the search issue's targets: the systems they compare with do not run here.",
+        "",
+        "| case | search s | first run s | target s | plan | configurations solved | |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in data["anchors"]:
+        ok = "met" if r["search_time_s"] <= r["target_s"] else "**missed**"
+        lines.append(
+            f"| {r['case']} | {r['search_time_s']:.2f} | {r['first_s']:.2f} | "
+            f"{r['target_s']:.0f} | {r['plan']} | {r['solved']}/{r['configs']} | {ok} |"
+        )
+    layers = ", ".join(f"{r['layers']}: {r['search_time_s']:.2f} s" for r in data["layers"])
+    devices = ", ".join(f"{r['devices']}: {r['search_time_s']:.2f} s" for r in data["devices"])
+    lines += ["", f"- against layers (hidden 4096, 64 devices): {layers}"]
+    lines += [f"- against devices (GPT-13B shape, batch 1024): {devices}"]
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny model, no sweeps")
-    parser.add_argument("--out", type=Path, default=RESULTS / "search.json")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, short sweeps")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    if args.smoke:
-        tiny = "gpt:layers=4,hidden=128,heads=4,vocab=256,seq=64"
-        rows = [("tiny, 8 x A100", tiny, "a100-80gb-sxm", 8, 16, 1, 1.0)]
-        candidate_counts((8,))
-        anchors(rows)
-        return
-    data = {
-        "candidates": candidate_counts(),
-        "anchors": anchors(ANCHORS),
-        "layers": layer_sweep(LAYER_SWEEP, 4096, 64),
-        "devices": device_sweep(
-            DEVICE_SWEEP, "gpt:layers=40,hidden=5120,heads=40,vocab=32000,seq=2048", 1024
-        ),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    plot(data, args.out.with_suffix(".png"))
+    data = run(args.smoke)
+    if args.json:
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -200,26 +200,64 @@ def compile(  # the public name the design promises: galvatron_fx.compile
     ranks. `example_inputs` are the whole batch (`global_batch`, if given, must be its
     size); `train_step` takes whole batches shaped like them. A plan with pipeline stages
     gives a `PipelinedModel` (the same `train_step`, checkpoints and whole tensors)."""
+    start = time.perf_counter()
+    timings_s: dict[str, float] = {}
+    compiled = _compile(
+        model, tuple(example_inputs), dict(example_kwargs or {}), plan, optimizer, loss_fn,
+        bucket_mb, print_after, cluster, memory_budget_gb, global_batch, timings_s,
+    )  # fmt: skip
+    timings_s["runtime"] = time.perf_counter() - start - sum(timings_s.values())
+    compiled.compile_timings_s = timings_s
+    return compiled
+
+
+def _compile(
+    model: nn.Module,
+    inputs: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    plan: Plan | None,
+    optimizer: OptimizerFactory | None,
+    loss_fn: LossFn | None,
+    bucket_mb: float,
+    print_after: Sequence[str],
+    cluster: Any,
+    memory_budget_gb: float | None,
+    global_batch: int | None,
+    timings_s: dict[str, float],
+) -> Any:
+    """`compile`, filling `timings_s` with every step's seconds: the capture and passes of
+    the whole batch, the search, the micro-batch capture (suffixed), the parallel passes."""
     if loss_fn is not None and plan is not None and plan.pipeline.degree > 1:
         raise PlanError("compile: loss_fn= with pipeline stages is not supported; return the loss")
-    analysis = analyze(model, example_inputs, example_kwargs, print_after=print_after)
+    analysis = analyze(model, inputs, kwargs, print_after=print_after)
+    timings_s.update(analysis.timings_s)
     _check_batch(analysis, global_batch)
     if plan is None and cluster is not None:
+        start = time.perf_counter()
         plan = _searched_plan(analysis, cluster, memory_budget_gb, pipeline=loss_fn is None)
+        timings_s["search"] = time.perf_counter() - start
     if plan is not None and plan.pipeline.micro_batches * plan.pipeline.degree > 1:
         # checked on the whole batch's graph: the plan's fingerprint is of that graph
         _check_plan(plan, analysis.graph_module, _world(), micro_batches=True)
         m = plan.pipeline.micro_batches  # the graph bakes its batch into view shapes
-        inputs, kwargs = micro_batch((tuple(example_inputs), dict(example_kwargs or {})), m, 0)
+        inputs, kwargs = micro_batch((inputs, kwargs), m, 0)
         micro = analyze(model, inputs, kwargs)
+        timings_s.update({f"{k} (micro-batch)": v for k, v in micro.timings_s.items()})
         if plan.pipeline.degree > 1:
-            return _compile_pipelined(
+            compiled = _compile_pipelined(
                 micro, [*inputs, *kwargs.values()], plan, optimizer, bucket_mb
             )
-        return _rewrite(micro, plan, optimizer, loss_fn, bucket_mb, _rank(), _world())
-    return parallelize(
-        analysis, plan=plan, optimizer=optimizer, loss_fn=loss_fn, bucket_mb=bucket_mb
+        else:
+            compiled = _rewrite(micro, plan, optimizer, loss_fn, bucket_mb, _rank(), _world())
+        analysis = micro
+    else:
+        compiled = parallelize(
+            analysis, plan=plan, optimizer=optimizer, loss_fn=loss_fn, bucket_mb=bucket_mb
+        )
+    timings_s.update(
+        {k: v for k, v in analysis.context.timings_s.items() if k not in analysis.timings_s}
     )
+    return compiled
 
 
 def _check_batch(analysis: Analysis, global_batch: int | None) -> None:
@@ -299,7 +337,7 @@ def _compile_pipelined(
         GROUPS.create([*_all_groups(gm, specs), *pp_groups])
     loss_group, loss_avg = loss_reduction(gm, stage_plan, local)
     program = StageProgram(
-        split=split_stages(gm, plan),
+        split=_timed(ctx, "split_stages", lambda: split_stages(gm, plan)),
         module=gm,
         specs=specs,
         inputs=input_slices(gm, stage_plan, local),
@@ -312,6 +350,13 @@ def _compile_pipelined(
     sync = _grad_sync(gm, mine, stage_plan, rank, optimizer, bucket_mb, p.micro_batches)
     pp_group = GROUPS.groups.get(pp_groups[local]) if world > 1 else None
     return PipelinedModel(program, plan, micro_inputs, sync, rank, world, pp_group)
+
+
+def _timed(ctx: PassContext, name: str, fn: Callable[[], Any]) -> Any:
+    start = time.perf_counter()
+    out = fn()
+    ctx.timings_s[name] = time.perf_counter() - start
+    return out
 
 
 def _world() -> int:

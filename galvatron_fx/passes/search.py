@@ -45,6 +45,8 @@ class SearchResult:
     stats: dict[str, Any] = field(default_factory=dict)
     setup: dict[str, Any] = field(default_factory=dict)
     """What was searched for: cluster, world, budget, batch, precision."""
+    baseline_plans: dict[str, Plan | None] = field(default_factory=dict)
+    """Baseline name -> its best member as a runnable Plan (to measure it against `plan`)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -108,7 +110,7 @@ def run_search(
         raise PlanError(smallest_memory(space, memory_budget_gb))
     plan = best.plan(terms, world)
     predicted = _predicted(best, terms, space)
-    priced = _baselines(space) if baselines else {}
+    priced = run_baselines(space) if baselines else []
     stats.update(space.stats, refused_tp=terms.refused)
     setup = {
         "cluster": spec.name,
@@ -119,7 +121,9 @@ def run_search(
         "max_pipeline": max_pipeline,
     }
     units = explain_units(space, best)
-    return SearchResult(plan, predicted, elapsed, priced, units, stats, setup)
+    rates = {r.name: (global_batch / r.time_s if r.time_s else None) for r in priced}
+    plans = {r.name: r.searched.plan(terms, world) if r.searched else None for r in priced}
+    return SearchResult(plan, predicted, elapsed, rates, units, stats, setup, plans)
 
 
 def _check_inputs(
@@ -150,8 +154,3 @@ def _predicted(best: Searched, terms: ModelTerms, space: SearchSpace) -> dict[st
         "stage_time_per_micro_batch_s": list(s.stage_time_s),
     }
 
-
-def _baselines(space: SearchSpace) -> dict[str, float | None]:
-    return {
-        r.name: (space.global_batch / r.time_s if r.time_s else None) for r in run_baselines(space)
-    }

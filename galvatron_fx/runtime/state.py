@@ -177,6 +177,9 @@ class WholeState:
     pipeline: the model says which parameters this rank holds (`state_parts`) and how the
     ranks' parts come together (`_merge`). Collectives: call on every rank."""
 
+    compile_timings_s: dict[str, float]
+    """Set by `compile`: seconds per step of the compile (capture, each pass, search, ...)."""
+
     def state_parts(self) -> tuple[fx.GraphModule, GradSync, dict[str, Any], int]:
         """(module, gradient sync, the parameter specs this rank holds, rank)."""
         raise NotImplementedError

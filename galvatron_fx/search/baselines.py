@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from galvatron_fx.plan import DPMode, LayerStrategy, Recompute, Schedule
 from galvatron_fx.search.dp import Solution, solve
-from galvatron_fx.search.planner import Config, SearchSpace, configs
+from galvatron_fx.search.planner import Config, Searched, SearchSpace, configs
 from galvatron_fx.search.strategies import candidates
 
 __all__ = ["BASELINES", "Baseline", "BaselineResult", "even_starts", "run_baselines"]
@@ -45,6 +45,8 @@ class BaselineResult:
     config: Config | None
     strategy: LayerStrategy | None
     solution: Solution | None
+    searched: Searched | None = None
+    """The solved instance: `searched.plan(terms, world)` is the baseline as a runnable Plan."""
 
 
 def _tp1(mode: DPMode, rc: Recompute) -> Callable[[SearchSpace, int], list[LayerStrategy]]:
@@ -134,7 +136,8 @@ def best_of(space: SearchSpace, baseline: Baseline) -> BaselineResult:
             problem = sub.problem(config, prune=False)
             solution = solve(problem, starts) if problem is not None else None
             if solution is not None and (best.time_s is None or solution.time_s < best.time_s):
-                best = BaselineResult(baseline.name, solution.time_s, config, s, solution)
+                searched = Searched(config, solution, problem.units)
+                best = BaselineResult(baseline.name, solution.time_s, config, s, solution, searched)
     return best
 
 
