@@ -34,6 +34,8 @@ from galvatron_fx.runtime.profiler import DEFAULT_PROFILE
 
 SPEC = "gpt:layers=4,hidden=256,heads=8,vocab=1024,seq=128"
 SMOKE_SPEC = "gpt:layers=2,hidden=64,heads=4,vocab=128,seq=32"
+PRESET = "a100-80gb-sxm"
+"""The cluster searched for when no local profile is given (the GPU mode)."""
 
 
 def _compile(rank: int, world: int, spec_text: str, batch: int, how: dict[str, Any]) -> dict[str, float]:  # fmt: skip
@@ -43,8 +45,9 @@ def _compile(rank: int, world: int, spec_text: str, batch: int, how: dict[str, A
     args, kwargs = spec.example_inputs(model, batch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if "profile" in how:
-            cluster = load_cluster("local", local_profile=how["profile"])
+        if "cap_gb" in how:
+            profiled = how["profile"] is not None
+            cluster = load_cluster("local", local_profile=how["profile"]) if profiled else PRESET
             cm = gfx.compile(model, args, kwargs, cluster=cluster, memory_budget_gb=how["cap_gb"])
         else:
             analysis = gfx.analyze(model, args, kwargs)
@@ -61,7 +64,8 @@ def _slowest(per_rank: list[dict[str, float]]) -> dict[str, float]:
 
 def run(opts: argparse.Namespace) -> dict[str, Any]:
     spec, world = (SMOKE_SPEC, 2) if opts.smoke else (SPEC, opts.world)
-    searched = {"profile": str(opts.profile), "cap_gb": opts.cap_gb}
+    profiled = opts.profile is not None and Path(opts.profile).exists()
+    searched = {"profile": str(opts.profile) if profiled else None, "cap_gb": opts.cap_gb}
     out: dict[str, Any] = {"model": spec, "world": world, "batch": opts.batch, "cases": {}}
     out["cases"][f"searched plan, cap {opts.cap_gb * 1024:.0f} MiB"] = _slowest(
         fork_ranks(_compile, world, spec, opts.batch, searched)
@@ -108,7 +112,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--world", type=int, default=4)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--cap-gb", type=float, default=0.06)
-    p.add_argument("--profile", type=Path, default=DEFAULT_PROFILE)
+    p.add_argument("--profile", type=Path, default=DEFAULT_PROFILE, help=f"else {PRESET}")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json", type=Path)
     return p

@@ -48,6 +48,8 @@ class Config:
     world: int = 2
     warmup: int = 2
     steps: int = 10
+    device: str = "cpu"
+    """`cuda`: one GPU per rank over NCCL (`bench/gpu.sh`)."""
 
     @property
     def spec(self) -> str:
@@ -60,14 +62,23 @@ class Config:
 SMOKE = Config(layers=2, hidden=64, heads=4, vocab=128, seq=32, batch=4, warmup=1, steps=2)
 
 
+def device(cfg: Config) -> torch.device:
+    """This rank's device: its GPU under NCCL (`fork_ranks` set it), else the CPU."""
+    if cfg.device == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def model_and_batch(cfg: Config) -> tuple[GPT, torch.Tensor, torch.Tensor]:
+    """The seeded GPT and batch (built on the CPU, the same on every rank and device)."""
     spec = parse_model_spec(cfg.spec)
     torch.manual_seed(0)
     model = spec.build("cpu")
     torch.manual_seed(1)
     (idx,), kwargs = spec.example_inputs(model, cfg.batch, cfg.seq)
     assert isinstance(model, GPT)
-    return model, idx, kwargs["targets"]
+    on = device(cfg)
+    return model.to(on), idx.to(on), kwargs["targets"].to(on)
 
 
 def _torch_step(model: nn.Module, opt: torch.optim.Optimizer, idx: Any, tgt: Any) -> Step:
@@ -98,14 +109,14 @@ def even_starts(layers: int, world: int) -> tuple[str, ...]:
 
 def ddp(rank: int, world: int, cfg: Config) -> Step:
     model, idx, tgt = model_and_batch(cfg)
-    ddp_model = DistributedDataParallel(model)  # bucket_cap_mb=25 by default
+    ddp_model = DistributedDataParallel(model)  # bucket_cap_mb=25; device from the model
     idx, tgt = _rank_slice(idx, rank, world), _rank_slice(tgt, rank, world)
     return _torch_step(ddp_model, adamw(ddp_model.parameters()), idx, tgt)
 
 
 def fsdp2(rank: int, world: int, cfg: Config) -> Step:
     model, idx, tgt = model_and_batch(cfg)
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(cfg.device, (world,))
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -157,7 +168,7 @@ def _local_heads_gpt(model: GPT, tp: int) -> GPT:
 def dtensor_tp(rank: int, world: int, cfg: Config) -> Step:
     model, idx, tgt = model_and_batch(cfg)
     model = _local_heads_gpt(model, world)
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(cfg.device, (world,))
     layout = {
         "attn.qkv": ColwiseParallel(),
         "attn.proj": RowwiseParallel(),
@@ -177,7 +188,7 @@ def dtensor_sp(rank: int, world: int, cfg: Config) -> Step:
     our `tp=w, sp` plan (its segments are not split)."""
     model, idx, tgt = model_and_batch(cfg)
     model = _local_heads_gpt(model, world)
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(cfg.device, (world,))
     gather = PrepareModuleInput(
         input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
     )
@@ -236,11 +247,13 @@ def torch_pipeline(rank: int, world: int, cfg: Config) -> Step:
     per = cfg.layers // world
     stage = _Stage(model, rank * per, (rank + 1) * per, rank == world - 1)
     mb = cfg.batch // MICRO_BATCHES
-    hidden = torch.zeros(mb, cfg.seq, cfg.hidden, requires_grad=True)
+    hidden = torch.zeros(mb, cfg.seq, cfg.hidden, device=device(cfg), requires_grad=True)
     # activations that need gradients are what make the stages exchange them in backward
     example_in = idx[:mb] if rank == 0 else hidden
-    example_out = torch.zeros(mb, cfg.seq, cfg.vocab) if rank == world - 1 else hidden
-    pipe = PipelineStage(stage, rank, world, torch.device("cpu"), example_in, example_out)
+    example_out = (
+        torch.zeros(mb, cfg.seq, cfg.vocab, device=device(cfg)) if rank == world - 1 else hidden
+    )
+    pipe = PipelineStage(stage, rank, world, device(cfg), example_in, example_out)
     schedule = Schedule1F1B(pipe, MICRO_BATCHES, loss_fn=_cross_entropy)
     opt = adamw(stage.parameters())
     last = rank == world - 1
@@ -253,7 +266,7 @@ def torch_pipeline(rank: int, world: int, cfg: Config) -> Step:
             schedule.step(target=tgt if last else None, losses=losses)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss = torch.stack(losses).mean().detach() if losses else torch.zeros(())
+        loss = torch.stack(losses).mean().detach() if losses else torch.zeros((), device=idx.device)
         dist.broadcast(loss, src=world - 1)  # every rank reports the loss, as ours does
         return float(loss.item())
 

@@ -50,6 +50,7 @@ from pytorch_side import (
     Step,
     adamw,
     ddp,
+    device,
     dtensor_sp,
     dtensor_tp,
     even_starts,
@@ -163,7 +164,7 @@ def sides(rank: int, world: int, case: str, cfg: Config, which: str) -> list[Tim
         "torch": lambda: BASELINES[case][1](rank, world, cfg),
     }
     built = [_built(makers[k]) for k in (("ours", "torch") if which == "both" else (which,))]
-    ok = torch.tensor([int(not isinstance(x, str)) for x in built])
+    ok = torch.tensor([int(not isinstance(x, str)) for x in built], device=device(cfg))
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # a side that failed on any rank runs nowhere
     built = [
         x if isinstance(x, str) or f else "failed on another rank"
@@ -196,17 +197,28 @@ def run_case(case: str, cfg: Config) -> tuple[SideResult | str, SideResult | str
     run in the same ranks, in turns; if that job dies (a side failed inside a collective),
     each side runs alone so the other's figure survives."""
     try:
-        per_rank = launch(sides, cfg.world, case, cfg, "both")
+        per_rank = launch(sides, cfg.world, case, cfg, "both", backend=_backend(cfg))
     except Exception:
         return _alone(case, cfg)
     return _summarise([r[0] for r in per_rank]), _summarise([r[1] for r in per_rank])
+
+
+def _backend(cfg: Config) -> str:
+    return "nccl" if cfg.device == "cuda" else "gloo"
 
 
 def _alone(case: str, cfg: Config) -> tuple[SideResult | str, SideResult | str]:
     out = []
     for which in ("ours", "torch"):
         try:
-            out.append(_summarise([r[0] for r in launch(sides, cfg.world, case, cfg, which)]))
+            out.append(
+                _summarise(
+                    [
+                        r[0]
+                        for r in launch(sides, cfg.world, case, cfg, which, backend=_backend(cfg))
+                    ]
+                )
+            )
         except Exception as err:
             out.append(_last_line(err))
     return out[0], out[1]
@@ -261,7 +273,7 @@ def markdown(data: dict[str, Any]) -> str:
     cfg = data["config"]
     lines = [
         f"GPT {cfg['layers']} x {cfg['hidden']}, seq {cfg['seq']}, global batch {cfg['batch']}, "
-        f"{cfg['world']} gloo ranks; {data['repeats']} runs of {cfg['steps']} timed steps each "
+        f"{cfg['world']} {'NCCL GPU' if cfg['device'] == 'cuda' else 'gloo CPU'} ranks; {data['repeats']} runs of {cfg['steps']} timed steps each "
         "(median of the slowest rank). Ratio: ours / PyTorch's step time, <= 1.0 is the target.",
         "",
         "| case | PyTorch baseline | ratio min | median | max | ours ms | PyTorch ms | target | first-step loss |",
@@ -281,7 +293,9 @@ def markdown(data: dict[str, Any]) -> str:
 
 
 def report(cfg: Config, data: dict[str, Any], results: Results) -> None:
-    print(f"model: {cfg.spec}  global batch {cfg.batch}  world {cfg.world} (gloo, CPU)")
+    print(
+        f"model: {cfg.spec}  global batch {cfg.batch}  world {cfg.world} ({_backend(cfg)}, {cfg.device})"
+    )
     print(f"warm-up {cfg.warmup}, timed {cfg.steps} steps; median of the slowest rank per step\n")
     row = "{:<7}{:<12}{:>14}{:>17}{:>8}{:>13}{:>15}".format
     print(row("case", "baseline", *HEADER))
@@ -324,7 +338,7 @@ def _loss_line(case: str, a: SideResult | str, b: SideResult | str) -> str:
 
 
 def _config(opts: argparse.Namespace) -> Config:
-    sizes = ("layers", "hidden", "heads", "batch", "seq", "world", "steps")
+    sizes = ("layers", "hidden", "heads", "batch", "seq", "world", "steps", "device")
     return Config(**{k: getattr(opts, k) for k in sizes}, warmup=max(1, opts.warmup))
 
 
@@ -335,6 +349,7 @@ def main() -> None:
     for name in ("world", "layers", "hidden", "heads", "batch", "seq", "steps", "warmup"):
         parser.add_argument(f"--{name}", type=int, default=getattr(default, name))
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--repeats", type=int, default=3, help="runs of every case")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     opts = parser.parse_args()

@@ -58,9 +58,23 @@ TITLES = {
 }
 
 
+GPU_CONFIG = dict(layers=8, hidden=1024, heads=16, vocab=32000, seq=1024, batch=16, steps=20)
+"""The runtime section's GPT on GPUs: big enough that a step is not all launch overhead."""
+
+
 def _runtime(opts: argparse.Namespace) -> dict[str, Any]:
-    cfg = SMOKE if opts.smoke else Config(world=2, steps=10)
+    if opts.device == "cuda":
+        cfg = Config(**GPU_CONFIG, world=opts.world, device="cuda")  # type: ignore[arg-type]
+    else:
+        cfg = SMOKE if opts.smoke else Config(world=2, steps=10)
     return runtime.summary(cfg, runtime.run(cfg, list(runtime.CASES), 1 if opts.smoke else 3))
+
+
+CPU_ONLY = {
+    "cost_model": "the profiler and the memory probe measure CPU ranks (gloo) only",
+    "measured plan quality": "it runs plans on CPU ranks, priced by the CPU profile",
+}
+"""What the GPU mode leaves out, and why (the report says so)."""
 
 
 def _cost_model(opts: argparse.Namespace) -> dict[str, Any]:
@@ -79,13 +93,16 @@ def _plan_quality(opts: argparse.Namespace) -> dict[str, Any]:
         rows = plan_quality.run(tiny, {"8 x A100": ("a100-80gb-sxm", 8, 16)}, (0.02,))
     else:
         rows = plan_quality.run(plan_quality.MODELS, plan_quality.CLUSTERS, plan_quality.BUDGETS_GB)
+    if opts.device == "cuda":
+        return {"predicted": rows}
     args = plan_quality_measured.parser().parse_args(["--profile", str(opts.profile)])
     args.smoke = opts.smoke
     return {"predicted": rows, "measured": plan_quality_measured.run(args)}
 
 
 def _compile(opts: argparse.Namespace) -> dict[str, Any]:
-    args = compile_time.parser().parse_args(["--profile", str(opts.profile)])
+    args = compile_time.parser().parse_args([])
+    args.profile = opts.profile
     args.smoke = opts.smoke
     return compile_time.run(args)
 
@@ -107,6 +124,8 @@ def _markdown(section: str, data: dict[str, Any]) -> str:
     if section == "search":
         return search.markdown(data)
     if section == "plan_quality":
+        if "measured" not in data:
+            return "Measured: not run (" + CPU_ONLY["measured plan quality"] + ").\n\n" + plan_quality.table(data["predicted"])  # fmt: skip
         measured = plan_quality_measured.markdown(data["measured"])
         return (
             "**Measured on local ranks**, under three memory caps:\n\n"
@@ -124,7 +143,7 @@ def _plot(section: str, data: dict[str, Any], out: Path) -> str | None:
         "runtime": lambda: plots.runtime(data, path),
         "cost_model": lambda: plots.cost_model(data, path),
         "search": lambda: plots.search(data, path),
-        "plan_quality": lambda: plots.plan_quality(data["measured"], path),
+        "plan_quality": lambda: "measured" in data and plots.plan_quality(data["measured"], path),
         "compile": lambda: plots.compile_time(data, path),
     }
     return path.name if draw[section]() else None
@@ -155,7 +174,7 @@ def targets(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, boo
         ]
     for r in results.get("search", {}).get("anchors", []):
         out.append((f"search: {r['case']}", f"{r['search_time_s']:.2f} s", f"<= {r['target_s']:.0f} s", r["search_time_s"] <= r["target_s"]))  # fmt: skip
-    for row in results.get("plan_quality", {}).get("measured", {}).get("rows", []):
+    for row in results.get("plan_quality", {}).get("measured", {"rows": []})["rows"]:
         best = plan_quality_measured.best_ratio(row) if "ratios" in row else None
         if best is not None:
             cap = f"{row['cap_gb'] * 1024:.0f} MiB"
@@ -170,14 +189,18 @@ def _machine() -> str:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
+    gpus = ""
+    if torch.cuda.is_available():  # called after the ranks: a forked child cannot use CUDA
+        count, name = torch.cuda.device_count(), torch.cuda.get_device_name(0)
+        gpus = f"{count} x {name} (CUDA {torch.version.cuda}), "
     return (
-        f"{platform.node()}: {os.cpu_count()} CPUs, {platform.machine()}, Python "
+        f"{platform.node()}: {gpus}{os.cpu_count()} CPUs, {platform.machine()}, Python "
         f"{platform.python_version()}, torch {torch.__version__}; galvatron_fx at {commit}; "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
     )
 
 
-def report(results: dict[str, Any], seconds: dict[str, float], images: dict[str, str | None]) -> str:  # fmt: skip
+def report(results: dict[str, Any], seconds: dict[str, float], images: dict[str, str | None], device: str = "cpu") -> str:  # fmt: skip
     lines = [
         "# galvatron_fx benchmark report",
         "",
@@ -185,6 +208,11 @@ def report(results: dict[str, Any], seconds: dict[str, float], images: dict[str,
         f"{sum(seconds.values()) / 60:.1f} min: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
         + ".",
+        *[
+            f"Not run on GPUs: {k}, because {why}."
+            for k, why in CPU_ONLY.items()
+            if device == "cuda"
+        ],
         "",
         "## Targets",
         "",
@@ -203,7 +231,7 @@ def report(results: dict[str, Any], seconds: dict[str, float], images: dict[str,
 def _profile(opts: argparse.Namespace) -> float:
     """Profile this machine into `opts.profile` unless the user named an existing one."""
     start = time.perf_counter()
-    if opts.profile is None:
+    if opts.profile is None and opts.device == "cpu":
         opts.profile = opts.out / "local-profile.json"
         quick = ProfileConfig(2, 2**20, 2, (128, 256), 8 * 2**20)
         profile(quick if opts.smoke else ProfileConfig(4, 16 * 2**20)).save(opts.profile)
@@ -216,8 +244,12 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--profile", type=Path, help="an existing `galvatron-fx profile` JSON")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: bench/gpu.sh")
+    p.add_argument("--world", type=int, default=2, help="GPUs (NCCL ranks) with --device cuda")
     opts = p.parse_args()
     sections = [s for s in opts.sections.split(",") if s]
+    if opts.device == "cuda":
+        sections = [s for s in sections if s not in CPU_ONLY]
     if unknown := set(sections) - set(SECTIONS):
         p.error(f"unknown sections {sorted(unknown)}; known: {', '.join(SECTIONS)}")
     if opts.profile is not None and not opts.profile.exists():
@@ -232,9 +264,10 @@ def main() -> None:
         start = time.perf_counter()
         results[section] = RUNNERS[section](opts)
         seconds[section] = time.perf_counter() - start
+        print(_markdown(section, results[section]), file=sys.stderr, flush=True)
         images[section] = _plot(section, results[section], opts.out)
     (opts.out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
-    (opts.out / "latest.md").write_text(report(results, seconds, images))
+    (opts.out / "latest.md").write_text(report(results, seconds, images, opts.device))
     print(f"wrote {opts.out / 'latest.md'} in {sum(seconds.values()) / 60:.1f} min")
 
 

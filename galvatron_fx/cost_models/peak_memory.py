@@ -56,15 +56,22 @@ class PeakMemory:
 
 
 def runtime_state(
-    params: float, dp: int, mode: DPMode, precision: Precision, bucketed: bool
+    params: float,
+    dp: int,
+    mode: DPMode,
+    precision: Precision,
+    bucketed: bool,
+    gloo: bool = False,
 ) -> tuple[float, float, float]:
     """(state, held gradient, steady gradient) bytes of `params` local parameters.
 
     What the runtime keeps, not the ZeRO paper's idealisation (`memory.model_state_bytes`):
     ZeRO-1/2 step a separate master shard (fp32 only: mixed precision's K already holds it);
     a bucketed gradient exists twice until the sync ends (the autograd gradient and its
-    flat bucket); ZeRO-2 also holds the reduce-scattered shard, ZeRO-3 the shard next to the
-    whole gradient it reduces."""
+    flat bucket); ZeRO-2 also holds the reduce-scattered shard. ZeRO-3 holds the shard, and
+    on NCCL also the whole gradient its reduce-scatter reads until the sync ends; on `gloo`
+    the runtime waits for each reduce-scatter at once (`collectives._overlapped`), so the
+    whole gradient is freed as soon as the unit's backward has reduced it."""
     p, g, k = PRECISIONS[precision]
     n = dp if dp > 1 else 1
     mode = mode if dp > 1 else DPMode.ALLREDUCE
@@ -72,7 +79,8 @@ def runtime_state(
     if mode is DPMode.ALLREDUCE:
         return (p + k) * params, g * params * (2 if bucketed else 1), g * params
     if mode is DPMode.ZERO3:
-        return (p + k) * params / n, g * params + g * params / n, g * params / n
+        whole = 0.0 if gloo else g * params
+        return (p + k) * params / n, whole + g * params / n, g * params / n
     state = p * params + (k + master) * params / n
     held = 2 * g * params + (g * params / n if mode is DPMode.ZERO2 else 0.0)
     return state, held, g * params / n

@@ -131,7 +131,7 @@ def plan_costs(
         inputs = _memory_inputs(
             nodes, rewritten.get(unit, []), ratio, cores, s, params, unit, local_params
         )
-        memory = unit_memory(inputs, s, precision, previous_params)
+        memory = unit_memory(inputs, s, precision, previous_params, gloo=_gloo(cluster))
         previous_params = inputs.local_params
         comm_s = (comm.total_s, comm.exposed_s)
         out.append(
@@ -171,8 +171,12 @@ def plan_peak(
     when the cluster is this machine's CPU ranks (`local`)."""
     units = [(c.unit, c.memory, c.memory_inputs) for c in costs]
     known = [(u, m, i) for u, m, i in units if m is not None and i is not None]
-    gloo = cluster.name == "local"
-    return plan_peak_memory(plan, known, precision, gloo=gloo, bucket_mb=bucket_mb)
+    return plan_peak_memory(plan, known, precision, gloo=_gloo(cluster), bucket_mb=bucket_mb)
+
+
+def _gloo(cluster: ClusterSpec) -> bool:
+    """The profiled local cluster: CPU ranks on gloo."""
+    return cluster.name == "local"
 
 
 def stepped_elems(params: dict[str, ParamSpec], plan: Plan) -> dict[str, int]:

@@ -12,7 +12,7 @@ under sequence parallelism the gathered input, not the rank's slice of the seque
 - alive during the unit's own backward: all of its saved activations (rebuilt when
   recomputed), and under ZeRO-3 the gathered parameters (the unit's three times over: the
   buffer, its gradient and the views' gradients; the previous unit's twice, for the
-  prefetch). A unit without parameters (the loss) also holds twice its largest value while
+  prefetch; `zero3_live`). A unit without parameters (the loss) also holds twice its largest value while
   every saved tensor is still alive: the logits' gradient next to the log-softmax's. Units
   with parameters free saved tensors as their gradients appear, so measured peaks show no
   such term for them (`bench/cost_model.py`);
@@ -120,15 +120,24 @@ def unit_memory(
     s: LayerStrategy,
     precision: Precision,
     previous_params: int,
+    gloo: bool = False,
 ) -> UnitMemory:
     """One unit's terms (module docstring); `previous_params`: the unit before it, for the
-    ZeRO-3 prefetch."""
-    state, held, steady = runtime_state(m.local_params, s.dp, s.dp_mode, precision, s.dp > 1)
+    ZeRO-3 prefetch; `gloo`: collectives the runtime waits for at once."""
+    state, held, steady = runtime_state(m.local_params, s.dp, s.dp_mode, precision, s.dp > 1, gloo)
     live = m.all_saved_bytes + (2 * m.largest_value_bytes if m.local_params == 0 else 0.0)
     if s.dp > 1 and s.dp_mode is DPMode.ZERO3:
-        p = PRECISIONS[precision][0]
-        live += 3 * p * m.local_params + 2 * p * previous_params
+        live = zero3_live(live, m.local_params, previous_params, PRECISIONS[precision][0])
     return UnitMemory(state, m.kept_bytes, live, held, steady)
+
+
+def zero3_live(saved: float, params: float, previous_params: float, p: float) -> float:
+    """Alive during a ZeRO-3 unit's backward: its gathered buffer and the previous unit's
+    (the prefetch) throughout; next to them, first the unit's saved activations, then, as
+    those are freed, its gradient three times over (the views' gradients, the flat buffer
+    they are sliced back into, its padded copy for the reduce-scatter). Measured on gloo
+    ranks (`bench/cost_model.py`): the peak is the second moment for a transformer block."""
+    return max(saved, 3 * p * params) + p * params + p * previous_params
 
 
 def plan_peak_memory(

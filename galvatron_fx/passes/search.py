@@ -153,4 +153,3 @@ def _predicted(best: Searched, terms: ModelTerms, space: SearchSpace) -> dict[st
         "peak_memory_bytes": per_device,
         "stage_time_per_micro_batch_s": list(s.stage_time_s),
     }
-

@@ -43,7 +43,13 @@ def free_port() -> int:
 
 
 def _rank_main(
-    fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple[Any, ...], out: Any
+    fn: Callable[..., Any],
+    rank: int,
+    world: int,
+    port: int,
+    args: tuple[Any, ...],
+    out: Any,
+    backend: str,
 ) -> None:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -51,8 +57,10 @@ def _rank_main(
         # a crash in C++ still names the Python frames; the real stderr, since pytest's
         # capture replaces sys.stderr with an object that has no file descriptor
         faulthandler.enable(file=sys.__stderr__ or sys.stderr, all_threads=True)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)  # one GPU per rank, as torchrun's LOCAL_RANK does
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world,
@@ -72,14 +80,20 @@ def _rank_main(
 
 
 def fork_ranks(
-    fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 300.0
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout_s: float = 300.0,
+    backend: str = "gloo",
 ) -> list[Any]:
-    """`fn(rank, world_size, *args)` on `world_size` forked gloo ranks; results by rank."""
+    """`fn(rank, world_size, *args)` on `world_size` forked ranks; results by rank.
+    `backend="nccl"` gives rank r GPU r (the parent must not have initialised CUDA: a
+    forked child cannot use it then)."""
     ctx = mp.get_context("fork")
     out = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_rank_main, args=(fn, r, world_size, port, args, out))
+        ctx.Process(target=_rank_main, args=(fn, r, world_size, port, args, out, backend))
         for r in range(world_size)
     ]
     for p in procs:

@@ -250,7 +250,7 @@ class PipelinedModel(WholeState):
         examples = example_flights(
             runners, micro_inputs, n, lambda k: (k % p.degree) * per_stage + local
         )
-        device = torch.device("cpu")
+        device = _device(micro_inputs)  # where the stages exchange activations
         stages: list[Any] = [
             PipelineStage(runners[k], k, n, device, *examples[k], group=pp_group) for k in self.mine
         ]
@@ -305,3 +305,9 @@ class PipelinedModel(WholeState):
         everyone: list[Any] = [None] * self.world
         dist.all_gather_object(everyone, mine)
         return {name: t for part in everyone for name, t in part.items()}
+
+
+def _device(inputs: list[Any]) -> torch.device:
+    """The device of the first input tensor (CPU when there is none)."""
+    tensor = next((x for x in inputs if isinstance(x, torch.Tensor)), None)
+    return tensor.device if tensor is not None else torch.device("cpu")

@@ -140,6 +140,19 @@ def _loop(chunk: Callable[[], Any], coll: Callable[..., Any] | None, iters: int)
     return (time.perf_counter() - start) / iters
 
 
+def _paired(
+    chunk: Callable[[], Any], coll: Callable[..., Any] | None, iters: int
+) -> tuple[float, float]:
+    """(compute alone, compute then the collective): medians of three loops each, taken in
+    turns. The machine's speed drifts over a profile (other tenants, clocks); measuring the
+    compute right next to the collective keeps that drift out of their difference."""
+    alone, with_coll = [], []
+    for _ in range(3):
+        alone.append(_loop(chunk, None, iters))
+        with_coll.append(_loop(chunk, coll, iters))
+    return statistics.median(alone), statistics.median(with_coll)
+
+
 def _overlapped(chunk: Callable[[], Any], coll: Callable[..., Any], iters: int) -> float:
     """Seconds per iteration with the collective launched before the compute."""
     dist.barrier()
@@ -169,7 +182,6 @@ def _rank(rank: int, world: int, cfg: ProfileConfig) -> dict[str, Any]:
     the figure (ranks outside a group keep computing). Also how much of an asynchronous
     all-reduce compute hides."""
     chunk = _chunk(cfg.chunk_s)
-    alone = statistics.median(_loop(chunk, None, cfg.repeats) for _ in range(3))
     groups = {n: _my_block(world, n) for n in range(2, world + 1)}
     results: dict[tuple[str, int, int], float] = {}
     overlaps = []
@@ -178,7 +190,7 @@ def _rank(rank: int, world: int, cfg: ProfileConfig) -> dict[str, Any]:
         group = groups[n]
         coll = _collective(kind, size, n, group) if group is not None else None
         try:
-            with_coll = statistics.median(_loop(chunk, coll, cfg.repeats) for _ in range(3))
+            alone, with_coll = _paired(chunk, coll, cfg.repeats)
         except RuntimeError:  # a kind this backend lacks
             continue
         results[(kind, n, size)] = max(with_coll - alone, 1e-7)

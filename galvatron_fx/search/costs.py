@@ -41,6 +41,7 @@ from galvatron_fx.cost_models.compute import adam_step_time_s
 from galvatron_fx.cost_models.hardware import ClusterSpec
 from galvatron_fx.cost_models.memory import PRECISIONS, Precision
 from galvatron_fx.cost_models.peak_memory import runtime_state
+from galvatron_fx.passes.plan_memory import zero3_live
 from galvatron_fx.plan import DPMode, LayerStrategy, Recompute
 
 __all__ = [
@@ -142,7 +143,7 @@ def option_cost(
     kept, live = _activations(t, s, values)
     p, g, _ = PRECISIONS[precision]
     if s.dp > 1 and s.dp_mode is DPMode.ZERO3:
-        live += 3 * p * t.params + 2 * p * t.previous_params  # gathered, and the prefetch
+        live = zero3_live(live, t.params, t.previous_params, p)
         if s.recompute is Recompute.FULL:  # the checkpoint holds its gathered weights too
             kept += p * t.params
             live += p * t.params
