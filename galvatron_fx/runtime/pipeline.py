@@ -307,7 +307,7 @@ class PipelinedModel(WholeState):
         return {name: t for part in everyone for name, t in part.items()}
 
 
-def _device(inputs: list[Any]) -> torch.device:
+def _device(inputs: Sequence[Any]) -> torch.device:
     """The device of the first input tensor (CPU when there is none)."""
     tensor = next((x for x in inputs if isinstance(x, torch.Tensor)), None)
     return tensor.device if tensor is not None else torch.device("cpu")

@@ -134,7 +134,9 @@ def best_of(space: SearchSpace, baseline: Baseline) -> BaselineResult:
             if best.time_s is not None and sub.lower_bound(config) >= best.time_s:
                 continue
             problem = sub.problem(config, prune=False)
-            solution = solve(problem, starts) if problem is not None else None
+            if problem is None:
+                continue
+            solution = solve(problem, starts)
             if solution is not None and (best.time_s is None or solution.time_s < best.time_s):
                 searched = Searched(config, solution, problem.units)
                 best = BaselineResult(baseline.name, solution.time_s, config, s, solution, searched)
