@@ -208,7 +208,7 @@ def markdown(data: dict[str, Any]) -> str:
         met = "n/a" if best is None else ("met" if best >= 1.0 else "**missed**")
         lines.append(
             f"| {cap} | {row['shape']['auto']} | {auto['samples_per_s']:.1f} | "
-            f"{auto['peak_bytes'] / 2**20:.1f} | "
+            f"{auto['peak_bytes'] / 2**20:.1f}{' (over the cap)' if auto['peak_bytes'] > row['cap_gb'] * 2**30 else ''} | "
             + " | ".join(_cell(row, n) for n in NAMES)
             + f" | {'n/a' if best is None else f'{best:.2f}x'} | "
             f"{'n/a' if p_best is None else f'{p_best:.2f}x'} | {met} |"

@@ -128,7 +128,9 @@ def _compiled_pipeline(rank: int, world: int, schedule: str) -> dict:
     plan = _plan(analysis, starts, chunks)
     compiled = gfx.compile(model, args, kwargs, plan=plan, optimizer=_adamw)
     losses = [compiled.train_step(*args, **kwargs).item() for _ in range(3)]
-    return {"losses": losses, "params": compiled.full_params()}
+    module, _, held, _ = compiled.state_parts()
+    real = {n for n, q in module.named_parameters() if q.device.type != "meta"}
+    return {"losses": losses, "params": compiled.full_params(), "real": real, "held": set(held)}
 
 
 def _adamw(params):
@@ -151,6 +153,10 @@ def test_compile_trains_a_pipeline_plan_like_one_process(schedule):
         assert r["losses"] == pytest.approx(want, rel=1e-5)
     params = single.full_params()
     assert sorted(results[0]["params"]) == sorted(params)
+    # each rank keeps only its own stages' weights (the others' are meta tensors)
+    assert results[0]["real"] == results[0]["held"] and results[1]["real"] == results[1]["held"]
+    assert not results[0]["held"] & results[1]["held"]
+    assert results[0]["held"] | results[1]["held"] == set(params)
     for name, got in results[0]["params"].items():
         assert torch.allclose(got, params[name], rtol=1e-5, atol=1e-7), name
 

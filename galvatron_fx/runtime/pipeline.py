@@ -157,6 +157,26 @@ def _loss(out: Any) -> torch.Tensor:
     return out
 
 
+def release_other_stages(program: StageProgram, mine: Sequence[int]) -> None:
+    """Replace the parameters and buffers only other ranks' stages use by meta tensors of
+    the same shape, in the rank's whole rewritten module and in the split's stages: a
+    pipeline rank then holds its own stages' weights, not the whole model's. (The model the
+    caller built still holds them all until the caller drops it.)"""
+    split = program.split
+    keep = {id(t) for k in mine for t in (*split.stage(k).parameters(), *split.stage(k).buffers())}
+    for root in (program.module, split.graph_module):
+        for name, t in [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)]:  # fmt: skip
+            if id(t) in keep or t.device.type == "meta":
+                continue
+            owner_name, _, attr = name.rpartition(".")
+            owner = root.get_submodule(owner_name)
+            empty = torch.empty_like(t, device="meta")
+            if attr in owner._parameters:
+                owner._parameters[attr] = nn.Parameter(empty, requires_grad=t.requires_grad)
+            else:
+                owner._buffers[attr] = empty
+
+
 def stage_runners(
     program: StageProgram, stages: Sequence[int], micro_batches: int
 ) -> dict[int, StageRunner]:
@@ -250,7 +270,8 @@ class PipelinedModel(WholeState):
         examples = example_flights(
             runners, micro_inputs, n, lambda k: (k % p.degree) * per_stage + local
         )
-        device = _device(micro_inputs)  # where the stages exchange activations
+        self.device = device = _device(micro_inputs)  # where the stages exchange activations
+        release_other_stages(program, self.mine)
         stages: list[Any] = [
             PipelineStage(runners[k], k, n, device, *examples[k], group=pp_group) for k in self.mine
         ]
@@ -281,7 +302,7 @@ class PipelinedModel(WholeState):
 
         self.sync.zero_grad()
         inputs = [*args, *kwargs.values()]
-        target = torch.zeros(self.batch) if self.last else None
+        target = torch.zeros(self.batch, device=self.device) if self.last else None
         losses: list[torch.Tensor] = []
         if 0 in self.mine:
             self.schedule.step(*inputs, target=target, losses=losses)
@@ -289,7 +310,7 @@ class PipelinedModel(WholeState):
             self.schedule.step(target=target, losses=losses)
         self.sync.finish()
         self.sync.step()
-        loss = torch.stack(losses).sum().detach() if losses else torch.zeros(())
+        loss = torch.stack(losses).sum().detach() if losses else torch.zeros((), device=self.device)
         if self.last and self.program.loss_group.size > 1:
             dist.all_reduce(loss, group=GROUPS.groups[tuple(sorted(self.program.loss_group.ranks))])
         dist.broadcast(loss, src=self.last_rank)
