@@ -28,7 +28,7 @@ from torch import fx, nn
 from galvatron_fx.passes.insert_collectives import ParamSpec
 from galvatron_fx.passes.split_stages import StageSplit
 from galvatron_fx.runtime.collectives import GROUPS, GroupRef, zero3_saved_tensors
-from galvatron_fx.runtime.compiled import InputSlice, slice_batch
+from galvatron_fx.runtime.compiled import InputSlice, micro_batch, slice_batch
 from galvatron_fx.runtime.data_parallel import GradSync
 from galvatron_fx.runtime.state import WholeState
 
@@ -53,10 +53,15 @@ class Flight:
     sends: tuple[fx.Node, ...]
     call: fx.Node
     """The root's call of this stage's submodule."""
+    local: tuple[fx.Node, ...] = ()
+    """Model inputs a later stage reads (the targets, say): every rank holds the whole
+    batch, so it slices them itself instead of receiving them from the stage before."""
 
 
 def flights(split: StageSplit) -> list[Flight]:
-    """Per stage, in order: the values it receives and the ones it passes on."""
+    """Per stage, in order: the values it receives and the ones it passes on. The first
+    stage receives the model's inputs; the others receive activations only and read the
+    inputs they use from their own rank's batch (`Flight.local`)."""
     graph = split.graph_module.graph
     calls = [n for n in graph.nodes if n.op == "call_module"]
     produced = {c: {c, *(u for u in c.users if u.target is operator.getitem)} for c in calls}
@@ -67,12 +72,17 @@ def flights(split: StageSplit) -> list[Flight]:
     outputs = next(n for n in graph.nodes if n.op == "output").all_input_nodes
     for value in outputs:
         last_use[value] = len(calls)
-    flight = [n for n in graph.nodes if n.op == "placeholder"]
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    flight: list[fx.Node] = []
     out = []
     for k, call in enumerate(calls):
         have = [*flight, *sorted(produced[call], key=_order(graph))]
         sends = tuple(v for v in have if last_use.get(v, -1) > k)
-        out.append(Flight(tuple(flight), sends, call))
+        if k == 0:
+            out.append(Flight(tuple(inputs), sends, call))
+        else:
+            local = tuple(v for v in inputs if v in call.all_input_nodes)
+            out.append(Flight(tuple(flight), sends, call, local))
         flight = list(sends)
     return out
 
@@ -98,6 +108,12 @@ class StageProgram:
     loss_group: GroupRef
     loss_avg: bool
     zero3: bool
+
+    @property
+    def input_index(self) -> dict[str, int]:
+        """Placeholder name -> position among the model's inputs."""
+        nodes = self.split.graph_module.graph.nodes
+        return {n.name: i for i, n in enumerate(x for x in nodes if x.op == "placeholder")}
 
 
 def held_specs(program: StageProgram, stages: Sequence[int]) -> dict[str, ParamSpec]:
@@ -127,15 +143,26 @@ class StageRunner(nn.Module):
         self.stage = program.split.stage(k)
         self.flight, self.last, self.loss_scale = flight, last, loss_scale
         self.program, self.first = program, k == 0
+        self.input_index = program.input_index
+
+        self.batch: list[Any] = []
+        """Every model input of the step (whole batch), for the inputs this stage reads
+        itself (`Flight.local`); set by `start_step`."""
+        self.micro_batches, self.calls = 1, 0
+
+    def start_step(self, inputs: list[Any], micro_batches: int) -> None:
+        self.batch, self.micro_batches, self.calls = inputs, micro_batches, 0
 
     def forward(self, *values: torch.Tensor) -> Any:
         if self.first:
-            r = self.program.local_rank
-            values = tuple(
-                slice_batch(v, s.dp_group, r)
-                for v, s in zip(values, self.program.inputs, strict=True)
-            )
+            values = tuple(self._mine(v, i) for i, v in enumerate(values))
         env: dict[fx.Node, Any] = dict(zip(self.flight.receives, values, strict=True))
+        if self.flight.local:
+            # every schedule runs a stage's forwards in micro-batch order
+            i, self.calls = self.calls % self.micro_batches, self.calls + 1
+            for node in self.flight.local:
+                k = self.input_index[node.name]
+                env[node] = self._mine(micro_batch(self.batch[k], self.micro_batches, i), k)
         call = self.flight.call
         with zero3_saved_tensors() if self.program.zero3 else contextlib.nullcontext():
             out = self.stage(*[env[cast(fx.Node, a)] for a in call.args])  # nodes only
@@ -147,6 +174,10 @@ class StageRunner(nn.Module):
             loss = _loss(env[self.flight.sends[0]] if self.flight.sends else out)
             return (loss * self.loss_scale).reshape(1)
         return tuple(env[v] for v in self.flight.sends)
+
+    def _mine(self, value: Any, k: int) -> Any:
+        """This rank's dp slice of model input `k` (a micro-batch of it)."""
+        return slice_batch(value, self.program.inputs[k].dp_group, self.program.local_rank)
 
 
 def _loss(out: Any) -> torch.Tensor:
@@ -266,7 +297,9 @@ class PipelinedModel(WholeState):
         """The parameters this rank's stages hold."""
         self.last = (n - 1) in self.mine
         self.last_rank = ((n - 1) % p.degree) * per_stage  # the last stage's first rank
-        runners = stage_runners(program, self.mine, p.micro_batches)
+        self.runners = runners = stage_runners(program, self.mine, p.micro_batches)
+        for runner in runners.values():
+            runner.start_step(list(micro_inputs), 1)
         examples = example_flights(
             runners, micro_inputs, n, lambda k: (k % p.degree) * per_stage + local
         )
@@ -302,6 +335,8 @@ class PipelinedModel(WholeState):
 
         self.sync.zero_grad()
         inputs = [*args, *kwargs.values()]
+        for runner in self.runners.values():
+            runner.start_step(inputs, self.plan.pipeline.micro_batches)
         target = torch.zeros(self.batch, device=self.device) if self.last else None
         losses: list[torch.Tensor] = []
         if 0 in self.mine:
