@@ -10,7 +10,7 @@ fit), and the plan against the best baseline.
     python bench/plan_quality.py            # the full table (a few minutes)
     python bench/plan_quality.py --smoke    # one tiny row, for the test suite
 
-Writes bench/results/plan_quality.json and .md.
+`bench/suite.py` (`make bench`) puts the table in bench/results/latest.md.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from galvatron_fx.cost_models.hardware import load_cluster
 from galvatron_fx.models.spec import parse_model_spec
 from galvatron_fx.plan import PlanError
 
-RESULTS = Path(__file__).parent / "results"
 MODELS = {
     "gpt-1.3b": "gpt:layers=24,hidden=2048,heads=16,vocab=50257,seq=2048",
     "gpt-7b": "gpt:layers=32,hidden=4096,heads=32,vocab=32000,seq=2048",
@@ -118,7 +117,7 @@ def run(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS / "plan_quality.json")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     if args.smoke:
         models = {"tiny": "gpt:layers=4,hidden=128,heads=4,vocab=256,seq=64"}
@@ -134,10 +133,8 @@ def main() -> None:
         if r["plan"] and any(v and v > r["plan"] * (1 + 1e-9) for v in r["baselines"].values())
     ]
     print(f"rows where a baseline beats the plan: {len(worse)}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(text + "\n")
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from galvatron_fx.compile import Analysis, analyze, search
 from galvatron_fx.models.spec import parse_model_spec
 from galvatron_fx.search.strategies import tree_counts
 
-RESULTS = Path(__file__).parent / "results"
 LLAMA_7B = "gpt:layers=32,hidden=4096,heads=32,vocab=32000,seq=2048"
 GPT3_175B = "gpt:layers=96,hidden=12288,heads=96,vocab=51200,seq=2048"
 ANCHORS = [
