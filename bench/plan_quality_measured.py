@@ -220,7 +220,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world", type=int, default=4)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=16)
     p.add_argument("--profile", type=Path, default=DEFAULT_PROFILE)
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json", type=Path, help="also write the figures here")

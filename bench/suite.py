@@ -66,7 +66,7 @@ def _runtime(opts: argparse.Namespace) -> dict[str, Any]:
     if opts.device == "cuda":
         cfg = Config(**GPU_CONFIG, world=opts.world, device="cuda")  # type: ignore[arg-type]
     else:
-        cfg = SMOKE if opts.smoke else Config(world=2, steps=10)
+        cfg = SMOKE if opts.smoke else Config(world=2, steps=16)
     return runtime.summary(cfg, runtime.run(cfg, list(runtime.CASES), 1 if opts.smoke else 5))
 
 
