@@ -31,9 +31,11 @@ from runtime import interleaved
 import galvatron_fx as gfx
 from galvatron_fx.cost_models.hardware import ClusterSpec, load_cluster
 from galvatron_fx.models.spec import parse_model_spec
+from galvatron_fx.passes.plan_costs import measured_efficiency
 from galvatron_fx.passes.search import run_search
 from galvatron_fx.plan import Plan, PlanError
 from galvatron_fx.runtime.launch import fork_ranks
+from galvatron_fx.runtime.layer_profile import load_layer_times
 from galvatron_fx.runtime.memory_probe import measure_step_memory
 from galvatron_fx.runtime.profiler import DEFAULT_PROFILE, ProfileConfig, profile
 from galvatron_fx.search.baselines import BASELINES
@@ -55,7 +57,20 @@ def _inputs(spec_text: str, batch: int) -> tuple[torch.nn.Module, tuple, dict]:
     return model, args, kwargs
 
 
-def searched(spec_text: str, cluster: ClusterSpec, cap_gb: float, world: int, batch: int) -> dict[str, Any]:  # fmt: skip
+def efficiency(spec_text: str, cluster: ClusterSpec, profile_path: Path, world: int, batch: int) -> float | None:  # fmt: skip
+    """The compute efficiency the model's profiled layers show (`measured_efficiency`),
+    from the layer table `cost_model.py` wrote next to the profile; None without one."""
+    layers = load_layer_times(profile_path.with_name(profile_path.stem + ".layers.json"))
+    if layers is None:
+        return None
+    model, args, kwargs = _inputs(spec_text, batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = gfx.analyze(model, args, kwargs)
+        return measured_efficiency(analysis, cluster, layers, world)
+
+
+def searched(spec_text: str, cluster: ClusterSpec, cap_gb: float, world: int, batch: int, eff: float) -> dict[str, Any]:  # fmt: skip
     """The auto plan and the baselines' under `cap_gb`: plans as JSON (None: does not fit),
     predicted samples/s, and which names share one plan."""
     model, args, kwargs = _inputs(spec_text, batch)
@@ -65,7 +80,7 @@ def searched(spec_text: str, cluster: ClusterSpec, cap_gb: float, world: int, ba
         try:
             result = run_search(
                 analysis, cluster=cluster, memory_budget_gb=cap_gb, global_batch=batch,
-                world_size=world, precision="fp32", dtype="fp32",
+                world_size=world, precision="fp32", dtype="fp32", efficiency=eff,
             )  # fmt: skip
         except PlanError as err:
             return {"cap_gb": cap_gb, "error": str(err).splitlines()[0]}
@@ -145,9 +160,10 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         )
     cluster = load_cluster("local", local_profile=opts.profile)
     cfg = Config(warmup=1, steps=2) if opts.smoke else Config(warmup=2, steps=opts.steps)
+    eff = efficiency(spec, cluster, opts.profile, opts.world, opts.batch)
     rows = []
     for cap in caps:
-        row = searched(spec, cluster, cap, opts.world, opts.batch)
+        row = searched(spec, cluster, cap, opts.world, opts.batch, eff or 1.0)
         if "plans" in row:
             measure(spec, opts.world, opts.batch, row, cfg)
             row["ratios"] = ratios(row)
@@ -187,12 +203,18 @@ def markdown(data: dict[str, Any]) -> str:
         f"{data['model']}, batch {data['batch']}, {data['world']} gloo ranks, {data['steps']} "
         "timed steps of every plan in turns. Cells: the auto plan's measured samples/s over the "
         "baseline's (>= 1.00x: auto at least as fast; `= auto`: the same plan; `-`: does not "
-        "fit). Predicted: the same ratio from the cost model.",
+        "fit). Predicted: the same ratio from the cost model. The search priced compute at "
+        + (
+            f"{data['efficiency']:.2f} of the roofline (the model's profiled layers)"
+            if data.get("efficiency")
+            else "the roofline (no layer profile)"
+        )
+        + "; auto predicted: its predicted samples/s.",
         "",
-        "| cap MiB | auto plan | auto samples/s | auto peak MiB | "
+        "| cap MiB | auto plan | auto samples/s | auto predicted | auto peak MiB | "
         + " | ".join(NAMES)
         + " | vs best (measured) | vs best (predicted) | target |",
-        "|---|---|---|---|" + "---|" * len(NAMES) + "---|---|---|",
+        "|---|---|---|---|---|" + "---|" * len(NAMES) + "---|---|---|",
     ]
     for row in data["rows"]:
         cap = f"{row['cap_gb'] * 1024:.0f}"
@@ -208,6 +230,7 @@ def markdown(data: dict[str, Any]) -> str:
         met = "n/a" if best is None else ("met" if best >= 1.0 else "**missed**")
         lines.append(
             f"| {cap} | {row['shape']['auto']} | {auto['samples_per_s']:.1f} | "
+            f"{row['predicted']['auto']:.1f} | "
             f"{auto['peak_bytes'] / 2**20:.1f}{' (over the cap)' if auto['peak_bytes'] > row['cap_gb'] * 2**30 else ''} | "
             + " | ".join(_cell(row, n) for n in NAMES)
             + f" | {'n/a' if best is None else f'{best:.2f}x'} | "

@@ -139,13 +139,15 @@ def search(
     baselines: bool = True,
     max_pipeline: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    efficiency: float = 1.0,
 ) -> Any:
     """The best plan for `model` (or an `Analysis` of it) on `world_size` devices of
     `cluster` (a `ClusterSpec`, a preset name like `a100-80gb-sxm:nodes=8`, or `local`), each
     with `memory_budget_gb`, training `global_batch` samples a step: a `SearchResult` with
     `.plan`, `.predicted`, `.baselines` and per-unit explanations; `max_pipeline` caps the
-    pipeline degree. Plans for any cluster from any machine: a model built on the meta
-    device allocates nothing."""
+    pipeline degree; `efficiency` is the fraction of peak FLOP/s the layers reach
+    (`passes.plan_costs.measured_efficiency` reads it off a profiled layer table). Plans
+    for any cluster from any machine: a model built on the meta device allocates nothing."""
     from galvatron_fx.passes.search import run_search
 
     analysis = (
@@ -161,6 +163,7 @@ def search(
         baselines=baselines,
         max_pipeline=max_pipeline,
         progress=progress,
+        efficiency=efficiency,
     )
 
 

@@ -139,3 +139,30 @@ def test_fingerprints_do_not_depend_on_the_device():
         gm = analyze(model, args, kwargs).graph_module
         prints.append({LAYER.get(n).name: LAYER.get(n).fingerprint for n in gm.graph.nodes if LAYER.has(n)})  # fmt: skip
     assert prints[0] == prints[1]
+
+
+def test_measured_efficiency_is_the_roofline_over_the_profiled_layers():
+    """The search's compute efficiency read off a layer table: the roofline's forward and
+    backward seconds over the measured ones, for the units the table holds."""
+    import dataclasses
+
+    from galvatron_fx.cost_models.hardware import load_cluster
+    from galvatron_fx.passes.plan_costs import measured_efficiency, plan_costs
+    from galvatron_fx.plan import LayerStrategy
+    from galvatron_fx.runtime.layer_profile import LayerTimes, timing_key
+    from galvatron_fx.runtime.layer_timer import LayerTime
+
+    model, args, kwargs = build(TINY_GPT, batch=4, seq=16)
+    analysis = analyze(model, args, kwargs)
+    cluster = load_cluster("a100-80gb-sxm")
+    s = LayerStrategy(dp=2)
+    roof = plan_costs(analysis, analysis.plan(s, world_size=2), cluster, dtype="fp32")
+    # every unit measured 4x slower than its roofline: an efficiency of 1/4
+    entries = {}
+    for unit, cost in zip(analysis.layers, roof, strict=True):
+        key, _ = timing_key(unit.fingerprint, s)
+        entries[key] = LayerTime(4 * cost.fwd_s, 4 * cost.bwd_s, 0.0, cost.step_s)
+    table = LayerTimes(concurrency=1, entries=entries)
+    assert measured_efficiency(analysis, cluster, table, 2) == pytest.approx(0.25, rel=1e-6)
+    empty = dataclasses.replace(table, entries={})
+    assert measured_efficiency(analysis, cluster, empty, 2) is None

@@ -45,6 +45,7 @@ from galvatron_fx.runtime.layer_profile import LayerTimes
 
 __all__ = [
     "UnitCost",
+    "measured_efficiency",
     "plan_costs",
     "plan_peak",
     "rewrite_for_costs",
@@ -277,3 +278,40 @@ def _local_params(params: dict[str, ParamSpec], unit: str) -> int:
         for spec in params.values()
         if spec.unit == unit and spec.alias_of is None
     )
+
+
+def measured_efficiency(
+    analysis: Any,
+    cluster: ClusterSpec,
+    layer_times: LayerTimes,
+    world: int,
+    *,
+    dtype: str = "fp32",
+    max_strategies: int = 3,
+) -> float | None:
+    """How much of the roofline's compute speed this model's profiled layers reach on
+    `cluster`: the roofline's forward + backward seconds over the measured ones, summed over
+    the units of up to `max_strategies` uniform plans the table has entries for (None when
+    it has none). The search prices compute with it (`search(efficiency=)`): the roofline
+    alone assumes the matmul peak, which CPU layers here reach about half of."""
+    from galvatron_fx.runtime.layer_profile import default_strategies
+
+    fingerprints = {u.name: u.fingerprint for u in analysis.layers}
+    roofline_s = measured_s = 0.0
+    found = 0
+    for s in default_strategies(world):
+        if found == max_strategies:
+            break
+        if not any(layer_times.lookup(f, s) for f in fingerprints.values()):
+            continue
+        plan = analysis.plan(s, world_size=world)
+        roof = plan_costs(analysis, plan, cluster, dtype=dtype)
+        meas = plan_costs(analysis, plan, cluster, dtype=dtype, layer_times=layer_times)
+        for r, m in zip(roof, meas, strict=True):
+            if m.measured:
+                roofline_s += r.fwd_s + r.bwd_s
+                measured_s += m.fwd_s + m.bwd_s
+        found += 1
+    if measured_s <= 0:
+        return None
+    return min(max(roofline_s / measured_s, 0.01), 1.0)

@@ -81,10 +81,12 @@ def run_search(
     buckets: int = 256,
     max_pipeline: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    efficiency: float = 1.0,
 ) -> SearchResult:
     """Search `analysis` for `world_size` devices (default: the whole cluster) of `cluster`
     with `memory_budget_gb` per device and `global_batch` samples per step; `max_pipeline`
-    caps the pipeline degree (1: no pipeline stages)."""
+    caps the pipeline degree (1: no pipeline stages); `efficiency`: the fraction of the
+    cluster's peak FLOP/s the layers reach (`plan_costs.measured_efficiency`)."""
     spec = load_cluster(cluster) if isinstance(cluster, str) else cluster
     world = world_size or spec.nodes * spec.devices_per_node
     _check_inputs(world, memory_budget_gb, global_batch, max_pipeline)
@@ -96,7 +98,7 @@ def run_search(
         )
     start = time.perf_counter()
     tps = [t for t in powers_of_two(min(world, spec.devices_per_node))]
-    terms = model_terms(analysis, spec, tps, dtype=dtype)
+    terms = model_terms(analysis, spec, tps, dtype=dtype, efficiency=efficiency)
     budget = memory_budget_gb * GiB
     space = SearchSpace(terms, spec, world, global_batch, budget, precision, buckets=buckets)
     tried = [
@@ -119,6 +121,7 @@ def run_search(
         "global_batch": global_batch,
         "precision": precision,
         "max_pipeline": max_pipeline,
+        "efficiency": efficiency,
     }
     units = explain_units(space, best)
     rates = {r.name: (global_batch / r.time_s if r.time_s else None) for r in priced}
