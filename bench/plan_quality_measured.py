@@ -174,6 +174,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         "world": opts.world,
         "batch": opts.batch,
         "steps": cfg.steps,
+        "efficiency": eff,
         "rows": rows,
     }
 

@@ -173,3 +173,28 @@ def test_compile_searches_once_and_every_rank_runs_the_plan():
     assert results[0]["plan"] == results[1]["plan"]
     assert results[0]["plan"]["world_size"] == 2
     assert [r["loss"] for r in results] == pytest.approx([want, want], rel=1e-5)
+
+
+def test_a_mix_within_the_tolerance_gives_way_to_the_best_uniform_plan(analysis):
+    """`simplest_within`: with no tolerance the searched mix stays; with a loose one the
+    best single-strategy plan of the same configuration replaces it, priced no better than
+    the mix, fitting the budget, and explainable against the full candidate set."""
+    from galvatron_fx.search.baselines import simplest_within
+    from galvatron_fx.search.explain import explain_units
+    from galvatron_fx.search.planner import search_space
+
+    cluster = load_cluster(A100)
+    terms = model_terms(analysis, cluster, [1, 2, 4])
+    space = SearchSpace(terms, cluster, 4, BATCH, 0.01 * 2**30, "fp32")
+    best, _ = search_space(space, [Config(1, 1, Schedule.ONE_F_ONE_B)])
+
+    def kinds(found):
+        return {found.options[i].strategies[c] for i, c in enumerate(found.solution.choice)}
+
+    assert len(kinds(best)) > 1  # the budget makes the search mix strategies
+    assert simplest_within(space, best, 0.0) is best
+    uniform = simplest_within(space, best, 100.0)
+    assert len({dataclasses.replace(s, vocab_parallel=False) for s in kinds(uniform)}) <= 2
+    assert uniform.solution.time_s >= best.solution.time_s
+    assert max(uniform.solution.stage_memory_bytes) <= 0.01 * 2**30
+    assert len(explain_units(space, uniform)) == len(analysis.units)

@@ -5,7 +5,10 @@ Reads: an `Analysis` (its layers and costs). Writes nothing on the graph: return
 the cost model predicts for it, the baselines priced by the same model, and per unit why it
 got its strategy. Guarantees: the plan's stages fit `memory_budget_gb` under the search's
 memory model (an upper bound of the three-moment peak, `search/costs.py`), and it is the
-fastest plan of the candidate space under that model (`search/dp.py`, `search/planner.py`).
+fastest plan of the candidate space under that model (`search/dp.py`, `search/planner.py`),
+or the best single-strategy plan of the same configuration when that is within
+`UNIFORM_TOLERANCE` (1%) of it (`baselines.simplest_within`: a gain below the model's
+resolution is not worth a mix's layout switches).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from galvatron_fx.cost_models.hardware import ClusterSpec, load_cluster
 from galvatron_fx.cost_models.memory import Precision
 from galvatron_fx.passes.search_costs import ModelTerms, model_terms
 from galvatron_fx.plan import Plan, PlanError, save_json
-from galvatron_fx.search.baselines import run_baselines
+from galvatron_fx.search.baselines import UNIFORM_TOLERANCE, run_baselines, simplest_within
 from galvatron_fx.search.explain import explain_units, smallest_memory
 from galvatron_fx.search.planner import Searched, SearchSpace, configs, search_space
 from galvatron_fx.search.strategies import powers_of_two
@@ -107,9 +110,10 @@ def run_search(
         if max_pipeline is None or c.pipeline <= max_pipeline
     ]
     best, stats = search_space(space, tried, progress)
-    elapsed = time.perf_counter() - start
     if best is None:
         raise PlanError(smallest_memory(space, memory_budget_gb))
+    best = simplest_within(space, best, UNIFORM_TOLERANCE)
+    elapsed = time.perf_counter() - start
     plan = best.plan(terms, world)
     predicted = _predicted(best, terms, space)
     priced = run_baselines(space) if baselines else []
