@@ -275,3 +275,38 @@ def test_user_loss_fn_on_the_model_outputs(strategy):
     ref = _reference(SPECS["gpt"])
     losses = run_ranks(_with_loss_fn, 2, strategy)[0]
     assert losses == pytest.approx(ref["losses"], rel=RTOL)
+
+
+def _padded_batch():
+    model, args, kwargs = build(TINY_GPT, batch=4, seq=16)
+    kwargs["targets"][:2, :5] = -100  # ignored targets in rank 0's half only
+    return model, args, kwargs
+
+
+def _padded_step(rank: int, world: int, strategy: LayerStrategy) -> float:
+    import galvatron_fx as gfx
+    from galvatron_fx.runtime import collectives as C
+
+    model, args, kwargs = _padded_batch()
+    plan = analyze(model, args, kwargs).plan(strategy, world_size=world)
+    compiled = gfx.compile(model, args, kwargs, plan=plan)
+    calls = []
+    C._all_reduce = lambda x, ref, f=C._all_reduce: calls.append(ref) or f(x, ref)  # type: ignore[misc]
+    loss = float(compiled.train_step(*args, **kwargs))
+    assert not calls, "the target count took a collective"
+    return loss
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [LayerStrategy(dp=2), LayerStrategy(dp=2, dp_mode=DPMode.ZERO3)],
+    ids=lambda s: s.short(),
+)
+def test_an_uneven_target_count_is_read_off_the_whole_batch(strategy):
+    """The mean loss over targets ignored unevenly across the dp ranks: each rank counts
+    the whole batch it was handed (no all-reduce in the forward) and the loss is the
+    unsplit model's."""
+    model, args, kwargs = _padded_batch()
+    want = float(model(*args, **kwargs))
+    for loss in run_ranks(_padded_step, 2, strategy):
+        assert loss == pytest.approx(want, rel=1e-5)

@@ -47,7 +47,8 @@ _PAIRS: dict[Any, tuple[CollectiveKind | None, CollectiveKind | None]] = {
     C.gather_whole: (_AG, None),
     C.split_local: (None, _AG),
     C.split_zero: (None, None),
-    C.global_count: (_AR, None),
+    # the target count is read off the whole batch every rank is handed (`whole_inputs`)
+    C.global_count: (None, None),
 }
 
 

@@ -58,6 +58,7 @@ __all__ = [
     "switch_layout",
     "tp_copy",
     "tp_reduce",
+    "whole_inputs",
     "zero3_issue",
     "zero3_saved_tensors",
     "zero3_use",
@@ -283,9 +284,44 @@ def switch_layout(
     return _Switch.apply(x, fwd, bwd, grad_scale)
 
 
+_WHOLE: list[torch.Tensor] = []
+"""The whole (micro-)batch's inputs of the program running now (`whole_inputs`)."""
+
+
+@contextlib.contextmanager
+def whole_inputs(inputs: Sequence[Any]) -> Iterator[None]:
+    """While the program runs on this rank's slices of `inputs`: `global_count` counts a
+    sliced target on the whole tensor it came from, with no collective."""
+    _WHOLE.extend(x for x in inputs if isinstance(x, torch.Tensor))
+    try:
+        yield
+    finally:
+        _WHOLE.clear()
+
+
+def _whole_of(t: torch.Tensor) -> torch.Tensor | None:
+    """The registered whole input whose elements `t` views (same storage, inside it)."""
+    if isinstance(t, torch._subclasses.FakeTensor) or t.device.type == "meta":
+        return None
+    ptr, start = t.untyped_storage().data_ptr(), t.storage_offset()
+    for w in _WHOLE:
+        inside = w.storage_offset() <= start and start + t.numel() <= w.storage_offset() + w.numel()
+        if w.untyped_storage().data_ptr() == ptr and inside and w.is_contiguous():
+            return w
+    return None
+
+
 def global_count(target: torch.Tensor, ignore_index: int, ranks: Ranks) -> torch.Tensor:
     """How many targets are counted (not `ignore_index`) on all ranks of the group: the
-    denominator of a mean loss over a batch split unevenly by padding."""
+    denominator of a mean loss over a batch split unevenly by padding.
+
+    The ranks of a data-parallel group hold the whole batch between them, and every rank
+    is handed the whole batch (`train_step` slices it): when the target is a slice of a
+    whole input registered by `whole_inputs`, the count is read off that input here, and
+    the all-reduce (a collective in the middle of the forward) is not needed."""
+    whole = _whole_of(target) if len(ranks) > 1 else None
+    if whole is not None:
+        return (whole != ignore_index).sum().to(torch.float32)
     count = (target != ignore_index).sum().to(torch.float32)
     return _all_reduce(count, GroupRef(ranks)) if len(ranks) > 1 else count
 

@@ -20,7 +20,7 @@ from torch.utils import _pytree as pytree
 
 from galvatron_fx.meta import LAYER, PLACEMENT
 from galvatron_fx.plan import Plan
-from galvatron_fx.runtime.collectives import GROUPS, GroupRef, zero3_saved_tensors
+from galvatron_fx.runtime.collectives import GROUPS, GroupRef, whole_inputs, zero3_saved_tensors
 from galvatron_fx.runtime.data_parallel import GradSync
 from galvatron_fx.runtime.mesh import Mesh
 from galvatron_fx.runtime.state import WholeState
@@ -89,7 +89,10 @@ class CompiledModel(WholeState):
     def forward_loss(self, *args: Any, target: Any = None, **kwargs: Any) -> torch.Tensor:
         """This rank's loss, scaled so that summing gradients over ranks gives the mean."""
         largs, lkwargs = self.local_inputs(args, kwargs)
-        with zero3_saved_tensors() if self.zero3 else contextlib.nullcontext():
+        with (
+            zero3_saved_tensors() if self.zero3 else contextlib.nullcontext(),
+            whole_inputs([*args, *kwargs.values()]),
+        ):
             out = self.module(*largs, **lkwargs)
         loss = self._loss(out, target)
         return loss / self.loss_group.size if self.loss_avg else loss

@@ -27,7 +27,12 @@ from torch import fx, nn
 
 from galvatron_fx.passes.insert_collectives import ParamSpec
 from galvatron_fx.passes.split_stages import StageSplit
-from galvatron_fx.runtime.collectives import GROUPS, GroupRef, zero3_saved_tensors
+from galvatron_fx.runtime.collectives import (
+    GROUPS,
+    GroupRef,
+    whole_inputs,
+    zero3_saved_tensors,
+)
 from galvatron_fx.runtime.compiled import InputSlice, micro_batch, slice_batch
 from galvatron_fx.runtime.data_parallel import GradSync
 from galvatron_fx.runtime.state import WholeState
@@ -154,6 +159,7 @@ class StageRunner(nn.Module):
         self.batch, self.micro_batches, self.calls = inputs, micro_batches, 0
 
     def forward(self, *values: torch.Tensor) -> Any:
+        whole = list(values) if self.first else []  # the micro-batch, before dp slicing
         if self.first:
             values = tuple(self._mine(v, i) for i, v in enumerate(values))
         env: dict[fx.Node, Any] = dict(zip(self.flight.receives, values, strict=True))
@@ -162,9 +168,13 @@ class StageRunner(nn.Module):
             i, self.calls = self.calls % self.micro_batches, self.calls + 1
             for node in self.flight.local:
                 k = self.input_index[node.name]
-                env[node] = self._mine(micro_batch(self.batch[k], self.micro_batches, i), k)
+                whole.append(micro_batch(self.batch[k], self.micro_batches, i))
+                env[node] = self._mine(whole[-1], k)
         call = self.flight.call
-        with zero3_saved_tensors() if self.program.zero3 else contextlib.nullcontext():
+        with (
+            zero3_saved_tensors() if self.program.zero3 else contextlib.nullcontext(),
+            whole_inputs(whole),
+        ):
             out = self.stage(*[env[cast(fx.Node, a)] for a in call.args])  # nodes only
         env[call] = out
         for user in call.users:
