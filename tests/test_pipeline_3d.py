@@ -92,7 +92,8 @@ def test_compile_searches_a_3d_plan_and_trains_it():
     want = single.train_step(*args, **kwargs).item()
     results = run_ranks(_searched, 4)
     plan = results[0]["plan"]
-    assert plan.pipeline.degree == 2 and {s.tp for _, s in plan.strategies} == {1, 2}
+    # two stages of two ranks, each unit split over them (tp or dp: the search's choice)
+    assert plan.pipeline.degree == 2 and {s.tp * s.dp for _, s in plan.strategies} == {2}
     assert all(r["plan"] == plan for r in results)
     for r in results:
         assert r["loss"] == pytest.approx(want, rel=1e-5)
