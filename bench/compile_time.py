@@ -24,10 +24,10 @@ from typing import Any
 import capture
 import torch
 import torch._dynamo  # creating an optimizer imports it: import once, before forking
+from pytorch_side import seeded
 
 import galvatron_fx as gfx
 from galvatron_fx.cost_models.hardware import load_cluster
-from galvatron_fx.models.spec import parse_model_spec
 from galvatron_fx.plan import LayerStrategy, PipelineConfig
 from galvatron_fx.runtime.launch import fork_ranks
 from galvatron_fx.runtime.profiler import DEFAULT_PROFILE
@@ -39,10 +39,7 @@ PRESET = "a100-80gb-sxm"
 
 
 def _compile(rank: int, world: int, spec_text: str, batch: int, how: dict[str, Any]) -> dict[str, float]:  # fmt: skip
-    spec = parse_model_spec(spec_text)
-    torch.manual_seed(0)
-    model = spec.build("cpu")
-    args, kwargs = spec.example_inputs(model, batch)
+    model, args, kwargs = seeded(spec_text, batch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if "cap_gb" in how:

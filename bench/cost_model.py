@@ -26,16 +26,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from pytorch_side import ensure_profile, seeded
 
 import galvatron_fx as gfx
 from galvatron_fx.cli import parse_strategy
 from galvatron_fx.cost_models.hardware import ClusterSpec, load_cluster
-from galvatron_fx.models.spec import parse_model_spec
 from galvatron_fx.passes.plan_costs import plan_costs, plan_peak
 from galvatron_fx.runtime.launch import fork_ranks
 from galvatron_fx.runtime.layer_profile import LayerTimes, profile_layers
 from galvatron_fx.runtime.memory_probe import measure_step_memory
-from galvatron_fx.runtime.profiler import DEFAULT_PROFILE, ProfileConfig, profile
+from galvatron_fx.runtime.profiler import DEFAULT_PROFILE
 
 SPEC = "gpt:layers=4,hidden=256,heads=8,vocab=1024,seq=128"
 PLANS = [
@@ -59,11 +59,7 @@ def _plan(analysis: gfx.Analysis, text: str, world: int) -> gfx.Plan:
 
 
 def _build(batch: int, seq: int) -> tuple[Any, tuple, dict]:
-    torch.manual_seed(0)
-    spec = parse_model_spec(SPEC)
-    model = spec.build("cpu")
-    args, kwargs = spec.example_inputs(model, batch, seq)
-    return model, args, kwargs
+    return seeded(SPEC, batch, seq)
 
 
 def _measure(
@@ -124,17 +120,13 @@ def _spearman(a: list[float], b: list[float]) -> float:
 
 
 def run(opts: argparse.Namespace) -> dict[str, Any]:
-    """Profile (when the JSON is absent, or always for a smoke run), predict every plan,
+    """Profile (when the JSON is absent), predict every plan,
     measure every plan `opts.rounds` times round-robin: the figures the suite keeps."""
     plans = PLANS
     if opts.smoke:
         opts.world, opts.steps, opts.seq, opts.rounds = 2, 1, 32, 1
         plans = ["dp=2", "tp=2,sp=1", "dp=2,zero=3,ckpt=full"]
-    if not opts.profile.exists():
-        quick = ProfileConfig(opts.world, 2**20, 2, (128, 256), 8 * 2**20)
-        cfg = quick if opts.smoke else ProfileConfig(opts.world, 16 * 2**20)
-        spec = profile(cfg)
-        spec.save(opts.profile)
+    ensure_profile(opts.profile, opts.world, opts.smoke)
     cluster = load_cluster("local", local_profile=opts.profile)
     layers = None
     if not opts.roofline:
@@ -246,6 +238,23 @@ def markdown(data: dict[str, Any]) -> str:
         f"| memory: worst \\|error\\| | {data['memory_worst_error']:.1%} | <= 5% | {_verdict('memory_worst_error', data['memory_worst_error'])} |",
     ]  # fmt: skip
     return "\n".join(lines)
+
+
+def targets(data: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """(figure, value, target, met) for the three targets: the suite's targets table."""
+    return [
+        (
+            f"cost model: {label}",
+            fmt.format(data[name]),
+            target,
+            _verdict(name, data[name]) == "met",
+        )
+        for name, label, fmt, target in (
+            ("time_median_error", "median time error", "{:.1%}", "<= 10%"),
+            ("spearman", "Spearman", "{:.2f}", ">= 0.9"),
+            ("memory_worst_error", "worst memory error", "{:.1%}", "<= 5%"),
+        )
+    ]
 
 
 def parser() -> argparse.ArgumentParser:

@@ -25,19 +25,18 @@ from typing import Any
 
 import torch
 import torch._dynamo  # creating an optimizer imports it: import once, before forking
-from pytorch_side import Config
+from pytorch_side import Config, ensure_profile, seeded
 from runtime import interleaved
 
 import galvatron_fx as gfx
 from galvatron_fx.cost_models.hardware import ClusterSpec, load_cluster
-from galvatron_fx.models.spec import parse_model_spec
 from galvatron_fx.passes.plan_costs import measured_efficiency
 from galvatron_fx.passes.search import run_search
 from galvatron_fx.plan import Plan, PlanError
 from galvatron_fx.runtime.launch import fork_ranks
 from galvatron_fx.runtime.layer_profile import load_layer_times
 from galvatron_fx.runtime.memory_probe import measure_step_memory
-from galvatron_fx.runtime.profiler import DEFAULT_PROFILE, ProfileConfig, profile
+from galvatron_fx.runtime.profiler import DEFAULT_PROFILE
 from galvatron_fx.search.baselines import BASELINES
 
 SPEC = "gpt:layers=4,hidden=256,heads=8,vocab=1024,seq=128"
@@ -46,15 +45,8 @@ CAPS_GB = (0.12, 0.06, 0.035)
 SMOKE_SPEC = "gpt:layers=2,hidden=64,heads=4,vocab=128,seq=32"
 SMOKE_CAPS_GB = (0.05, 0.004)
 NAMES = [b.name for b in BASELINES]
-
-
-def _inputs(spec_text: str, batch: int) -> tuple[torch.nn.Module, tuple, dict]:
-    spec = parse_model_spec(spec_text)
-    torch.manual_seed(0)
-    model = spec.build("cpu")
-    torch.manual_seed(1)
-    args, kwargs = spec.example_inputs(model, batch)
-    return model, args, kwargs
+TARGET = 1.0
+"""Auto's measured throughput over the best baseline's: at least as fast."""
 
 
 def efficiency(spec_text: str, cluster: ClusterSpec, profile_path: Path, world: int, batch: int) -> float | None:  # fmt: skip
@@ -63,7 +55,7 @@ def efficiency(spec_text: str, cluster: ClusterSpec, profile_path: Path, world: 
     layers = load_layer_times(profile_path.with_name(profile_path.stem + ".layers.json"))
     if layers is None:
         return None
-    model, args, kwargs = _inputs(spec_text, batch)
+    model, args, kwargs = seeded(spec_text, batch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         analysis = gfx.analyze(model, args, kwargs)
@@ -73,7 +65,7 @@ def efficiency(spec_text: str, cluster: ClusterSpec, profile_path: Path, world: 
 def searched(spec_text: str, cluster: ClusterSpec, cap_gb: float, world: int, batch: int, eff: float) -> dict[str, Any]:  # fmt: skip
     """The auto plan and the baselines' under `cap_gb`: plans as JSON (None: does not fit),
     predicted samples/s, and which names share one plan."""
-    model, args, kwargs = _inputs(spec_text, batch)
+    model, args, kwargs = seeded(spec_text, batch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         analysis = gfx.analyze(model, args, kwargs)
@@ -108,7 +100,7 @@ def _measure(rank: int, world: int, spec_text: str, batch: int, plans: dict[str,
     step and this rank's peak bytes over one more step."""
     steps, compiled = [], {}
     for name, plan_json in plans.items():
-        model, args, kwargs = _inputs(spec_text, batch)
+        model, args, kwargs = seeded(spec_text, batch)
         plan = Plan.from_json(plan_json, source=name)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -118,7 +110,7 @@ def _measure(rank: int, world: int, spec_text: str, batch: int, plans: dict[str,
     timed = interleaved(steps, cfg)
     out = {}
     for (name, cm), (first, _, seconds) in zip(compiled.items(), timed, strict=True):
-        _, args, kwargs = _inputs(spec_text, batch)
+        _, args, kwargs = seeded(spec_text, batch)
         peak = measure_step_memory(cm, *args, **kwargs).peak_bytes
         out[name] = {"first_loss": first, "seconds": seconds, "peak_bytes": peak}
     return out
@@ -153,11 +145,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     spec, caps = (SMOKE_SPEC, SMOKE_CAPS_GB) if opts.smoke else (SPEC, CAPS_GB)
     if opts.smoke:
         opts.world, opts.batch = 2, 4
-    if not opts.profile.exists():
-        spec_cfg = ProfileConfig(opts.world, 2**20, 2, (128, 256), 8 * 2**20)
-        profile(spec_cfg if opts.smoke else ProfileConfig(opts.world, 16 * 2**20)).save(
-            opts.profile
-        )
+    ensure_profile(opts.profile, opts.world, opts.smoke)
     cluster = load_cluster("local", local_profile=opts.profile)
     cfg = Config(warmup=1, steps=2) if opts.smoke else Config(warmup=2, steps=opts.steps)
     eff = efficiency(spec, cluster, opts.profile, opts.world, opts.batch)
@@ -228,7 +216,7 @@ def markdown(data: dict[str, Any]) -> str:
         best = best_ratio(row)
         predicted = [v for n, v in row["predicted"].items() if n != "auto" and v]
         p_best = row["predicted"]["auto"] / max(predicted) if predicted else None
-        met = "n/a" if best is None else ("met" if best >= 1.0 else "**missed**")
+        met = "n/a" if best is None else ("met" if best >= TARGET else "**missed**")
         lines.append(
             f"| {cap} | {row['shape']['auto']} | {auto['samples_per_s']:.1f} | "
             f"{row['predicted']['auto']:.1f} | "
@@ -238,6 +226,17 @@ def markdown(data: dict[str, Any]) -> str:
             f"{'n/a' if p_best is None else f'{p_best:.2f}x'} | {met} |"
         )
     return "\n".join(lines)
+
+
+def targets(data: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """(figure, value, target, met) per cap where a baseline fits: the suite's table."""
+    out = []
+    for row in data["rows"]:
+        best = best_ratio(row) if "ratios" in row else None
+        if best is not None:
+            cap = f"{row['cap_gb'] * 1024:.0f} MiB"
+            out.append((f"plan quality, cap {cap}: auto / best baseline", f"{best:.2f}x", f">= {TARGET}", best >= TARGET))  # fmt: skip
+    return out
 
 
 def parser() -> argparse.ArgumentParser:

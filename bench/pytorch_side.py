@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from galvatron_fx.models.gpt import GPT, CausalSelfAttention
 from galvatron_fx.models.spec import parse_model_spec
+from galvatron_fx.runtime.profiler import ProfileConfig, profile
 
 MICRO_BATCHES = 4
 """pp: 1F1B over this many micro-batches, one stage per rank, blocks cut evenly."""
@@ -69,13 +71,29 @@ def device(cfg: Config) -> torch.device:
     return torch.device("cpu")
 
 
-def model_and_batch(cfg: Config) -> tuple[GPT, torch.Tensor, torch.Tensor]:
-    """The seeded GPT and batch (built on the CPU, the same on every rank and device)."""
-    spec = parse_model_spec(cfg.spec)
+def seeded(spec_text: str, batch: int, seq: int | None = None) -> tuple[Any, tuple, dict]:
+    """The model of `spec_text` and an example batch, seeded: the same on every rank, in
+    every benchmark and on every run (built on the CPU)."""
+    spec = parse_model_spec(spec_text)
     torch.manual_seed(0)
     model = spec.build("cpu")
     torch.manual_seed(1)
-    (idx,), kwargs = spec.example_inputs(model, cfg.batch, cfg.seq)
+    args, kwargs = spec.example_inputs(model, batch, seq)
+    return model, args, kwargs
+
+
+def ensure_profile(path: Path, world: int, smoke: bool) -> None:
+    """Profile this machine on `world` ranks into `path` unless it is there (`smoke`: a
+    quick profile with small messages, for the test suite)."""
+    if path.exists():
+        return
+    quick = ProfileConfig(world, 2**20, 2, (128, 256), 8 * 2**20)
+    profile(quick if smoke else ProfileConfig(world, 16 * 2**20)).save(path)
+
+
+def model_and_batch(cfg: Config) -> tuple[GPT, torch.Tensor, torch.Tensor]:
+    """The seeded GPT and batch, on this rank's device."""
+    model, (idx,), kwargs = seeded(cfg.spec, cfg.batch, cfg.seq)
     assert isinstance(model, GPT)
     on = device(cfg)
     return model.to(on), idx.to(on), kwargs["targets"].to(on)

@@ -186,6 +186,15 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def targets(data: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """(figure, value, target, met) per anchor: the suite's targets table."""
+    return [
+        (f"search: {r['case']}", f"{r['search_time_s']:.2f} s", f"<= {r['target_s']:.0f} s",
+         r["search_time_s"] <= r["target_s"])
+        for r in data["anchors"]
+    ]  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model, short sweeps")

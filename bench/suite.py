@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,26 +44,30 @@ import plots
 import runtime
 import search
 import torch
-from pytorch_side import SMOKE, Config
-
-from galvatron_fx.runtime.profiler import ProfileConfig, profile
+from pytorch_side import SMOKE, Config, ensure_profile
 
 RESULTS = Path(__file__).parent / "results"
-SECTIONS = ("runtime", "cost_model", "search", "plan_quality", "compile")
-TITLES = {
-    "runtime": "Runtime overhead against PyTorch's own parallelism",
-    "cost_model": "Cost-model error",
-    "search": "Search speed",
-    "plan_quality": "Plan quality",
-    "compile": "End to end: compile() by pass",
-}
-
-
 GPU_CONFIG = dict(layers=8, hidden=1024, heads=16, vocab=32000, seq=1024, batch=16, steps=20)
 """The runtime section's GPT on GPUs: big enough that a step is not all launch overhead."""
+CPU_ONLY = {
+    "cost_model": "the profiler and the memory probe measure CPU ranks (gloo) only",
+    "measured plan quality": "it runs plans on CPU ranks, priced by the CPU profile",
+}
+"""What the GPU mode leaves out, and why (the report says so)."""
+Data = dict[str, Any]
+TargetRow = tuple[str, str, str, bool]
 
 
-def _runtime(opts: argparse.Namespace) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Section:
+    title: str
+    run: Callable[[argparse.Namespace], Data]
+    markdown: Callable[[Data], str]
+    plot: Callable[[Data, Path], bool]
+    targets: Callable[[Data], list[TargetRow]]
+
+
+def _runtime(opts: argparse.Namespace) -> Data:
     if opts.device == "cuda":
         cfg = Config(**GPU_CONFIG, world=opts.world, device="cuda")  # type: ignore[arg-type]
     else:
@@ -70,24 +75,14 @@ def _runtime(opts: argparse.Namespace) -> dict[str, Any]:
     return runtime.summary(cfg, runtime.run(cfg, list(runtime.CASES), 1 if opts.smoke else 5))
 
 
-CPU_ONLY = {
-    "cost_model": "the profiler and the memory probe measure CPU ranks (gloo) only",
-    "measured plan quality": "it runs plans on CPU ranks, priced by the CPU profile",
-}
-"""What the GPU mode leaves out, and why (the report says so)."""
+def _script_opts(module: Any, opts: argparse.Namespace) -> argparse.Namespace:
+    """A section script's own options at their defaults, with the suite's profile and size."""
+    args = module.parser().parse_args([])
+    args.profile, args.smoke = opts.profile, opts.smoke
+    return args
 
 
-def _cost_model(opts: argparse.Namespace) -> dict[str, Any]:
-    args = cost_model.parser().parse_args(["--profile", str(opts.profile)])
-    args.smoke = opts.smoke
-    return cost_model.run(args)
-
-
-def _search(opts: argparse.Namespace) -> dict[str, Any]:
-    return search.run(opts.smoke)
-
-
-def _plan_quality(opts: argparse.Namespace) -> dict[str, Any]:
+def _plan_quality(opts: argparse.Namespace) -> Data:
     if opts.smoke:
         tiny = {"tiny": search.TINY}
         rows = plan_quality.run(tiny, {"8 x A100": ("a100-80gb-sxm", 8, 16)}, (0.02,))
@@ -95,91 +90,48 @@ def _plan_quality(opts: argparse.Namespace) -> dict[str, Any]:
         rows = plan_quality.run(plan_quality.MODELS, plan_quality.CLUSTERS, plan_quality.BUDGETS_GB)
     if opts.device == "cuda":
         return {"predicted": rows}
-    args = plan_quality_measured.parser().parse_args(["--profile", str(opts.profile)])
-    args.smoke = opts.smoke
-    return {"predicted": rows, "measured": plan_quality_measured.run(args)}
+    measured = plan_quality_measured.run(_script_opts(plan_quality_measured, opts))
+    return {"predicted": rows, "measured": measured}
 
 
-def _compile(opts: argparse.Namespace) -> dict[str, Any]:
-    args = compile_time.parser().parse_args([])
-    args.profile = opts.profile
-    args.smoke = opts.smoke
-    return compile_time.run(args)
+def _plan_quality_markdown(data: Data) -> str:
+    predicted = plan_quality.table(data["predicted"])
+    if "measured" not in data:
+        return f"Measured: not run ({CPU_ONLY['measured plan quality']}).\n\n{predicted}"
+    return (
+        "**Measured on local ranks**, under three memory caps:\n\n"
+        + plan_quality_measured.markdown(data["measured"])
+        + "\n\n**Predicted** by the cost model for large clusters (samples/s of the plan; "
+        "each baseline as plan / baseline; `-`: does not fit):\n\n" + predicted
+    )
 
 
-RUNNERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-    "runtime": _runtime,
-    "cost_model": _cost_model,
-    "search": _search,
-    "plan_quality": _plan_quality,
-    "compile": _compile,
-}
-
-
-def _markdown(section: str, data: dict[str, Any]) -> str:
-    if section == "runtime":
-        return runtime.markdown(data)
-    if section == "cost_model":
-        return cost_model.markdown(data)
-    if section == "search":
-        return search.markdown(data)
-    if section == "plan_quality":
-        if "measured" not in data:
-            return "Measured: not run (" + CPU_ONLY["measured plan quality"] + ").\n\n" + plan_quality.table(data["predicted"])  # fmt: skip
-        measured = plan_quality_measured.markdown(data["measured"])
-        return (
-            "**Measured on local ranks**, under three memory caps:\n\n"
-            + measured
-            + "\n\n**Predicted** by the cost model for large clusters (samples/s of the plan; "
-            "each baseline as plan / baseline; `-`: does not fit):\n\n"
-            + plan_quality.table(data["predicted"])
-        )
-    return compile_time.markdown(data)
-
-
-def _plot(section: str, data: dict[str, Any], out: Path) -> str | None:
-    path = out / f"{section}.png"
-    draw = {
-        "runtime": lambda: plots.runtime(data, path),
-        "cost_model": lambda: plots.cost_model(data, path),
-        "search": lambda: plots.search(data, path),
-        "plan_quality": lambda: "measured" in data and plots.plan_quality(data["measured"], path),
-        "compile": lambda: plots.compile_time(data, path),
-    }
-    return path.name if draw[section]() else None
-
-
-def targets(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, bool]]:
-    """(figure, value, target, met) for every target the issue sets that this run measured."""
-    out = []
-    for case, c in results.get("runtime", {}).get("cases", {}).items():
-        if c["median"] is not None:
-            value = f"{c['median']:.2f} ({c['min']:.2f}-{c['max']:.2f})"
-            out.append((f"runtime {case} / {c['baseline']}", value, "<= 1.0", c["median"] <= 1.0))
-    if cm := results.get("cost_model"):
-        out += [
-            (
-                "cost model: median time error",
-                f"{cm['time_median_error']:.1%}",
-                "<= 10%",
-                cm["time_median_error"] <= 0.10,
-            ),
-            ("cost model: Spearman", f"{cm['spearman']:.2f}", ">= 0.9", cm["spearman"] >= 0.9),
-            (
-                "cost model: worst memory error",
-                f"{cm['memory_worst_error']:.1%}",
-                "<= 5%",
-                cm["memory_worst_error"] <= 0.05,
-            ),
-        ]
-    for r in results.get("search", {}).get("anchors", []):
-        out.append((f"search: {r['case']}", f"{r['search_time_s']:.2f} s", f"<= {r['target_s']:.0f} s", r["search_time_s"] <= r["target_s"]))  # fmt: skip
-    for row in results.get("plan_quality", {}).get("measured", {"rows": []})["rows"]:
-        best = plan_quality_measured.best_ratio(row) if "ratios" in row else None
-        if best is not None:
-            cap = f"{row['cap_gb'] * 1024:.0f} MiB"
-            out.append((f"plan quality, cap {cap}: auto / best baseline", f"{best:.2f}x", ">= 1.0", best >= 1.0))  # fmt: skip
-    return out
+SECTIONS: dict[str, Section] = {
+    "runtime": Section(
+        "Runtime overhead against PyTorch's own parallelism",
+        _runtime, runtime.markdown, plots.runtime, runtime.targets,
+    ),
+    "cost_model": Section(
+        "Cost-model error",
+        lambda opts: cost_model.run(_script_opts(cost_model, opts)),
+        cost_model.markdown, plots.cost_model, cost_model.targets,
+    ),
+    "search": Section(
+        "Search speed",
+        lambda opts: search.run(opts.smoke), search.markdown, plots.search, search.targets,
+    ),
+    "plan_quality": Section(
+        "Plan quality",
+        _plan_quality, _plan_quality_markdown,
+        lambda d, path: "measured" in d and plots.plan_quality(d["measured"], path),
+        lambda d: plan_quality_measured.targets(d["measured"]) if "measured" in d else [],
+    ),
+    "compile": Section(
+        "End to end: compile() by pass",
+        lambda opts: compile_time.run(_script_opts(compile_time, opts)),
+        compile_time.markdown, plots.compile_time, lambda d: [],
+    ),
+}  # fmt: skip
 
 
 def _machine() -> str:
@@ -200,7 +152,7 @@ def _machine() -> str:
     )
 
 
-def report(results: dict[str, Any], seconds: dict[str, float], images: dict[str, str | None], device: str = "cpu") -> str:  # fmt: skip
+def report(results: dict[str, Data], seconds: dict[str, float], images: dict[str, str], device: str = "cpu") -> str:  # fmt: skip
     lines = [
         "# galvatron_fx benchmark report",
         "",
@@ -219,30 +171,50 @@ def report(results: dict[str, Any], seconds: dict[str, float], images: dict[str,
         "| figure | measured | target | |",
         "|---|---|---|---|",
     ]
-    for name, value, target, met in targets(results):
-        lines.append(f"| {name} | {value} | {target} | {'met' if met else '**missed**'} |")
-    for k, section in enumerate(s for s in SECTIONS if s in results):
-        lines += ["", f"## {k + 1}. {TITLES[section]}", "", _markdown(section, results[section])]
-        if images.get(section):
-            lines += ["", f"![{section}]({images[section]})"]
+    for name, data in results.items():
+        for figure, value, target, met in SECTIONS[name].targets(data):
+            lines.append(f"| {figure} | {value} | {target} | {'met' if met else '**missed**'} |")
+    for k, (name, data) in enumerate(results.items()):
+        section = SECTIONS[name]
+        lines += ["", f"## {k + 1}. {section.title}", "", section.markdown(data)]
+        if name in images:
+            lines += ["", f"![{name}]({images[name]})"]
     return "\n".join(lines) + "\n"
 
 
 def _profile(opts: argparse.Namespace) -> float:
-    """Profile this machine into `opts.profile` unless the user named an existing one."""
+    """Profile this machine into the output folder unless the user named a profile."""
     start = time.perf_counter()
     if opts.profile is None and opts.device == "cpu":
         opts.profile = opts.out / "local-profile.json"
-        quick = ProfileConfig(2, 2**20, 2, (128, 256), 8 * 2**20)
-        profile(quick if opts.smoke else ProfileConfig(4, 16 * 2**20)).save(opts.profile)
+        opts.profile.unlink(missing_ok=True)  # this run's machine, not an earlier one's
+        ensure_profile(opts.profile, 2 if opts.smoke else 4, opts.smoke)
     return time.perf_counter() - start
+
+
+def _write(out: Path, results: dict[str, Data], seconds: dict[str, float], device: str) -> None:
+    """Plots, JSON and report, written once every section has run: a failed run leaves the
+    previous report whole (each file is replaced by a rename)."""
+    images = {}
+    for name, data in results.items():
+        tmp = out / f".{name}.tmp.png"  # matplotlib picks the format from the suffix
+        if SECTIONS[name].plot(data, tmp):
+            tmp.replace(out / f"{name}.png")
+            images[name] = f"{name}.png"
+    for path, text in (
+        (out / "latest.json", json.dumps(results, indent=2) + "\n"),
+        (out / "latest.md", report(results, seconds, images, device)),
+    ):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one run each")
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--sections", default=",".join(SECTIONS))
+    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset")
     p.add_argument("--profile", type=Path, help="an existing `galvatron-fx profile` JSON")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: bench/gpu.sh")
     p.add_argument("--world", type=int, default=2, help="GPUs (NCCL ranks) with --device cuda")
@@ -257,17 +229,14 @@ def main() -> None:
     opts.out.mkdir(parents=True, exist_ok=True)
     runtime.setup()
     seconds = {"profile": _profile(opts)}
-    results: dict[str, Any] = {}
-    images: dict[str, str | None] = {}
-    for section in sections:
-        print(f"== {section}", file=sys.stderr, flush=True)
+    results: dict[str, Data] = {}
+    for name in sections:
+        print(f"== {name}", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        results[section] = RUNNERS[section](opts)
-        seconds[section] = time.perf_counter() - start
-        print(_markdown(section, results[section]), file=sys.stderr, flush=True)
-        images[section] = _plot(section, results[section], opts.out)
-    (opts.out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
-    (opts.out / "latest.md").write_text(report(results, seconds, images, opts.device))
+        results[name] = SECTIONS[name].run(opts)
+        seconds[name] = time.perf_counter() - start
+        print(SECTIONS[name].markdown(results[name]), file=sys.stderr, flush=True)
+    _write(opts.out, results, seconds, opts.device)
     print(f"wrote {opts.out / 'latest.md'} in {sum(seconds.values()) / 60:.1f} min")
 
 

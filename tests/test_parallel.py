@@ -277,18 +277,22 @@ def test_user_loss_fn_on_the_model_outputs(strategy):
     assert losses == pytest.approx(ref["losses"], rel=RTOL)
 
 
-def _padded_batch():
+def _padded_batch(rows: tuple[int, ...]):
     model, args, kwargs = build(TINY_GPT, batch=4, seq=16)
-    kwargs["targets"][:2, :5] = -100  # ignored targets in rank 0's half only
+    kwargs["targets"][list(rows), :5] = -100
     return model, args, kwargs
 
 
-def _padded_step(rank: int, world: int, strategy: LayerStrategy) -> float:
+def _padded_step(
+    rank: int, world: int, strategy: LayerStrategy, pipeline: dict, rows: tuple[int, ...]
+) -> float:
     import galvatron_fx as gfx
+    from galvatron_fx.plan import PipelineConfig
     from galvatron_fx.runtime import collectives as C
 
-    model, args, kwargs = _padded_batch()
-    plan = analyze(model, args, kwargs).plan(strategy, world_size=world)
+    model, args, kwargs = _padded_batch(rows)
+    analysis = analyze(model, args, kwargs)
+    plan = analysis.plan(strategy, world_size=world, pipeline=PipelineConfig(**pipeline))
     compiled = gfx.compile(model, args, kwargs, plan=plan)
     calls = []
     C._all_reduce = lambda x, ref, f=C._all_reduce: calls.append(ref) or f(x, ref)  # type: ignore[misc]
@@ -297,16 +301,27 @@ def _padded_step(rank: int, world: int, strategy: LayerStrategy) -> float:
     return loss
 
 
+PP2 = {"degree": 2, "stage_starts": ("blocks.1",), "micro_batches": 2}
+
+
 @pytest.mark.parametrize(
-    "strategy",
-    [LayerStrategy(dp=2), LayerStrategy(dp=2, dp_mode=DPMode.ZERO3)],
-    ids=lambda s: s.short(),
+    ("world", "strategy", "pipeline", "rows"),
+    [
+        # ignored targets in rank 0's half only
+        (2, LayerStrategy(dp=2), {}, (0, 1)),
+        (2, LayerStrategy(dp=2, dp_mode=DPMode.ZERO3), {}, (0, 1)),
+        # in rank 0's piece of each micro-batch (micro-batches average their means, so
+        # they hold equal counts here; the ranks within one do not)
+        (2, LayerStrategy(dp=2), {"micro_batches": 2}, (0, 2)),
+        (4, LayerStrategy(dp=2), PP2, (0, 2)),
+    ],
+    ids=["dp2", "zero3", "dp2-accumulate", "pp2xdp2"],
 )
-def test_an_uneven_target_count_is_read_off_the_whole_batch(strategy):
+def test_an_uneven_target_count_is_read_off_the_whole_batch(world, strategy, pipeline, rows):
     """The mean loss over targets ignored unevenly across the dp ranks: each rank counts
-    the whole batch it was handed (no all-reduce in the forward) and the loss is the
+    the whole (micro-)batch it was handed, no all-reduce in the forward, and the loss is the
     unsplit model's."""
-    model, args, kwargs = _padded_batch()
+    model, args, kwargs = _padded_batch(rows)
     want = float(model(*args, **kwargs))
-    for loss in run_ranks(_padded_step, 2, strategy):
+    for loss in run_ranks(_padded_step, world, strategy, pipeline, rows):
         assert loss == pytest.approx(want, rel=1e-5)
