@@ -110,6 +110,8 @@ def test_bad_search_inputs_are_refused(analysis):
         gfx.search(analysis, cluster=A100, memory_budget_gb=0, global_batch=8)
     with pytest.raises(PlanError, match="max_pipeline must be >= 1"):
         gfx.search(analysis, cluster=A100, memory_budget_gb=1, global_batch=8, max_pipeline=0)
+    with pytest.raises(PlanError, match=r"efficiency .* in \(0, 1\]; got 0"):
+        gfx.search(analysis, cluster=A100, memory_budget_gb=1, global_batch=8, efficiency=0)
     with pytest.raises(PlanError, match=r"has 8; describe more nodes .*nodes=2"):
         gfx.search(analysis, cluster=A100, memory_budget_gb=1, global_batch=8, world_size=16)
 

@@ -93,6 +93,11 @@ def run_search(
     spec = load_cluster(cluster) if isinstance(cluster, str) else cluster
     world = world_size or spec.nodes * spec.devices_per_node
     _check_inputs(world, memory_budget_gb, global_batch, max_pipeline)
+    if not 0 < efficiency <= 1:
+        raise PlanError(
+            f"search: efficiency is the fraction of peak FLOP/s the layers reach, in (0, 1]; "
+            f"got {efficiency}"
+        )
     if world > spec.nodes * spec.devices_per_node:
         raise PlanError(
             f"search: {world} devices but cluster {spec.name!r} has "
