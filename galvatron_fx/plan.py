@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+from galvatron_fx.jsonio import fields_of, read_json
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -137,6 +139,13 @@ class PipelineConfig:
             raise PlanError(
                 "PipelineConfig: virtual_stages > 1 needs schedule 'interleaved-1f1b' or "
                 "'interleaved-zb'"
+            )
+        rounds = max(1, self.micro_batches // self.degree)  # torch runs interleaved ones so
+        if self.schedule in interleaved and self.micro_batches % rounds:
+            raise PlanError(
+                f"PipelineConfig: schedule {self.schedule.value!r} runs the micro-batches in "
+                f"{rounds} rounds (micro_batches // degree), so micro_batches={self.micro_batches} "
+                f"must be a multiple of {rounds}; use a multiple of degree={self.degree}"
             )
 
 
@@ -260,47 +269,38 @@ class Plan:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any], *, source: str = "plan") -> Plan:
+    def from_json(cls, data: Any, *, source: str = "plan", path: str = "") -> Plan:
+        """Check `data` field by field; a PlanError names the field path (`strategies[2].tp`)
+        under `path`, where the plan sits in `source`."""
+        where = f"{source}: {path}" if path else source
+        if not isinstance(data, Mapping):
+            raise PlanError(f"{where}: expected a plan object {{...}}, got {type(data).__name__}")
         if data.get("schema_version") != SCHEMA_VERSION:
             raise PlanError(
-                f"{source}: schema_version {data.get('schema_version')!r} is not "
+                f"{where}: schema_version {data.get('schema_version')!r} is not "
                 f"{SCHEMA_VERSION}; re-run the search to make a plan for this release"
             )
-        _known(
-            data,
-            {"schema_version", "world_size", "model_fingerprint", "pipeline", "strategies"},
-            source,
-        )
-        try:
-            pipeline = _build(PipelineConfig, data.get("pipeline", {}), f"{source}: pipeline")
-            strategies = tuple(
-                (
-                    str(item["unit"]),
-                    _build(
-                        LayerStrategy,
-                        {k: v for k, v in item.items() if k != "unit"},
-                        f"{source}: strategy of {item.get('unit')!r}",
-                    ),
-                )
-                for item in data["strategies"]
-            )
-            return cls(
-                int(data["world_size"]), strategies, str(data["model_fingerprint"]), pipeline
-            )
-        except KeyError as err:
-            raise PlanError(f"{source}: missing field {err}") from None
+        top = fields_of(_PlanFile, data, source, path, error=PlanError)
+        strategies = []
+        for i, item in enumerate(top["strategies"]):
+            at = f"{path}.strategies[{i}]" if path else f"strategies[{i}]"
+            if not isinstance(item, Mapping) or not isinstance(item.get("unit"), str):
+                raise PlanError(f'{source}: {at}: expected an object with a "unit" name')
+            at += f" (unit {item['unit']!r})"
+            rest = {k: v for k, v in item.items() if k != "unit"}
+            strategies.append((item["unit"], _build(LayerStrategy, rest, source, at)))
+        at = f"{path}.pipeline" if path else "pipeline"
+        pipeline = _build(PipelineConfig, top["pipeline"], source, at)
+        return cls(top["world_size"], tuple(strategies), top["model_fingerprint"], pipeline)
 
     def save(self, path: str | Path) -> None:
         save_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as err:
-            raise PlanError(f"{path}: not valid JSON ({err})") from None
+        data = read_json(path, error=PlanError)
         if isinstance(data, dict) and "plan" in data:  # a search result: the plan inside
-            data = data["plan"]
+            return cls.from_json(data["plan"], source=str(path), path="plan")
         return cls.from_json(data, source=str(path))
 
     # Table -----------------------------------------------------------------------------
@@ -351,18 +351,23 @@ def _plain(d: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _known(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise PlanError(f"{where}: unknown field(s) {unknown} (known: {sorted(allowed)})")
+@dataclass(frozen=True)
+class _PlanFile:
+    """The top level of a plan's JSON, for `fields_of`; strategies are checked one by one."""
+
+    schema_version: int
+    world_size: int
+    model_fingerprint: str
+    strategies: tuple[Any, ...]
+    pipeline: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _build(kind: type[Any], data: Mapping[str, Any], where: str) -> Any:
-    _known(data, {f.name for f in fields(kind)}, where)
+def _build(kind: type[Any], data: Any, source: str, path: str) -> Any:
+    kwargs = fields_of(kind, data, source, path, error=PlanError)
     try:
-        return kind(**data)
+        return kind(**kwargs)
     except PlanError as err:
-        raise PlanError(f"{where}: {err}") from None
+        raise PlanError(f"{source}: {path}: {err}") from None
 
 
 def _check_divisible(unit: str, tp: int, shape: LayerShape) -> None:
@@ -370,7 +375,17 @@ def _check_divisible(unit: str, tp: int, shape: LayerShape) -> None:
         return
     for heads in shape.heads:
         if heads % tp:
-            raise PlanError(f"layer {unit!r}: {heads} attention heads are not divisible by tp={tp}")
+            raise PlanError(
+                f"layer {unit!r}: {heads} attention heads are not divisible by tp={tp}; "
+                f"use a tp that divides them ({', '.join(map(str, _divisors(heads)))})"
+            )
     for name, size in shape.tp_split_dims:
         if size % tp:
-            raise PlanError(f"layer {unit!r}: {name} has size {size}, not divisible by tp={tp}")
+            raise PlanError(
+                f"layer {unit!r}: {name} has size {size}, not divisible by tp={tp}; "
+                f"use a tp that divides it ({', '.join(map(str, _divisors(size)))})"
+            )
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, min(n, 64) + 1) if n % d == 0]

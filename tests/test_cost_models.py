@@ -134,6 +134,32 @@ def test_cluster_presets_options_and_json(tmp_path):
         load_cluster("local", local_profile=tmp_path / "missing.json")
 
 
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda d: d["links"][3].update(latency_s="fast"),
+            r"links\[3\]\.latency_s: expected a number",
+        ),
+        (lambda d: d["links"][0].update(scope="rack"), r"links\[0\]\.scope: expected one of"),
+        (lambda d: d["peak_flops"].update(bf16=None), r"peak_flops\['bf16'\]: expected a number"),
+        (lambda d: d.update(nodes=1.5), r"c\.json: nodes: expected an integer, got 1\.5"),
+        (lambda d: d.pop("memory_bytes"), r"c\.json: missing field\(s\) \['memory_bytes'\]"),
+        (lambda d: d.update(links={}), r"c\.json: links: expected a list"),
+    ],
+)
+def test_malformed_cluster_json_names_the_field_path(tmp_path, edit, message):
+    data = PRESETS["a100-80gb-sxm"].to_json()
+    edit(data)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message):
+        load_cluster(str(path))
+    path.write_text(json.dumps(data)[:-5])
+    with pytest.raises(ValueError, match=r"c\.json: not valid JSON: .* at line 1, column"):
+        load_cluster(str(path))
+
+
 def test_alpha_beta_fit_recovers_latency_and_bandwidth():
     from galvatron_fx.cost_models.fit import fit_alpha_beta
 

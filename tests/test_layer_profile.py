@@ -81,8 +81,9 @@ def test_layer_times_json_merges_at_one_concurrency(tmp_path):
     LayerTimes(4, {"c/x": LayerTime(3.0, 4.0, 0.0, 0.5)}).save(path)  # other machine use
     assert set(load_layer_times(path).entries) == {"c/x"}
     assert load_layer_times(tmp_path / "none.json") is None
-    path.write_text(json.dumps({"concurrency": 2}))
-    with pytest.raises(ValueError, match=r"layers\.json: .*malformed"):
+    bad = {"fwd_s": "slow", "bwd_s": 1.0, "recompute_s": 0.0, "step_s": 0.0}
+    path.write_text(json.dumps({"concurrency": 2, "entries": {"a/x": bad}}))
+    with pytest.raises(ValueError, match=r"layers\.json: entries\['a/x'\]\.fwd_s: expected a"):
         load_layer_times(path)
 
 

@@ -136,21 +136,64 @@ def test_width_not_divisible_by_tp_is_named():
 
 def test_loading_bad_files_is_clear(tmp_path):
     path = tmp_path / "p.json"
-    path.write_text("{not json")
-    with pytest.raises(PlanError, match="not valid JSON"):
+    path.write_text('{"world_size": 4,\n  not json')
+    with pytest.raises(PlanError, match=r"p\.json: not valid JSON: .* at line 2, column 3"):
         Plan.load(path)
     data = _mixed().to_json()
     path.write_text(json.dumps({**data, "schema_version": 99}))
     with pytest.raises(PlanError, match="schema_version 99 is not 1"):
         Plan.load(path)
-    data["strategies"][0]["tensor_parallel"] = 2
-    path.write_text(json.dumps(data))
-    with pytest.raises(
-        PlanError, match=r"strategy of 'embedding': unknown field\(s\) \['tensor_parallel'\]"
-    ):
-        Plan.load(path)
-    del data["world_size"]
-    data["strategies"][0].pop("tensor_parallel")
-    path.write_text(json.dumps(data))
-    with pytest.raises(PlanError, match="missing field 'world_size'"):
-        Plan.load(path)
+    with pytest.raises(PlanError, match="no such file"):
+        Plan.load(tmp_path / "absent.json")
+
+
+def _edit(data, path, value):
+    """A deep copy of `data` with the field at `path` (keys and indices) set or deleted."""
+    root = outer = json.loads(json.dumps(data))
+    *head, last = path
+    for key in head:
+        outer = outer[key]
+    if value is _DELETE:
+        del outer[last]
+    else:
+        outer[last] = value
+    return root
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        (["world_size"], "four", r"p\.json: plan\.world_size: expected an integer, got \"four\""),
+        (["world_size"], True, r"world_size: expected an integer, got true"),
+        (["world_size"], _DELETE, r"p\.json: plan: missing field\(s\) \['world_size'\]"),
+        (["strategies"], {"a": 1}, r"strategies: expected a list \[\.\.\.\], got an object"),
+        (["strategies", 0, "tp"], "2", r"strategies\[0\] \(unit 'embedding'\)\.tp: expected an"),
+        (
+            ["strategies", 2, "sp"],
+            "yes",
+            r"strategies\[2\] \(unit 'blocks\.1'\)\.sp: expected true",
+        ),
+        (["strategies", 1, "dp_mode"], "zero4", r"\.dp_mode: expected one of \['allreduce'"),
+        (
+            ["strategies", 0, "tensor_parallel"],
+            2,
+            r"strategies\[0\] \(unit 'embedding'\): unknown field\(s\) \['tensor_parallel'\]",
+        ),
+        (["strategies", 1, "unit"], 7, r"strategies\[1\]: expected an object with a \"unit\""),
+        (["pipeline", "micro_batches"], 0.5, r"pipeline\.micro_batches: expected an integer"),
+        (["pipeline", "stage_starts"], "blocks.1", r"pipeline\.stage_starts: expected a list"),
+        (
+            ["pipeline", "schedule"],
+            "zigzag",
+            r"plan\.pipeline\.schedule: expected one of \['gpipe'",
+        ),
+    ],
+)
+def test_malformed_plan_json_names_the_field_path(tmp_path, path, value, message):
+    file = tmp_path / "p.json"
+    file.write_text(json.dumps({"plan": _edit(_mixed().to_json(), path, value)}))
+    with pytest.raises(PlanError, match=message):
+        Plan.load(file)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from galvatron_fx.jsonio import fields_of, read_json
 from galvatron_fx.plan import DPMode, LayerStrategy, Recompute
 from galvatron_fx.runtime import collectives as C
 from galvatron_fx.runtime.launch import fork_ranks
@@ -79,12 +80,9 @@ class LayerTimes:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> LayerTimes:
-        try:
-            entries = {k: LayerTime(**v) for k, v in data["entries"].items()}
-            return cls(int(data["concurrency"]), entries, str(data.get("source", "")))
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"layer timings: malformed JSON ({err!r})") from None
+    def from_json(cls, data: Any, *, source: str = "layer timings") -> LayerTimes:
+        """Checked field by field: a ValueError names the path (`entries['k'].fwd_s`)."""
+        return cls(**fields_of(cls, data, source))
 
     def save(self, path: Path) -> None:
         """Merge into `path` (same concurrency) or replace it; written atomically."""
@@ -104,9 +102,9 @@ def load_layer_times(path: Path) -> LayerTimes | None:
     if not path.exists():
         return None
     try:
-        return LayerTimes.from_json(json.loads(path.read_text()))
-    except (json.JSONDecodeError, ValueError) as err:
-        raise ValueError(f"{path}: {err}; delete it and profile again") from None
+        return LayerTimes.from_json(read_json(path), source=str(path))
+    except ValueError as err:
+        raise ValueError(f"{err}; fix it, or delete it and profile again") from None
 
 
 def default_strategies(world: int) -> list[LayerStrategy]:
