@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import warnings
 from collections.abc import Mapping
@@ -33,6 +34,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from galvatron_fx.jsonio import read_json
+from galvatron_fx.runtime.safe_reader import SafeReader
 from galvatron_fx.runtime.state import Cache, holder_of, load_whole, whole_value
 
 __all__ = ["CheckpointError", "export_state_dict", "latest_checkpoint", "load", "save"]
@@ -113,15 +116,15 @@ def load(model: Any, root: str | Path) -> dict[str, Any]:
     states, resharded for its plan); call on every rank. Returns its meta (`step`,
     `extra`, ...)."""
     path = _latest_or_fail(root)
-    meta = json.loads((path / META).read_text())
+    meta = read_json(path / META, error=CheckpointError)
     parts = model.state_parts()
     module, sync, specs, rank = parts
-    known = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    known = _read_metadata(path)
     _check_names(path, known, specs)
     wanted = {f"model.{n}": _empty(known[f"model.{n}"]) for n in specs}
     optim_keys = {k for k in known if k.startswith("optim.")}
     wanted.update({k: _empty(known[k]) for k in optim_keys if _param_of(k) in specs})
-    dcp.load(wanted, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    dcp.load(wanted, storage_reader=SafeReader(str(path)), no_dist=not dist.is_initialized())
     with torch.no_grad():
         values = load_whole(module, sync, specs, lambda n: wanted[f"model.{n}"], rank)
         holders = {}  # by id: what the optimizer steps (a parameter or a flat shard)
@@ -170,16 +173,24 @@ def _load_optimizer(
             group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
 
 
+def _read_metadata(path: Path) -> Mapping[str, Any]:
+    """DCP's index of the checkpoint at `path`, read without running its code."""
+    try:
+        return SafeReader(str(path)).read_metadata().state_dict_metadata
+    except (pickle.UnpicklingError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata: {err}") from None
+
+
 def export_state_dict(root: str | Path, out: str | Path | None = None) -> Path:
     """Write the newest checkpoint under `root` as one plain `torch.save` file of the
     original model's `state_dict()` (loadable with `weights_only=True`); no process group
     needed. Returns the file (default: `<step dir>/model.pt`)."""
     path = _latest_or_fail(root)
-    known = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    known = _read_metadata(path)
     wanted = {k: _empty(v) for k, v in known.items() if k.startswith("model.")}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
         warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-        dcp.load(wanted, checkpoint_id=str(path), no_dist=True)
+        dcp.load(wanted, storage_reader=SafeReader(str(path)), no_dist=True)
     target = Path(out) if out is not None else path / "model.pt"
     tmp = target.with_name(target.name + ".tmp")
     torch.save({k.removeprefix("model."): v for k, v in wanted.items()}, tmp)
