@@ -92,8 +92,10 @@ class _Propagation:
         self.stream = _stream_shapes(self.gm)
         self.vocab = _vocab_size(self.gm)
         self.place: dict[str, dict[fx.Node, object]] = {a: {} for a in AXES}
+        self.fallbacks: dict[str, dict[str, list[str]]] = {}
         for node in self.gm.graph.nodes:
             PLACEMENT.set(node, self._node(node))
+        _warn_fallbacks(self.fallbacks)
 
     def _node(self, node: fx.Node) -> NodePlacement:
         s = self.strategies[LAYER.get(node).name]
@@ -112,8 +114,9 @@ class _Propagation:
                 continue
             d = decide(v)
             decided[axis] = d.out
-            if d.kind == "fallback":
-                _warn_fallback(node, axis, d.need)
+            if d.kind == "fallback" and any(isinstance(p, Replicate) for p in d.need.values()):
+                by_layer = self.fallbacks.setdefault(f"{node.target} ({axis} axis)", {})
+                by_layer.setdefault(LAYER.get(node).name, []).append(node.name)
             kind = "+".join(dict.fromkeys(k for k in (*kind.split("+"), d.kind) if k))
             for a, p in d.need.items():
                 needs.append((a.name, axis, p))
@@ -215,12 +218,15 @@ def _replicated_like(node: fx.Node) -> object:
     return R
 
 
-def _warn_fallback(node: fx.Node, axis: str, need: dict[fx.Node, object]) -> None:
-    gathered = [a.name for a, p in need.items() if isinstance(p, Replicate)]
-    if gathered:
+def _warn_fallbacks(fallbacks: dict[str, dict[str, list[str]]]) -> None:
+    """One warning per op (not per node: a 96-layer model would print 96), naming its
+    layers. Gathering is correct but costs a collective the cost model may not expect."""
+    for op, layers in fallbacks.items():
+        where = "; ".join(f"layer {layer!r} (nodes {nodes})" for layer, nodes in layers.items())
         warnings.warn(
-            f"no sharding rule lets {node.target} ({node.name!r}) run split on the {axis} "
-            f"axis: gathering {gathered} first",
+            f"no sharding rule lets {op} run split: gathering its inputs first in {where}. "
+            "Correct but slower; add a rule to galvatron_fx.passes.shard_rules.RULES to keep "
+            "it split",
             ShardWarning,
             stacklevel=4,
         )
