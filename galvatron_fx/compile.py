@@ -87,9 +87,11 @@ class Analysis:
         if isinstance(strategies, LayerStrategy):
             layer = dataclasses.replace(strategies, vocab_parallel=False)
             strategies = {u.name: strategies if u.kind == "segment" else layer for u in self.layers}
-        return Plan(
+        plan = Plan(
             world_size, tuple(strategies.items()), fingerprint, pipeline or PipelineConfig()
         )
+        plan.check_model(fingerprint, layer_shapes(self.graph_module))  # tp must divide heads
+        return plan
 
     def copy(self) -> Analysis:
         """A deep copy of the graph (parameters included) with a fresh context: rewrite one
@@ -192,6 +194,7 @@ def compile(  # the public name the design promises: galvatron_fx.compile
     cluster: Any = None,
     memory_budget_gb: float | None = None,
     global_batch: int | None = None,
+    check_finite: bool = False,
 ) -> Any:
     """Capture `model`, rewrite it for this rank under `plan`, and wrap it with gradient sync
     and `optimizer` (a factory `params -> Optimizer`; default AdamW, lr 1e-3).
@@ -202,7 +205,9 @@ def compile(  # the public name the design promises: galvatron_fx.compile
     send it to every rank; with neither, every unit uses plain data parallelism over all
     ranks. `example_inputs` are the whole batch (`global_batch`, if given, must be its
     size); `train_step` takes whole batches shaped like them. A plan with pipeline stages
-    gives a `PipelinedModel` (the same `train_step`, checkpoints and whole tensors)."""
+    gives a `PipelinedModel` (the same `train_step`, checkpoints and whole tensors).
+    `check_finite`: on an inf or NaN loss, skip the update and raise `NonFiniteLossError`
+    naming the step and the layer where it first appeared."""
     start = time.perf_counter()
     timings_s: dict[str, float] = {}
     compiled = _compile(
@@ -211,6 +216,7 @@ def compile(  # the public name the design promises: galvatron_fx.compile
     )  # fmt: skip
     timings_s["runtime"] = time.perf_counter() - start - sum(timings_s.values())
     compiled.compile_timings_s = timings_s
+    compiled.check_finite = check_finite
     return compiled
 
 
@@ -444,6 +450,48 @@ def _check_plan(plan: Plan, gm: fx.GraphModule, world: int, *, micro_batches: bo
             "parallelize: a plan with pipeline stages or micro-batches needs the graph "
             "captured at the micro-batch size; use galvatron_fx.compile(model, inputs, plan=...)"
         )
+    _check_batch_split(plan, gm)
+    _check_shared_weights(plan, gm)
+
+
+def _check_batch_split(plan: Plan, gm: fx.GraphModule) -> None:
+    """The micro-batches split `gm`'s batch and every unit's dp splits a micro-batch:
+    refused here, in one process, before any rank cuts the inputs or rewrites the graph."""
+    from galvatron_fx.passes.shard import batch_inputs
+    from galvatron_fx.passes.shard_rules import shape
+
+    inputs = batch_inputs(gm)
+    if not inputs:
+        return
+    batch, m = shape(next(iter(inputs)))[0], plan.pipeline.micro_batches
+    if batch % m:
+        raise PlanError(f"plan: {m} micro-batches do not split the batch of {batch}")
+    for unit, s in plan.strategies:
+        if (batch // m) % s.dp:
+            raise PlanError(
+                f"layer {unit!r}: dp={s.dp} does not divide a micro-batch of {batch // m} "
+                f"(the batch of {batch} in {m}); use a batch that every unit's dp divides"
+            )
+
+
+def _check_shared_weights(plan: Plan, gm: fx.GraphModule) -> None:
+    """A weight read by units of two pipeline stages (tied embeddings) is refused before
+    any rank rewrites or sends anything (`split_stages` checks the cut graph again)."""
+    from galvatron_fx.meta import LAYER
+    from galvatron_fx.passes.split_stages import unit_stages
+
+    if plan.pipeline.degree == 1:
+        return
+    stage_of = unit_stages(plan.units, plan.pipeline.stage_starts)
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        stages = sorted({stage_of[LAYER.get(u).name] for u in node.users})
+        if len(stages) > 1:
+            raise PlanError(
+                f"pipeline: parameter {node.target!r} is used by stages {stages} (tied "
+                "weights?); put its users in one stage or untie it"
+            )
 
 
 def _synced(

@@ -27,6 +27,7 @@ from galvatron_fx.search.baselines import UNIFORM_TOLERANCE, run_baselines, simp
 from galvatron_fx.search.explain import explain_units, smallest_memory
 from galvatron_fx.search.planner import Searched, SearchSpace, configs, search_space
 from galvatron_fx.search.strategies import powers_of_two
+from galvatron_fx.summary import layer_shapes
 
 __all__ = ["SearchResult", "run_search"]
 
@@ -92,6 +93,8 @@ def run_search(
     cluster's peak FLOP/s the layers reach (`plan_costs.measured_efficiency`)."""
     spec = load_cluster(cluster) if isinstance(cluster, str) else cluster
     world = world_size or spec.nodes * spec.devices_per_node
+    if world < 1 or world & (world - 1):
+        raise PlanError(_world_error(world, analysis))
     _check_inputs(world, memory_budget_gb, global_batch, max_pipeline)
     if not 0 < efficiency <= 1:
         raise PlanError(
@@ -141,14 +144,29 @@ def run_search(
 def _check_inputs(
     world: int, memory_budget_gb: float, global_batch: int, max_pipeline: int | None = None
 ) -> None:
-    if world < 1 or world & (world - 1):
-        raise PlanError(f"search: world size must be a power of two, got {world}")
     if memory_budget_gb <= 0:
         raise PlanError(f"search: memory budget must be > 0 GB, got {memory_budget_gb}")
     if global_batch < 1:
         raise PlanError(f"search: global batch must be >= 1, got {global_batch}")
     if max_pipeline is not None and max_pipeline < 1:
         raise PlanError(f"search: max_pipeline must be >= 1 (1: no stages), got {max_pipeline}")
+
+
+def _world_error(world: int, analysis: Any) -> str:
+    """Why the search cannot use `world` devices, and what would work."""
+    if world < 1:
+        return f"search: world size must be >= 1, got {world}"
+    heads = sorted({h for s in layer_shapes(analysis.graph_module).values() for h in s.heads})
+    tps = [t for t in range(1, world + 1) if world % t == 0 and all(h % t == 0 for h in heads)]
+    lower = 1 << (world.bit_length() - 1)
+    by_hand = " or ".join(f"tp={t} dp={world // t}" for t in tps[:3])
+    return (
+        f"search: {world} devices do not factor for this model: the search splits devices "
+        f"into pipeline x tp x dp degrees that are powers of two, and tp must divide every "
+        f"layer's attention heads ({', '.join(map(str, heads)) or 'none'}). Search for "
+        f"{lower} or {2 * lower} devices, or write a plan for {world} by hand ({by_hand}; "
+        "the batch must divide by dp) and pass it as plan= / --plan"
+    )
 
 
 def _predicted(best: Searched, terms: ModelTerms, space: SearchSpace) -> dict[str, Any]:

@@ -156,7 +156,7 @@ def smallest_memory(space: SearchSpace, budget_gb: float) -> str:
     need, config, what = best
     return (
         f"search: no plan fits {budget_gb:g} GB per device; the smallest needs about "
-        f"{need / GiB:.1f} GiB (pipeline {config.pipeline}, {config.micro_batches} "
+        f"{_size(need)} (pipeline {config.pipeline}, {config.micro_batches} "
         f"micro-batches). {what} Raise the budget, use more devices, or lower the global batch."
     )
 
@@ -194,9 +194,17 @@ def _dominant(
     )
     return (
         f"Stage {k} is the fullest; most of it is {label}, each at least "
-        f"{u.state_bytes[s] / GiB:.2f} GiB of parameters, gradients and optimizer states and "
-        f"{a * u.act_bytes[s] / GiB:.2f} GiB of activations ({a:g} micro-batches in flight)."
+        f"{_size(u.state_bytes[s])} of parameters, gradients and optimizer states and "
+        f"{_size(a * u.act_bytes[s])} of activations ({a:g} micro-batches in flight)."
     )
+
+
+def _size(num_bytes: float) -> str:
+    """Bytes in the unit that shows them best: a tiny model's needs are not "0.00 GiB"."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.2f} {unit}"
+    return f"{num_bytes / 2**10:.1f} KiB"
 
 
 def _least(u: Any, a: float) -> float:
