@@ -47,6 +47,9 @@ class InputSlice:
 class CompiledModel(WholeState):
     """The per-rank module (`.module`), its `.plan` and `.graph`, and `train_step`."""
 
+    check_finite = False
+    """Stop with `NonFiniteLossError` (step and layer) on an inf or NaN loss (`finite.py`)."""
+
     def __init__(
         self,
         module: fx.GraphModule,
@@ -64,6 +67,8 @@ class CompiledModel(WholeState):
         self.loss_group, self.loss_avg = loss_reduction(module, plan, rank)
         self.micro_batches = plan.pipeline.micro_batches if plan.pipeline.degree == 1 else 1
         """Gradient accumulation: the module was captured at 1/micro_batches of the batch."""
+        self.steps = 0
+        """train_step calls so far (the step a non-finite loss names)."""
 
     @property
     def graph(self) -> fx.Graph:
@@ -113,10 +118,28 @@ class CompiledModel(WholeState):
                 reported, work = self._global(total)  # overlaps the last backward
             loss.backward()
         self.sync.finish()
+        self.steps += 1
+        if self.check_finite:  # decide before the update, so a bad step changes nothing
+            if work is not None:
+                work.wait()
+                work = None
+            if not bool(reported.isfinite()):
+                self._stop_nonfinite(reported, args, target, kwargs)
         self.sync.step()
         if work is not None:
             work.wait()
         return reported
+
+    def _stop_nonfinite(self, loss: torch.Tensor, args: Any, target: Any, kwargs: Any) -> None:
+        from galvatron_fx.runtime.finite import first_nonfinite, raise_nonfinite
+
+        m, found = self.micro_batches, None
+        for i in range(m):  # every micro-batch on every rank: the collectives pair up
+            margs, mkwargs = micro_batch(args, m, i), micro_batch(kwargs, m, i)
+            with whole_inputs([*margs, *mkwargs.values()]):
+                hit = first_nonfinite(self.module, *self.local_inputs(margs, mkwargs))
+            found = found or hit
+        raise_nonfinite(self.steps, loss, found, self.plan.units)
 
     def _loss(self, out: Any, target: Any) -> torch.Tensor:
         if self.loss_fn is not None:

@@ -154,11 +154,19 @@ class StageRunner(nn.Module):
         """Every model input of the step (whole batch), for the inputs this stage reads
         itself (`Flight.local`); set by `start_step`."""
         self.micro_batches, self.calls = 1, 0
+        self.keep_inputs = False
+        """Keep each micro-batch's inputs for the step (`check_finite`'s re-run)."""
+        self.kept: list[tuple[torch.Tensor, ...]] = []
+        self.watch: Any = None
+        """While set (an `fx.Interpreter` class), the stage runs through it."""
 
     def start_step(self, inputs: list[Any], micro_batches: int) -> None:
         self.batch, self.micro_batches, self.calls = inputs, micro_batches, 0
+        self.kept = []
 
     def forward(self, *values: torch.Tensor) -> Any:
+        if self.keep_inputs and self.watch is None:
+            self.kept.append(tuple(v.detach() for v in values))
         whole = list(values) if self.first else []  # the micro-batch, before dp slicing
         if self.first:
             values = tuple(self._mine(v, i) for i, v in enumerate(values))
@@ -175,7 +183,8 @@ class StageRunner(nn.Module):
             zero3_saved_tensors() if self.program.zero3 else contextlib.nullcontext(),
             whole_inputs(whole),
         ):
-            out = self.stage(*[env[cast(fx.Node, a)] for a in call.args])  # nodes only
+            args = [env[cast(fx.Node, a)] for a in call.args]  # nodes only
+            out = self.watch.run(*args) if self.watch is not None else self.stage(*args)
         env[call] = out
         for user in call.users:
             if user.target is operator.getitem:
@@ -270,6 +279,17 @@ def pipeline_loss(output: torch.Tensor, target: Any = None) -> torch.Tensor:
 
 
 class PipelinedModel(WholeState):
+    @property
+    def check_finite(self) -> bool:
+        """Stop with `NonFiniteLossError` on an inf or NaN loss; the stages then keep each
+        micro-batch's inputs until the step ends (`finite.py`)."""
+        return any(r.keep_inputs for r in self.runners.values())
+
+    @check_finite.setter
+    def check_finite(self, on: bool) -> None:
+        for runner in self.runners.values():
+            runner.keep_inputs = on
+
     """A plan with pipeline stages on this rank: its stages (each rewritten for the
     stage's tp / dp / ZeRO strategies), their schedule, gradient sync and optimizer.
 
@@ -301,6 +321,7 @@ class PipelinedModel(WholeState):
         per_stage = world // p.degree
         self.program, self.plan, self.rank, self.world = program, plan, rank, world
         self.sync = sync
+        self.steps = 0
         pp_rank, local = divmod(rank, per_stage)
         self.mine = list(range(pp_rank, n, p.degree))
         self.held = held_specs(program, self.mine)
@@ -354,12 +375,28 @@ class PipelinedModel(WholeState):
         else:
             self.schedule.step(target=target, losses=losses)
         self.sync.finish()
-        self.sync.step()
+        self.steps += 1
+        if not self.check_finite:
+            self.sync.step()
         loss = torch.stack(losses).sum().detach() if losses else torch.zeros((), device=self.device)
         if self.last and self.program.loss_group.size > 1:
             dist.all_reduce(loss, group=GROUPS.groups[tuple(sorted(self.program.loss_group.ranks))])
         dist.broadcast(loss, src=self.last_rank)
+        if self.check_finite:  # decided before the update, so a bad step changes nothing
+            if not bool(loss.isfinite()):
+                self._stop_nonfinite(loss)
+            self.sync.step()
         return loss
+
+    def _stop_nonfinite(self, loss: torch.Tensor) -> None:
+        """Re-run each of this rank's stages on the inputs it kept, watching every node."""
+        from galvatron_fx.runtime.finite import first_nonfinite_in, raise_nonfinite
+
+        found = None
+        for runner in self.runners.values():
+            hit = first_nonfinite_in(runner, runner.kept)
+            found = found or hit
+        raise_nonfinite(self.steps, loss, found, self.plan.units)
 
     def state_parts(self) -> tuple[Any, GradSync, dict[str, Any], int]:
         return (self.program.module, self.sync, self.held, self.rank)
