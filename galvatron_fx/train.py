@@ -16,12 +16,14 @@ memmap of token ids, nanoGPT's `.bin`). Every rank builds the model from the sam
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,9 @@ class TrainConfig:
     resume: Path | None = None
     lr: float = 1e-3
     seed: int = 0
+    timeout_s: float = 300.0
+    """How long a collective waits for a rank that stopped answering before failing."""
+    check_finite: bool = False
 
 
 def launch(config: TrainConfig, argv: Sequence[str]) -> int:
@@ -143,7 +148,7 @@ def train(config: TrainConfig) -> list[float]:
     from galvatron_fx.models.spec import parse_model_spec
     from galvatron_fx.plan import Plan
 
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timedelta(seconds=config.timeout_s))
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         spec = parse_model_spec(config.model)
@@ -161,6 +166,7 @@ def train(config: TrainConfig) -> list[float]:
             cluster=config.cluster,
             memory_budget_gb=config.memory_gb,
             optimizer=lambda params: torch.optim.AdamW(params, lr=lr),
+            check_finite=config.check_finite,
         )
         if rank == 0:
             print(compiled.plan.table(), flush=True)
@@ -179,7 +185,8 @@ def _loop(compiled: Any, batches: Batches, config: TrainConfig, start: int, worl
     for step in range(start, config.steps):
         args, kwargs = batches.at(step)
         began = time.perf_counter()
-        loss = compiled.train_step(*args, **kwargs).item()
+        with _peers_lost(rank, f"step {step + 1}"):
+            loss = compiled.train_step(*args, **kwargs).item()
         step_s = time.perf_counter() - began
         losses.append(loss)
         peak = torch.tensor(_peak_rss_bytes(), dtype=torch.float64)
@@ -193,9 +200,25 @@ def _loop(compiled: Any, batches: Batches, config: TrainConfig, start: int, worl
         last = step + 1 == config.steps
         every = config.save_every and (step + 1) % config.save_every == 0
         if config.save is not None and (every or last):
-            path = compiled.save_checkpoint(config.save, step + 1, {"model": config.model})
+            with _peers_lost(rank, f"saving step {step + 1}"):
+                path = compiled.save_checkpoint(config.save, step + 1, {"model": config.model})
             _log(rank, f"saved {path}")
     return losses
+
+
+@contextlib.contextmanager
+def _peers_lost(rank: int, doing: str) -> Iterator[None]:
+    """A collective failing under `doing` most often means another rank died: say so, and
+    point at the rank that did (torchrun names it in its summary)."""
+    try:
+        yield
+    except dist.DistBackendError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RuntimeError(
+            f"rank {rank}: {doing}: a collective failed, most likely because another rank "
+            f"stopped (see its log, or the launcher's summary of which rank failed first): "
+            f"{first}"
+        ) from None
 
 
 def _peak_rss_bytes() -> float:

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from galvatron_fx.cli import main
 from tests.conftest import TINY_GPT, TINY_HF
 
@@ -62,3 +64,46 @@ def test_summary_matches_the_cli_table(capsys):
     table = gfx.summary(gfx.analyze(model, args, kwargs).graph_module)
     main(["inspect", TINY_GPT, "--batch", "2", "--seq", "16"])
     assert table in capsys.readouterr().out
+
+
+def _examples(command: str) -> list[str]:
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as done:
+        main([command, "--help"] if command else ["--help"])
+    assert done.value.code == 0
+    text = out.getvalue()
+    assert "examples:" in text, command
+    return [line.strip() for line in text.splitlines() if line.strip().startswith("galvatron-fx ")]
+
+
+@pytest.mark.parametrize("command", ["", "inspect", "profile", "cost", "plan", "explain", "train"])
+def test_every_command_has_help_with_examples_that_parse(command):
+    import shlex
+
+    from galvatron_fx.cli import _parser
+    from galvatron_fx.models.spec import parse_model_spec
+
+    found = _examples(command)
+    assert len(found) >= 2, found
+    for line in found:
+        args = _parser().parse_args(shlex.split(line)[1:])  # exits on a bad option
+        model = getattr(args, "model", None)
+        if model and not model.endswith(".py:build") and model != "MODEL":
+            parse_model_spec(model)
+
+
+def test_quiet_and_verbose(tmp_path, capsys):
+    plan = ["plan", TINY_GPT, "--memory-gb", "1", "--global-batch", "8", "--no-baselines"]
+    assert main([*plan, "--json", str(tmp_path / "p.json")]) == 0
+    out, err = capsys.readouterr()
+    assert "plan for 8 devices" in out and "wrote" in out
+    assert "configurations searched" in err and "pass annotate_costs" not in err
+    assert main([*plan, "-q", "--json", str(tmp_path / "p.json")]) == 0
+    out, err = capsys.readouterr()
+    assert "plan for 8 devices" in out and "wrote" not in out and err == ""
+    assert main([*plan, "--verbose"]) == 0
+    out, err = capsys.readouterr()
+    assert "pass annotate_costs:" in err and "search:" in err and "configs" in err

@@ -14,6 +14,7 @@ names the node-meta keys it needs and the ones it produces. Around every pass th
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -26,6 +27,8 @@ import torch
 from torch import fx
 
 from galvatron_fx.meta import REGISTRY, node_label
+
+LOG = logging.getLogger("galvatron_fx.passes")
 
 __all__ = [
     "Pass",
@@ -130,6 +133,7 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: Sequence[Pass]) -> 
             start = time.perf_counter()
             gm = p(gm, ctx)
             ctx.timings_s[p.name] = time.perf_counter() - start
+            LOG.debug("pass %s: %.3f s", p.name, ctx.timings_s[p.name])
             _ensure(gm, p, before)
             check_invariants(gm)
         except PassError:

@@ -13,6 +13,7 @@ resolution is not worth a mix's layout switches).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from galvatron_fx.search.explain import explain_units, smallest_memory
 from galvatron_fx.search.planner import Searched, SearchSpace, configs, search_space
 from galvatron_fx.search.strategies import powers_of_two
 from galvatron_fx.summary import layer_shapes
+
+LOG = logging.getLogger("galvatron_fx.search")
 
 __all__ = ["SearchResult", "run_search"]
 
@@ -136,6 +139,7 @@ def run_search(
         "efficiency": efficiency,
     }
     units = explain_units(space, best)
+    LOG.debug("search: %.2f s; %s", elapsed, ", ".join(f"{k} {v}" for k, v in stats.items()))
     rates = {r.name: (global_batch / r.time_s if r.time_s else None) for r in priced}
     plans = {r.name: r.searched.plan(terms, world) if r.searched else None for r in priced}
     return SearchResult(plan, predicted, elapsed, rates, units, stats, setup, plans)

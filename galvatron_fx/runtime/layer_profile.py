@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch.distributed as dist
 
 from galvatron_fx.jsonio import fields_of, read_json
 from galvatron_fx.plan import DPMode, LayerStrategy, Recompute
+from galvatron_fx.progress import progress
 from galvatron_fx.runtime import collectives as C
 from galvatron_fx.runtime.launch import fork_ranks
 from galvatron_fx.runtime.layer_timer import LayerTime, median_time, time_units
@@ -155,13 +155,8 @@ def _rank(
         barrier.wait()  # the copies start each strategy together, as real ranks would
         out[s.short()] = _measure(analysis, args, kwargs, s, repeats)
         if rank == 0:
-            _progress(i + 1, len(strategies), s.short())
+            progress(i + 1, len(strategies), s.short())
     return out
-
-
-def _progress(done: int, total: int, what: str) -> None:
-    bar = "#" * (30 * done // total)
-    print(f"\r[{bar:<30}] {done}/{total} {what:<32}", end="", file=sys.stderr, flush=True)
 
 
 def profile_layers(
@@ -182,7 +177,6 @@ def profile_layers(
     per_rank = fork_ranks(
         _rank, concurrency, analysis, args, kwargs, strategies, repeats, barrier, timeout_s=3600
     )
-    print(file=sys.stderr)
     samples: dict[str, list[LayerTime]] = defaultdict(list)
     for s in strategies:
         plan = analysis.plan(s, world_size=s.devices)

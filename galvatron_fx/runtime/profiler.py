@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -34,6 +33,7 @@ import torch.distributed as dist
 
 from galvatron_fx.cost_models.fit import fit_alpha_beta
 from galvatron_fx.cost_models.hardware import ClusterSpec, Link
+from galvatron_fx.progress import progress
 from galvatron_fx.runtime import collectives as C
 from galvatron_fx.runtime.launch import fork_ranks
 
@@ -61,11 +61,6 @@ class ProfileConfig:
             out.append(size)
             size *= 4
         return out
-
-
-def _progress(done: int, total: int, what: str) -> None:
-    bar = "#" * (30 * done // total)
-    print(f"\r[{bar:<30}] {done}/{total} {what:<40}", end="", file=sys.stderr, flush=True)
 
 
 def _best_s(fn: Callable[[], Any], repeats: int) -> float:
@@ -198,7 +193,7 @@ def _rank(rank: int, world: int, cfg: ProfileConfig) -> dict[str, Any]:
             both = statistics.median(_overlapped(chunk, coll, cfg.repeats) for _ in range(3))
             overlaps.append((with_coll - both) / max(min(alone, with_coll - alone), 1e-9))
         if rank == 0:
-            _progress(i + 1, len(steps), f"{kind} {size} B on {n} of {world} ranks")
+            progress(i + 1, len(steps), f"{kind} {size} B on {n} of {world} ranks")
     return {"collectives": results, "overlaps": overlaps}
 
 
@@ -206,7 +201,6 @@ def measure_collectives(cfg: ProfileConfig) -> tuple[dict[tuple[str, int, int], 
     """Per (kind, group size, bytes): in-situ seconds, the mean over the ranks in a group;
     and the fraction of an asynchronous collective that compute hides."""
     per_rank = fork_ranks(_rank, cfg.nproc, cfg, timeout_s=1800)
-    print(file=sys.stderr)
     samples: dict[tuple[str, int, int], list[float]] = {}
     for r, result in enumerate(per_rank):
         for (kind, n, size), t in result["collectives"].items():

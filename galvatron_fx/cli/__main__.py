@@ -1,0 +1,5 @@
+import sys
+
+from galvatron_fx.cli import main
+
+sys.exit(main())

@@ -1,0 +1,153 @@
+"""`galvatron-fx plan` and `explain`: search a plan, print it, report it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from galvatron_fx.cli.common import (
+    MODEL_HELP,
+    capture,
+    examples,
+    info,
+    read_json,
+    write_json,
+)
+from galvatron_fx.progress import progress
+
+
+def add(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "plan",
+        parents=parents,
+        help="search the best plan for a cluster and a memory budget",
+        description="Search per-layer strategies (tp, sp, dp / ZeRO, recomputation) and "
+        "pipeline stages for --world devices of --cluster under --memory-gb per device; "
+        "print the plan, its predicted step time and memory, and the baselines priced by "
+        "the same cost model. Runs on the meta device: plan a 1024-GPU job from a laptop.",
+        epilog=examples(
+            (
+                "Llama-2-7B's shape on 8 A100s with 36 GiB each",
+                "galvatron-fx plan hf:llama:hidden_size=4096,num_hidden_layers=32,num_attention_heads=32,intermediate_size=11008 --memory-gb 36 --global-batch 32 --seq 2048",
+            ),
+            (
+                "GPT on 64 H100s (8 nodes), the plan as JSON for train --plan",
+                "galvatron-fx plan gpt:layers=48,hidden=6144,heads=48 --cluster h100-80gb-sxm:nodes=8 --memory-gb 60 --global-batch 512 --json plan.json",
+            ),
+            (
+                "a report to look at: strategy table, memory bars, pipeline timeline, baselines",
+                "galvatron-fx plan gpt:layers=24,hidden=2048,heads=16 --memory-gb 8 --global-batch 64 --html report.html --png charts/",
+            ),
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--cluster", default="a100-80gb-sxm", help="preset[:nodes=N], local, or JSON")
+    p.add_argument("--memory-gb", type=float, required=True, help="memory budget per device")
+    p.add_argument("--global-batch", type=int, required=True, help="samples per step")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: model max)")
+    p.add_argument("--world", type=int, default=None, help="devices (default: the cluster's)")
+    p.add_argument("--precision", default="mixed", choices=("mixed", "fp32"))
+    p.add_argument("--max-pipeline", type=int, default=None, help="cap the pipeline degree")
+    p.add_argument("--no-baselines", action="store_true", help="skip pricing the baselines")
+    p.add_argument("--json", type=Path, help="write the plan, predictions and baselines")
+    _report_arguments(p)
+    p.set_defaults(run=run)
+    p = sub.add_parser(
+        "explain",
+        parents=parents,
+        help="why each layer of a plan got its strategy",
+        description="Read a result written by galvatron-fx plan --json: per layer, its "
+        "strategy, cost, the runner-up and what bound the choice (time or memory); --diff "
+        "compares two plans layer by layer; --html/--png report a saved search.",
+        epilog=examples(
+            ("why each layer got its strategy", "galvatron-fx explain plan.json"),
+            (
+                "what changed between two budgets",
+                "galvatron-fx explain plan-36gb.json --diff plan-16gb.json",
+            ),
+            ("the report of a saved search", "galvatron-fx explain plan.json --html report.html"),
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("plan", type=Path, help="a JSON written by galvatron-fx plan --json")
+    p.add_argument("--diff", type=Path, default=None, help="compare with another plan JSON")
+    _report_arguments(p)
+    p.set_defaults(run=run_explain)
+
+
+def _report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--html", type=Path, help="write a self-contained HTML report to FILE")
+    p.add_argument("--png", type=Path, metavar="DIR", help="write the report's charts as PNGs")
+
+
+def run(args: argparse.Namespace) -> int:
+    from galvatron_fx.compile import search
+
+    if args.seq is not None and args.seq < 1:
+        raise ValueError("--seq must be >= 1")
+    # captured whole, as `compile` will capture it: the plan's fingerprint then matches
+    analysis, _, _ = capture(args.model, "meta", args.global_batch, args.seq)
+    result = search(
+        analysis,
+        cluster=args.cluster,
+        memory_budget_gb=args.memory_gb,
+        global_batch=args.global_batch,
+        world_size=args.world,
+        precision=args.precision,
+        baselines=not args.no_baselines,
+        max_pipeline=args.max_pipeline,
+        progress=lambda done, total: progress(done, total, "configurations searched"),
+    )
+    print(format_result(result))
+    if args.json:
+        write_json(args.json, result.to_json())
+    _report(result.to_json(), args)
+    return 0
+
+
+def format_result(result: Any) -> str:
+    """The plan table, the predictions and the baselines, as `galvatron-fx plan` prints."""
+    p = result.predicted
+    lines = [result.plan.table(), ""]
+    lines.append(f"predicted step time   {p['step_time_s'] * 1e3:.1f} ms")
+    lines.append(f"samples/s             {p['samples_per_s']:.2f}")
+    lines.append(f"TFLOP/s per device    {p['tflops_per_device']:.1f}")
+    for k, mem in enumerate(p["peak_memory_bytes"]):
+        lines.append(f"stage {k} peak memory  {mem / 2**30:.2f} GiB (upper bound)")
+    lines.append(f"search time           {result.search_time_s:.2f} s")
+    if result.baselines:
+        lines.append("")
+        lines.append(f"{'baseline':<24}{'samples/s':>12}{'plan / baseline':>18}")
+        for name, sps in result.baselines.items():
+            if sps is None:
+                lines.append(f"{name:<24}{'does not fit':>12}")
+            else:
+                lines.append(f"{name:<24}{sps:>12.2f}{p['samples_per_s'] / sps:>17.3f}x")
+    return "\n".join(lines)
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from galvatron_fx.search.explain import diff_plans, format_explain
+
+    data = read_json(args.plan)
+    _report(data, args)
+    if args.diff is not None:
+        print(diff_plans(data, read_json(args.diff), (args.plan.name, args.diff.name)))
+        return 0
+    if "units" not in data:
+        raise ValueError(
+            f"{args.plan}: no per-unit explanations (write it with galvatron-fx plan --json)"
+        )
+    print(format_explain(data))
+    return 0
+
+
+def _report(data: Any, args: argparse.Namespace) -> None:
+    """--html and --png: the plan report (`galvatron_fx.report`), written atomically."""
+    if args.html or args.png:
+        from galvatron_fx.report import write_report
+
+        for path in write_report(data, html=args.html, png=args.png):
+            info(f"wrote {path}")
