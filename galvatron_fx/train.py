@@ -183,26 +183,8 @@ def _loop(compiled: Any, batches: Batches, config: TrainConfig, start: int, worl
     rank = dist.get_rank()
     losses = []
     for step in range(start, config.steps):
-        args, kwargs = batches.at(step)
-        began = time.perf_counter()
         with _peers_lost(rank, f"step {step + 1}"):
-            loss = compiled.train_step(*args, **kwargs).item()
-        step_s = time.perf_counter() - began
-        losses.append(loss)
-        peak = torch.tensor(_peak_rss_bytes(), dtype=torch.float64)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        _log(
-            rank,
-            f"step {step + 1}/{config.steps}  loss {loss:.6f}  time {step_s * 1e3:.1f} ms  "
-            f"samples/s {config.global_batch / step_s:.1f}  "
-            f"peak rss {peak.item() / 2**20:.0f} MiB (max over {world} ranks)",
-        )
-        last = step + 1 == config.steps
-        every = config.save_every and (step + 1) % config.save_every == 0
-        if config.save is not None and (every or last):
-            with _peers_lost(rank, f"saving step {step + 1}"):
-                path = compiled.save_checkpoint(config.save, step + 1, {"model": config.model})
-            _log(rank, f"saved {path}")
+            losses.append(_step(compiled, batches, config, step, world))
     return losses
 
 
@@ -212,13 +194,47 @@ def _peers_lost(rank: int, doing: str) -> Iterator[None]:
     point at the rank that did (torchrun names it in its summary)."""
     try:
         yield
-    except dist.DistBackendError as err:
+    except RuntimeError as err:
+        if not _lost_peer(err):
+            raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RuntimeError(
             f"rank {rank}: {doing}: a collective failed, most likely because another rank "
             f"stopped (see its log, or the launcher's summary of which rank failed first): "
             f"{first}"
         ) from None
+
+
+def _lost_peer(err: BaseException) -> bool:
+    """gloo reports a dead peer as a reset connection or a timeout (DistBackendError or a
+    plain RuntimeError, by version and op); NCCL as DistBackendError."""
+    text = str(err)
+    return isinstance(err, dist.DistBackendError) or any(
+        s in text for s in ("Connection reset", "Connection closed", "Timed out", "gloo")
+    )
+
+
+def _step(compiled: Any, batches: Batches, config: TrainConfig, step: int, world: int) -> float:
+    """Train step `step` (from 0), log it on rank 0, and save when it is time."""
+    rank = dist.get_rank()
+    args, kwargs = batches.at(step)
+    began = time.perf_counter()
+    loss = compiled.train_step(*args, **kwargs).item()
+    step_s = time.perf_counter() - began
+    peak = torch.tensor(_peak_rss_bytes(), dtype=torch.float64)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    _log(
+        rank,
+        f"step {step + 1}/{config.steps}  loss {loss:.6f}  time {step_s * 1e3:.1f} ms  "
+        f"samples/s {config.global_batch / step_s:.1f}  "
+        f"peak rss {peak.item() / 2**20:.0f} MiB (max over {world} ranks)",
+    )
+    last = step + 1 == config.steps
+    every = config.save_every and (step + 1) % config.save_every == 0
+    if config.save is not None and (every or last):
+        path = compiled.save_checkpoint(config.save, step + 1, {"model": config.model})
+        _log(rank, f"saved {path}")
+    return loss
 
 
 def _peak_rss_bytes() -> float:

@@ -120,3 +120,63 @@ def test_a_checkpoint_of_another_model_is_refused(saved):
         match=r"parameter .wte.weight. is \(128, 64\) there, \(128, 32\) in this model",
     ):
         compiled.load_checkpoint(root)
+
+
+def _interrupt_while_writing(state, checkpoint_id, **kwargs):
+    """What Ctrl-C does to a save in the middle of DCP's writes: a file half there."""
+    from pathlib import Path
+
+    Path(checkpoint_id).mkdir(parents=True, exist_ok=True)
+    (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"\x80half a tensor")
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("where", ["writing", "publishing"])
+def test_ctrl_c_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch, where):
+    import galvatron_fx as gfx
+
+    model, args, kwargs = build(SPEC, batch=8, seq=16)
+    compiled = gfx.compile(model, args, kwargs, optimizer=_adamw)
+    compiled.train_step(*args, **kwargs)
+    compiled.save_checkpoint(tmp_path, 1)
+    saved = {k: v.clone() for k, v in compiled.full_params().items()}
+    compiled.train_step(*args, **kwargs)
+    if where == "writing":
+        monkeypatch.setattr(checkpoint.dcp, "save", _interrupt_while_writing)
+    else:
+        monkeypatch.setattr(checkpoint, "_before_publish", _raise_keyboard_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        compiled.save_checkpoint(tmp_path, 2)
+    monkeypatch.undo()
+    assert checkpoint.latest_checkpoint(tmp_path) == tmp_path / "step-00000001"
+    assert compiled.load_checkpoint(tmp_path)["step"] == 1
+    for name, value in compiled.full_params().items():
+        assert torch.equal(value, saved[name]), name
+
+
+def _raise_keyboard_interrupt():
+    raise KeyboardInterrupt
+
+
+def test_checkpoint_metadata_that_would_run_code_is_refused(tmp_path):
+    import pickle
+
+    import galvatron_fx as gfx
+
+    model, args, kwargs = build(SPEC, batch=8, seq=16)
+    compiled = gfx.compile(model, args, kwargs, optimizer=_adamw)
+    path = compiled.save_checkpoint(tmp_path, 1)
+    marker = tmp_path / "ran"
+    evil = pickle.dumps(_Evil(str(marker)))
+    (path / ".metadata").write_bytes(evil)
+    with pytest.raises(checkpoint.CheckpointError, match=r"refers to posix\.system|builtins"):
+        compiled.load_checkpoint(tmp_path)
+    assert not marker.exists()
+
+
+class _Evil:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
