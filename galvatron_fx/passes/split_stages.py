@@ -64,8 +64,9 @@ def split_stages(gm: fx.GraphModule, plan: Plan) -> StageSplit:
     """Cut `gm` (any graph whose nodes carry `gfx_layer`) into `plan`'s stages."""
     p = plan.pipeline
     n = p.degree * p.virtual_stages
-    units = list(dict.fromkeys(LAYER.get(node).name for node in gm.graph.nodes))
-    of_unit = unit_stages(units, p.stage_starts)
+    # the plan's order (the model's), not the graph's: the rewrite inserts a unit's input
+    # slicing next to the inputs, ahead of the units before it
+    of_unit = unit_stages(list(plan.units), p.stage_starts)
     tags = [f"stage_{k}" for k in range(n)]
     stage_of = _tag_nodes(gm, of_unit, tags)
     _refuse_shared_params(gm, stage_of)
