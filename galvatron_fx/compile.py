@@ -338,7 +338,9 @@ def _compile_pipelined(
         raise PlanError(f"plan's units {list(plan.units)[:4]}... are not this model's")
     stage_plan = dataclasses.replace(plan, world_size=per_stage, pipeline=PipelineConfig())
     stage_of = unit_stages(analysis.units, p.stage_starts)
-    ctx.results.update(plan=stage_plan, rank=local, unit_stage=stage_of)
+    ctx.results.update(
+        plan=stage_plan, rank=local, unit_stage=stage_of, micro_batches=p.micro_batches
+    )
     gm = run_passes(gm, ctx, PARALLEL_PASSES)
     specs = shift_ranks(gm, ctx.results["params"], offset)
     pp_groups = pipeline_groups(world, p.degree)
@@ -475,23 +477,51 @@ def _check_batch_split(plan: Plan, gm: fx.GraphModule) -> None:
 
 
 def _check_shared_weights(plan: Plan, gm: fx.GraphModule) -> None:
-    """A weight read by units of two pipeline stages (tied embeddings) is refused before
-    any rank rewrites or sends anything (`split_stages` checks the cut graph again)."""
-    from galvatron_fx.meta import LAYER
+    """Units sharing a weight (tied embeddings) need one layout (the weight is stored once)
+    and, with pipeline stages, one stage; every pipeline rank's stages hold a parameter
+    (an optimizer refuses an empty list). Refused before any rank rewrites or sends
+    anything (`split_stages` checks the cut graph again)."""
     from galvatron_fx.passes.split_stages import unit_stages
 
-    if plan.pipeline.degree == 1:
-        return
-    stage_of = unit_stages(plan.units, plan.pipeline.stage_starts)
-    for node in gm.graph.nodes:
-        if node.op != "get_attr":
-            continue
-        stages = sorted({stage_of[LAYER.get(u).name] for u in node.users})
-        if len(stages) > 1:
+    p = plan.pipeline
+    stage_of = unit_stages(plan.units, p.stage_starts)
+    users = _weight_users(gm)
+    for name, units in users.items():
+        if len({_layout(plan.strategy(u)) for u in units}) > 1:
             raise PlanError(
-                f"pipeline: parameter {node.target!r} is used by stages {stages} (tied "
+                f"units {sorted(units)} share parameter {name!r} (tied weights): give them "
+                "the same tp, dp, tp_consecutive and vocab_parallel"
+            )
+        stages = sorted({stage_of[u] for u in units})
+        if p.degree > 1 and len(stages) > 1:
+            raise PlanError(
+                f"pipeline: parameter {name!r} is used by stages {stages} (tied "
                 "weights?); put its users in one stage or untie it"
             )
+    held = {stage_of[u] % p.degree for units in users.values() for u in units}
+    if p.degree > 1 and len(held) < p.degree:
+        raise PlanError(
+            f"pipeline: the stages of pipeline rank(s) {sorted(set(range(p.degree)) - held)} "
+            "hold no parameter (the loss alone, say); start them at an earlier unit"
+        )
+
+
+def _layout(s: LayerStrategy) -> tuple[int, int, bool, bool]:
+    """How a unit stores its weights: tp, dp, TP rank order (only with tp, dp > 1), vocab."""
+    return (s.tp, s.dp, s.tp_consecutive or s.tp == 1 or s.dp == 1, s.vocab_parallel)
+
+
+def _weight_users(gm: fx.GraphModule) -> dict[str, set[str]]:
+    """Per parameter (one entry per object, however many names it has), the units reading it."""
+    from galvatron_fx.meta import LAYER
+
+    out: dict[int, tuple[str, set[str]]] = {}
+    for node in gm.graph.nodes:
+        param = get_attr(gm, str(node.target)) if node.op == "get_attr" else None
+        if isinstance(param, nn.Parameter):
+            entry = out.setdefault(id(param), (str(node.target), set()))
+            entry[1].update(LAYER.get(u).name for u in node.users)
+    return dict(out.values())
 
 
 def _synced(
@@ -534,7 +564,8 @@ def _zero3_tp_sums(gm: fx.GraphModule, specs: dict[str, ParamSpec], rank: int) -
 def _all_groups(gm: fx.GraphModule, specs: dict[str, ParamSpec]) -> list[tuple[int, ...]]:
     """Every rank set any rank uses: all ranks must create every group, in the same order."""
     mine: set[tuple[int, ...]] = set()
-    for node in gm.graph.nodes:
+    graphs = [m.graph for m in gm.modules() if isinstance(m, fx.GraphModule)]  # regions too
+    for node in (n for graph in graphs for n in graph.nodes):
         mine.update(collectives.groups_of(node.target, node.args))
     for spec in specs.values():
         mine.update({spec.tp_group.ranks, spec.dp_group.ranks})

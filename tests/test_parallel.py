@@ -298,7 +298,7 @@ def _padded_step(
     C._all_reduce = lambda x, ref, f=C._all_reduce: calls.append(ref) or f(x, ref)  # type: ignore[misc]
     loss = float(compiled.train_step(*args, **kwargs))
     assert not calls, "the target count took a collective"
-    return loss
+    return loss, compiled.full_grads()
 
 
 PP2 = {"degree": 2, "stage_starts": ("blocks.1",), "micro_batches": 2}
@@ -310,18 +310,30 @@ PP2 = {"degree": 2, "stage_starts": ("blocks.1",), "micro_batches": 2}
         # ignored targets in rank 0's half only
         (2, LayerStrategy(dp=2), {}, (0, 1)),
         (2, LayerStrategy(dp=2, dp_mode=DPMode.ZERO3), {}, (0, 1)),
-        # in rank 0's piece of each micro-batch (micro-batches average their means, so
-        # they hold equal counts here; the ranks within one do not)
+        # in rank 0's piece of each micro-batch: equal counts across micro-batches
         (2, LayerStrategy(dp=2), {"micro_batches": 2}, (0, 2)),
         (4, LayerStrategy(dp=2), PP2, (0, 2)),
+        # in the first micro-batch only: a mean of micro-batch means would be off
+        (2, LayerStrategy(dp=2), {"micro_batches": 2}, (0, 1)),
+        (2, LayerStrategy(dp=2, dp_mode=DPMode.ZERO3), {"micro_batches": 2}, (0,)),
+        (4, LayerStrategy(dp=2), PP2, (0, 1)),
+        (4, LayerStrategy(tp=2, sp=True), PP2, (0,)),
     ],
-    ids=["dp2", "zero3", "dp2-accumulate", "pp2xdp2"],
-)
+    ids=[
+        "dp2", "zero3", "dp2-accumulate", "pp2xdp2", "dp2-accumulate-uneven",
+        "zero3-accumulate-uneven", "pp2xdp2-uneven", "pp2xtp2-uneven",
+    ],
+)  # fmt: skip
 def test_an_uneven_target_count_is_read_off_the_whole_batch(world, strategy, pipeline, rows):
     """The mean loss over targets ignored unevenly across the dp ranks: each rank counts
     the whole (micro-)batch it was handed, no all-reduce in the forward, and the loss is the
     unsplit model's."""
     model, args, kwargs = _padded_batch(rows)
-    want = float(model(*args, **kwargs))
-    for loss in run_ranks(_padded_step, world, strategy, pipeline, rows):
-        assert loss == pytest.approx(want, rel=1e-5)
+    loss = model(*args, **kwargs)
+    loss.backward()
+    want = {n: p.grad for n, p in model.named_parameters()}
+    for got, grads in run_ranks(_padded_step, world, strategy, pipeline, rows):
+        assert got == pytest.approx(float(loss), rel=1e-5)
+        for name, grad in want.items():
+            err = (grads[name] - grad).norm() / grad.norm().clamp_min(1e-12)
+            assert err < 1e-5, (name, float(err))

@@ -89,6 +89,8 @@ def take_shard(t: torch.Tensor, dim: int, blocks: int, n: int, index: int) -> to
 def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Rewrite the graph into rank `ctx.results['rank']`'s program."""
     rewrite = _Rewrite(gm, ctx.results["plan"], int(ctx.results.get("rank", 0)))
+    plan_m = ctx.results["plan"].pipeline.micro_batches
+    rewrite.count_targets = max(plan_m, int(ctx.results.get("micro_batches", 1))) > 1
     ctx.results["params"] = rewrite.run()
     gm.graph.lint()
     if ctx.results.get("codegen", True):  # a costs-only rewrite never runs the module
@@ -96,7 +98,18 @@ def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     return gm
 
 
+def _mean_cross_entropy(node: fx.Node) -> bool:
+    """A cross-entropy averaged over its counted targets, with no weights or smoothing."""
+    if node.target not in (aten.cross_entropy_loss.default, vocab_cross_entropy):
+        return False
+    args = list(node.args) + [None, 1, -100, 0.0][len(node.args) - 2 :]
+    return args[2] is None and args[3] == 1 and not args[5]
+
+
 class _Rewrite:
+    count_targets = False
+    """The batch is cut into micro-batches: every mean cross-entropy becomes sum / count."""
+
     def __init__(self, gm: fx.GraphModule, plan: Plan, rank: int) -> None:
         self.gm, self.plan, self.rank = gm, plan, rank
         self.strategies = unit_strategies(gm, plan)
@@ -225,7 +238,9 @@ class _Rewrite:
             self._vocab_embedding(node)
         if "vocab_ce" in p.kinds:
             self._vocab_cross_entropy(node)
-        if "global_mean" in p.kinds:
+        if "global_mean" in p.kinds or (self.count_targets and _mean_cross_entropy(node)):
+            # with micro-batches, an unsplit mean too: train_step weighs micro-batches by
+            # their counts (a mean of micro-batch means is not the batch's mean)
             self._global_mean(node, p)
         self._local_args(node, p)
 
@@ -257,6 +272,7 @@ class _Rewrite:
         anchor = node.next
         group = self.group(node, "dp").ranks
         count = self._insert(anchor, C.global_count, (target, ignore_index, group), node, R, R)
+        LAYER.set(count, LAYER.get(node))  # the loss's stage counts (the next node may not be)
         out = self._insert(anchor, aten.div.Tensor, (node, count), node, p.dp, p.tp)
         for u in users:
             u.replace_input_with(node, out)
@@ -325,6 +341,8 @@ class _Rewrite:
         self, x: fx.Node, orig: fx.Node, node: fx.Node, dp: Any, tp: Any, want: Any
     ) -> fx.Node:
         src_mesh, dst_mesh = self.mesh(orig), self.mesh(node)
+        if isinstance(tp, Partial):  # a partial sum is summed on its own mesh before it moves
+            x, tp = self._reduce_in_place(x, orig, dp), R
         shape = tuple(_global_val(orig).shape)
         src = Layout(src_mesh, shape, _dim(dp), _dim(tp))
         dst = Layout(dst_mesh, shape, _dim(want[0]), _dim(want[1]))
@@ -337,6 +355,20 @@ class _Rewrite:
         if not fwd and not bwd and scale == 1.0:
             return x
         return self._insert(node, C.switch_layout, (x, fwd, bwd, scale), orig, *want)
+
+    def _reduce_in_place(self, x: fx.Node, orig: fx.Node, dp: Any) -> fx.Node:
+        """Megatron g on `x` right after it, in `orig`'s unit, over `orig`'s TP group (a
+        unit's vocab-parallel embedding hands its next unit a partial sum, say)."""
+        key = (C.tp_reduce, x)
+        if key not in self.cache:
+            with self.gm.graph.inserting_after(x):
+                new = self.gm.graph.call_function(C.tp_reduce, (x, self.group(orig, "tp").ranks))
+            new.meta["gfx_layer"] = LAYER.get(orig)
+            new.meta["nn_module_stack"] = orig.meta.get("nn_module_stack", {})
+            new.meta["_global_val"] = _global_val(orig)
+            PLACEMENT.set(new, NodePlacement(dp, R, "collective"))
+            self.cache[key] = new
+        return self.cache[key]
 
     def _row_parallel(self, node: fx.Node, p: NodePlacement) -> None:
         """linear(x, W_split, b) -> g(linear(x, W_split)) + b: the bias is added once."""

@@ -321,9 +321,29 @@ def global_count(target: torch.Tensor, ignore_index: int, ranks: Ranks) -> torch
     the all-reduce (a collective in the middle of the forward) is not needed."""
     whole = _whole_of(target) if len(ranks) > 1 else None
     if whole is not None:
-        return (whole != ignore_index).sum().to(torch.float32)
-    count = (target != ignore_index).sum().to(torch.float32)
-    return _all_reduce(count, GroupRef(ranks)) if len(ranks) > 1 else count
+        count = (whole != ignore_index).sum().to(torch.float32)
+    else:
+        count = (target != ignore_index).sum().to(torch.float32)
+        count = _all_reduce(count, GroupRef(ranks)) if len(ranks) > 1 else count
+    if _COUNTS is not None:
+        _COUNTS.append(count.detach())
+    return count
+
+
+_COUNTS: list[torch.Tensor] | None = None
+"""While `counting()` runs: every count `global_count` returned."""
+
+
+@contextlib.contextmanager
+def counting() -> Iterator[list[torch.Tensor]]:
+    """Record the target counts of the forward that runs inside (the micro-batch loss's
+    denominator): gradient accumulation weighs each micro-batch by its count."""
+    global _COUNTS
+    _COUNTS = []
+    try:
+        yield _COUNTS
+    finally:
+        _COUNTS = None
 
 
 # -- ZeRO-3 -----------------------------------------------------------------------------

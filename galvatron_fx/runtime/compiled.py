@@ -20,7 +20,14 @@ from torch.utils import _pytree as pytree
 
 from galvatron_fx.meta import LAYER, PLACEMENT
 from galvatron_fx.plan import Plan
-from galvatron_fx.runtime.collectives import GROUPS, GroupRef, whole_inputs, zero3_saved_tensors
+from galvatron_fx.runtime.collectives import (
+    GROUPS,
+    GroupRef,
+    counting,
+    global_count,
+    whole_inputs,
+    zero3_saved_tensors,
+)
 from galvatron_fx.runtime.data_parallel import GradSync
 from galvatron_fx.runtime.mesh import Mesh
 from galvatron_fx.runtime.state import WholeState
@@ -69,6 +76,8 @@ class CompiledModel(WholeState):
         """Gradient accumulation: the module was captured at 1/micro_batches of the batch."""
         self.steps = 0
         """train_step calls so far (the step a non-finite loss names)."""
+        self.counts_targets = counts_targets(module)
+        """The loss is a sum over one counted-target denominator (`train_step`)."""
 
     @property
     def graph(self) -> fx.Graph:
@@ -105,19 +114,35 @@ class CompiledModel(WholeState):
     def train_step(self, *args: Any, target: Any = None, **kwargs: Any) -> torch.Tensor:
         """Forward, backward, gradient sync and optimizer step on the whole batch (in the
         plan's micro-batches, gradients accumulated, when it has several); returns the loss
-        of the whole batch (the same on every rank)."""
+        of the whole batch (the same on every rank).
+
+        A mean loss over counted targets (cross-entropy with `ignore_index`, split over
+        ranks: `collectives.global_count`) stays exact across micro-batches: each
+        micro-batch's backward is weighed by its count and the summed gradients divided by
+        the batch's, since a mean of micro-batch means is not the batch's mean when padding
+        falls unevenly."""
         self.sync.zero_grad()
         m = self.micro_batches
+        weighed = m > 1 and self.counts_targets
         total: torch.Tensor | None = None
+        counted: torch.Tensor | None = None
         for i in range(m):
             margs, mtarget, mkwargs = (micro_batch(x, m, i) for x in (args, target, kwargs))
-            loss = self.forward_loss(*margs, target=mtarget, **mkwargs)
-            loss = loss / m if m > 1 else loss
+            with counting() as counts:
+                loss = self.forward_loss(*margs, target=mtarget, **mkwargs)
+            if weighed:  # the micro-batch's share of the sum; divided by the count below
+                loss = loss * counts[-1]
+                counted = counts[-1] if counted is None else counted + counts[-1]
+            elif m > 1:
+                loss = loss / m
             total = loss.detach().clone() if total is None else total + loss.detach()
             if i == m - 1:
+                total = total / counted if counted is not None else total
                 reported, work = self._global(total)  # overlaps the last backward
             loss.backward()
         self.sync.finish()
+        if counted is not None:
+            self.sync.scale_grads(1.0 / counted)
         self.steps += 1
         if self.check_finite:  # decide before the update, so a bad step changes nothing
             if work is not None:
@@ -165,6 +190,13 @@ class CompiledModel(WholeState):
 
     def state_parts(self) -> tuple[Any, GradSync, dict[str, Any], int]:
         return (self.module, self.sync, self.params, self.rank)
+
+
+def counts_targets(gm: fx.GraphModule) -> bool:
+    """The program's loss divides by exactly one `global_count` (a mean over counted targets
+    of a batch split across ranks)."""
+    graphs = [m.graph for m in gm.modules() if isinstance(m, fx.GraphModule)]
+    return sum(n.target is global_count for g in graphs for n in g.nodes) == 1
 
 
 def micro_batch(x: Any, micro_batches: int, i: int) -> Any:

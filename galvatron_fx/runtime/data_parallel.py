@@ -193,6 +193,13 @@ class GradSync:
                 p.param.grad = None  # ZeRO-2 keeps no full gradient; ZeRO-1 drops it here
         b.flat = None
 
+    def scale_grads(self, factor: torch.Tensor | float) -> None:
+        """Multiply every gradient the optimizer will read (after `finish`) by `factor`."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+
     def step(self) -> None:
         self.optimizer.step()
         self.refresh_params()

@@ -30,10 +30,11 @@ from galvatron_fx.passes.split_stages import StageSplit
 from galvatron_fx.runtime.collectives import (
     GROUPS,
     GroupRef,
+    counting,
     whole_inputs,
     zero3_saved_tensors,
 )
-from galvatron_fx.runtime.compiled import InputSlice, micro_batch, slice_batch
+from galvatron_fx.runtime.compiled import InputSlice, counts_targets, micro_batch, slice_batch
 from galvatron_fx.runtime.data_parallel import GradSync
 from galvatron_fx.runtime.state import WholeState
 
@@ -154,6 +155,10 @@ class StageRunner(nn.Module):
         """Every model input of the step (whole batch), for the inputs this stage reads
         itself (`Flight.local`); set by `start_step`."""
         self.micro_batches, self.calls = 1, 0
+        self.weighed = last and counts_targets(self.stage)
+        """The loss divides by a counted-target total: return it times that count (the
+        micro-batch's share of the sum), `PipelinedModel.train_step` divides by the batch's."""
+        self.counted: list[torch.Tensor] = []
         self.keep_inputs = False
         """Keep each micro-batch's inputs for the step (`check_finite`'s re-run)."""
         self.kept: list[tuple[torch.Tensor, ...]] = []
@@ -162,7 +167,7 @@ class StageRunner(nn.Module):
 
     def start_step(self, inputs: list[Any], micro_batches: int) -> None:
         self.batch, self.micro_batches, self.calls = inputs, micro_batches, 0
-        self.kept = []
+        self.kept, self.counted = [], []
 
     def forward(self, *values: torch.Tensor) -> Any:
         if self.keep_inputs and self.watch is None:
@@ -182,8 +187,14 @@ class StageRunner(nn.Module):
         with (
             zero3_saved_tensors() if self.program.zero3 else contextlib.nullcontext(),
             whole_inputs(whole),
+            counting() as counts,
         ):
-            args = [env[cast(fx.Node, a)] for a in call.args]  # nodes only
+            # received values' gradients are sent back: dense (ones passed on go as they are)
+            received = set(self.flight.receives) if not self.first else set()
+            args = [
+                _contiguous_grad(env[a]) if a in received else env[a]
+                for a in cast(list[fx.Node], call.args)  # nodes only
+            ]
             out = self.watch.run(*args) if self.watch is not None else self.stage(*args)
         env[call] = out
         for user in call.users:
@@ -191,8 +202,12 @@ class StageRunner(nn.Module):
                 env[user] = out[user.args[1]]
         if self.last:  # shape (1,): the schedule concatenates the micro-batches' outputs
             loss = _loss(env[self.flight.sends[0]] if self.flight.sends else out)
+            if self.weighed:
+                self.counted.append(counts[-1])
+                return (loss * counts[-1]).reshape(1)
             return (loss * self.loss_scale).reshape(1)
-        return tuple(env[v] for v in self.flight.sends)
+        # contiguous: the next stage receives into buffers laid out like these (gloo: dense)
+        return tuple(_dense(env[v]) for v in self.flight.sends)
 
     def _mine(self, value: Any, k: int) -> Any:
         """This rank's dp slice of model input `k` (a micro-batch of it)."""
@@ -267,6 +282,30 @@ def example_flights(
     return out
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose gradient is made contiguous: the zero-bubble schedules send a stage's
+    input gradients as `autograd.grad` returns them, gloo sends contiguous tensors only, and
+    the gradient of a sequence-parallel gather's input is a strided view."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        return g.contiguous()
+
+
+def _dense(value: Any) -> Any:
+    return value.contiguous() if isinstance(value, torch.Tensor) else value
+
+
+def _contiguous_grad(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.requires_grad:
+        return _ContiguousGrad.apply(value)
+    return value
+
+
 def _trainable(value: torch.Tensor) -> torch.Tensor:
     value = value.detach()
     return value.requires_grad_() if value.is_floating_point() else value
@@ -322,6 +361,7 @@ class PipelinedModel(WholeState):
         self.program, self.plan, self.rank, self.world = program, plan, rank, world
         self.sync = sync
         self.steps = 0
+        self.weighed = counts_targets(program.split.stage(p.degree * p.virtual_stages - 1))
         pp_rank, local = divmod(rank, per_stage)
         self.mine = list(range(pp_rank, n, p.degree))
         self.held = held_specs(program, self.mine)
@@ -376,15 +416,21 @@ class PipelinedModel(WholeState):
             self.schedule.step(target=target, losses=losses)
         self.sync.finish()
         self.steps += 1
-        if not self.check_finite:
+        later = self.check_finite or self.weighed  # the step needs the broadcast below
+        if not later:
             self.sync.step()
         loss = torch.stack(losses).sum().detach() if losses else torch.zeros((), device=self.device)
         if self.last and self.program.loss_group.size > 1:
             dist.all_reduce(loss, group=GROUPS.groups[tuple(sorted(self.program.loss_group.ranks))])
-        dist.broadcast(loss, src=self.last_rank)
-        if self.check_finite:  # decided before the update, so a bad step changes nothing
-            if not bool(loss.isfinite()):
-                self._stop_nonfinite(loss)
+        counted = [c for r in self.runners.values() for c in r.counted]
+        packed = torch.stack([loss, sum(counted, torch.zeros_like(loss)).to(loss.dtype)])
+        dist.broadcast(packed, src=self.last_rank)  # the loss (and the batch's count)
+        loss = packed[0] / packed[1] if self.weighed else packed[0]
+        if self.weighed:
+            self.sync.scale_grads(1.0 / packed[1])
+        if self.check_finite and not bool(loss.isfinite()):
+            self._stop_nonfinite(loss)  # decided before the update: a bad step changes nothing
+        if later:
             self.sync.step()
         return loss
 
