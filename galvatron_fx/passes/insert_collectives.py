@@ -103,7 +103,7 @@ def _mean_cross_entropy(node: fx.Node) -> bool:
     if node.target not in (aten.cross_entropy_loss.default, vocab_cross_entropy):
         return False
     args = list(node.args) + [None, 1, -100, 0.0][len(node.args) - 2 :]
-    return args[2] is None and args[3] == 1 and not args[5]
+    return bool(args[2] is None and args[3] == 1 and not args[5])
 
 
 class _Rewrite:

@@ -6,8 +6,9 @@ slices and ZeRO shards only ever depend on a rank's position among them. Megatro
 puts pipeline outermost, so pipeline rank `s` owns global ranks `s*S .. s*S + S - 1`; this
 pass adds `s*S` to every rank a collective names.
 
-Reads: the graph's collective nodes (`collectives.RANKS_ARG`, `switch_layout` steps) and the
-`ParamSpec`s. Writes: their rank tuples, shifted by `offset`; returns the shifted specs.
+Reads: the collective nodes (`collectives.RANKS_ARG`, `switch_layout` steps) of the graph and
+of its recomputed regions (submodules), and the `ParamSpec`s. Writes: their rank tuples,
+shifted by `offset`; returns the shifted specs.
 Guarantees: a rank's index within every group is unchanged (the shift keeps order), so
 what the rewrite decided per position still holds; the graph is recompiled.
 """
@@ -30,6 +31,20 @@ def shift_ranks(
 ) -> dict[str, ParamSpec]:
     if offset == 0:
         return specs
+    for module in gm.modules():  # recomputed regions are submodules holding collectives too
+        if isinstance(module, fx.GraphModule):
+            _shift_nodes(module, offset)
+    return {
+        name: dataclasses.replace(
+            spec,
+            tp_group=C.GroupRef(_shift(spec.tp_group.ranks, offset)),
+            dp_group=C.GroupRef(_shift(spec.dp_group.ranks, offset)),
+        )
+        for name, spec in specs.items()
+    }
+
+
+def _shift_nodes(gm: fx.GraphModule, offset: int) -> None:
     for node in gm.graph.nodes:
         if node.target is C.switch_layout:
             x, fwd, bwd, *rest = node.args
@@ -40,14 +55,6 @@ def shift_ranks(
             args[i] = _shift(args[i], offset)
             node.args = tuple(args)
     gm.recompile()
-    return {
-        name: dataclasses.replace(
-            spec,
-            tp_group=C.GroupRef(_shift(spec.tp_group.ranks, offset)),
-            dp_group=C.GroupRef(_shift(spec.dp_group.ranks, offset)),
-        )
-        for name, spec in specs.items()
-    }
 
 
 def pipeline_groups(world_size: int, degree: int) -> list[tuple[int, ...]]:
