@@ -304,14 +304,20 @@ def _searched_plan(
     world = _world()
     found: list[Any] = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
-        result = run_search(
-            analysis, cluster=cluster, memory_budget_gb=memory_budget_gb,
-            global_batch=captured_batch(analysis), world_size=world, baselines=False,
-            max_pipeline=None if pipeline and not _tied_across_units(analysis.graph_module) else 1,
-        )  # fmt: skip
-        found[0] = result.plan.to_json()
+        try:
+            result = run_search(
+                analysis, cluster=cluster, memory_budget_gb=memory_budget_gb,
+                global_batch=captured_batch(analysis), world_size=world, baselines=False,
+                max_pipeline=None if pipeline and not _tied_across_units(analysis.graph_module) else 1,
+            )  # fmt: skip
+            found[0] = result.plan.to_json()
+        except (PlanError, ValueError) as err:
+            # every rank waits for the plan: send them the error, or they hang until timeout
+            found[0] = {"error": str(err)}
     if dist.is_initialized():
         dist.broadcast_object_list(found, src=0)
+    if "error" in found[0]:
+        raise PlanError(found[0]["error"])
     return Plan.from_json(found[0], source="the searched plan")
 
 
@@ -446,7 +452,11 @@ def _check_plan(plan: Plan, gm: fx.GraphModule, world: int, *, micro_batches: bo
     plan is named first: it is wrong whatever the job."""
     plan.check_model(model_fingerprint(gm), layer_shapes(gm))
     if plan.world_size != world:
-        raise PlanError(f"plan is for {plan.world_size} ranks, this job has {world}")
+        raise PlanError(
+            f"plan is for {plan.world_size} ranks, this job has {world}: run it on "
+            f"{plan.world_size} ranks, or search a plan for {world} (galvatron-fx plan "
+            f"--world {world}, or compile(..., cluster=..., memory_budget_gb=...))"
+        )
     if not micro_batches and plan.pipeline.degree * plan.pipeline.micro_batches > 1:
         raise PlanError(
             "parallelize: a plan with pipeline stages or micro-batches needs the graph "

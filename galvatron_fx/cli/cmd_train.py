@@ -84,4 +84,25 @@ def run(args: argparse.Namespace) -> int:
     if under_launcher():
         train(config)
         return 0
+    _check_before_launch(config)
     return launch(config, args.argv)
+
+
+def _check_before_launch(config: Any) -> None:
+    """Refuse a bad model spec, plan file or resume directory here, with one clear message,
+    rather than in every rank after they start."""
+    from galvatron_fx.models.spec import parse_model_spec
+    from galvatron_fx.plan import Plan
+    from galvatron_fx.runtime.checkpoint import latest_checkpoint
+
+    parse_model_spec(config.model)
+    if config.plan is not None:
+        plan = Plan.load(config.plan)
+        if plan.world_size != config.nproc:
+            raise ValueError(
+                f"--plan {config.plan} is for {plan.world_size} ranks, --nproc is "
+                f"{config.nproc}: run with --nproc {plan.world_size}, or search a plan for "
+                f"{config.nproc} (galvatron-fx plan ... --world {config.nproc})"
+            )
+    if config.resume is not None and latest_checkpoint(config.resume) is None:
+        raise ValueError(f"--resume {config.resume}: no complete checkpoint there")
