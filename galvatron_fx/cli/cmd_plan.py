@@ -111,7 +111,7 @@ def format_result(result: Any) -> str:
     """The plan table, the predictions and the baselines, as `galvatron-fx plan` prints."""
     p = result.predicted
     lines = [result.plan.table(), ""]
-    lines.append(f"predicted step time   {p['step_time_s'] * 1e3:.1f} ms")
+    lines.append(f"predicted step time   {p['step_time_s'] * 1e3:.4g} ms")
     lines.append(f"samples/s             {p['samples_per_s']:.2f}")
     lines.append(f"TFLOP/s per device    {p['tflops_per_device']:.1f}")
     for k, mem in enumerate(p["peak_memory_bytes"]):
