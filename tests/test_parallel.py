@@ -292,6 +292,8 @@ def _padded_step(
 
     model, args, kwargs = _padded_batch(rows)
     analysis = analyze(model, args, kwargs)
+    if isinstance(strategy, dict):  # per unit, "*" for the rest
+        strategy = {u: strategy.get(u, strategy["*"]) for u in analysis.units}
     plan = analysis.plan(strategy, world_size=world, pipeline=PipelineConfig(**pipeline))
     compiled = gfx.compile(model, args, kwargs, plan=plan)
     calls = []
@@ -318,10 +320,14 @@ PP2 = {"degree": 2, "stage_starts": ("blocks.1",), "micro_batches": 2}
         (2, LayerStrategy(dp=2, dp_mode=DPMode.ZERO3), {"micro_batches": 2}, (0,)),
         (4, LayerStrategy(dp=2), PP2, (0, 1)),
         (4, LayerStrategy(tp=2, sp=True), PP2, (0,)),
+        # a loss replicated over dp: the head in tp (it took the whole batch), the loss dp
+        (2, {"head": LayerStrategy(tp=2), "*": LayerStrategy(dp=2)}, {"micro_batches": 2}, (0,)),
+        (4, {"head": LayerStrategy(tp=2), "*": LayerStrategy(dp=2)}, PP2, (0,)),
     ],
     ids=[
         "dp2", "zero3", "dp2-accumulate", "pp2xdp2", "dp2-accumulate-uneven",
         "zero3-accumulate-uneven", "pp2xdp2-uneven", "pp2xtp2-uneven",
+        "replicated-loss-accumulate", "replicated-loss-pp2",
     ],
 )  # fmt: skip
 def test_an_uneven_target_count_is_read_off_the_whole_batch(world, strategy, pipeline, rows):

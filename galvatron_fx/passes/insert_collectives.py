@@ -270,7 +270,9 @@ class _Rewrite:
         node.args = (*args[:3], 2, *args[4:])  # reduction: sum
         users = list(node.users)
         anchor = node.next
-        group = self.group(node, "dp").ranks
+        # a loss replicated over dp (its unit took the whole batch) counts its own targets
+        split = "global_mean" in p.kinds
+        group = self.group(node, "dp").ranks if split else (self.rank,)
         count = self._insert(anchor, C.global_count, (target, ignore_index, group), node, R, R)
         LAYER.set(count, LAYER.get(node))  # the loss's stage counts (the next node may not be)
         out = self._insert(anchor, aten.div.Tensor, (node, count), node, p.dp, p.tp)

@@ -158,6 +158,8 @@ class StageRunner(nn.Module):
         self.weighed = last and counts_targets(self.stage)
         """The loss divides by a counted-target total: return it times that count (the
         micro-batch's share of the sum), `PipelinedModel.train_step` divides by the batch's."""
+        self.replicas = program.loss_group.size if program.loss_avg else 1
+        """Ranks computing this same loss (a replicated one: its unit took the whole batch)."""
         self.counted: list[torch.Tensor] = []
         self.keep_inputs = False
         """Keep each micro-batch's inputs for the step (`check_finite`'s re-run)."""
@@ -202,9 +204,9 @@ class StageRunner(nn.Module):
                 env[user] = out[user.args[1]]
         if self.last:  # shape (1,): the schedule concatenates the micro-batches' outputs
             loss = _loss(env[self.flight.sends[0]] if self.flight.sends else out)
-            if self.weighed:
+            if self.weighed:  # a loss replicated over its dp group is averaged there too
                 self.counted.append(counts[-1])
-                return (loss * counts[-1]).reshape(1)
+                return (loss * counts[-1] / self.replicas).reshape(1)
             return (loss * self.loss_scale).reshape(1)
         # contiguous: the next stage receives into buffers laid out like these (gloo: dense)
         return tuple(_dense(env[v]) for v in self.flight.sends)
