@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/suite.py
+
+# Random plans at length (tests/test_fuzz_plans.py): GFX_FUZZ_EXAMPLES batches of valid plans
+# per model against one process, 10x as many invalid plans of each kind; about 5 minutes at 12.
+GFX_FUZZ_EXAMPLES ?= 12
+fuzz: $(STAMP)
+	GFX_FUZZ_EXAMPLES=$(GFX_FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz_plans.py --timeout=3600
 
 clean:
 	rm -rf $(VENV) build *.egg-info
