@@ -320,6 +320,14 @@ def pipeline_loss(output: torch.Tensor, target: Any = None) -> torch.Tensor:
 
 
 class PipelinedModel(WholeState):
+    """A plan with pipeline stages on this rank: its stages (each rewritten for the
+    stage's tp / dp / ZeRO strategies), their schedule, gradient sync and optimizer.
+
+    `train_step(*args, **kwargs)` takes whole batches (as `CompiledModel.train_step` does):
+    the schedule cuts them into the plan's micro-batches, runs forward and backward, the
+    gradients are synced inside each stage and the optimizer steps this rank's stages; the
+    loss of the whole batch (the micro-batches' mean) is returned on every rank."""
+
     @property
     def check_finite(self) -> bool:
         """Stop with `NonFiniteLossError` on an inf or NaN loss; the stages then keep each
@@ -330,14 +338,6 @@ class PipelinedModel(WholeState):
     def check_finite(self, on: bool) -> None:
         for runner in self.runners.values():
             runner.keep_inputs = on
-
-    """A plan with pipeline stages on this rank: its stages (each rewritten for the
-    stage's tp / dp / ZeRO strategies), their schedule, gradient sync and optimizer.
-
-    `train_step(*args, **kwargs)` takes whole batches (as `CompiledModel.train_step` does):
-    the schedule cuts them into the plan's micro-batches, runs forward and backward, the
-    gradients are synced inside each stage and the optimizer steps this rank's stages; the
-    loss of the whole batch (the micro-batches' mean) is returned on every rank."""
 
     def __init__(
         self,
