@@ -107,3 +107,19 @@ def test_quiet_and_verbose(tmp_path, capsys):
     assert main([*plan, "--verbose"]) == 0
     out, err = capsys.readouterr()
     assert "pass annotate_costs:" in err and "search:" in err and "configs" in err
+
+
+def test_progress_bars_follow_the_verbosity(capsys):
+    """The profiler, the layer profiler and the search all draw through `progress`; in a log
+    (not a terminal) only the finished bar is written, and --quiet writes none."""
+    from galvatron_fx.progress import configure, progress
+
+    configure(0)
+    for done in range(1, 5):
+        progress(done, 4, "all_reduce 1024 B on 2 of 2 ranks")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "[" + "#" * 30 + "] 4/4 all_reduce" in err
+    configure(-1)
+    progress(4, 4, "quiet")
+    assert capsys.readouterr().err == ""
+    configure(0)
