@@ -73,6 +73,8 @@ def test_unknown_presets_list_the_known_ones(capsys):
     assert "unknown cluster 'a200': give one of a100-80gb-sxm" in err
     err = _fails(["inspect", "hf:gpt5:n_layer=2"], capsys)
     assert "gpt5" in err and "gpt2" in err  # the families it knows
+    err = _fails(["inspect", "hf:resnet"], capsys)  # a model type without a causal-LM head
+    assert "hf:resnet: ResNetConfig has no causal-LM head" in err and len(err) < 400
 
 
 def test_a_malformed_cluster_file_names_the_field(tmp_path, capsys):

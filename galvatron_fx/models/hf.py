@@ -65,7 +65,15 @@ def build_hf(family: str, overrides: dict[str, Any]) -> nn.Module:
                 f"hf:{family}: unknown model type ({known}, or any "
                 f"transformers model_type with a causal-LM head)"
             ) from err
-        return tf.AutoModelForCausalLM.from_config(config)
+        try:
+            return tf.AutoModelForCausalLM.from_config(config)
+        except ValueError:
+            known = ", ".join(sorted(HF_FAMILIES))
+            raise ValueError(
+                f"hf:{family}: {type(config).__name__} has no causal-LM head; the families "
+                f"with their own heads and inputs are {known}, and any other model_type "
+                "must be a causal LM. Pass your own model as path/to/file.py:factory"
+            ) from None
     settings = {**dict(fam.defaults), **overrides}
     config_class = getattr(tf, fam.config_class)
     unknown = [k for k in overrides if not hasattr(config_class(), k)]
