@@ -31,6 +31,18 @@ def test_hf_spec_overrides_reach_the_config():
     assert set(kwargs) == {"input_ids", "labels"}
 
 
+def test_list_overrides_build_a_swin():
+    spec = parse_model_spec(
+        "hf:swin:embed_dim=32,depths=[2,2],num_heads=[2,4],image_size=32,patch_size=4,"
+        "window_size=4,num_labels=10"
+    )
+    model = spec.build("meta")
+    assert type(model).__name__ == "SwinForImageClassification"
+    assert model.config.depths == [2, 2] and model.config.num_heads == [2, 4]
+    _, kwargs = spec.example_inputs(model, batch=2, seq=8)
+    assert kwargs["pixel_values"].shape == (2, 3, 32, 32) and kwargs["labels"].shape == (2,)
+
+
 def test_hf_bare_family_and_image_inputs():
     spec = parse_model_spec("hf:vit:image_size=32,patch_size=8,num_hidden_layers=1")
     model = spec.build("meta")

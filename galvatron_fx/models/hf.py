@@ -32,6 +32,7 @@ HF_FAMILIES: dict[str, HFFamily] = {
     "llama": HFFamily("LlamaConfig", "LlamaForCausalLM", "tokens"),
     "bert": HFFamily("BertConfig", "BertForMaskedLM", "tokens"),
     "vit": HFFamily("ViTConfig", "ViTForImageClassification", "image"),
+    "swin": HFFamily("SwinConfig", "SwinForImageClassification", "image"),
     "t5": HFFamily(
         "T5Config",
         "T5ForConditionalGeneration",

@@ -80,7 +80,7 @@ def parse_model_spec(text: str) -> ModelSpec:
 
 def _pairs(text: str, where: str) -> dict[str, str]:
     out = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
+    for item in filter(None, (p.strip() for p in _split(text))):
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise ValueError(f"model spec {where!r}: {item!r} is not key=value")
@@ -110,7 +110,20 @@ def _gpt_spec(text: str, rest: str) -> ModelSpec:
     return ModelSpec(text, lambda: GPT(config), inputs, lambda m: config.max_seq)
 
 
+def _split(text: str) -> list[str]:
+    """`a=1,b=[2,2]` -> ['a=1', 'b=[2,2]']: commas inside brackets belong to a list value."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    return [*items, text[start:]]
+
+
 def _literal(value: str) -> Any:
+    if value.startswith("[") and value.endswith("]"):  # Swin's depths=[2,2,6,2]
+        return [_literal(v.strip()) for v in _split(value[1:-1]) if v.strip()]
     if value.lower() in ("true", "false"):
         return value.lower() == "true"
     for conv in (int, float):
