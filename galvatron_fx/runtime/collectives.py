@@ -128,8 +128,10 @@ def _gather(x: torch.Tensor, dim: int, ref: GroupRef) -> torch.Tensor:
     )
     out = _c10d.wait_tensor(chunks).chunk(ref.size)
     order = sorted(ref.ranks)
-    pieces = [out[order.index(r)] for r in ref.ranks]
-    return torch.cat(pieces).movedim(0, dim)
+    pieces = [out[order.index(r)].movedim(0, dim) for r in ref.ranks]
+    # cat along `dim` copies once, as cat-then-movedim did, and leaves the result contiguous:
+    # the graph may `view` it (Swin's (B, H, W, C) windows under sequence parallelism)
+    return torch.cat(pieces, dim)
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, ref: GroupRef) -> torch.Tensor:
