@@ -41,6 +41,7 @@ R = Replicate()
 S = Shard
 P = Partial
 SAME = "same"
+FB = "fallback"
 ROW = "row"
 
 
@@ -140,6 +141,18 @@ CASES = [
         need=None,
     ),
     # -- unary ----------------------------------------------------------------------------
+    Case("roll_other_dims", aten.roll.default, (T((4, 8, 8, 16), S(0)), [2, 2], [1, 2]), S(0)),
+    Case("roll_split_dim", aten.roll.default, (T((4, 8, 16), S(1)), [3], [1]), R, {0: R}, FB),
+    Case("roll_flat", aten.roll.default, (T((4, 8, 16), S(0)), [3]), R, {0: R}, FB),
+    Case("pool_batch", aten.adaptive_avg_pool1d.default, (T((4, 8, 16), S(0)), [1]), S(0)),
+    Case(
+        "pool_pooled_dim",
+        aten.adaptive_avg_pool1d.default,
+        (T((4, 8, 16), S(2)), [1]),
+        R,
+        {0: R},
+        FB,
+    ),
     Case("gelu", aten.gelu.default, (T(X3, S(1)),), S(1)),
     Case("silu", aten.silu.default, (T(X3, S(0)),), S(0)),
     Case("dropout", aten.dropout.default, (T(X3, S(1)), 0.1, True), S(1), numeric=False),

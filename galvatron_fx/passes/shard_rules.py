@@ -501,6 +501,28 @@ def pad(v: OpView) -> Decision:
     return Decision(p)
 
 
+def roll(v: OpView) -> Decision:
+    """Rolling along dims that are not split moves each rank's values within its piece
+    (Swin's shifted windows roll the spatial dims of a batch-split activation)."""
+    src = v.args[0]
+    p, d = v.p(src), _sharded(v.p(src))
+    dims = v.arg(2, "dims", [])
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    rolled = [_norm(k, len(shape(src))) for k in dims]
+    if isinstance(p, Partial) or not rolled or d in rolled:  # no dims: the flattened tensor
+        return Decision(R, {src: R}, "fallback")
+    return Decision(p)
+
+
+def pool_last(v: OpView) -> Decision:
+    """adaptive_avg_pool1d pools the last dim; a shard on any other survives."""
+    src = v.args[0]
+    p, d = v.p(src), _sharded(v.p(src))
+    if isinstance(p, Partial) or d == len(shape(src)) - 1:
+        return Decision(R, {src: R}, "fallback")
+    return Decision(p)
+
+
 def conv(v: OpView) -> Decision:
     """Convolutions split on the batch only; weights replicated."""
     src = v.args[0]
@@ -655,6 +677,8 @@ RULES: dict[Any, Rule] = {
     aten._assert_tensor_metadata.default: no_output,
     aten.pad.default: pad,
     aten.constant_pad_nd.default: pad,
+    aten.roll.default: roll,
+    aten.adaptive_avg_pool1d.default: pool_last,
     aten.conv2d.default: conv,
     aten.conv1d.default: conv,
     aten.copy_.default: elementwise,
