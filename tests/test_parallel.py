@@ -136,10 +136,11 @@ def _check(ref: dict, got: dict, label: str) -> None:
     assert got["losses"][0] == pytest.approx(ref["losses"][0], rel=RTOL), label
     floor = 1e-6 * max(g.norm().item() for g in ref["grads"].values())
     noise = {n for n, g in ref["grads"].items() if g.norm().item() < floor}
-    bad = [
+    bad = [  # below the floor (rounding noise of an analytically zero gradient): absolute
         n
         for n, g in ref["grads"].items()
-        if (got["grads"][n] - g).norm().item() > RTOL * max(g.norm().item(), floor)
+        if (got["grads"][n] - g).norm().item()
+        > (RTOL * g.norm().item() if n not in noise else floor)
     ]
     assert not bad, f"{label}: gradients differ for {bad[:4]}"
     bad = [
@@ -206,6 +207,46 @@ def test_world_8_smoke():
     ref = _reference(spec)
     for got in results:
         _check(ref, got, "gpt world 8")
+
+
+SWIN = (
+    "hf:swin:embed_dim=32,depths=[2,2],num_heads=[2,4],image_size=32,patch_size=4,window_size=4,"
+    "num_labels=10,hidden_dropout_prob=0.0,attention_probs_dropout_prob=0.0,drop_path_rate=0.0"
+)
+
+
+def test_swin_stages_of_different_widths():
+    """Swin (shifted windows: roll, pad, window partition views; stages of widths 32 and 64
+    joined by patch merging) under data, ZeRO-3 with recomputation and tensor parallelism on
+    2 ranks. (Megatron sequence parallelism gives wrong gradients on Swin's second stage:
+    known, issue 9's.)"""
+    units, fingerprint, shapes = _model_facts(SWIN)
+    plans = [
+        uniform(units, s)
+        for s in (
+            LayerStrategy(dp=2),
+            LayerStrategy(dp=2, dp_mode="zero3", recompute="full"),
+            LayerStrategy(tp=2, recompute="selective"),
+        )
+    ]
+    plans = _valid(plans, 2, fingerprint, shapes)
+    assert len(plans) == 3
+    results = run_ranks(_run_plans, 2, SWIN, plans, timeout_s=600)[0]
+    ref = _reference(SWIN)
+    for strategies, got in zip(plans, results, strict=True):
+        _check(ref, got, "swin: " + next(iter(strategies.values())).short())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug (issue 9): Megatron-SP on Swin's second stage gives wrong gradients "
+    "(o_proj bias, relative position bias table) though the loss is exact",
+)
+def test_swin_sequence_parallel():
+    units, _, _ = _model_facts(SWIN)
+    plan = uniform(units, LayerStrategy(tp=2, sp=True))
+    got = run_ranks(_run_plans, 2, SWIN, [plan], timeout_s=600)[0][0]
+    _check(_reference(SWIN), got, "swin: tp2+sp")
 
 
 def test_vocab_parallel_with_tied_embedding_and_head():
