@@ -70,7 +70,8 @@ class LayerStrategy:
     """How one layer or segment runs on the devices of its pipeline stage."""
 
     tp: int = 1
-    """Tensor-parallel degree (Megatron column/row split)."""
+    """Size of the layer's model-parallel group: the tensor-parallel degree (Megatron
+    column/row split), or the Ulysses degree when `ulysses`."""
     sp: bool = False
     """Megatron sequence parallelism inside the TP group (needs tp > 1)."""
     dp: int = 1
@@ -82,6 +83,11 @@ class LayerStrategy:
     vocab_parallel: bool = False
     """Segments only: split the vocabulary of the embedding, the output head and the
     cross-entropy across the TP group instead of running them replicated."""
+    ulysses: bool = False
+    """Layers with attention only: the group of `tp` ranks runs Ulysses sequence parallelism
+    (DeepSpeed-Ulysses, Jacobs et al. 2023) instead of tensor parallelism: weights whole,
+    activations split on the sequence, an all-to-all before attention that reshards to heads
+    and one after it back. Gradients of the whole weights are summed over the group."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "dp"):
@@ -96,15 +102,21 @@ class LayerStrategy:
             raise PlanError(
                 "LayerStrategy.sp needs tp > 1: sequence parallelism splits the TP group"
             )
+        if self.ulysses and (self.tp == 1 or self.sp or self.vocab_parallel):
+            raise PlanError(
+                "LayerStrategy.ulysses needs tp > 1 (the Ulysses group's size) and neither sp "
+                "nor vocab_parallel: the group splits the sequence instead of the weights"
+            )
 
     @property
     def devices(self) -> int:
         return self.tp * self.dp
 
     def short(self) -> str:
-        """Compact form for tables: `tp2+sp dp4/zero3 rc=full`."""
+        """Compact form for tables: `tp2+sp dp4/zero3 rc=full`, `usp2 dp4` for Ulysses."""
         sp, vp = "+sp" if self.sp else "", "+vocab" if self.vocab_parallel else ""
-        tp = f"tp{self.tp}{sp}{vp}{'' if self.tp_consecutive else '(strided)'}"
+        kind = "usp" if self.ulysses else "tp"
+        tp = f"{kind}{self.tp}{sp}{vp}{'' if self.tp_consecutive else '(strided)'}"
         dp = f"dp{self.dp}" + (f"/{self.dp_mode.value}" if self.dp > 1 else "")
         rc = "" if self.recompute is Recompute.NONE else f" rc={self.recompute.value}"
         return f"{tp} {dp}{rc}"
@@ -157,6 +169,8 @@ class LayerShape:
     """Attention head counts in the layer (query heads and key/value heads)."""
     tp_split_dims: tuple[tuple[str, int], ...] = ()
     """(parameter name, size) of every weight dimension tensor parallelism would split."""
+    seq_lens: tuple[int, ...] = ()
+    """Sequence lengths of the layer's attention (queries and keys): what Ulysses splits."""
 
 
 @dataclass(frozen=True)
@@ -255,7 +269,10 @@ class Plan:
                 f"{model_fingerprint}: same layer names, different shapes or ops"
             )
         for unit, s in self.strategies:
-            _check_divisible(unit, s.tp, shapes[unit])
+            if s.ulysses:
+                _check_ulysses(unit, s.tp, shapes[unit])
+            else:
+                _check_divisible(unit, s.tp, shapes[unit])
 
     # JSON ------------------------------------------------------------------------------
 
@@ -385,6 +402,23 @@ def _check_divisible(unit: str, tp: int, shape: LayerShape) -> None:
                 f"layer {unit!r}: {name} has size {size}, not divisible by tp={tp}; "
                 f"use a tp that divides it ({', '.join(map(str, _divisors(size)))})"
             )
+
+
+def _check_ulysses(unit: str, degree: int, shape: LayerShape) -> None:
+    """Ulysses splits the attention's heads after its all-to-all and its sequence before."""
+    if not shape.heads:
+        raise PlanError(
+            f"unit {unit!r}: ulysses needs attention (scaled_dot_product_attention) in the "
+            "unit, and it has none; give it tp with ulysses=false"
+        )
+    for what, sizes in (("attention heads", shape.heads), ("sequence positions", shape.seq_lens)):
+        for size in sizes:
+            if size % degree:
+                raise PlanError(
+                    f"layer {unit!r}: {size} {what} are not divisible by the Ulysses degree "
+                    f"tp={degree}; use one that divides them "
+                    f"({', '.join(map(str, _divisors(size)))})"
+                )
 
 
 def _divisors(n: int) -> list[int]:

@@ -199,20 +199,23 @@ def _kv_heads(sdpa: fx.Node) -> list[int]:
 
 def layer_shapes(gm: fx.GraphModule) -> dict[str, LayerShape]:
     """Per unit, the head counts and the weight widths tensor parallelism would split (the
-    layers' linear weights; segments are split only by vocab-parallel options)."""
+    layers' linear weights; segments are split only by vocab-parallel options), and the
+    attention's sequence lengths (what Ulysses splits)."""
     out = {}
     for name, nodes in unit_nodes(gm).items():
         heads: list[int] = []
         dims: list[tuple[str, int]] = []
+        seqs: list[int] = []
         for node in nodes:
             if node.target is _SDPA:
                 heads += [int(a.meta["val"].shape[1]) for a in node.args[:2]]  # type: ignore[union-attr]
                 heads += _kv_heads(node)
+                seqs += [int(a.meta["val"].shape[2]) for a in node.args[:2]]  # type: ignore[union-attr]
             idx = _WEIGHT_ARG.get(node.target)  # type: ignore[call-overload]
             weight = node.args[idx] if idx is not None and len(node.args) > idx else None
             in_layer = LAYER.get(node).kind == "layer"
             if in_layer and isinstance(weight, fx.Node) and weight.op == "get_attr":
                 shape = weight.meta["val"].shape
                 dims += [(f"{weight.target}[{d}]", int(shape[d])) for d in range(len(shape))]
-        out[name] = LayerShape(tuple(dict.fromkeys(heads)), tuple(dims))
+        out[name] = LayerShape(tuple(dict.fromkeys(heads)), tuple(dims), tuple(dict.fromkeys(seqs)))
     return out

@@ -384,3 +384,37 @@ def test_an_uneven_target_count_is_read_off_the_whole_batch(world, strategy, pip
         for name, grad in want.items():
             err = (grads[name] - grad).norm() / grad.norm().clamp_min(1e-12)
             assert err < 1e-5, (name, float(err))
+
+
+def ulysses_plans(units: list[str], world: int) -> list[dict[str, LayerStrategy]]:
+    """Ulysses alone (degree 2 and 4, either rank order, with dp, ZeRO and recomputation),
+    and layers alternating Ulysses with Megatron TP and TP + SP on the same mesh."""
+    layers = [u for u in units if "." in u]
+    u2 = LayerStrategy(tp=2, ulysses=True, dp=world // 2)
+    alone = [
+        u2,
+        dataclasses.replace(u2, tp_consecutive=False, dp_mode="zero2", recompute="selective"),
+        dataclasses.replace(u2, dp_mode="zero3", recompute="full"),
+        LayerStrategy(tp=world, ulysses=True, recompute="selective"),
+    ]
+    plans = [{u: s if u in layers else LayerStrategy(dp=world) for u in units} for s in alone]
+    for other in (LayerStrategy(tp=2, sp=True, dp=world // 2), LayerStrategy(tp=2, dp=world // 2)):
+        seg = LayerStrategy(tp=2, dp=world // 2, vocab_parallel=True)
+        plan = {u: seg for u in units}
+        for i, u in enumerate(layers):
+            plan[u] = u2 if i % 2 == 0 else dataclasses.replace(other, recompute="selective")
+        plans.append(plan)
+    return plans
+
+
+def test_ulysses_alone_mixed_with_tp_and_recomputed(family):
+    """Ulysses sequence parallelism: the sequence split across the group, an all-to-all to
+    heads before attention and back after it, whole weights with gradients summed over the
+    group; on GPT, Llama (rotary, grouped-query heads) and BERT (a padding mask)."""
+    name, spec, (units, fingerprint, shapes), ref = family
+    plans = _valid(ulysses_plans(units, 4), 4, fingerprint, shapes)
+    assert len(plans) >= 5  # Llama's 2 key/value heads refuse degree 4
+    results = run_ranks(_run_plans, 4, spec, plans, timeout_s=600)[0]
+    for strategies, got in zip(plans, results, strict=True):
+        label = f"{name} ulysses: " + ", ".join(f"{u}={s.short()}" for u, s in strategies.items())
+        _check(ref, got, label)

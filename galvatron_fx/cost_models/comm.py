@@ -14,7 +14,7 @@ from galvatron_fx.plan import DPMode
 
 __all__ = ["Collective", "CollectiveKind", "Phase", "grad_sync", "tp_grad_sum"]
 
-CollectiveKind = Literal["all_reduce", "all_gather", "reduce_scatter"]
+CollectiveKind = Literal["all_reduce", "all_gather", "reduce_scatter", "all_to_all"]
 Phase = Literal["forward", "backward", "step"]
 
 

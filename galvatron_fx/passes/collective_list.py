@@ -36,6 +36,7 @@ __all__ = ["collectives_of", "plan_collectives", "switch_collectives"]
 _AR: Final = "all_reduce"
 _AG: Final = "all_gather"
 _RS: Final = "reduce_scatter"
+_A2A: Final = "all_to_all"
 
 # op -> (forward kind, backward kind)
 _PAIRS: dict[Any, tuple[CollectiveKind | None, CollectiveKind | None]] = {
@@ -47,6 +48,7 @@ _PAIRS: dict[Any, tuple[CollectiveKind | None, CollectiveKind | None]] = {
     C.gather_whole: (_AG, None),
     C.split_local: (None, _AG),
     C.split_zero: (None, None),
+    C.all_to_all: (_A2A, _A2A),
     # the target count is read off the whole batch every rank is handed (`whole_inputs`)
     C.global_count: (None, None),
 }

@@ -234,6 +234,8 @@ class _Rewrite:
                 )
         if "row" in p.kinds:
             self._row_parallel(node, p)
+        if "ulysses" in p.kinds:
+            self._ulysses_back(node, p)
         if "vocab" in p.kinds:
             self._vocab_embedding(node)
         if "vocab_ce" in p.kinds:
@@ -331,6 +333,12 @@ class _Rewrite:
                     node, aten.div.Tensor, (out, float(g.size)), out, *_pair(PLACEMENT.get(out))
                 )
             return out
+        if axis == "tp" and isinstance(have, Shard) and isinstance(want, Shard):
+            # one exchange moves the split (Ulysses' sequence -> heads); gathering and then
+            # slicing would move P times the bytes
+            order = C.memory_order(_global_val(x))
+            args = (x, have.dim, want.dim, order, g.ranks)
+            return self._insert(node, C.all_to_all, args, x, *dp_tp(want))
         if isinstance(have, Shard):
             gather = C.gather_partial if axis == "dp" or split_out else C.gather_whole
             x = self._insert(node, gather, (x, have.dim, g.ranks), x, *dp_tp(R))
@@ -395,6 +403,21 @@ class _Rewrite:
         for u in users:
             u.replace_input_with(node, out)
         self.names[node.name] = out  # later needs on this value apply to what replaced it
+
+    def _ulysses_back(self, node: fx.Node, p: NodePlacement) -> None:
+        """Attention ran on its share of the heads (dim 1) over the whole sequence: an
+        all-to-all hands every rank its share of the sequence (dim 2) again."""
+        assert isinstance(p.tp, Shard)
+        users = list(node.users)
+        back = self._insert(
+            node.next, C.all_to_all,
+            (node, 1, p.tp.dim, C.memory_order(_global_val(node)), self.group(node, "tp").ranks),
+            node, p.dp, p.tp,
+        )  # fmt: skip
+        for u in users:
+            u.replace_input_with(node, back)
+        PLACEMENT.set(node, replace(p, tp=Shard(1)))
+        self.names[node.name] = back  # later needs on this value apply to what replaced it
 
     def _local_args(self, node: fx.Node, p: NodePlacement) -> None:
         """Sizes baked into arguments become this rank's local sizes."""

@@ -11,8 +11,10 @@ Guarantees:
 - parameters are split only on the tp axis of a layer (never in segments), by the linear
   rule, so Megatron's column/row pairs come from the graph, not from module names;
 - a value crossing into a unit on another mesh is switched to that mesh (`switch` need):
-  split on the batch if it was, replicated on tp; an SP layer keeps a sequence split that
-  arrives from a layer on the same mesh, any other layer gathers it;
+  split on the batch if it was, replicated on tp; an SP or Ulysses layer keeps a sequence
+  split that arrives from a layer on the same mesh, any other layer gathers it;
+- a Ulysses layer splits no weight: its stream runs split on the sequence across the tp
+  axis, and attention reshards to heads and back (`shard_rules.sdpa`);
 - ops without a rule that receive split inputs gather them, with a warning naming the op.
 
 Rank-independent: the same placements hold on every rank; `insert_collectives` makes them
@@ -135,7 +137,8 @@ class _Propagation:
         unit = LAYER.get(node)
         mesh = mesh_of(s, self.plan.world_size)
         eff: dict[str, dict[fx.Node, object]] = {a: {} for a in AXES}
-        sp_layer = s.sp and unit.kind == "layer"
+        # Megatron-SP and Ulysses layers both take the residual stream split on the sequence
+        sp_layer = (s.sp or s.ulysses) and unit.kind == "layer"
         for a in node.all_input_nodes:
             dp, tp = self.place["dp"][a], self.place["tp"][a]
             src = self.strategies[LAYER.get(a).name]
@@ -156,10 +159,13 @@ class _Propagation:
             eff["dp"][a], eff["tp"][a] = dp, tp
         segment = unit.kind == "segment"
         shard_w = s.tp > 1 and (not segment or (s.vocab_parallel and self.vocab is not None))
+        shard_w = shard_w and not s.ulysses  # Ulysses keeps every weight whole
         vocab = self.vocab if segment else None
         return {
             "dp": OpView(node, s.dp, eff["dp"], params=self.params),
-            "tp": OpView(node, s.tp, eff["tp"], shard_w, s.sp, self.params, vocab),
+            "tp": OpView(
+                node, s.tp, eff["tp"], shard_w, s.sp, self.params, vocab, sp_layer and s.ulysses
+            ),
         }
 
     def _mark_blocks(self, split: fx.Node, count: int) -> None:

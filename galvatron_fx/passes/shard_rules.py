@@ -47,6 +47,8 @@ class OpView:
     """`get_attr` nodes holding parameters."""
     vocab: int | None = None
     """In a vocab-parallel segment: split only weights with this many rows (the vocabulary)."""
+    ulysses: bool = False
+    """The tp axis of a Ulysses layer: attention on a split sequence reshards to heads."""
 
     @property
     def args(self) -> Any:
@@ -438,11 +440,16 @@ def matmul(v: OpView) -> Decision:
 
 
 def sdpa(v: OpView) -> Decision:
-    """Attention splits on batch or heads (dim 0 or 1 of q, k, v); the mask broadcasts."""
+    """Attention splits on batch or heads (dim 0 or 1 of q, k, v); the mask broadcasts.
+    Under Ulysses, q, k and v split on the sequence (dim 2) are resharded to heads (an
+    all-to-all each) and the output comes back on the sequence (kind `ulysses`: the rewrite
+    adds the all-to-all after the node)."""
     q, k, val = v.args[:3]
     mask = v.arg(3, "attn_mask")
     dims = {_sharded(v.p(x)) for x in (q, k, val)}
     d = next(iter(dims)) if len(dims) == 1 else None
+    if v.ulysses and d == 2 and not any(isinstance(v.p(x), Partial) for x in (q, k, val)):
+        return _ulysses(v, q, k, val, mask)
     if d is None or d >= 2 or any(isinstance(v.p(x), Partial) for x in (q, k, val)):
         gather = {
             x: R
@@ -456,6 +463,15 @@ def sdpa(v: OpView) -> Decision:
         if v.p(mask) != want:
             need[mask] = want
     return Decision(Shard(d), need)
+
+
+def _ulysses(v: OpView, q: fx.Node, k: fx.Node, val: fx.Node, mask: Any) -> Decision:
+    need: dict[Any, Any] = {x: Shard(1) for x in (q, k, val)}
+    if isinstance(mask, fx.Node):  # (B, heads or 1, Sq, Sk): every position, our heads
+        want = _target(shape(mask), len(shape(mask)) - 3)
+        if v.p(mask) != want:
+            need[mask] = want
+    return Decision(Shard(2), need, "ulysses")
 
 
 def embedding(v: OpView) -> Decision:

@@ -14,6 +14,7 @@ Every function here is what a `call_function` node of a rewritten graph calls. E
 | `split_local` | keep own slice | all-gather | a replicated value into split compute |
 | `split_zero` | keep own slice | zero-pad (partial sum) | data-parallel axis: a replicated value into batch-split compute |
 | `reduce_both` | all-reduce | all-reduce | data-parallel axis: partial sums into replicated compute |
+| `all_to_all` | all-to-all | the reverse all-to-all | Ulysses: a split moved from one dim to another |
 | `switch_layout` | gathers + slices | the reverse | values crossing between layers on other meshes |
 
 The raw ops (`torch.ops._c10d_functional.*` + `wait_tensor`) take the process group's name;
@@ -43,11 +44,13 @@ __all__ = [
     "GroupRef",
     "GroupRegistry",
     "all_gather_flat",
+    "all_to_all",
     "flat_shard",
     "gather_partial",
     "gather_whole",
     "global_count",
     "groups_of",
+    "memory_order",
     "reduce_both",
     "reduce_scatter",
     "reduce_scatter_flat",
@@ -158,6 +161,44 @@ def _pad(x: torch.Tensor, dim: int, ref: GroupRef) -> torch.Tensor:
     out = x.new_zeros(shape)
     out.narrow(dim, ref.index() * step, step).copy_(x)
     return out
+
+
+def _all_to_all(
+    x: torch.Tensor, src: int, dst: int, order: tuple[int, ...], ref: GroupRef
+) -> torch.Tensor:
+    """`x` is this rank's piece of dim `src`; return its piece of dim `dst` instead, whole on
+    `src`, stored in the dim `order` given (outermost first). Piece i of `dst` goes to
+    `ref.ranks[i]`; the exchange runs in sorted rank order (the group's own), so pieces are
+    reordered on the way in and out."""
+    ranked = sorted(ref.ranks)
+    pieces = x.chunk(ref.size, dst)
+    send = torch.stack([pieces[ref.ranks.index(r)] for r in ranked]).contiguous()
+    ones = [1] * ref.size
+    got = _c10d.wait_tensor(_c10d.all_to_all_single(send, ones, ones, GROUPS.name(ref)))
+    inv = [order.index(d) for d in range(x.dim())]
+    received = [got[ranked.index(r)].permute(order) for r in ref.ranks]
+    return torch.cat(received, order.index(src)).permute(inv)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, src: int, dst: int, order: tuple[int, ...], ref: GroupRef
+    ) -> torch.Tensor:
+        ctx.src, ctx.dst, ctx.ref = src, dst, ref
+        ctx.grad_order = memory_order(x)
+        return _all_to_all(x, src, dst, order, ref)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
+        back = _all_to_all(g, ctx.dst, ctx.src, ctx.grad_order, ctx.ref)
+        return back, None, None, None, None
+
+
+def memory_order(x: torch.Tensor) -> tuple[int, ...]:
+    """x's dims from the outermost in memory (size-1 dims, whose strides mean nothing, last)."""
+    strides = [int(x.stride(d)) if x.shape[d] > 1 else 0 for d in range(x.dim())]
+    return tuple(sorted(range(x.dim()), key=lambda d: -strides[d]))
 
 
 class _Copy(torch.autograd.Function):
@@ -272,6 +313,18 @@ def split_local(x: torch.Tensor, dim: int, ranks: Ranks) -> torch.Tensor:
 def split_zero(x: torch.Tensor, dim: int, ranks: Ranks) -> torch.Tensor:
     """Keep this rank's slice; backward zero-pads (gradients are partial sums)."""
     return _Pair.apply(x, dim, GroupRef(ranks), "slice", "pad") if len(ranks) > 1 else x
+
+
+def all_to_all(
+    x: torch.Tensor, src_dim: int, dst_dim: int, order: tuple[int, ...], ranks: Ranks
+) -> torch.Tensor:
+    """Move a split from `src_dim` to `dst_dim` (Ulysses: sequence to heads and back); the
+    result is stored in dim `order`, that of the value it stands for (the graph may `view`
+    it: CPU attention returns (B, H, S, D) stored as (B, S, H, D)). Backward moves the
+    gradient's split back."""
+    if len(ranks) == 1:
+        return x
+    return _AllToAll.apply(x, src_dim, dst_dim, tuple(order), GroupRef(ranks))
 
 
 def switch_layout(
@@ -550,6 +603,7 @@ RANKS_ARG.update(
     )
 )
 RANKS_ARG[zero3_use] = 2
+RANKS_ARG[all_to_all] = 4
 
 
 def groups_of(target: Any, args: Sequence[Any]) -> list[Ranks]:
