@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny model specs for the reference GPT and the five HuggingFace families."""
+"""Shared fixtures: tiny model specs for the reference GPT and the HuggingFace families."""
 
 from __future__ import annotations
 
@@ -29,14 +29,22 @@ TINY_HF = {
 }
 """Family -> spec with two layers (T5: two encoder and two decoder blocks)."""
 
+SWIN = (
+    "hf:swin:embed_dim=32,depths=[2,2],num_heads=[2,4],image_size=32,patch_size=4,window_size=4,"
+    "num_labels=10,hidden_dropout_prob=0.0,attention_probs_dropout_prob=0.0,drop_path_rate=0.0"
+)
+"""Swin with two stages of two blocks (widths 32 and 64), dropout off. Not in TINY_HF: its
+capture takes seconds, and the tests that loop over TINY_HF do not need a sixth family."""
+
 LAYER_GROUPS = {
     "gpt2": ["transformer.h"],
     "llama": ["model.layers"],
     "bert": ["bert.encoder.layer"],
     "vit": ["vit.layers"],
     "t5": ["encoder.block", "decoder.block"],
+    "swin": ["swin.encoder.layers.0.blocks", "swin.encoder.layers.1.blocks"],
 }
-"""The stacks group_layers must find in each family."""
+"""The stacks group_layers must find in each family (its layer groups, in order)."""
 
 
 @pytest.fixture(autouse=True)

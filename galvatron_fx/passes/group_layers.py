@@ -6,9 +6,14 @@ Guarantees:
 - a *stack* is a module path `P` with numbered children `P.0, P.1, ...` (ModuleList,
   Sequential, or the flattened copy of either in a symbolic_trace'd GraphModule); the outermost
   stack wins, so `T5Block.layer.*` inside `decoder.block.3` stays part of that block;
-- each child of a stack is one layer; nodes outside every layer form segments named by
-  position: `embedding` (before the first layer), `glue_<i>` (between two stacks), `head`
-  (after the last layer) and `loss` (after the head's last parameter use);
+- each child of a stack is one layer, unless the stack is a stack of *stages*: every child
+  `P.i` holds one stack of its own, `P.i.N`, whose blocks are of one class and run one after
+  another (Swin's `layers.i.blocks`; T5's `block.i.layer` mixes classes and stays inside its
+  block). Then each stage's blocks are layers, grouped by stage (`P.i.N`), and what a stage
+  runs outside its blocks (Swin's patch merging) falls to the segments;
+- nodes outside every layer form segments named by position: `embedding` (before the first
+  layer), `glue_<i>` (between two stacks), `head` (after the last layer) and `loss` (after
+  the head's last parameter use);
 - parameters belong to the layer named by their path, else to the unit of their first user;
 - units are contiguous in graph order, and structurally identical units share a fingerprint.
 """
@@ -16,6 +21,7 @@ Guarantees:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -30,6 +36,10 @@ from galvatron_fx.passes.manager import PassContext, graph_pass
 __all__ = ["cut_tensors", "fx_digraph", "group_layers", "layer_digraph", "unit_nodes"]
 
 _NUMBERED = re.compile(r"^(.*?)\.?(\d+)(?:\.|$)")
+_CHILD_STACK = re.compile(r"^([^.]+)\.(\d+)(?:\.|$)")
+"""`blocks.1.attn` -> ('blocks', '1'): a stack that is a direct child of a layer."""
+_BLOCK = re.compile(r"^\.(\d+)(?:\.|$)")
+"""`.1.attn` (after a stage's stack) -> '1'."""
 
 
 @graph_pass(reads=("nn_module_stack",), writes=(LAYER.name,))
@@ -70,26 +80,112 @@ def _stack_of(unit: str) -> str | None:
     return None
 
 
-def _node_layer(node: fx.Node) -> str | None:
+def _module_path(node: fx.Node) -> str | None:
+    """The innermost module a node ran in (a parameter: its own path)."""
     if node.op == "get_attr":
-        return _layer_of_path(str(node.target))
+        return str(node.target)
     stack = node.meta.get("nn_module_stack") or {}
-    for path, _ in reversed(list(stack.values())):
-        if path:
-            return _layer_of_path(path)
-    return None
+    return next((path for path, _ in reversed(list(stack.values())) if path), None)
+
+
+def _node_layer(node: fx.Node, stages: dict[str, str]) -> str | None:
+    """The layer of a node; inside a stage, its block (None: the stage's own ops)."""
+    path = _module_path(node)
+    outer = _layer_of_path(path) if path is not None else None
+    stack = stages.get(outer) if outer is not None else None
+    if path is None or stack is None:
+        return outer
+    block = _BLOCK.match(path[len(stack) :]) if path.startswith(stack) else None
+    return f"{stack}.{block.group(1)}" if block is not None else None
+
+
+def _stages(computed: list[fx.Node]) -> dict[str, str]:
+    """Stage -> its stack of blocks (`swin.encoder.layers.0` -> `...layers.0.blocks`), for
+    every stack whose children are all stages: each holds exactly one stack of its own whose
+    blocks share a class and each feed the next, and some stage has two blocks or more."""
+    classes, members, inner = _nested_stacks(computed)
+    by_stack: dict[str | None, list[str]] = {}
+    for layer in members:
+        by_stack.setdefault(_stack_of(layer), []).append(layer)
+    stages: dict[str, str] = {}
+    for layers in by_stack.values():
+        nested = [inner.get(layer, {}) for layer in layers]
+        if not all(len(stacks) == 1 for stacks in nested):
+            continue
+        blocks = [next(iter(stacks.values())) for stacks in nested]
+        if any(len(b) > 1 for b in blocks) and all(
+            _repeated(b, classes, members[layer]) for b, layer in zip(blocks, layers, strict=True)
+        ):
+            stages.update(
+                (layer, next(iter(stacks))) for layer, stacks in zip(layers, nested, strict=True)
+            )
+    return stages
+
+
+Blocks = dict[str, list[fx.Node]]
+"""Block path (`...layers.0.blocks.1`) -> its nodes."""
+
+
+def _nested_stacks(
+    computed: list[fx.Node],
+) -> tuple[dict[str, str], dict[str, list[fx.Node]], dict[str, dict[str, Blocks]]]:
+    """Module classes by path, every layer's nodes, and per layer the stacks that are its
+    direct children with their blocks."""
+    classes: dict[str, str] = {}
+    members: dict[str, list[fx.Node]] = {}
+    inner: dict[str, dict[str, Blocks]] = {}
+    for n in computed:
+        stack_meta = (n.meta.get("nn_module_stack") or {}).values()
+        classes.update((path, str(cls)) for path, cls in stack_meta)
+        path = _module_path(n)
+        layer = _layer_of_path(path) if path is not None else None
+        if path is None or layer is None:
+            continue
+        members.setdefault(layer, []).append(n)
+        child = _CHILD_STACK.match(path[len(layer) + 1 :]) if path.startswith(layer + ".") else None
+        if child is not None:
+            stack = f"{layer}.{child.group(1)}"
+            block = f"{stack}.{child.group(2)}"
+            inner.setdefault(layer, {}).setdefault(stack, {}).setdefault(block, []).append(n)
+    return classes, members, inner
+
+
+def _repeated(blocks: Blocks, classes: dict[str, str], stage: list[fx.Node]) -> bool:
+    """The blocks share a module class and each reads a value of the one before it, directly
+    or through the stage's own ops (parallel heads in a ModuleList read the same input)."""
+    kinds = {classes.get(b) for b in blocks}
+    if len(kinds) != 1 or None in kinds:  # mixed (T5's attention, FF) or unknown classes
+        return False
+    ordered = [blocks[b] for b in sorted(blocks, key=lambda b: int(b.rsplit(".", 1)[1]))]
+    loose = set(stage).difference(*ordered)
+    for before, after in itertools.pairwise(ordered):
+        mine, theirs = set(after), set(before)
+        todo = [a for n in after for a in n.all_input_nodes if a not in mine]
+        seen: set[fx.Node] = set()
+        while todo:
+            a = todo.pop()
+            if a in theirs:
+                break
+            if a in loose and a not in seen:
+                seen.add(a)
+                todo += a.all_input_nodes
+        else:
+            return False
+    return True
 
 
 def _assign_units(gm: fx.GraphModule) -> dict[fx.Node, str]:
     """Unit name of every node: layers first, then positional segments, then inputs."""
     computed = [n for n in gm.graph.nodes if n.op == "call_function"]
-    layer = {n: _node_layer(n) for n in computed}
+    stages = _stages(computed)
+    layer = {n: _node_layer(n, stages) for n in computed}
     names = _positional_segments(computed, layer)
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
     units = set(names.values())
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr"):
-            names[node] = _input_unit(node, names, units, position)
+            own = _node_layer(node, stages)
+            names[node] = _input_unit(node, own, names, units, position)
     last = computed[-1] if computed else None
     for node in gm.graph.nodes:
         if node.op not in ("placeholder", "get_attr", "call_function"):
@@ -148,9 +244,12 @@ def _loss_start(computed: list[fx.Node], last_layer: int) -> int:
 
 
 def _input_unit(
-    node: fx.Node, names: dict[fx.Node, str], units: set[str], position: dict[fx.Node, int]
+    node: fx.Node,
+    own: str | None,
+    names: dict[fx.Node, str],
+    units: set[str],
+    position: dict[fx.Node, int],
 ) -> str:
-    own = _node_layer(node)
     if own is not None and own in units:
         return own
     users = [u for u in node.users if u in names]
