@@ -26,7 +26,7 @@ from typing import Any
 
 from galvatron_fx.compile import Analysis, analyze, search
 from galvatron_fx.models.spec import parse_model_spec
-from galvatron_fx.search.strategies import tree_counts
+from galvatron_fx.search.space import space_counts
 
 LLAMA_7B = "gpt:layers=32,hidden=4096,heads=32,vocab=32000,seq=2048"
 GPT3_175B = "gpt:layers=96,hidden=12288,heads=96,vocab=51200,seq=2048"
@@ -45,24 +45,16 @@ GPT_13B = "gpt:layers=40,hidden=5120,heads=40,vocab=32000,seq=2048"
 
 
 def candidate_counts(devices: tuple[int, ...] = (8, 16, 32, 64, 1024)) -> list[dict[str, int]]:
-    """The decision tree's size per device count (nodes of 8): leaves with every flag before
-    Galvatron's rules and after them, for one stage of all the devices and summed over the
-    pipeline degrees."""
-    print(f"{'devices':>8}{'pp=1 tree':>11}{'pruned':>8}{'all pp tree':>13}{'pruned':>8}")
+    """The decision tree's size per device count (nodes of 8), summed over the pipeline
+    degrees: Galvatron's tree, after each pruning rule, and with every flag
+    (`galvatron_fx.search.space`; Galvatron's own figures for 8 GPUs: 34 and 22)."""
     out = []
     for n in devices:
-        counts = tree_counts(n, 8)
-        row = {
-            "devices": n,
-            "pp1_tree": counts[0].tree_leaves,
-            "pp1_pruned": counts[0].after_rules,
-            "all_tree": sum(c.tree_leaves for c in counts),
-            "all_pruned": sum(c.after_rules for c in counts),
-        }
-        print(
-            f"{n:>8}{row['pp1_tree']:>11}{row['pp1_pruned']:>8}{row['all_tree']:>13}{row['all_pruned']:>8}"
-        )
-        out.append(row)
+        rows = space_counts(n, 8)
+        out.append({"devices": n, **{f"rule{i}": r.count for i, r in enumerate(rows)}})
+    print(f"{'rule':<70}" + "".join(f"{n:>7}" for n in devices))
+    for i, rule in enumerate(space_counts(8, 8)):
+        print(f"{rule.rule:<70}" + "".join(f"{row[f'rule{i}']:>7}" for row in out))
     return out
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "PlanError",
     "Recompute",
     "Schedule",
+    "check_ulysses",
     "save_json",
 ]
 
@@ -111,6 +112,12 @@ class LayerStrategy:
     @property
     def devices(self) -> int:
         return self.tp * self.dp
+
+    @property
+    def seq_split(self) -> int:
+        """How many ways the residual stream's sequence is split between layers (Megatron-SP
+        and Ulysses split it across the group; plain TP keeps it whole)."""
+        return self.tp if self.sp or self.ulysses else 1
 
     def short(self) -> str:
         """Compact form for tables: `tp2+sp dp4/zero3 rc=full`, `usp2 dp4` for Ulysses."""
@@ -270,7 +277,7 @@ class Plan:
             )
         for unit, s in self.strategies:
             if s.ulysses:
-                _check_ulysses(unit, s.tp, shapes[unit])
+                check_ulysses(unit, s.tp, shapes[unit])
             else:
                 _check_divisible(unit, s.tp, shapes[unit])
 
@@ -404,7 +411,7 @@ def _check_divisible(unit: str, tp: int, shape: LayerShape) -> None:
             )
 
 
-def _check_ulysses(unit: str, degree: int, shape: LayerShape) -> None:
+def check_ulysses(unit: str, degree: int, shape: LayerShape) -> None:
     """Ulysses splits the attention's heads after its all-to-all and its sequence before."""
     if not shape.heads:
         raise PlanError(

@@ -176,7 +176,7 @@ def _table_html(result: Mapping[str, Any]) -> str:
         k = int(x.get("stage", stages[s["unit"]]))
         stage = f"{k} (rank {k % degree})" if chunks > 1 else str(k)
         cells = [
-            escape(str(s["unit"])), escape(stage), str(s.get("tp", 1)), _yes(s.get("sp")),
+            escape(str(s["unit"])), escape(stage), str(s.get("tp", 1)), _sp_kind(s),
             str(s.get("dp", 1)), escape(str(s.get("dp_mode", ""))),
             escape(str(s.get("recompute", ""))), _yes(s.get("vocab_parallel")),
         ]  # fmt: skip
@@ -188,6 +188,11 @@ def _table_html(result: Mapping[str, Any]) -> str:
     return (
         f'<table class="units"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
     )
+
+
+def _sp_kind(s: dict[str, Any]) -> str:
+    """The sequence split of a unit: Megatron-SP inside its TP group, or Ulysses."""
+    return "Ulysses" if s.get("ulysses") else "Megatron" if s.get("sp") else ""
 
 
 def _yes(flag: Any) -> str:

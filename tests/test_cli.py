@@ -123,3 +123,21 @@ def test_progress_bars_follow_the_verbosity(capsys):
     progress(4, 4, "quiet")
     assert capsys.readouterr().err == ""
     configure(0)
+
+
+def test_explain_space_counts_every_rule_beside_galvatron(tmp_path, capsys):
+    out = tmp_path / "space.json"
+    args = ["plan", TINY_GPT, "--memory-gb", "8", "--global-batch", "64", "--explain-space"]
+    assert main([*args, "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    rows = {line[:70].strip(): line[70:].split() for line in text.splitlines()[1:]}
+    assert rows["decision tree: pp first, then tp / dp / sdp once each"] == [
+        "34", "73", "136", "229", "34"
+    ]  # fmt: skip
+    assert rows["no tree mixing dp and sdp"][0] == rows["no tree mixing dp and sdp"][-1] == "22"
+    found = json.loads(out.read_text())["space"]
+    assert [row["world"] for row in found] == [8, 16, 32, 64]
+    for row in found:  # every rule only removes; dominance keeps a candidate per layout
+        counts = [r["count"] for r in row["rules"][:4]]
+        assert counts == sorted(counts, reverse=True)
+        assert 0 < row["kept"] <= row["priced"] <= row["rules"][-1]["count"]

@@ -56,6 +56,7 @@ def test_json_round_trip_is_exact(tmp_path):
         "recompute": "full",
         "tp_consecutive": True,
         "vocab_parallel": False,
+        "ulysses": False,
     }
     assert loaded.strategy("blocks.0").recompute is Recompute.FULL
     assert loaded.strategy("head").dp_mode is DPMode.ZERO3
@@ -197,3 +198,22 @@ def test_malformed_plan_json_names_the_field_path(tmp_path, path, value, message
     file.write_text(json.dumps({"plan": _edit(_mixed().to_json(), path, value)}))
     with pytest.raises(PlanError, match=message):
         Plan.load(file)
+
+
+def test_ulysses_strategies_validate_and_round_trip(tmp_path):
+    s = LayerStrategy(tp=2, ulysses=True, dp=2, recompute="selective")
+    assert s.short() == "usp2 dp2/allreduce rc=selective" and s.seq_split == 2
+    for bad in ({"tp": 1}, {"sp": True}, {"vocab_parallel": True}):
+        with pytest.raises(PlanError, match="ulysses"):
+            LayerStrategy(**{"tp": 2, "ulysses": True, **bad})
+    plan = Plan(4, (("blocks.0", s),), "abc")
+    plan.save(tmp_path / "p.json")
+    assert Plan.load(tmp_path / "p.json") == plan
+    data = json.loads((tmp_path / "p.json").read_text())
+    del data["strategies"][0]["ulysses"]  # a plan written before the field: not Ulysses
+    assert not Plan.from_json(data).strategy("blocks.0").ulysses
+    heads = {"blocks.0": LayerShape(heads=(4,), seq_lens=(6,))}
+    with pytest.raises(PlanError, match="6 sequence positions are not divisible"):
+        Plan(4, (("blocks.0", LayerStrategy(tp=4, ulysses=True)),), "abc").check_model("abc", heads)
+    with pytest.raises(PlanError, match="needs attention"):
+        plan.check_model("abc", {"blocks.0": LayerShape()})

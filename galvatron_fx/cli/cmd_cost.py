@@ -44,7 +44,9 @@ def add(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--batch", type=int, default=8, help="global batch (default 8)")
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: model max)")
     p.add_argument(
-        "--strategy", default="dp=1", help='e.g. "tp=4,dp=2,sp=1,zero=3,ckpt=full,vocab=1"'
+        "--strategy",
+        default="dp=1",
+        help='e.g. "tp=4,dp=2,sp=1,zero=3,ckpt=full,vocab=1"; "tp=4,ulysses=1": Ulysses SP',
     )
     p.add_argument("--dtype", default="bf16", help="compute dtype for peak FLOP/s")
     p.add_argument("--precision", default="mixed", choices=("mixed", "fp32"))
@@ -64,7 +66,8 @@ _ZERO = {"0": "allreduce", "1": "zero1", "2": "zero2", "3": "zero3"}
 
 
 def parse_strategy(text: str) -> Any:
-    """`tp=4,dp=2,sp=1,zero=3,ckpt=full,vocab=1` -> LayerStrategy (ValueError names the key)."""
+    """`tp=4,dp=2,sp=1,zero=3,ckpt=full,vocab=1` -> LayerStrategy (ValueError names the key);
+    `tp=4,ulysses=1`: the group of 4 runs Ulysses sequence parallelism."""
     from galvatron_fx.plan import LayerStrategy
 
     fields: dict[str, Any] = {}
@@ -74,8 +77,9 @@ def parse_strategy(text: str) -> Any:
             if not value.isdigit():
                 raise ValueError(f"--strategy: {key}={value!r} is not a whole number")
             fields[key] = int(value)
-        elif key in ("sp", "vocab"):
-            fields["sp" if key == "sp" else "vocab_parallel"] = value in ("1", "true", "on")
+        elif key in ("sp", "vocab", "ulysses"):
+            name = {"sp": "sp", "vocab": "vocab_parallel", "ulysses": "ulysses"}[key]
+            fields[name] = value in ("1", "true", "on")
         elif key == "zero":
             if value not in _ZERO:
                 raise ValueError(f"--strategy: zero={value!r}: give 0, 1, 2 or 3")
@@ -86,7 +90,7 @@ def parse_strategy(text: str) -> Any:
             fields["tp_consecutive"] = value not in ("1", "true", "on")
         else:
             raise ValueError(
-                f"--strategy: unknown key {key!r} (tp, dp, sp, zero, ckpt, vocab, strided)"
+                f"--strategy: unknown key {key!r} (tp, dp, sp, ulysses, zero, ckpt, vocab, strided)"
             )
     return LayerStrategy(**fields)
 

@@ -36,6 +36,10 @@ def add(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                 "galvatron-fx plan gpt:layers=48,hidden=6144,heads=48 --cluster h100-80gb-sxm:nodes=8 --memory-gb 60 --global-batch 512 --json plan.json",
             ),
             (
+                "how many candidates each pruning rule leaves, 8 to 64 devices",
+                "galvatron-fx plan hf:llama --memory-gb 40 --global-batch 64 --explain-space",
+            ),
+            (
                 "a report to look at: strategy table, memory bars, pipeline timeline, baselines",
                 "galvatron-fx plan gpt:layers=24,hidden=2048,heads=16 --memory-gb 8 --global-batch 64 --html report.html --png charts/",
             ),
@@ -52,6 +56,12 @@ def add(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--max-pipeline", type=int, default=None, help="cap the pipeline degree")
     p.add_argument("--no-baselines", action="store_true", help="skip pricing the baselines")
     p.add_argument("--json", type=Path, help="write the plan, predictions and baselines")
+    p.add_argument(
+        "--explain-space",
+        action="store_true",
+        help="print the candidate counts before and after each pruning rule for 8, 16, 32 "
+        "and 64 devices (Galvatron's 34 -> 22 for 8 beside them) instead of searching",
+    )
     _report_arguments(p)
     p.set_defaults(run=run)
     p = sub.add_parser(
@@ -89,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--seq must be >= 1")
     # captured whole, as `compile` will capture it: the plan's fingerprint then matches
     analysis, _, _ = capture(args.model, "meta", args.global_batch, args.seq)
+    if args.explain_space:
+        return _explain_space(analysis, args)
     result = search(
         analysis,
         cluster=args.cluster,
@@ -105,6 +117,41 @@ def run(args: argparse.Namespace) -> int:
         write_json(args.json, result.to_json())
     _report(result.to_json(), args)
     return 0
+
+
+def _explain_space(analysis: Any, args: argparse.Namespace) -> int:
+    from galvatron_fx.passes.search import explain_space
+    from galvatron_fx.search.space import GALVATRON_8_GPUS
+
+    found = explain_space(
+        analysis, cluster=args.cluster, global_batch=args.global_batch, precision=args.precision
+    )
+    print(format_space(found, GALVATRON_8_GPUS))
+    if args.json:
+        write_json(args.json, {"space": found, "galvatron_8_gpus": list(GALVATRON_8_GPUS)})
+    return 0
+
+
+def format_space(found: list[dict[str, Any]], galvatron: tuple[int, int]) -> str:
+    """One row per rule, one column per world size, Galvatron's 8-GPU figures beside."""
+    worlds = [f"{row['world']} dev" for row in found]
+    head = f"{'candidates (all pipeline degrees)':<70}" + "".join(f"{w:>9}" for w in worlds)
+    lines = [head + f"{'Galvatron, 8':>15}"]
+    for i, rule in enumerate(found[0]["rules"]):
+        cells = "".join(f"{row['rules'][i]['count']:>9}" for row in found)
+        ref = f"{galvatron[i]:>15}" if i < len(galvatron) else ""
+        lines.append(f"{rule['rule']:<70}{cells}{ref}")
+    layer = found[0]["layer"]
+    if layer is not None:
+        lines.append(
+            f"{'priced for ' + layer + ' (heads and batch allow)':<70}"
+            + "".join(f"{row['priced']:>9}" for row in found)
+        )
+        lines.append(
+            f"{'left after dominance (slower and larger, same layout)':<70}"
+            + "".join(f"{row['kept']:>9}" for row in found)
+        )
+    return "\n".join(lines)
 
 
 def format_result(result: Any) -> str:

@@ -13,6 +13,8 @@ resolution is not worth a mix's layout switches).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -27,6 +29,7 @@ from galvatron_fx.plan import Plan, PlanError, save_json
 from galvatron_fx.search.baselines import UNIFORM_TOLERANCE, run_baselines, simplest_within
 from galvatron_fx.search.explain import explain_units, smallest_memory
 from galvatron_fx.search.planner import Searched, SearchSpace, configs, search_space
+from galvatron_fx.search.space import dominance_counts, space_counts
 from galvatron_fx.search.strategies import powers_of_two
 from galvatron_fx.summary import layer_shapes
 
@@ -187,3 +190,39 @@ def _predicted(best: Searched, terms: ModelTerms, space: SearchSpace) -> dict[st
         "peak_memory_bytes": per_device,
         "stage_time_per_micro_batch_s": list(s.stage_time_s),
     }
+
+
+def explain_space(
+    analysis: Any,
+    *,
+    cluster: ClusterSpec | str,
+    global_batch: int,
+    worlds: tuple[int, ...] = (8, 16, 32, 64),
+    precision: Precision = "mixed",
+) -> list[dict[str, Any]]:
+    """Per world size: the candidate count after each pruning rule (`search.space`), and
+    for the model's first layer the candidates priced and those left after dominance, at
+    one micro-batch (clusters grow by whole nodes to hold the world)."""
+    spec = load_cluster(cluster) if isinstance(cluster, str) else cluster
+    tps = powers_of_two(min(max(worlds), spec.devices_per_node))
+    terms = model_terms(analysis, spec, tps)
+    layer = next((u for u, k in zip(terms.units, terms.kinds, strict=True) if k == "layer"), None)
+    out = []
+    for world in worlds:
+        grown = spec.with_nodes(max(spec.nodes, -(-world // spec.devices_per_node)))
+        space = SearchSpace(terms, grown, world, global_batch, float("inf"), precision)
+        rows = [dataclasses.asdict(r) for r in space_counts(world, spec.devices_per_node)]
+        priced = kept = 0
+        if layer is not None:
+            priced, kept = dominance_counts(
+                functools.partial(_cost_row, space, layer), world, spec.devices_per_node
+            )
+        out.append({"world": world, "rules": rows, "layer": layer, "priced": priced, "kept": kept})
+    return out
+
+
+def _cost_row(space: SearchSpace, unit: str, devices: int, s: Any) -> tuple[float, ...] | None:
+    if not space.terms.has(unit, s) or space.global_batch % s.dp:
+        return None
+    c = space.cost(unit, s, space.global_batch / s.dp)
+    return (c.time_mb_s + c.step_s, c.state_bytes, c.act_bytes, c.transient_bytes)

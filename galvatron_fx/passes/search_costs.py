@@ -7,7 +7,7 @@ Repeated layers share one table: the graph is first cut down to one representati
 layer fingerprint (the segments and the first block of each stack; the later blocks' uses are
 rewired to the representative's values), so a 96-layer model costs what a 1-layer one does.
 The reduced graph is then rewritten by the compiler's own passes once per layout
-(tp, sp, vocabulary split) at dp = 1, and every unit's compute, saved activations,
+(tp, sp, vocabulary split, Ulysses) at dp = 1, and every unit's compute, saved activations,
 collectives and parameters are read off the rewrite exactly as `plan_costs` reads them.
 Guarantees: every unit of the model maps to a representative with terms for every layout
 its heads and widths allow.
@@ -34,14 +34,14 @@ from galvatron_fx.passes.plan_costs import (
     rewrite_for_costs,
 )
 from galvatron_fx.passes.recompute import attention_cores
-from galvatron_fx.plan import LayerStrategy, PlanError, Recompute
+from galvatron_fx.plan import LayerShape, LayerStrategy, PlanError, Recompute, check_ulysses
 from galvatron_fx.search.costs import UnitTerms
 from galvatron_fx.summary import layer_shapes, model_fingerprint
 
 __all__ = ["ModelTerms", "captured_batch", "model_terms", "representatives"]
 
-Layout = tuple[int, bool, bool]
-"""(tp, sp, vocab_parallel)"""
+Layout = tuple[int, bool, bool, bool]
+"""(tp, sp, vocab_parallel, ulysses)"""
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,19 @@ class ModelTerms:
     """Training FLOPs of one sample (forward + backward), for TFLOP/s figures."""
 
     def tps(self) -> list[int]:
-        return sorted({tp for (_, (tp, _, _)) in self.terms})
+        return sorted({layout[0] for (_, layout) in self.terms})
+
+    def has(self, unit: str, s: LayerStrategy) -> bool:
+        """Whether `s`'s layout was priced for `unit` (Ulysses needs attention whose heads
+        and sequence the degree divides)."""
+        return (self.representative[unit], _key(s)) in self.terms
 
     def unit_terms(self, unit: str, s: LayerStrategy) -> UnitTerms:
-        return self.terms[(self.representative[unit], (s.tp, s.sp, s.vocab_parallel))]
+        return self.terms[(self.representative[unit], _key(s))]
+
+
+def _key(s: LayerStrategy) -> Layout:
+    return (s.tp, s.sp, s.vocab_parallel, s.ulysses)
 
 
 def representatives(analysis: Any) -> tuple[Any, dict[str, str]]:
@@ -190,13 +199,14 @@ def _dp_collectives(reduced: Any) -> dict[str, tuple[Any, ...]]:
     }
 
 
-def _layouts(tp: int) -> Sequence[tuple[int, bool, bool]]:
-    """(tp, sp of the layers, vocabulary split of the segments) per rewrite: two rewrites
-    give each tp every layout (layers with and without sp, segments with and without the
-    vocabulary split; segments run without sp, their input gathered by a layout switch)."""
+def _layouts(tp: int) -> Sequence[Layout]:
+    """(tp, sp of the layers, vocabulary split of the segments, Ulysses layers) per rewrite:
+    three rewrites give each tp every layout (layers plain, with sp and under Ulysses,
+    segments with and without the vocabulary split; segments run without sp, their input
+    gathered by a layout switch)."""
     if tp == 1:
-        return [(1, False, False)]
-    return [(tp, False, False), (tp, True, True)]
+        return [(1, False, False, False)]
+    return [(tp, False, False, False), (tp, True, True, False), (tp, False, False, True)]
 
 
 def _check_tp(reduced: Any, shapes: Any, tp: int) -> None:
@@ -212,14 +222,17 @@ def _terms_of(
     dtype: str,
     efficiency: float,
 ) -> dict[tuple[str, Layout], UnitTerms]:
-    tp, sp, vocab = layout
+    tp, sp, vocab, ulysses = layout
     kinds = {u.name: u.kind for u in reduced.layers}
+    shapes = layer_shapes(reduced.graph_module)
     strategies = {
-        u: LayerStrategy(tp=tp, sp=sp)
+        u: LayerStrategy(tp=tp, sp=sp, ulysses=ulysses and _ulysses_fits(u, tp, shapes))
         if kind == "layer"
         else LayerStrategy(tp=tp, vocab_parallel=vocab)
         for u, kind in kinds.items()
     }
+    if ulysses and not any(s.ulysses for s in strategies.values()):
+        return {}
     plan = reduced.plan(strategies, world_size=tp)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deep-copying the graph's pytree specs warns
@@ -231,7 +244,9 @@ def _terms_of(
         local = _local_params(params, unit)
         before, previous = previous, local
         s = plan.strategy(unit)
-        key = (tp, s.sp, s.vocab_parallel)
+        key = _key(s)
+        if ulysses and not s.ulysses:
+            continue  # priced by the plain tp rewrite
         nodes = [n for n in rewritten.get(unit, []) if COST.has(n) and PLACEMENT.has(n)]
         cores = {n.name for core in attention_cores(original[unit]) for n in core}
         terms = _unit_terms(
@@ -274,6 +289,7 @@ def _unit_terms(
         tp=s.tp,
         sp=s.sp,
         vocab_parallel=s.vocab_parallel,
+        ulysses=s.ulysses,
         ref_batch=batch,
         fwd_s=fwd,
         bwd_s=bwd,
@@ -296,6 +312,14 @@ def _unit_terms(
         largest_value_bytes=none.largest_value_bytes,
         boundary_bytes=_boundary_bytes(original, unit),
     )
+
+
+def _ulysses_fits(unit: str, degree: int, shapes: dict[str, LayerShape]) -> bool:
+    try:
+        check_ulysses(unit, degree, shapes[unit])
+    except PlanError:
+        return False
+    return True
 
 
 def _param_bytes(nodes: list[fx.Node]) -> int:

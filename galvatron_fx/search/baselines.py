@@ -114,7 +114,9 @@ def even_starts(kinds: tuple[str, ...], stages: int) -> tuple[int, ...] | None:
 
 
 def _segment_variants(s: LayerStrategy) -> set[LayerStrategy]:
-    plain = dataclasses.replace(s, sp=False, recompute=Recompute.NONE, vocab_parallel=False)
+    plain = dataclasses.replace(
+        s, sp=False, ulysses=False, recompute=Recompute.NONE, vocab_parallel=False
+    )
     out = {plain}
     if s.tp > 1:
         out.add(dataclasses.replace(plain, vocab_parallel=True))

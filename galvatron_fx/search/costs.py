@@ -62,6 +62,7 @@ class UnitTerms:
     tp: int
     sp: bool
     vocab_parallel: bool
+    ulysses: bool
     ref_batch: int
     fwd_s: float
     """Roofline forward time, launch overhead excluded."""
@@ -216,8 +217,7 @@ def switch_time_s(
     switch is all-gathered in forward, one split more ways is sliced in forward and
     all-gathered in backward (`runtime.collectives.switch_layout`)."""
     total = 0.0
-    q_before = before.tp if before.sp else 1
-    q_after = after.tp if after.sp else 1
+    q_before, q_after = before.seq_split, after.seq_split
     groups_differ = before.tp_consecutive != after.tp_consecutive and before.dp == after.dp
     for x, y in ((before.dp, after.dp), (q_before, q_after)):
         factor = max(x, y) // min(x, y)
@@ -237,8 +237,7 @@ def switch_time_s(
 def p2p_time_s(boundary_bytes: float, first: LayerStrategy, cluster: ClusterSpec) -> float:
     """A stage boundary: activations forward and their gradient backward, each rank sending
     its own part of the boundary tensor."""
-    q = first.tp if first.sp else 1
-    size = boundary_bytes / (first.dp * q)
+    size = boundary_bytes / (first.dp * first.seq_split)
     across = first.devices >= cluster.devices_per_node
     link = cluster.link("p2p", 2, across)
     return 2 * (link.latency_s + size / link.bus_bandwidth_bytes_per_s)

@@ -64,6 +64,8 @@ class TermSource(Protocol):
 
     def tps(self) -> list[int]: ...
 
+    def has(self, unit: str, s: LayerStrategy) -> bool: ...
+
     def unit_terms(self, unit: str, s: LayerStrategy) -> UnitTerms: ...
 
 
@@ -179,6 +181,10 @@ class SearchSpace:
             ]
         return self._cands[key]
 
+    def unit_candidates(self, unit: str, kind: str, stage_devices: int) -> list[LayerStrategy]:
+        """The candidates priced for this unit (Ulysses only where its attention allows)."""
+        return [s for s in self.candidates(stage_devices, kind) if self.terms.has(unit, s)]
+
     def cost(self, unit: str, s: LayerStrategy, micro_batch: float) -> OptionCost:
         rep = self.terms.representative[unit]
         key = (rep, s, micro_batch)
@@ -228,7 +234,7 @@ class SearchSpace:
             transients = [0.0]
             kinds = dict(zip(self.terms.units, self.terms.kinds, strict=True))
             for unit in {self.terms.representative[u]: u for u in self.terms.units}.values():
-                for s in self.candidates(d, kinds[unit]):
+                for s in self.unit_candidates(unit, kinds[unit], d):
                     if self.global_batch % (m * s.dp) == 0:
                         b = self.global_batch / (m * s.dp)
                         transients.append(self.cost(unit, s, b).transient_bytes)
@@ -239,7 +245,7 @@ class SearchSpace:
 
     def _unit_options(self, unit, kind, d, m, layouts, reps, prune) -> UnitOptions | None:
         rows, picked = [], []
-        for s in self.candidates(d, kind):
+        for s in self.unit_candidates(unit, kind, d):
             if self.global_batch % (m * s.dp):
                 continue
             c = self.cost(unit, s, self.global_batch / (m * s.dp))
@@ -323,7 +329,7 @@ class SearchSpace:
     def _fastest(self, unit: str, kind: str, d: int, m: int) -> float:
         times = [
             self.cost(unit, s, self.global_batch / (m * s.dp)).time_mb_s
-            for s in self.candidates(d, kind)
+            for s in self.unit_candidates(unit, kind, d)
             if self.global_batch % (m * s.dp) == 0
         ]
         return min(times, default=np.inf)

@@ -13,7 +13,8 @@ given to tensor parallelism (tp), plain data parallelism (dp) or sharded data pa
 - a TP group that would leave a node is pruned.
 
 Every surviving split then takes the flags the runtime offers: sequence parallelism (tp > 1,
-layers: a segment's input is gathered by a layout switch instead), the ZeRO stage of its
+layers: a segment's input is gathered by a layout switch instead) as Megatron-SP inside the
+TP group or as Ulysses (the group splits the sequence instead of the weights), the ZeRO stage of its
 sharded data parallelism (1, 2 or 3), recomputation (layers: none, selective, full), and for
 segments the vocabulary split. Dominance pruning (`dominated`) removes, per
 layer, a candidate that is no faster and no smaller than another of the same layout.
@@ -22,7 +23,6 @@ Pure: no torch.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,14 +31,12 @@ import numpy as np
 from galvatron_fx.plan import DPMode, LayerStrategy, Recompute
 
 __all__ = [
-    "TreeCounts",
     "candidates",
     "decision_tree",
     "dominated",
     "layout_key",
     "pipeline_degrees",
     "powers_of_two",
-    "tree_counts",
 ]
 
 
@@ -101,17 +99,23 @@ def candidates(
         if _same_as_consecutive(split, devices_per_node):
             continue
         modes = zero_stages if split.sharded else (DPMode.ALLREDUCE,)
-        sps = (False, True) if split.tp > 1 and not segment else (False,)
+        # (Megatron-SP, Ulysses) per candidate: layers with a group may take either
+        sps = (
+            ((False, False), (True, False), (False, True))
+            if split.tp > 1 and not segment
+            else ((False, False),)
+        )
         recomputes = (Recompute.NONE,) if segment else tuple(Recompute)
         vocabs = (False, True) if segment and split.tp > 1 else (False,)
         for mode in modes:
-            for sp in sps:
+            for sp, ulysses in sps:
                 for vocab in vocabs:
                     for rc in recomputes:
                         out.append(
                             LayerStrategy(
                                 tp=split.tp,
                                 sp=sp,
+                                ulysses=ulysses,
                                 dp=split.dp,
                                 dp_mode=mode,
                                 recompute=rc,
@@ -124,9 +128,9 @@ def candidates(
 
 def layout_key(s: LayerStrategy) -> tuple[int, int, bool]:
     """What the residual stream between two units looks like under `s`: batch split dp ways,
-    sequence split tp ways under sp, and which ranks form the groups. Equal keys: no
-    layout switch between adjacent units."""
-    return (s.dp, s.tp if s.sp else 1, s.tp_consecutive or s.tp == 1 or s.dp == 1)
+    sequence split tp ways under sp or Ulysses, and which ranks form the groups. Equal keys:
+    no layout switch between adjacent units."""
+    return (s.dp, s.seq_split, s.tp_consecutive or s.tp == 1 or s.dp == 1)
 
 
 def pipeline_degrees(world: int, units: int) -> list[int]:
@@ -150,40 +154,3 @@ def dominated(costs: np.ndarray, layouts: Sequence[object]) -> np.ndarray:
         if np.any(no_worse & (better | earlier_equal) & ~drop):
             drop[i] = True
     return drop
-
-
-@dataclass(frozen=True)
-class TreeCounts:
-    """Candidate counts for one stage size."""
-
-    pipeline: int
-    stage_devices: int
-    tree_leaves: int
-    """Leaves of the tree with every flag, before the rules."""
-    after_rules: int
-
-
-def tree_counts(world: int, devices_per_node: int) -> list[TreeCounts]:
-    """Per pipeline degree: the tree's leaves with every flag before the rules (mixed
-    dp/sdp trees and node-crossing TP groups included) and after them. Dominance pruning
-    depends on the model and is reported by the search."""
-    out = []
-    for p in powers_of_two(world):
-        d = world // p
-        kept = len(candidates(d, devices_per_node))
-        out.append(TreeCounts(p, d, _raw_leaves(d.bit_length() - 1), kept))
-    return out
-
-
-def _raw_leaves(levels: int) -> int:
-    """Leaves of the unpruned tree: every assignment of the levels to tp / dp / sdp where
-    each kind takes one contiguous run, times the flags it can take."""
-    total = 0
-    for seq in itertools.product("tds", repeat=levels):
-        runs = [k for i, k in enumerate(seq) if i == 0 or seq[i - 1] != k]
-        if len(runs) != len(set(runs)):
-            continue
-        tp = 2 ** seq.count("t")
-        flags = (2 if tp > 1 else 1) * (3 if "s" in seq else 1) * len(Recompute)
-        total += flags
-    return total
