@@ -7,7 +7,12 @@ of the same cost model (`search/costs.py`); the baselines are in `search/baselin
 Each row: the plan's samples/s, each baseline's as a ratio plan / baseline ("-": does not
 fit), and the plan against the best baseline.
 
-    python bench/plan_quality.py            # the full table (a few minutes)
+A second table is about Ulysses sequence parallelism: a 7B GPT at 2K, 8K and 32K tokens on
+8 and 64 A100s with a small global batch (long-context training), searched with and without
+Ulysses among the candidates; the `ulysses` column is the searched plan against the search
+without it (what Ulysses adds), beside Megatron-style TP + SP and the Ulysses baseline.
+
+    python bench/plan_quality.py            # the full tables (a few minutes)
     python bench/plan_quality.py --smoke    # one tiny row, for the test suite
 
 `bench/suite.py` (`make bench`) puts the table in bench/results/latest.md.
@@ -19,6 +24,7 @@ import argparse
 import json
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +48,16 @@ CLUSTERS = {
     "8 x RTX TITAN": ("rtx-titan-24gb-pcie", 8, 64),
 }
 BUDGETS_GB = (16, 24, 40, 80)
-BASELINES = ("dp", "zero3", "zero3+full-recompute", "tp-in-node", "megatron-3d", "uniform")
+BASELINES = (
+    "dp", "zero3", "zero3+full-recompute", "tp-in-node", "megatron-3d", "ulysses", "uniform"
+)  # fmt: skip
+LONG_MODEL = "gpt:layers=32,hidden=4096,heads=32,vocab=32000,seq={seq}"
+LONG_SEQS = (2048, 8192, 32768)
+LONG_CLUSTERS = {
+    "8 x A100": ("a100-80gb-sxm", 8, 8),
+    "64 x A100": ("a100-80gb-sxm:nodes=8", 64, 32),
+}
+LONG_BUDGETS_GB = (40, 80)
 
 
 def capture(spec_text: str, batch: int, seq: int | None) -> Analysis:
@@ -91,6 +106,74 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def long_row(analysis: Analysis, cluster: str, world: int, batch: int, budget: float) -> dict:
+    """The search with Ulysses, without it, and the two sequence-parallel baselines."""
+    got: dict[str, Any] = {}
+    for key, ulysses in (("plan", True), ("no_ulysses", False)):
+        try:
+            result = search(
+                analysis, cluster=cluster, memory_budget_gb=budget, global_batch=batch,
+                world_size=world, ulysses=ulysses, baselines=ulysses,
+            )  # fmt: skip
+        except PlanError:
+            got[key] = None
+            continue
+        got[key] = result.samples_per_s
+        if ulysses:
+            got["baselines"] = result.baselines
+            layers = [s for u, s in result.plan.strategies if u in _layer_names(analysis)]
+            got["uses_ulysses"] = any(s.ulysses for s in layers)
+            got["kinds"] = [f"{n} x {k}" for k, n in Counter(s.short() for s in layers).items()]
+    return got
+
+
+def _layer_names(analysis: Analysis) -> set[str]:
+    return {u.name for u in analysis.layers if u.kind == "layer"}
+
+
+def long_table(rows: list[dict[str, Any]]) -> str:
+    head = ["seq", "cluster", "GB", "plan samples/s", "ulysses (plan / no-Ulysses search)"]
+    head += ["megatron-3d", "ulysses baseline", "plan uses"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(r["seq"]), r["cluster"], str(r["budget_gb"])]
+        if r["plan"] is None:
+            lines.append("| " + " | ".join([*cells, "does not fit", "-", "-", "-", "-"]) + " |")
+            continue
+        gain = f"{r['plan'] / r['no_ulysses']:.3f}x" if r["no_ulysses"] else "only with Ulysses"
+        base = [r["baselines"].get(b) for b in ("megatron-3d", "ulysses")]
+        ratios = [f"{r['plan'] / v:.2f}x" if v else "-" for v in base]
+        uses = ", ".join(r["kinds"]) if r["uses_ulysses"] else "no Ulysses"
+        cells += [f"{r['plan']:.2f}", gain, *ratios, uses or "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_long(
+    seqs: tuple[int, ...] = LONG_SEQS,
+    clusters: dict[str, tuple[str, int, int]] = LONG_CLUSTERS,
+    budgets: tuple[float, ...] = LONG_BUDGETS_GB,
+    model: str = LONG_MODEL,
+) -> list[dict[str, Any]]:
+    rows = []
+    for seq in seqs:
+        for label, (cluster, world, batch) in clusters.items():
+            analysis = capture(model.format(seq=seq), batch, seq)
+            for budget in budgets:
+                start = time.perf_counter()
+                got = long_row(analysis, cluster, world, batch, budget)
+                rows.append({"seq": seq, "cluster": label, "budget_gb": budget, **got})
+                print(
+                    f"seq {seq:<7}{label:<11}{budget:>4} GB  {time.perf_counter() - start:6.1f} s"
+                )
+    return rows
+
+
+def run_long_smoke() -> list[dict[str, Any]]:
+    tiny = "gpt:layers=2,hidden=128,heads=8,vocab=256,seq={seq}"
+    return run_long((1024,), {"8 x A100": ("a100-80gb-sxm", 8, 2)}, (0.05,), tiny)
+
+
 def run(
     models: dict[str, str], clusters: dict[str, tuple[str, int, int]], budgets: tuple[float, ...]
 ) -> list[dict[str, Any]]:
@@ -123,6 +206,7 @@ def main() -> None:
         models = {"tiny": "gpt:layers=4,hidden=128,heads=4,vocab=256,seq=64"}
         rows = run(models, {"8 x A100": ("a100-80gb-sxm", 8, 16)}, (0.02,))
         print(table(rows))
+        print(long_table(run_long_smoke()))
         return
     rows = run(MODELS, CLUSTERS, BUDGETS_GB)
     text = table(rows)
@@ -133,8 +217,10 @@ def main() -> None:
         if r["plan"] and any(v and v > r["plan"] * (1 + 1e-9) for v in r["baselines"].values())
     ]
     print(f"rows where a baseline beats the plan: {len(worse)}")
+    long_rows = run_long()
+    print(long_table(long_rows))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        args.json.write_text(json.dumps({"rows": rows, "long": long_rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -86,16 +86,24 @@ def _plan_quality(opts: argparse.Namespace) -> Data:
     if opts.smoke:
         tiny = {"tiny": search.TINY}
         rows = plan_quality.run(tiny, {"8 x A100": ("a100-80gb-sxm", 8, 16)}, (0.02,))
+        long = plan_quality.run_long_smoke()
     else:
         rows = plan_quality.run(plan_quality.MODELS, plan_quality.CLUSTERS, plan_quality.BUDGETS_GB)
+        long = plan_quality.run_long()
     if opts.device == "cuda":
-        return {"predicted": rows}
+        return {"predicted": rows, "long": long}
     measured = plan_quality_measured.run(_script_opts(plan_quality_measured, opts))
-    return {"predicted": rows, "measured": measured}
+    return {"predicted": rows, "long": long, "measured": measured}
 
 
 def _plan_quality_markdown(data: Data) -> str:
     predicted = plan_quality.table(data["predicted"])
+    if "long" in data:
+        predicted += (
+            "\n\n**Ulysses on long sequences** (a 7B GPT, predicted; `ulysses`: the plan "
+            "against the same search without Ulysses among the candidates):\n\n"
+            + plan_quality.long_table(data["long"])
+        )
     if "measured" not in data:
         return f"Measured: not run ({CPU_ONLY['measured plan quality']}).\n\n{predicted}"
     return (

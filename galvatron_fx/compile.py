@@ -143,13 +143,15 @@ def search(
     max_pipeline: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     efficiency: float = 1.0,
+    ulysses: bool = True,
 ) -> Any:
     """The best plan for `model` (or an `Analysis` of it) on `world_size` devices of
     `cluster` (a `ClusterSpec`, a preset name like `a100-80gb-sxm:nodes=8`, or `local`), each
     with `memory_budget_gb`, training `global_batch` samples a step: a `SearchResult` with
     `.plan`, `.predicted`, `.baselines` and per-unit explanations; `max_pipeline` caps the
     pipeline degree; `efficiency` is the fraction of peak FLOP/s the layers reach
-    (`passes.plan_costs.measured_efficiency` reads it off a profiled layer table). Plans
+    (`passes.plan_costs.measured_efficiency` reads it off a profiled layer table);
+    `ulysses=False` leaves Ulysses sequence parallelism out of the candidates. Plans
     for any cluster from any machine: a model built on the meta device allocates nothing."""
     from galvatron_fx.passes.search import run_search
 
@@ -167,6 +169,7 @@ def search(
         max_pipeline=max_pipeline,
         progress=progress,
         efficiency=efficiency,
+        ulysses=ulysses,
     )
 
 

@@ -25,7 +25,7 @@ from typing import Any
 from galvatron_fx.cost_models.hardware import ClusterSpec, load_cluster
 from galvatron_fx.cost_models.memory import Precision
 from galvatron_fx.passes.search_costs import ModelTerms, model_terms
-from galvatron_fx.plan import Plan, PlanError, save_json
+from galvatron_fx.plan import LayerStrategy, Plan, PlanError, save_json
 from galvatron_fx.search.baselines import UNIFORM_TOLERANCE, run_baselines, simplest_within
 from galvatron_fx.search.explain import explain_units, smallest_memory
 from galvatron_fx.search.planner import Searched, SearchSpace, configs, search_space
@@ -92,11 +92,13 @@ def run_search(
     max_pipeline: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     efficiency: float = 1.0,
+    ulysses: bool = True,
 ) -> SearchResult:
     """Search `analysis` for `world_size` devices (default: the whole cluster) of `cluster`
     with `memory_budget_gb` per device and `global_batch` samples per step; `max_pipeline`
     caps the pipeline degree (1: no pipeline stages); `efficiency`: the fraction of the
-    cluster's peak FLOP/s the layers reach (`plan_costs.measured_efficiency`)."""
+    cluster's peak FLOP/s the layers reach (`plan_costs.measured_efficiency`); `ulysses`:
+    False leaves Ulysses out of the candidates (the baselines keep it), to see what it adds."""
     spec = load_cluster(cluster) if isinstance(cluster, str) else cluster
     world = world_size or spec.nodes * spec.devices_per_node
     if world < 1 or world & (world - 1):
@@ -117,7 +119,8 @@ def run_search(
     tps = [t for t in powers_of_two(min(world, spec.devices_per_node))]
     terms = model_terms(analysis, spec, tps, dtype=dtype, efficiency=efficiency)
     budget = memory_budget_gb * GiB
-    space = SearchSpace(terms, spec, world, global_batch, budget, precision, buckets=buckets)
+    allowed = None if ulysses else _without_ulysses
+    space = SearchSpace(terms, spec, world, global_batch, budget, precision, allowed, buckets)
     tried = [
         c
         for c in configs(world, len(terms.units), global_batch)
@@ -146,6 +149,10 @@ def run_search(
     rates = {r.name: (global_batch / r.time_s if r.time_s else None) for r in priced}
     plans = {r.name: r.searched.plan(terms, world) if r.searched else None for r in priced}
     return SearchResult(plan, predicted, elapsed, rates, units, stats, setup, plans)
+
+
+def _without_ulysses(s: LayerStrategy) -> bool:
+    return not s.ulysses
 
 
 def _check_inputs(

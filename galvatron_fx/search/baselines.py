@@ -10,6 +10,8 @@ does; the family's best member over micro-batch counts (and its own degrees) is 
   data parallelism across nodes;
 - `megatron-3d`: TP inside a node, pipeline stages (1F1B), plain DP for the rest, with any
   recomputation and sequence parallelism, best over the degrees;
+- `ulysses`: Ulysses sequence parallelism over a group inside a node (DeepSpeed-Ulysses),
+  plain DP or ZeRO-3 for the rest, with any recomputation, best over the degrees;
 - `uniform`: the best single strategy of the search's own candidates, any pipeline.
 
 A family with no member that fits reports None.
@@ -85,6 +87,20 @@ def _megatron(space: SearchSpace, d: int) -> list[LayerStrategy]:
     return out
 
 
+def _ulysses(space: SearchSpace, d: int) -> list[LayerStrategy]:
+    out = []
+    tp = 2
+    while tp <= min(space.cluster.devices_per_node, d):
+        modes = (DPMode.ALLREDUCE, DPMode.ZERO3) if d > tp else (DPMode.ALLREDUCE,)
+        for mode in modes:
+            for rc in Recompute:
+                out.append(
+                    LayerStrategy(tp=tp, ulysses=True, dp=d // tp, dp_mode=mode, recompute=rc)
+                )
+        tp *= 2
+    return out
+
+
 def _uniform(space: SearchSpace, d: int) -> list[LayerStrategy]:
     return candidates(d, min(space.cluster.devices_per_node, d))
 
@@ -95,6 +111,7 @@ BASELINES: tuple[Baseline, ...] = (
     Baseline("zero3+full-recompute", _tp1(DPMode.ZERO3, Recompute.FULL)),
     Baseline("tp-in-node", _tp_in_node),
     Baseline("megatron-3d", _megatron, pipelined=True),
+    Baseline("ulysses", _ulysses),
     Baseline("uniform", _uniform, pipelined=True),
 )
 
