@@ -3,7 +3,8 @@ refused with `PlanError` before any work.
 
 Valid plans, on 4 gloo ranks, for the tiny GPT (2 or 4 layers, or 2 with the head tied to
 the embedding) and the tiny Llama: every unit gets tp in {1, 2, 4} dividing its heads and
-the widths it splits, sp and vocab_parallel only with tp > 1, dp = 4 / degree / tp in any dp
+the widths it splits, sp, Ulysses (where the attention's heads and sequence divide) and
+vocab_parallel only with tp > 1, dp = 4 / degree / tp in any dp
 mode, either TP rank order and any recomputation (units sharing a weight share tp, dp, rank
 order and vocab split); the pipeline has degree 1, 2 or 4, random stage starts (2 virtual
 stages where there are units enough; every pipeline rank holding a parameter, no shared
@@ -97,6 +98,8 @@ class Facts:
     fingerprint: str
     tps: dict[str, tuple[int, ...]]
     """Per unit, the tp degrees (of 1, 2, 4) dividing its heads and split widths."""
+    ulysses: dict[str, tuple[int, ...]]
+    """Per unit, the Ulysses degrees (of 2, 4) dividing its attention's heads and sequence."""
     tied: tuple[tuple[str, ...], ...]
     """Units sharing a weight (tied embedding and head): one layout, one stage."""
     with_params: frozenset[int]
@@ -119,6 +122,10 @@ def facts(name: str) -> Facts:
         )
         for u, s in shapes.items()
     }
+    ulysses = {
+        u: tuple(t for t in (2, 4) if s.heads and all(n % t == 0 for n in s.heads + s.seq_lens))
+        for u, s in shapes.items()
+    }
     units = tuple(analysis.units)
     readers: dict[int, set[int]] = {}  # per parameter (by identity), the units reading it
     for node in analysis.graph.nodes:
@@ -136,7 +143,7 @@ def facts(name: str) -> Facts:
     tied = tuple(tuple(units[i] for i in sorted(at)) for at in readers.values() if len(at) > 1)
     with_params = frozenset(i for at in readers.values() for i in at)
     fingerprint = model_fingerprint(analysis.graph_module)
-    return Facts(name, units, fingerprint, tps, tied, with_params, starts)
+    return Facts(name, units, fingerprint, tps, ulysses, tied, with_params, starts)
 
 
 def getattr_path(obj: Any, path: str) -> Any:
@@ -186,16 +193,21 @@ def _holds_params(f: Facts, starts: list[int], degree: int) -> bool:
 
 
 @st.composite
-def strategies_for(draw: st.DrawFn, tps: list[int], per_stage: int) -> LayerStrategy:
+def strategies_for(
+    draw: st.DrawFn, tps: list[int], per_stage: int, ulysses_tps: tuple[int, ...] = ()
+) -> LayerStrategy:
     tp = draw(st.sampled_from(tps))
+    kinds = ["none", "megatron", "ulysses"] if tp in ulysses_tps else ["none", "megatron"]
+    seq = draw(st.sampled_from(kinds)) if tp > 1 else "none"
     return LayerStrategy(
         tp=tp,
-        sp=tp > 1 and draw(st.booleans()),
+        sp=seq == "megatron",
+        ulysses=seq == "ulysses",
         dp=per_stage // tp,
         dp_mode=draw(st.sampled_from(list(DPMode))),
         recompute=draw(st.sampled_from(list(Recompute))),
         tp_consecutive=draw(st.booleans()),
-        vocab_parallel=tp > 1 and draw(st.booleans()),
+        vocab_parallel=tp > 1 and seq != "ulysses" and draw(st.booleans()),
     )
 
 
@@ -205,10 +217,12 @@ def _tie(f: Facts, strategies: dict[str, LayerStrategy]) -> None:
         s = strategies[first]
         for unit in others:
             sp = strategies[unit].sp and s.tp > 1
+            ulysses = strategies[unit].ulysses and s.tp == strategies[unit].tp
             strategies[unit] = dataclasses.replace(
                 strategies[unit],
                 **{k: getattr(s, k) for k in ("tp", "dp", "tp_consecutive", "vocab_parallel")},
                 sp=sp,
+                ulysses=ulysses and not s.vocab_parallel,
             )
 
 
@@ -227,7 +241,7 @@ def valid_plans(draw: st.DrawFn, f: Facts) -> Plan:
     assume(_holds_params(f, starts, degree))
     if schedule == "interleaved-zb":  # no dp inside stages
         tps = {u: [per_stage] for u in f.units}
-    strategies = {u: draw(strategies_for(tps[u], per_stage)) for u in f.units}
+    strategies = {u: draw(strategies_for(tps[u], per_stage, f.ulysses[u])) for u in f.units}
     _tie(f, strategies)
     widest = max(s.dp for s in strategies.values())
     micro = draw(st.sampled_from([m for m in (1, 2, 4, 8) if (BATCH // m) % widest == 0]))
@@ -362,8 +376,17 @@ def world_size(draw: st.DrawFn, data: dict, f: Facts) -> dict:
 @mutation(plan_level=True)
 def sp_or_vocab_without_tp(draw: st.DrawFn, data: dict, f: Facts) -> dict:
     s = _pick(draw, data)
-    s.update(tp=1, dp=_per_stage(data), sp=False, vocab_parallel=False)
-    s[draw(st.sampled_from(["sp", "vocab_parallel"]))] = True
+    s.update(tp=1, dp=_per_stage(data), sp=False, vocab_parallel=False, ulysses=False)
+    s[draw(st.sampled_from(["sp", "vocab_parallel", "ulysses"]))] = True
+    return data
+
+
+@mutation(plan_level=False)
+def ulysses_without_attention(draw: st.DrawFn, data: dict, f: Facts) -> dict:
+    options = [s for s in data["strategies"] if not f.ulysses[s["unit"]]]
+    assume(options and _per_stage(data) % 2 == 0)
+    s = draw(st.sampled_from(options))
+    s.update(tp=2, dp=_per_stage(data) // 2, sp=False, vocab_parallel=False, ulysses=True)
     return data
 
 
