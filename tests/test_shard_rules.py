@@ -180,6 +180,17 @@ CASES = [
         S(0),
         {1: S(0)},
     ),
+    # in-place ops write into their first input (through a view, into its base): it keeps
+    # its placement, the others come to it (T5's decoder ids: labels copied into new_zeros)
+    Case("copy_into_replicated", aten.copy_.default, (T((4, 8)), T((4, 8), S(0))), R, {1: R}),
+    Case("copy_into_split", aten.copy_.default, (T((4, 8), S(0)), T((4, 8))), S(0), {1: S(0)}),
+    Case(
+        "masked_fill_in_place_replicated",
+        aten.masked_fill_.Scalar,
+        (T((4, 8)), T((4, 8), S(0), kind="bool"), 0.0),
+        R,
+        {1: R},
+    ),
     Case(
         "where_scalar_other",
         aten.where.ScalarOther,

@@ -141,6 +141,25 @@ def elementwise(v: OpView) -> Decision:
     return Decision(Shard(out_dim) if out_dim is not None else R, need)
 
 
+def in_place(v: OpView) -> Decision:
+    """`x.op_(y, ...)` writes into `x`, and through it into its base when `x` is a view,
+    which later nodes read (T5's decoder inputs: `new_zeros(...)[:, 1:].copy_(labels)`). So
+    `x` keeps its placement (a redistributed copy would take the write and lose it) and the
+    other inputs are brought to it: a split `x` slices a full-size replicated input locally,
+    a replicated `x` gathers a split one."""
+    x = v.args[0]
+    p = v.p(x)
+    if isinstance(p, Partial):  # no captured model writes into a partial sum
+        return elementwise(v)
+    out_dim = _sharded(p)
+    need: dict[fx.Node, Placement] = {}
+    for a in v.tensors():
+        want = R if out_dim is None else _align(a, v, shape(v.node), out_dim)
+        if a is not x and want is not None and want != v.p(a):
+            need[a] = want
+    return Decision(p, need)
+
+
 def _out_dim(a: fx.Node, v: OpView, out_shape: tuple[int, ...]) -> int | None:
     d = _sharded(v.p(a))
     if d is None:
@@ -628,7 +647,16 @@ _BINARY = [
     "min.other",
     "max.other",
     "masked_fill.Tensor",
+]
+_IN_PLACE = [
+    "copy_.default",
     "add_.Tensor",
+    "mul_.Tensor",
+    "fill_.Tensor",
+    "fill_.Scalar",
+    "masked_fill_.Scalar",
+    "masked_fill_.Tensor",
+    "zero_.default",
 ]
 _CREATION = [
     "arange.default",
@@ -656,6 +684,7 @@ RULES: dict[Any, Rule] = {
     **{_op(n): same_as_input for n in _UNARY},
     **{_op(n): elementwise for n in _BINARY},
     **{_op(n): creation for n in _CREATION},
+    **{_op(n): in_place for n in _IN_PLACE},
     aten.linear.default: linear,
     aten.addmm.default: linear,
     aten.matmul.default: matmul,
@@ -697,7 +726,6 @@ RULES: dict[Any, Rule] = {
     aten.adaptive_avg_pool1d.default: pool_last,
     aten.conv2d.default: conv,
     aten.conv1d.default: conv,
-    aten.copy_.default: elementwise,
     operator.getitem: getitem,
 }
 """ATen op -> rule. Ops not listed run replicated (`replicate_all`), with a warning when
