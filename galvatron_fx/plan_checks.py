@@ -14,7 +14,7 @@ from galvatron_fx.passes.insert_collectives import get_attr
 from galvatron_fx.plan import LayerStrategy, Plan, PlanError
 from galvatron_fx.summary import layer_shapes, model_fingerprint
 
-__all__ = ["check_plan"]
+__all__ = ["check_plan", "shared_weights", "storage_layout"]
 
 
 def check_plan(plan: Plan, gm: fx.GraphModule, world: int, *, micro_batches: bool = False) -> None:
@@ -68,7 +68,7 @@ def _check_shared_weights(plan: Plan, gm: fx.GraphModule) -> None:
     stage_of = unit_stages(plan.units, p.stage_starts)
     users = _weight_users(gm)
     for name, units in users.items():
-        if len({_layout(plan.strategy(u)) for u in units}) > 1:
+        if len({storage_layout(plan.strategy(u)) for u in units}) > 1:
             raise PlanError(
                 f"units {sorted(units)} share parameter {name!r} (tied weights): give them "
                 "the same tp, dp, tp_consecutive and vocab_parallel"
@@ -87,9 +87,14 @@ def _check_shared_weights(plan: Plan, gm: fx.GraphModule) -> None:
         )
 
 
-def _layout(s: LayerStrategy) -> tuple[int, int, bool, bool]:
+def storage_layout(s: LayerStrategy) -> tuple[int, int, bool, bool]:
     """How a unit stores its weights: tp, dp, TP rank order (only with tp, dp > 1), vocab."""
     return (s.tp, s.dp, s.tp_consecutive or s.tp == 1 or s.dp == 1, s.vocab_parallel)
+
+
+def shared_weights(gm: fx.GraphModule) -> list[set[str]]:
+    """The units reading each parameter that more than one unit reads (tied embeddings)."""
+    return [units for units in _weight_users(gm).values() if len(units) > 1]
 
 
 def _weight_users(gm: fx.GraphModule) -> dict[str, set[str]]:
