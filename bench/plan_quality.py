@@ -8,7 +8,7 @@ Each row: the plan's samples/s, each baseline's as a ratio plan / baseline ("-":
 fit), and the plan against the best baseline.
 
 A second table is about Ulysses sequence parallelism: a 7B GPT at 2K, 8K and 32K tokens on
-8 and 64 A100s with a small global batch (long-context training), searched with and without
+8 and 64 A100s with small global batches (long-context training: 1 sample for 8 devices), searched with and without
 Ulysses among the candidates; the `ulysses` column is the searched plan against the search
 without it (what Ulysses adds), beside Megatron-style TP + SP and the Ulysses baseline.
 
@@ -54,8 +54,9 @@ BASELINES = (
 LONG_MODEL = "gpt:layers=32,hidden=4096,heads=32,vocab=32000,seq={seq}"
 LONG_SEQS = (2048, 8192, 32768)
 LONG_CLUSTERS = {
-    "8 x A100": ("a100-80gb-sxm", 8, 8),
-    "64 x A100": ("a100-80gb-sxm:nodes=8", 64, 32),
+    "8 x A100, batch 1": ("a100-80gb-sxm", 8, 1),
+    "8 x A100, batch 8": ("a100-80gb-sxm", 8, 8),
+    "64 x A100, batch 32": ("a100-80gb-sxm:nodes=8", 64, 32),
 }
 LONG_BUDGETS_GB = (40, 80)
 

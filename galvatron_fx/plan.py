@@ -88,7 +88,8 @@ class LayerStrategy:
     """Layers with attention only: the group of `tp` ranks runs Ulysses sequence parallelism
     (DeepSpeed-Ulysses, Jacobs et al. 2023) instead of tensor parallelism: weights whole,
     activations split on the sequence, an all-to-all before attention that reshards to heads
-    and one after it back. Gradients of the whole weights are summed over the group."""
+    and one after it back. The weights' data parallelism (gradient sync, `dp_mode`'s ZeRO
+    sharding) spans the group too: `state_dp` ranks, so ZeRO applies even at dp = 1."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "dp"):
@@ -114,6 +115,14 @@ class LayerStrategy:
         return self.tp * self.dp
 
     @property
+    def state_dp(self) -> int:
+        """The ranks the layer's trained state is data-parallel over: `dp`, or all of the
+        stage's `tp x dp` under Ulysses (its weights are whole on every rank of the group,
+        so their gradients are summed, and ZeRO shards them, over all of them, as
+        DeepSpeed-Ulysses does)."""
+        return self.dp * self.tp if self.ulysses else self.dp
+
+    @property
     def seq_split(self) -> int:
         """How many ways the residual stream's sequence is split between layers (Megatron-SP
         and Ulysses split it across the group; plain TP keeps it whole)."""
@@ -124,7 +133,8 @@ class LayerStrategy:
         sp, vp = "+sp" if self.sp else "", "+vocab" if self.vocab_parallel else ""
         kind = "usp" if self.ulysses else "tp"
         tp = f"{kind}{self.tp}{sp}{vp}{'' if self.tp_consecutive else '(strided)'}"
-        dp = f"dp{self.dp}" + (f"/{self.dp_mode.value}" if self.dp > 1 else "")
+        mode = f"/{self.dp_mode.value}" if self.state_dp > 1 else ""
+        dp = f"dp{self.dp}{mode}"
         rc = "" if self.recompute is Recompute.NONE else f" rc={self.recompute.value}"
         return f"{tp} {dp}{rc}"
 

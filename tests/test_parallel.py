@@ -317,15 +317,17 @@ def test_an_uneven_target_count_is_read_off_the_whole_batch(world, strategy, pip
 
 
 def ulysses_plans(units: list[str], world: int) -> list[dict[str, LayerStrategy]]:
-    """Ulysses alone (degree 2 and 4, either rank order, with dp, ZeRO and recomputation),
-    and layers alternating Ulysses with Megatron TP and TP + SP on the same mesh."""
+    """Ulysses alone (degree 2 and 4, either rank order, with dp, ZeRO over all the stage's
+    ranks and recomputation), and layers alternating Ulysses with Megatron TP and TP + SP on
+    the same mesh."""
     layers = [u for u in units if "." in u]
     u2 = LayerStrategy(tp=2, ulysses=True, dp=world // 2)
     alone = [
         u2,
         dataclasses.replace(u2, tp_consecutive=False, dp_mode="zero2", recompute="selective"),
         dataclasses.replace(u2, dp_mode="zero3", recompute="full"),
-        LayerStrategy(tp=world, ulysses=True, recompute="selective"),
+        # dp = 1: ZeRO shards the whole weights over the Ulysses group itself
+        LayerStrategy(tp=world, ulysses=True, dp_mode="zero3", recompute="selective"),
     ]
     plans = [{u: s if u in layers else LayerStrategy(dp=world) for u in units} for s in alone]
     for other in (LayerStrategy(tp=2, sp=True, dp=world // 2), LayerStrategy(tp=2, dp=world // 2)):
@@ -340,7 +342,8 @@ def ulysses_plans(units: list[str], world: int) -> list[dict[str, LayerStrategy]
 def test_ulysses_alone_mixed_with_tp_and_recomputed(family):
     """Ulysses sequence parallelism: the sequence split across the group, an all-to-all to
     heads before attention and back after it, whole weights with gradients summed over the
-    group; on GPT, Llama (rotary, grouped-query heads) and BERT (a padding mask)."""
+    group and the batch (one data-parallel group of every rank, ZeRO included); on GPT, Llama
+    (rotary, grouped-query heads) and BERT (a padding mask)."""
     name, spec, (units, fingerprint, shapes), ref = family
     plans = _valid(ulysses_plans(units, 4), 4, fingerprint, shapes)
     assert len(plans) >= 5  # Llama's 2 key/value heads refuse degree 4

@@ -137,7 +137,11 @@ def test_decision_tree_rules():
         stride = 1 if s.tp_consecutive else s.dp
         assert (s.tp - 1) * stride + 1 <= 8, s
     # plain and sharded data parallelism are never mixed within one strategy
-    assert {s.dp_mode for s in candidates(8, 8) if s.tp == 8} == {DPMode.ALLREDUCE}
+    assert {s.dp_mode for s in candidates(8, 8) if s.tp == 8 and not s.ulysses} == {
+        DPMode.ALLREDUCE
+    }
+    # a Ulysses group of every device still shards its whole weights over itself
+    assert {s.dp_mode for s in candidates(8, 8) if s.tp == 8 and s.ulysses} == set(DPMode)
     # Galvatron's published counts for 8 GPUs (34 trees, 22 without dp/sdp mixes), then
     # ours: strided TP inside a node dropped, and the flags of the surviving splits
     counts = [row.count for row in space_counts(8, 8)]

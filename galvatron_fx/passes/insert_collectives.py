@@ -181,6 +181,14 @@ class _Rewrite:
 
     def _param_spec(self, node: fx.Node, split: tuple[int, int] | None, grad_tp: bool) -> ParamSpec:
         param = get_attr(self.gm, _name(node))
+        if self.strategy(node).ulysses and grad_tp:
+            # whole weights on every rank of the stage, each gradient a partial sum over the
+            # sequence pieces: one data-parallel group of them all sums sequence and batch
+            # pieces at once (a weight used on a replicated input keeps the groups below)
+            every = C.GroupRef(tuple(range(self.mesh(node).world_size)))
+            me = C.GroupRef((self.rank,))
+            shape = tuple(param.shape)
+            return ParamSpec(_name(node), LAYER.get(node).name, shape, tp_group=me, dp_group=every)
         spec = ParamSpec(
             _name(node),
             LAYER.get(node).name,

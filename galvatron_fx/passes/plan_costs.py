@@ -128,7 +128,7 @@ def plan_costs(
         listed = tuple(comms.get(unit, []))
         comm = collectives_time(listed, cluster, spans_nodes(s, cluster))
         local_params = _local_params(params, unit)
-        states = model_state_bytes(local_params, s.dp, s.dp_mode, precision).total_bytes
+        states = model_state_bytes(local_params, s.state_dp, s.dp_mode, precision).total_bytes
         inputs = _memory_inputs(
             nodes, rewritten.get(unit, []), ratio, cores, s, params, unit, local_params
         )
@@ -186,8 +186,8 @@ def stepped_elems(params: dict[str, ParamSpec], plan: Plan) -> dict[str, int]:
     out: dict[str, int] = {}
     for unit, s in plan.strategies:
         numel = _local_params(params, unit)
-        sharded = s.dp_mode is not DPMode.ALLREDUCE and s.dp > 1
-        out[unit] = numel // s.dp if sharded else numel
+        sharded = s.dp_mode is not DPMode.ALLREDUCE and s.state_dp > 1
+        out[unit] = numel // s.state_dp if sharded else numel
     return out
 
 

@@ -124,9 +124,10 @@ def unit_memory(
 ) -> UnitMemory:
     """One unit's terms (module docstring); `previous_params`: the unit before it, for the
     ZeRO-3 prefetch; `gloo`: collectives the runtime waits for at once."""
-    state, held, steady = runtime_state(m.local_params, s.dp, s.dp_mode, precision, s.dp > 1, gloo)
+    n = s.state_dp
+    state, held, steady = runtime_state(m.local_params, n, s.dp_mode, precision, n > 1, gloo)
     live = m.all_saved_bytes + (2 * m.largest_value_bytes if m.local_params == 0 else 0.0)
-    if s.dp > 1 and s.dp_mode is DPMode.ZERO3:
+    if n > 1 and s.dp_mode is DPMode.ZERO3:
         live = zero3_live(live, m.local_params, previous_params, PRECISIONS[precision][0])
     return UnitMemory(state, m.kept_bytes, live, held, steady)
 
@@ -152,16 +153,16 @@ def plan_peak_memory(
     buckets of up to `bucket_mb` (the first one 1 MiB); gloo stages a ZeRO-2 reduce-scatter's
     whole input and a ZeRO-1/2 all-gather's output, NCCL does not."""
     g = PRECISIONS[precision][1]
-    synced = sum(g * i.local_params for u, _, i in units if plan.strategy(u).dp > 1)
+    synced = sum(g * i.local_params for u, _, i in units if plan.strategy(u).state_dp > 1)
     bucket = min(bucket_mb * 2**20, max(synced - _FIRST_BUCKET_BYTES, 0.0))
     end_extra = 0.0
     sharded_step = False
     for unit, _, inputs in units:
         s = plan.strategy(unit)
-        if s.dp == 1:
+        if s.state_dp == 1:
             continue
         if s.dp_mode is DPMode.ZERO1:
-            end_extra += g * inputs.local_params / s.dp
+            end_extra += g * inputs.local_params / s.state_dp
         sharded_step |= s.dp_mode in (DPMode.ZERO1, DPMode.ZERO2)
     if gloo and any(plan.strategy(u).dp_mode is DPMode.ZERO2 for u, _, _ in units):
         end_extra += bucket

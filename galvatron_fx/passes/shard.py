@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Partial, Replicate, Shard
 
 from galvatron_fx.meta import LAYER, PLACEMENT, NodePlacement
 from galvatron_fx.passes.manager import PassContext, graph_pass
@@ -151,9 +151,10 @@ class _Propagation:
             if entering and isinstance(tp, Shard) and not keeps_split:
                 tp = R
                 needs.append((a.name, "tp", R))
-            elif entering and sp_layer and tp == R and shape(a) == self.stream[unit.name]:
+            elif entering and sp_layer and _whole(tp) and shape(a) == self.stream[unit.name]:
                 # the residual stream enters a sequence-parallel layer: split it on the
-                # sequence right away, as Megatron does after the embedding
+                # sequence right away, as Megatron does after the embedding (a partial sum
+                # from a vocab-parallel embedding is reduce-scattered onto the split)
                 tp = Shard(1)
                 needs.append((a.name, "tp", tp))
             eff["dp"][a], eff["tp"][a] = dp, tp
@@ -215,6 +216,11 @@ def _stream_shapes(gm: fx.GraphModule) -> dict[str, tuple[int, ...] | None]:
             s = shape(node)
             out[LAYER.get(node).name] = s if len(s) == 3 else None
     return out
+
+
+def _whole(p: object) -> bool:
+    """Replicated or a partial sum: not yet split on the axis."""
+    return isinstance(p, (Replicate, Partial))
 
 
 def _replicated_like(node: fx.Node) -> object:

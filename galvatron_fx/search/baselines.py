@@ -11,7 +11,8 @@ does; the family's best member over micro-batch counts (and its own degrees) is 
 - `megatron-3d`: TP inside a node, pipeline stages (1F1B), plain DP for the rest, with any
   recomputation and sequence parallelism, best over the degrees;
 - `ulysses`: Ulysses sequence parallelism over a group inside a node (DeepSpeed-Ulysses),
-  plain DP or ZeRO-3 for the rest, with any recomputation, best over the degrees;
+  plain DP for the rest or ZeRO-3 over every rank, with any recomputation, best over the
+  degrees;
 - `uniform`: the best single strategy of the search's own candidates, any pipeline.
 
 A family with no member that fits reports None.
@@ -91,8 +92,7 @@ def _ulysses(space: SearchSpace, d: int) -> list[LayerStrategy]:
     out = []
     tp = 2
     while tp <= min(space.cluster.devices_per_node, d):
-        modes = (DPMode.ALLREDUCE, DPMode.ZERO3) if d > tp else (DPMode.ALLREDUCE,)
-        for mode in modes:
+        for mode in (DPMode.ALLREDUCE, DPMode.ZERO3):  # over all d ranks, dp = 1 included
             for rc in Recompute:
                 out.append(
                     LayerStrategy(tp=tp, ulysses=True, dp=d // tp, dp_mode=mode, recompute=rc)

@@ -136,14 +136,15 @@ def option_cost(
             for c in t.dp_collectives
         ]
     per_step = _grad_sync(t, s, width)
-    stepped = t.params // s.dp if s.dp > 1 and s.dp_mode is not DPMode.ALLREDUCE else t.params
+    n = s.state_dp
+    stepped = t.params // n if n > 1 and s.dp_mode is not DPMode.ALLREDUCE else t.params
     state_width = 4 if precision == "fp32" else 2
     step = float(adam_step_time_s(stepped, cluster, state_width))
     time_mb = compute + collectives_time(per_mb, cluster, spans).exposed_s
-    state, held, _ = runtime_state(t.params, s.dp, s.dp_mode, precision, s.dp > 1)
+    state, held, _ = runtime_state(t.params, n, s.dp_mode, precision, n > 1)
     kept, live = _activations(t, s, values)
     p, g, _ = PRECISIONS[precision]
-    if s.dp > 1 and s.dp_mode is DPMode.ZERO3:
+    if n > 1 and s.dp_mode is DPMode.ZERO3:
         live = zero3_live(live, t.params, t.previous_params, p)
         if s.recompute is Recompute.FULL:  # the checkpoint holds its gathered weights too
             kept += p * t.params
@@ -177,28 +178,30 @@ def _width(t: UnitTerms, precision: Precision) -> float:
 def _zero3(t: UnitTerms, s: LayerStrategy, width: float) -> list[Collective]:
     """ZeRO-3 gathers the unit's shard before forward and again in backward, and
     reduce-scatters its gradient: every micro-batch."""
-    if s.dp == 1 or s.dp_mode is not DPMode.ZERO3 or t.params == 0:
+    n = s.state_dp
+    if n == 1 or s.dp_mode is not DPMode.ZERO3 or t.params == 0:
         return []
-    size = -(-t.params // s.dp) * s.dp * t.param_bytes * width
+    size = -(-t.params // n) * n * t.param_bytes * width
     return [
-        Collective("all_gather", size, s.dp, "forward", True, t.unit, "zero3_issue"),
-        Collective("all_gather", size, s.dp, "backward", False, t.unit, "zero3_use"),
-        Collective("reduce_scatter", size, s.dp, "backward", True, t.unit, "zero3_use"),
+        Collective("all_gather", size, n, "forward", True, t.unit, "zero3_issue"),
+        Collective("all_gather", size, n, "backward", False, t.unit, "zero3_use"),
+        Collective("reduce_scatter", size, n, "backward", True, t.unit, "zero3_use"),
     ]
 
 
 def _grad_sync(t: UnitTerms, s: LayerStrategy, width: float) -> list[Collective]:
     """Once a step, after the last micro-batch's backward (the rules of `comm.grad_sync`)."""
     out: list[Collective] = []
-    zero3 = s.dp > 1 and s.dp_mode is DPMode.ZERO3
+    n = s.state_dp
+    zero3 = n > 1 and s.dp_mode is DPMode.ZERO3
     if t.tp_grad_sum_bytes:
-        size = t.tp_grad_sum_bytes * width / (s.dp if zero3 else 1)
+        size = t.tp_grad_sum_bytes * width / (n if zero3 else 1)
         out.append(tp_grad_sum(t.unit, size, s.tp, zero3))
     if zero3 or t.params == 0:
         return out
     size = t.params * t.param_bytes * width
-    padded = -(-t.params // s.dp) * s.dp * t.param_bytes * width
-    return out + grad_sync(t.unit, size, padded, s.dp, s.dp_mode)
+    padded = -(-t.params // n) * n * t.param_bytes * width
+    return out + grad_sync(t.unit, size, padded, n, s.dp_mode)
 
 
 def boundary_bytes(t: UnitTerms, micro_batch_samples: float, precision: Precision) -> float:

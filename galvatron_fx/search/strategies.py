@@ -16,7 +16,8 @@ Every surviving split then takes the flags the runtime offers: sequence parallel
 layers: a segment's input is gathered by a layout switch instead) as Megatron-SP inside the
 TP group or as Ulysses (the group splits the sequence instead of the weights), the ZeRO stage of its
 sharded data parallelism (1, 2 or 3), recomputation (layers: none, selective, full), and for
-segments the vocabulary split. Dominance pruning (`dominated`) removes, per
+segments the vocabulary split; a Ulysses group without data-parallel levels may still take
+a ZeRO stage (its whole weights are sharded over the group itself). Dominance pruning (`dominated`) removes, per
 layer, a candidate that is no faster and no smaller than another of the same layout.
 Pure: no torch.
 """
@@ -107,8 +108,10 @@ def candidates(
         )
         recomputes = (Recompute.NONE,) if segment else tuple(Recompute)
         vocabs = (False, True) if segment and split.tp > 1 else (False,)
-        for mode in modes:
-            for sp, ulysses in sps:
+        for sp, ulysses in sps:
+            # a Ulysses group with no dp levels still shards its whole weights over itself
+            own = (DPMode.ALLREDUCE, *zero_stages) if ulysses and split.dp == 1 else modes
+            for mode in own:
                 for vocab in vocabs:
                     for rc in recomputes:
                         out.append(
