@@ -31,6 +31,12 @@ def _plan(analysis, kind: str, world: int):
     if kind == "tp2+sp,zero1":
         s = LayerStrategy(tp=2, sp=True, dp=world // 2, dp_mode="zero1", vocab_parallel=True)
         return analysis.plan(s, world_size=world)
+    if kind == "ulysses,zero2":  # layer weights sharded over the whole Ulysses group
+        layer = LayerStrategy(tp=world, ulysses=True, dp_mode="zero2")
+        seg = LayerStrategy(dp=world, dp_mode="zero1")
+        return analysis.plan(
+            {u.name: layer if u.kind == "layer" else seg for u in analysis.layers}, world_size=world
+        )
     assert kind == "zero3"
     return analysis.plan(LayerStrategy(dp=world, dp_mode="zero3"), world_size=world)
 
@@ -62,7 +68,7 @@ def saved(tmp_path_factory):
     return root, run_ranks(_train, 4, "pp2xmixed", root, False)[0]["losses"]
 
 
-@pytest.mark.parametrize("kind", ["tp2+sp,zero1", "zero3"])
+@pytest.mark.parametrize("kind", ["tp2+sp,zero1", "zero3", "ulysses,zero2"])
 def test_resume_under_another_plan_continues_the_loss_sequence(saved, kind):
     from distributed import run_ranks
 
