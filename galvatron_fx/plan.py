@@ -253,12 +253,13 @@ class Plan:
                     f"layer {unit!r}: tp={s.tp} x dp={s.dp} x pp={pp} = {s.tp * s.dp * pp} "
                     f"devices, but world_size is {self.world_size}"
                 )
-        with_dp = [u for u, s in self.strategies if s.dp > 1]
+        with_dp = [u for u, s in self.strategies if s.state_dp > 1]  # Ulysses' too
         if self.pipeline.schedule is Schedule.INTERLEAVED_ZB and with_dp:
             raise PlanError(
                 "schedule 'interleaved-zb' does not compose with data parallelism inside stages "
-                f"(unit {with_dp[0]!r} has dp > 1): its weight-gradient pass runs after the "
-                "gradient buckets and ZeRO gathers; use 'interleaved-1f1b' or tp-only stages"
+                f"(unit {with_dp[0]!r} has dp > 1 or Ulysses, whose whole weights are synced "
+                "over its group): its weight-gradient pass runs after the gradient buckets and "
+                "ZeRO gathers; use 'interleaved-1f1b' or tp-only stages"
             )
         order = {u: i for i, u in enumerate(self.units)}
         starts = [order.get(u, -1) for u in self.pipeline.stage_starts]

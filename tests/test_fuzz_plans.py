@@ -241,7 +241,9 @@ def valid_plans(draw: st.DrawFn, f: Facts) -> Plan:
     assume(_holds_params(f, starts, degree))
     if schedule == "interleaved-zb":  # no dp inside stages
         tps = {u: [per_stage] for u in f.units}
-    strategies = {u: draw(strategies_for(tps[u], per_stage, f.ulysses[u])) for u in f.units}
+    # interleaved-zb: no data-parallel state, and a Ulysses group's weights have one
+    ulysses = {u: () if schedule == "interleaved-zb" else f.ulysses[u] for u in f.units}
+    strategies = {u: draw(strategies_for(tps[u], per_stage, ulysses[u])) for u in f.units}
     _tie(f, strategies)
     widest = max(s.dp for s in strategies.values())
     micro = draw(st.sampled_from([m for m in (1, 2, 4, 8) if (BATCH // m) % widest == 0]))
@@ -538,7 +540,7 @@ def virtual_stages_without_interleaving(draw: st.DrawFn, data: dict, f: Facts) -
 
 @mutation(plan_level=True)
 def zero_bubble_with_dp(draw: st.DrawFn, data: dict, f: Facts) -> dict:
-    assume(any(s["dp"] > 1 for s in data["strategies"]))
+    assume(any(s["dp"] > 1 or s.get("ulysses") for s in data["strategies"]))
     data["pipeline"]["schedule"] = "interleaved-zb"
     return data
 
