@@ -282,7 +282,7 @@ class SearchSpace:
         n = len(layouts)
         if u.switch_s.shape == (n, n):
             return u
-        t = self.terms.unit_terms(unit, reps[int(u.layout[0])])
+        t = self.terms.unit_terms(unit, u.strategies[0])  # its own: boundary bytes are the unit's
         whole = boundary_bytes(t, self.global_batch / config.micro_batches, self.precision)
         switch = np.array(
             [
