@@ -26,6 +26,7 @@ from galvatron_fx.cost_models.comm import (
     tp_grad_sum,
 )
 from galvatron_fx.meta import LAYER
+from galvatron_fx.passes.annotate_costs import requires_grad_nodes
 from galvatron_fx.passes.insert_collectives import ParamSpec
 from galvatron_fx.plan import LayerStrategy, Plan
 from galvatron_fx.runtime import collectives as C
@@ -59,8 +60,9 @@ def collectives_of(
 ) -> dict[str, list[Collective]]:
     """Every collective of this rank's program, by unit, in graph order (then grad sync)."""
     out: dict[str, list[Collective]] = {}
+    grad = requires_grad_nodes(gm)
     for node in gm.graph.nodes:
-        for c in _node_collectives(node):
+        for c in _node_collectives(node, grad):
             out.setdefault(c.unit, []).append(c)
     for c in _bucketed(_grad_sync(gm, params, plan)):
         out.setdefault(c.unit, []).append(c)
@@ -110,13 +112,13 @@ def _nbytes(val: Any) -> int:
     return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
 
 
-def _node_collectives(node: fx.Node) -> Iterator[Collective]:
+def _node_collectives(node: fx.Node, grad: dict[fx.Node, bool]) -> Iterator[Collective]:
     if node.op != "call_function":
         return
     unit = LAYER.get(node).name
     name = getattr(node.target, "__name__", str(node.target))
     if node.target in _PAIRS:
-        yield from _paired(node, unit, name)
+        yield from _paired(node, unit, name, grad.get(_a(node)[0], True))
     elif node.target is C.zero3_issue:  # runs a unit early (prefetch), belongs to its user
         owner = LAYER.get(next(iter(node.users))).name if node.users else unit
         size = _nbytes(node.meta["val"])
@@ -135,7 +137,9 @@ def _node_collectives(node: fx.Node) -> Iterator[Collective]:
         yield from _switch(node, unit, name)
 
 
-def _paired(node: fx.Node, unit: str, name: str) -> Iterator[Collective]:
+def _paired(node: fx.Node, unit: str, name: str, has_grad: bool) -> Iterator[Collective]:
+    """The op's forward collective, and its backward one where its input takes a gradient
+    (rotary tables sliced onto a sequence split have none: autograd runs nothing)."""
     fwd, bwd = _PAIRS[node.target]
     n = len(_a(node)[-1])  # every paired op takes its group's ranks last
     if n == 1:
@@ -147,7 +151,7 @@ def _paired(node: fx.Node, unit: str, name: str) -> Iterator[Collective]:
         whole = local_out
     phases: tuple[tuple[Phase, CollectiveKind | None], ...] = (("forward", fwd), ("backward", bwd))
     for phase, kind in phases:
-        if kind is not None:
+        if kind is not None and (phase == "forward" or has_grad):
             yield Collective(kind, whole, n, phase, False, unit, name)
 
 
