@@ -200,3 +200,26 @@ def test_a_mix_within_the_tolerance_gives_way_to_the_best_uniform_plan(analysis)
     assert uniform.solution.time_s >= best.solution.time_s
     assert max(uniform.solution.stage_memory_bytes) <= 0.01 * 2**30
     assert len(explain_units(space, uniform)) == len(analysis.units)
+
+
+def test_embedding_and_head_are_searched_apart_from_the_blocks():
+    """Galvatron 2025's point: a large vocabulary wants its own strategy. The segments'
+    candidates hold replicated, vocab-parallel and ZeRO-3 options, and on a 32K vocabulary
+    the search splits the embedding's vocabulary while the blocks stay data-parallel."""
+    from galvatron_fx.search.strategies import candidates
+
+    options = candidates(4, 4, segment=True)
+    assert any(s.tp > 1 and not s.vocab_parallel for s in options)  # replicated on the group
+    assert any(s.vocab_parallel for s in options)
+    assert any(s.dp_mode is DPMode.ZERO3 for s in options)
+    model, args, kwargs = build(
+        "gpt:layers=4,hidden=128,heads=4,vocab=32768,seq=64", device="meta", batch=BATCH, seq=SEQ
+    )
+    result = gfx.search(
+        analyze(model, args, kwargs), cluster=A100, memory_budget_gb=0.1, global_batch=BATCH,
+        world_size=4, precision="fp32", max_pipeline=1, baselines=False,
+    )  # fmt: skip
+    plan = result.plan
+    assert plan.strategy("embedding").vocab_parallel
+    assert all(plan.strategy(f"blocks.{i}").tp == 1 for i in range(4))
+    assert plan.strategy("head") != plan.strategy("blocks.3")
