@@ -257,9 +257,9 @@ class Plan:
         if self.pipeline.schedule is Schedule.INTERLEAVED_ZB and with_dp:
             raise PlanError(
                 "schedule 'interleaved-zb' does not compose with data parallelism inside stages "
-                f"(unit {with_dp[0]!r} has dp > 1 or Ulysses, whose whole weights are synced "
-                "over its group): its weight-gradient pass runs after the gradient buckets and "
-                "ZeRO gathers; use 'interleaved-1f1b' or tp-only stages"
+                f"(unit {with_dp[0]!r} {_why_synced(self.strategy(with_dp[0]))}): its "
+                "weight-gradient pass runs after the gradient buckets and ZeRO gathers; use "
+                "'interleaved-1f1b' or tp-only stages"
             )
         order = {u: i for i, u in enumerate(self.units)}
         starts = [order.get(u, -1) for u in self.pipeline.stage_starts]
@@ -369,6 +369,12 @@ def save_json(path: str | Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
+
+
+def _why_synced(s: LayerStrategy) -> str:
+    if s.dp > 1:
+        return "has dp > 1"
+    return "is Ulysses: its whole weights are synced over its group"
 
 
 def _enum(kind: type[Enum], value: Any, name: str) -> Any:
