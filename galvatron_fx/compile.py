@@ -83,11 +83,14 @@ class Analysis:
         and optionally pipeline stages (each unit's tp x dp is then world_size / degree).
 
         One strategy with `vocab_parallel` splits the vocabulary where there is one, in the
-        segments; the layers get the strategy without it (the flag means nothing there)."""
+        segments; the layers get the strategy without it (the flag means nothing there). One
+        with `ulysses` runs the layers under Ulysses and the segments on the same group as
+        plain tp (they have no attention to reshard)."""
         fingerprint = model_fingerprint(self.graph_module)
         if isinstance(strategies, LayerStrategy):
             layer = dataclasses.replace(strategies, vocab_parallel=False)
-            strategies = {u.name: strategies if u.kind == "segment" else layer for u in self.layers}
+            segment = dataclasses.replace(strategies, ulysses=False)
+            strategies = {u.name: segment if u.kind == "segment" else layer for u in self.layers}
         plan = Plan(
             world_size, tuple(strategies.items()), fingerprint, pipeline or PipelineConfig()
         )
