@@ -165,6 +165,28 @@ def test_sequence_parallel_collectives_and_grad_sync():
     assert sync[4].size_bytes == ((12 * h * h + 7 * h) // 2 + 6 * h) * 4
 
 
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_ulysses_collectives_and_grad_sync(family):
+    """Per block in the steady state: one all-to-all each way for q, k, v and the output,
+    nothing for Llama's rotary tables sliced onto the sequence (they take no gradient), and
+    the whole weights synced once over every rank of the stage (tp x dp)."""
+    spec = {"gpt": GPT, "llama": TINY_HF["llama"]}[family]
+    model, args, kwargs = build(spec, batch=4, seq=8)
+    analysis = analyze(model, args, kwargs)
+    layers = [u.name for u in analysis.layers if u.kind == "layer"]
+    strategies = {
+        u.name: LayerStrategy(tp=2, ulysses=True, dp=2)
+        if u.kind == "layer"
+        else LayerStrategy(dp=4)
+        for u in analysis.layers
+    }
+    listed = plan_collectives(analysis, analysis.plan(strategies, world_size=4))[layers[1]]
+    kinds = Counter((c.kind, c.phase) for c in listed if not c.source.startswith("grad_sync"))
+    assert kinds == {("all_to_all", "forward"): 4, ("all_to_all", "backward"): 4}
+    sync = [c for c in listed if c.source.startswith("grad_sync")]
+    assert [(c.kind, c.group_size) for c in sync] == [("all_reduce", 4)]
+
+
 def test_vocab_parallel_segments_split_the_vocabulary(fake_world, gpt):
     analysis, _ = gpt
     layer = LayerStrategy(tp=8, dp=8)
