@@ -225,12 +225,6 @@ class _FixedLayouts:
         want = self.fixed.get(self.terms.representative[unit])
         return self.terms.has(unit, s) and (want is None or storage_layout(s) == want)
 
-    def unit_terms(self, unit: str, s: LayerStrategy) -> Any:
-        # the planner reads a unit's boundary bytes off the terms of the first strategy seen
-        # in the unit's layout, which with a fixed layout can be another unit's (a
-        # vocab-parallel segment's); those bytes are whole, the same under every layout
-        return self.terms.unit_terms(unit, s if self.terms.has(unit, s) else LayerStrategy())
-
     def __getattr__(self, name: str) -> Any:
         return getattr(self.terms, name)
 
@@ -308,7 +302,7 @@ def explain_space(
     return out
 
 
-def _cost_row(space: SearchSpace, unit: str, devices: int, s: Any) -> tuple[float, ...] | None:
+def _cost_row(space: SearchSpace, unit: str, s: LayerStrategy) -> tuple[float, ...] | None:
     if not space.terms.has(unit, s) or space.global_batch % s.dp:
         return None
     c = space.cost(unit, s, space.global_batch / s.dp)

@@ -168,7 +168,7 @@ def model_terms(
             refused[tp] = str(err)
             continue
         for layout in _layouts(tp):
-            terms.update(_terms_of(reduced, layout, batch, flat, dtype, efficiency))
+            terms.update(_terms_of(reduced, shapes, layout, batch, flat, dtype, efficiency))
     if batch % 2 == 0:
         by_unit = _dp_collectives(reduced)
         terms = {
@@ -216,6 +216,7 @@ def _check_tp(reduced: Any, shapes: Any, tp: int) -> None:
 
 def _terms_of(
     reduced: Any,
+    shapes: dict[str, LayerShape],
     layout: Layout,
     batch: int,
     cluster: ClusterSpec,
@@ -224,7 +225,6 @@ def _terms_of(
 ) -> dict[tuple[str, Layout], UnitTerms]:
     tp, sp, vocab, ulysses = layout
     kinds = {u.name: u.kind for u in reduced.layers}
-    shapes = layer_shapes(reduced.graph_module)
     strategies = {
         u: LayerStrategy(tp=tp, sp=sp, ulysses=ulysses and _ulysses_fits(u, tp, shapes))
         if kind == "layer"

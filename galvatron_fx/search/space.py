@@ -17,14 +17,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from galvatron_fx.plan import LayerStrategy
 from galvatron_fx.search.strategies import (
     Split,
-    _same_as_consecutive,
-    _tp_inside_node,
     candidates,
     dominated,
     layout_key,
     powers_of_two,
+    same_as_consecutive,
+    tp_inside_node,
 )
 
 __all__ = ["GALVATRON_8_GPUS", "SpaceRow", "dominance_counts", "space_counts", "trees"]
@@ -87,10 +88,10 @@ def space_counts(world: int, devices_per_node: int) -> list[SpaceRow]:
     rows = [SpaceRow("decision tree: pp first, then tp / dp / sdp once each", len(left))]
     rules: list[tuple[str, Callable[[Tree], bool]]] = [
         ("no tree mixing dp and sdp", lambda t: not t.mixes_dp_and_sdp),
-        ("TP groups inside a node", lambda t: _tp_inside_node(t.split(), dpn)),
+        ("TP groups inside a node", lambda t: tp_inside_node(t.split(), dpn)),
         (
             "strided TP inside one node = consecutive",
-            lambda t: not _same_as_consecutive(t.split(), dpn),
+            lambda t: not same_as_consecutive(t.split(), dpn),
         ),
     ]
     for name, keep in rules:
@@ -104,16 +105,16 @@ def space_counts(world: int, devices_per_node: int) -> list[SpaceRow]:
 
 
 def dominance_counts(
-    price: Callable[[int, object], tuple[float, ...] | None], world: int, devices_per_node: int
+    price: Callable[[LayerStrategy], tuple[float, ...] | None], world: int, devices_per_node: int
 ) -> tuple[int, int]:
     """(candidates priced, left after dominance) for one layer over every pipeline degree;
-    `price(stage_devices, strategy)` gives its cost row, None where it cannot run."""
+    `price(strategy)` gives its cost row, None where it cannot run."""
     total = kept = 0
     dpn = min(devices_per_node, world)
     for p in powers_of_two(world):
         rows, keys = [], []
         for s in candidates(world // p, dpn):
-            row = price(world // p, s)
+            row = price(s)
             if row is not None:
                 rows.append(row)
                 keys.append(layout_key(s))

@@ -38,6 +38,8 @@ __all__ = [
     "layout_key",
     "pipeline_degrees",
     "powers_of_two",
+    "same_as_consecutive",
+    "tp_inside_node",
 ]
 
 
@@ -73,12 +75,12 @@ def decision_tree(devices: int) -> list[Split]:
     return leaves
 
 
-def _tp_inside_node(split: Split, devices_per_node: int) -> bool:
+def tp_inside_node(split: Split, devices_per_node: int) -> bool:
     stride = 1 if split.tp_consecutive else split.dp
     return (split.tp - 1) * stride + 1 <= devices_per_node
 
 
-def _same_as_consecutive(split: Split, devices_per_node: int) -> bool:
+def same_as_consecutive(split: Split, devices_per_node: int) -> bool:
     """A strided TP group inside one node: the same links as the consecutive tree (and the
     data-parallel group then spans no more nodes), so it is the same candidate."""
     return not split.tp_consecutive and split.tp * split.dp <= devices_per_node
@@ -95,9 +97,9 @@ def candidates(
     search breaks ties by this order)."""
     out: list[LayerStrategy] = []
     for split in decision_tree(devices):
-        if not _tp_inside_node(split, devices_per_node):
+        if not tp_inside_node(split, devices_per_node):
             continue
-        if _same_as_consecutive(split, devices_per_node):
+        if same_as_consecutive(split, devices_per_node):
             continue
         modes = zero_stages if split.sharded else (DPMode.ALLREDUCE,)
         # (Megatron-SP, Ulysses) per candidate: layers with a group may take either
