@@ -114,7 +114,7 @@ def spans_nodes(s: LayerStrategy, cluster: ClusterSpec) -> Callable[[int], bool]
     """Whether a group of a given size leaves a node, on this unit's mesh."""
 
     def spans(size: int) -> bool:
-        if s.ulysses and size == s.state_dp:  # the whole stage: its weights' group
+        if size == s.devices:  # the whole stage (Ulysses' weights): consecutive ranks
             return group_spans_nodes(size, 1, cluster.devices_per_node)
         if size == s.tp:
             stride = 1 if s.tp_consecutive else s.dp
