@@ -260,6 +260,14 @@ def test_cost_command_prints_and_writes_json(tmp_path):
     assert data["total"]["step_time_s"] > 0 and data["total"]["peak_memory_bytes"] > 0
     assert [e["unit"] for e in data["layers"]][:2] == ["embedding", "blocks.0"]
     assert main([*argv[:4], "--strategy", "tp=2,pp=2"]) == 2  # unknown key, named
+    # one Ulysses strategy: the layers run it, the segments the same group as plain tp;
+    # the layers' whole weights are sharded over all 4 ranks, a tp-2 block's over dp's 2
+    ulysses = ["cost", model, "--batch", "4", "--json", str(out)]
+    assert main([*ulysses, "--strategy", "tp=2,dp=2,ulysses=1,zero=3"]) == 0
+    states = {e["unit"]: e["model_state_bytes"] for e in json.loads(out.read_text())["layers"]}
+    assert main([*ulysses, "--strategy", "tp=2,dp=2,zero=3"]) == 0
+    tp_states = {e["unit"]: e["model_state_bytes"] for e in json.loads(out.read_text())["layers"]}
+    assert states["blocks.0"] == pytest.approx(tp_states["blocks.0"], rel=0.05)
 
 
 def test_cost_explain_prints_formulas_with_numbers(capsys):
