@@ -4,6 +4,7 @@ and strategy, and `plan_costs` takes measured times over the roofline where it h
 from __future__ import annotations
 
 import json
+import statistics
 import time
 import warnings
 
@@ -44,6 +45,9 @@ def test_unit_times_add_up_to_the_step_and_land_on_the_blocks(recompute):
     compiled.sync.zero_grad()
     before = compiled.forward_loss(*args, **kwargs).item()
     times = time_units(compiled, args, kwargs, stepped_elems(compiled.params, plan), repeats=5)
+    # reference steps on both sides of the unit timing: the machine's speed drifts over a
+    # test (measured: the reference 1.6x the units' sum once, on a loaded 2-core machine)
+    reference += [_timed_step(compiled, args, kwargs) for _ in range(5)]
     assert list(times) == ["embedding", "blocks.0", "blocks.1", "head", "loss"]
     fresh, _, _ = build(MID_GPT, batch=4, seq=64)  # same seed, same parameters
     marked = parallelize(analyze(fresh, args, kwargs), plan=plan)
@@ -51,8 +55,8 @@ def test_unit_times_add_up_to_the_step_and_land_on_the_blocks(recompute):
     assert marked.forward_loss(*args, **kwargs).item() == pytest.approx(before, rel=1e-6)
     fwd = sum(t.fwd_s for t in times.values())
     bwd = sum(t.bwd_s + t.recompute_s for t in times.values())
-    ref_fwd = sorted(f for f, _ in reference)[2]
-    ref_bwd = sorted(b for _, b in reference)[2]
+    ref_fwd = statistics.median(f for f, _ in reference)
+    ref_bwd = statistics.median(b for _, b in reference)
     assert fwd == pytest.approx(ref_fwd, rel=0.35) and bwd == pytest.approx(ref_bwd, rel=0.35)
     blocks = [times["blocks.0"], times["blocks.1"]]
     assert all(b.fwd_s > times["embedding"].fwd_s and b.bwd_s > 0 for b in blocks)
