@@ -15,7 +15,14 @@ Guarantees:
   layer), `glue_<i>` (between two stacks), `head` (after the last layer) and `loss` (after
   the head's last parameter use);
 - parameters belong to the layer named by their path, else to the unit of their first user;
-- units are contiguous in graph order, and structurally identical units share a fingerprint.
+- units are numbered (`LayerTag.index`) in data-flow order: by their first computed node, never
+  by where a parameter read sits (a model may register its head before its blocks, and
+  export places `get_attr` nodes in registration order); the computed nodes of a unit are
+  contiguous, so this order is a topological order of the unit graph;
+- `get_attr` nodes are moved (they read no value, so any place before their first user is
+  valid) to the top of the graph in that unit order: passes that walk parameters in graph
+  order (ZeRO-3's gather chain) meet the units in the order they run;
+- structurally identical units share a fingerprint.
 """
 
 from __future__ import annotations
@@ -46,7 +53,8 @@ _BLOCK = re.compile(r"^\.(\d+)(?:\.|$)")
 def group_layers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Tag every node with its layer or segment and the unit's structural fingerprint."""
     names = _assign_units(gm)
-    order = list(dict.fromkeys(names[n] for n in gm.graph.nodes))
+    order = _data_flow_order(gm, names)
+    _place_parameter_reads(gm, names, order)
     groups = {unit: _stack_of(unit) for unit in order}
     members: dict[str, list[fx.Node]] = {u: [] for u in order}
     for node in gm.graph.nodes:
@@ -63,6 +71,27 @@ def group_layers(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         for node in members[unit]:
             LAYER.set(node, tag)
     return gm
+
+
+def _data_flow_order(gm: fx.GraphModule, names: dict[fx.Node, str]) -> list[str]:
+    """Units by their first computed node; a unit with none (a parameter no op reads) by its
+    first node of any kind, after those that compute."""
+    nodes = list(gm.graph.nodes)
+    computed = [names[n] for n in nodes if n.op == "call_function"]
+    return list(dict.fromkeys([*computed, *(names[n] for n in nodes)]))
+
+
+def _place_parameter_reads(gm: fx.GraphModule, names: dict[fx.Node, str], order: list[str]) -> None:
+    """Move the `get_attr` nodes, in unit order (stable within a unit), before the graph's
+    first other node."""
+    reads = [n for n in gm.graph.nodes if n.op == "get_attr"]
+    rank = {unit: i for i, unit in enumerate(order)}
+    ordered = sorted(reads, key=lambda n: rank[names[n]])
+    if ordered == reads:
+        return
+    anchor = next(n for n in gm.graph.nodes if n.op != "get_attr")
+    for node in ordered:
+        anchor.prepend(node)
 
 
 def _layer_of_path(path: str) -> str | None:
@@ -303,11 +332,16 @@ def _shape_of_val(val: object) -> object:
 
 
 def unit_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
-    """Nodes of every layer and segment, units in execution order."""
+    """Nodes of every layer and segment (each in graph order), units in execution order
+    (`LayerTag.index`, not where a unit's first node sits: its placeholders and parameter
+    reads may stand before an earlier unit's nodes)."""
     out: dict[str, list[fx.Node]] = {}
+    index: dict[str, int] = {}
     for node in gm.graph.nodes:
-        out.setdefault(LAYER.get(node).name, []).append(node)
-    return out
+        tag = LAYER.get(node)
+        out.setdefault(tag.name, []).append(node)
+        index.setdefault(tag.name, tag.index)
+    return {unit: out[unit] for unit in sorted(out, key=index.__getitem__)}
 
 
 def fx_digraph(gm: fx.GraphModule) -> nx.DiGraph:
