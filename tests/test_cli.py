@@ -141,3 +141,19 @@ def test_explain_space_counts_every_rule_beside_galvatron(tmp_path, capsys):
         counts = [r["count"] for r in row["rules"][:4]]
         assert counts == sorted(counts, reverse=True)
         assert 0 < row["kept"] <= row["priced"] <= row["rules"][-1]["count"]
+
+
+LONG_CONTEXT_LLAMA = TINY_HF["llama"] + ",max_position_embeddings=131072"
+
+
+def test_plan_and_inspect_say_which_sequence_length_they_use(tmp_path, capsys):
+    note = "seq 2048 (config max_position_embeddings=131072 capped at 2048; pass --seq to change)"
+    plan = ["plan", LONG_CONTEXT_LLAMA, "--memory-gb", "1", "--global-batch", "8"]
+    assert main([*plan, "--no-baselines"]) == 0
+    assert note in capsys.readouterr().out
+    out_json = tmp_path / "llama.json"
+    assert main(["inspect", LONG_CONTEXT_LLAMA, "--json", str(out_json)]) == 0
+    assert note in capsys.readouterr().out
+    assert json.loads(out_json.read_text())["seq"] == 2048
+    assert main(["inspect", LONG_CONTEXT_LLAMA, "--seq", "16"]) == 0
+    assert "pass --seq to change" not in capsys.readouterr().out

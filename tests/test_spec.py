@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from torch import nn
 
 from galvatron_fx.models.gpt import GPT, GPTConfig
-from galvatron_fx.models.spec import parse_model_spec
+from galvatron_fx.models.hf import SEQ_FIELDS, hf_seq_field
+from galvatron_fx.models.spec import DEFAULT_SEQ, SeqDefault, parse_model_spec
 
 
 def test_gpt_spec_fields_and_block_parameter_count():
@@ -89,3 +93,45 @@ def test_bad_specs_say_what_is_wrong(text, message):
         spec = parse_model_spec(text)
         spec.build("meta")
     assert message in str(info.value)
+
+
+def _config_model(**fields: object) -> nn.Module:
+    model = nn.Linear(1, 1)
+    model.config = SimpleNamespace(**fields)  # type: ignore[assignment]
+    return model
+
+
+@pytest.mark.parametrize("field", SEQ_FIELDS)
+def test_hf_default_seq_reads_every_common_field_name(field):
+    assert hf_seq_field(_config_model(**{field: 1024, "vocab_size": 7})) == (field, 1024)
+
+
+@pytest.mark.parametrize(
+    ("text", "seq", "source"),
+    [
+        (  # a long-context config: planned at the common pre-training length, and says so
+            "hf:llama:max_position_embeddings=131072",
+            DEFAULT_SEQ,
+            f"config max_position_embeddings=131072 capped at {DEFAULT_SEQ}",
+        ),
+        ("hf:gpt2:n_positions=512", 512, "config n_positions=512"),  # smaller: the config's
+        ("hf:mpt:max_seq_len=256", 256, "config max_seq_len=256"),
+        ("hf:t5", DEFAULT_SEQ, "the config sets none of max_position_embeddings, n_positions"),
+    ],
+)
+def test_hf_default_seq_is_capped_and_names_its_source(text, seq, source):
+    spec = parse_model_spec(text)
+    model = spec.build("meta")
+    default = spec.default_seq(model)
+    assert default.seq == spec.max_seq(model) == seq
+    assert source in default.describe() and "pass --seq to change" in default.describe()
+    assert default.describe().startswith(f"seq {seq} (")
+    _, kwargs = spec.example_inputs(model, batch=1)
+    assert kwargs["input_ids"].shape == (1, seq)
+
+
+def test_default_seq_of_image_and_gpt_specs():
+    vit = parse_model_spec("hf:vit:image_size=32,patch_size=8,num_hidden_layers=1")
+    assert vit.default_seq(vit.build("meta")).describe().startswith("seq not used (")
+    gpt = parse_model_spec("gpt:layers=1,hidden=32,heads=2,seq=64")
+    assert gpt.default_seq(gpt.build("meta")) == SeqDefault(64, "gpt seq=64")

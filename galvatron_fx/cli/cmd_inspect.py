@@ -10,6 +10,7 @@ from typing import Any
 from galvatron_fx.cli.common import (
     MODEL_HELP,
     examples,
+    info,
     write,
     write_json,
 )
@@ -45,7 +46,12 @@ def add(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--batch", type=int, default=1, help="micro-batch size (default 1)")
-    p.add_argument("--seq", type=int, default=None, help="sequence length (default: model max)")
+    p.add_argument(
+        "--seq",
+        type=int,
+        default=None,
+        help="sequence length (default: the model's maximum, at most 2048 for hf: specs)",
+    )
     p.add_argument(
         "--device",
         default="meta",
@@ -68,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     model = spec.build(args.device)
     inputs, kwargs = spec.example_inputs(model, args.batch, args.seq)
     seq = args.seq if args.seq is not None else spec.max_seq(model)
+    if args.seq is None:
+        info(spec.default_seq(model).describe())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the use_cache notice is expected here
         result = gfx.analyze(

@@ -50,7 +50,12 @@ def add(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--cluster", default="a100-80gb-sxm", help="preset[:nodes=N], local, or JSON")
     p.add_argument("--memory-gb", type=float, required=True, help="memory budget per device")
     p.add_argument("--global-batch", type=int, required=True, help="samples per step")
-    p.add_argument("--seq", type=int, default=None, help="sequence length (default: model max)")
+    p.add_argument(
+        "--seq",
+        type=int,
+        default=None,
+        help="sequence length (default: the model's maximum, at most 2048 for hf: specs)",
+    )
     p.add_argument("--world", type=int, default=None, help="devices (default: the cluster's)")
     p.add_argument("--precision", default="mixed", choices=("mixed", "fp32"))
     p.add_argument("--max-pipeline", type=int, default=None, help="cap the pipeline degree")

@@ -37,12 +37,15 @@ def read_json(path: Path) -> Any:
 
 
 def capture(model_text: str, device: str, batch: int, seq: int | None) -> tuple[Any, tuple, dict]:
-    """Build MODEL on `device` and analyse it: (analysis, example args, example kwargs)."""
+    """Build MODEL on `device` and analyse it: (analysis, example args, example kwargs).
+    Without `seq`, says which sequence length the spec chose and why."""
     import galvatron_fx as gfx
     from galvatron_fx.models.spec import parse_model_spec
 
     spec = parse_model_spec(model_text)
     model = spec.build(device)
+    if seq is None:
+        info(spec.default_seq(model).describe())
     inputs, kwargs = spec.example_inputs(model, batch, seq)
     with warnings.catch_warnings():
         if VERBOSITY[0] < 1:  # the use_cache notice is expected here; -v shows it

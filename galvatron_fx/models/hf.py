@@ -14,7 +14,19 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["HF_FAMILIES", "build_hf", "hf_inputs"]
+__all__ = ["HF_FAMILIES", "SEQ_FIELDS", "build_hf", "hf_inputs", "hf_seq_field", "hf_takes_tokens"]
+
+SEQ_FIELDS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "max_seq_length",
+    "max_sequence_length",
+    "seq_length",
+    "n_ctx",
+)
+"""Config fields that name a model's longest sequence, by family (Llama, GPT-2, MPT, ...,
+ChatGLM's `seq_length`), in the order they are read."""
 
 
 @dataclass(frozen=True)
@@ -104,9 +116,21 @@ def hf_inputs(
     }
 
 
-def hf_max_seq(model: nn.Module) -> int:
+def hf_takes_tokens(family: str) -> bool:
+    """Whether the family's example inputs are token sequences (not images)."""
+    return family not in HF_FAMILIES or HF_FAMILIES[family].inputs == "tokens"
+
+
+def hf_seq_field(model: nn.Module) -> tuple[str, int] | None:
+    """The first of `SEQ_FIELDS` set to a positive int in the model's config (or its text
+    config, for models that nest one), with its value; None when there is none. The field is
+    named as the config stores it (GPT-2's `max_position_embeddings` is its `n_positions`)."""
     config: Any = getattr(model, "config", None)
-    for field in ("max_position_embeddings", "n_positions", "n_ctx"):
-        if isinstance(getattr(config, field, None), int):
-            return int(getattr(config, field))
-    return 512
+    text_config = getattr(config, "get_text_config", None)
+    configs = [config, text_config()] if callable(text_config) else [config]
+    for cfg in configs:
+        for field in SEQ_FIELDS:
+            value = getattr(cfg, field, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return getattr(cfg, "attribute_map", {}).get(field, field), value
+    return None

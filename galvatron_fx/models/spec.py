@@ -2,7 +2,8 @@
 
 - `gpt:layers=12,hidden=768,heads=12,vocab=50257,seq=1024` (also `dropout=0.1`, `tied=1`)
 - `hf:gpt2`, `hf:llama:hidden_size=256,num_hidden_layers=4` (a family's config class with
-  overrides, random weights, no download)
+  overrides, random weights, no download); without `--seq` it runs at `DEFAULT_SEQ` tokens,
+  or at the config's maximum length when that is smaller (`SeqDefault` says which field)
 - `path/to/file.py:factory` (a function returning an `nn.Module`; the file may define
   `example_inputs(model, batch, seq)` returning `(args, kwargs)`, otherwise token ids are
   made from the model's first `nn.Embedding`)
@@ -21,9 +22,16 @@ import torch
 from torch import nn
 
 from galvatron_fx.models.gpt import GPT, GPTConfig
-from galvatron_fx.models.hf import build_hf, hf_inputs, hf_max_seq
+from galvatron_fx.models.hf import SEQ_FIELDS, build_hf, hf_inputs, hf_seq_field, hf_takes_tokens
 
-__all__ = ["ModelSpec", "parse_model_spec"]
+__all__ = ["DEFAULT_SEQ", "FILE_SPEC_SEQ", "ModelSpec", "SeqDefault", "parse_model_spec"]
+
+DEFAULT_SEQ = 2048
+"""Tokens per sample of an `hf:` spec run without `--seq`, unless its config allows fewer:
+configs state 32K-128K positions (`max_position_embeddings`), the longest the model can
+take, not what a plan should assume; 2048 is the common pre-training length."""
+FILE_SPEC_SEQ = 128
+"""Tokens per sample of a `file.py:factory` spec run without `--seq`."""
 
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -39,13 +47,30 @@ _GPT_FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
 
 
 @dataclass(frozen=True)
+class SeqDefault:
+    """The sequence length a spec runs at when none is given, and where it came from."""
+
+    seq: int
+    source: str
+    """Why this length: `config max_position_embeddings=131072 capped at 2048`."""
+    used: bool = True
+    """False where the inputs have no sequence (images)."""
+
+    def describe(self) -> str:
+        """One line for the user: `seq 2048 (config ... capped at 2048; pass --seq to change)`."""
+        if not self.used:
+            return f"seq not used ({self.source})"
+        return f"seq {self.seq} ({self.source}; pass --seq to change)"
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A parsed model spec: how to build the model and matching example inputs."""
 
     text: str
     build_fn: Callable[[], nn.Module]
     inputs_fn: Callable[[nn.Module, int, int, torch.device], Inputs]
-    max_seq_fn: Callable[[nn.Module], int]
+    default_seq_fn: Callable[[nn.Module], SeqDefault]
 
     def build(self, device: str | torch.device = "cpu") -> nn.Module:
         """The model, built directly on `device` (`meta` allocates nothing)."""
@@ -56,11 +81,16 @@ class ModelSpec:
     def example_inputs(self, model: nn.Module, batch: int, seq: int | None = None) -> Inputs:
         """`(args, kwargs)` for one training step, with targets/labels, on the model's device."""
         device = next(iter(model.parameters()), torch.empty(0)).device
-        seq = seq if seq is not None else self.max_seq_fn(model)
+        seq = seq if seq is not None else self.max_seq(model)
         return self.inputs_fn(model, batch, seq, device)
 
+    def default_seq(self, model: nn.Module) -> SeqDefault:
+        """The sequence length used when none is given, with its source."""
+        return self.default_seq_fn(model)
+
     def max_seq(self, model: nn.Module) -> int:
-        return self.max_seq_fn(model)
+        """The sequence length used when none is given (`default_seq(model).seq`)."""
+        return self.default_seq_fn(model).seq
 
 
 def parse_model_spec(text: str) -> ModelSpec:
@@ -107,7 +137,8 @@ def _gpt_spec(text: str, rest: str) -> ModelSpec:
         tgt = torch.randint(0, config.vocab_size, (batch, seq), device=device)
         return (idx,), {"targets": tgt}
 
-    return ModelSpec(text, lambda: GPT(config), inputs, lambda m: config.max_seq)
+    default = SeqDefault(config.max_seq, f"gpt seq={config.max_seq}")
+    return ModelSpec(text, lambda: GPT(config), inputs, lambda m: default)
 
 
 def _split(text: str) -> list[str]:
@@ -143,7 +174,25 @@ def _hf_spec(text: str, rest: str) -> ModelSpec:
     def inputs(model: nn.Module, batch: int, seq: int, device: torch.device) -> Inputs:
         return (), hf_inputs(model, family, batch, seq, device)
 
-    return ModelSpec(text, lambda: build_hf(family, fields), inputs, hf_max_seq)
+    def default(model: nn.Module) -> SeqDefault:
+        return _hf_seq_default(model) if hf_takes_tokens(family) else _IMAGES
+
+    return ModelSpec(text, lambda: build_hf(family, fields), inputs, default)
+
+
+_IMAGES = SeqDefault(DEFAULT_SEQ, "the inputs are images of the config's image_size", used=False)
+
+
+def _hf_seq_default(model: nn.Module) -> SeqDefault:
+    """`DEFAULT_SEQ`, or the config's maximum length when smaller."""
+    found = hf_seq_field(model)
+    if found is None:
+        names = ", ".join(SEQ_FIELDS)
+        return SeqDefault(DEFAULT_SEQ, f"the config sets none of {names}")
+    field, value = found
+    if value > DEFAULT_SEQ:
+        return SeqDefault(DEFAULT_SEQ, f"config {field}={value} capped at {DEFAULT_SEQ}")
+    return SeqDefault(value, f"config {field}={value}")
 
 
 def _file_spec(text: str, path: Path, factory: str) -> ModelSpec:
@@ -168,7 +217,8 @@ def _file_spec(text: str, path: Path, factory: str) -> ModelSpec:
             return tuple(args), dict(kwargs)
         return (_token_ids(model, text, batch, seq, device),), {}
 
-    return ModelSpec(text, fn, inputs, lambda m: 128)
+    default = SeqDefault(FILE_SPEC_SEQ, f"default of a file spec without --seq: {FILE_SPEC_SEQ}")
+    return ModelSpec(text, fn, inputs, lambda m: default)
 
 
 def _token_ids(
