@@ -23,6 +23,7 @@ from torch import fx, nn
 
 from galvatron_fx.passes.annotate_costs import annotate_costs
 from galvatron_fx.passes.capture import capture
+from galvatron_fx.passes.check_program import check_program
 from galvatron_fx.passes.group_layers import group_layers
 from galvatron_fx.passes.insert_collectives import ParamSpec, get_attr, insert_collectives
 from galvatron_fx.passes.manager import Pass, PassContext, run_passes
@@ -179,6 +180,7 @@ def search(
 PARALLEL_PASSES: tuple[Pass, ...] = (
     shard,  # gfx_placement: dp/tp placement of every node, redistributions, column/row linears
     insert_collectives,  # this rank's program: collectives, local shapes, TP parameter slices
+    check_program,  # the program is what the plan says: batch split, weights split, groups
     zero3,  # ZeRO-3 layers: parameters stored as dp shards, gathered before use
     recompute,  # checkpointed regions: whole layers or their attention cores
     # split_stages: added by the pipeline issue

@@ -147,6 +147,9 @@ class NodePlacement:
     `switch` means the input crosses from a unit on another mesh (placement: (dp, tp))."""
     blocks: int = 1
     """A column-parallel weight whose output is split in `blocks` equal parts (fused qkv)."""
+    batch: bool = False
+    """The value carries the batch on dim 0 (it derives from the batch inputs through ops
+    that keep it there): a data-parallel unit must run it split."""
 
     @property
     def kinds(self) -> tuple[str, ...]:

@@ -6,7 +6,6 @@ Reads `gfx_layer` and `gfx_cost` only, so it works on any graph the front end an
 from __future__ import annotations
 
 import hashlib
-import operator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -182,19 +181,32 @@ _WEIGHT_ARG = {torch.ops.aten.linear.default: 1, torch.ops.aten.addmm.default: 2
 
 def _kv_heads(sdpa: fx.Node) -> list[int]:
     """Key/value heads before grouped-query attention repeats them: follow the key back
-    (through rotary, repeat, transposes and views) to the linear that made it; its width
-    over the head size. Empty when no such linear is found."""
+    (through rotary, repeats and transposes, first inputs first) to the view that cut a
+    projection's width into heads, `(.., width) -> (.., heads, d)` with `d` a multiple of
+    the head size (`(B, S, 3, heads, hd)` of a fused qkv, GPT-NeoX's `(B, S, heads, 3 hd)`
+    too): its heads. Empty when no such view is found."""
     head_dim = int(sdpa.args[1].meta["val"].shape[-1])  # type: ignore[union-attr]
-    node: Any = sdpa.args[1]
-    for _ in range(64):
-        if not isinstance(node, fx.Node) or node.op != "call_function":
-            return []
-        if node.target in _WEIGHT_ARG:
-            return [int(node.meta["val"].shape[-1]) // head_dim]
-        if node.target is operator.getitem:  # a piece of a fused projection
-            return [int(node.meta["val"].shape[-1]) // head_dim]
-        node = node.args[0]
+    todo: list[Any] = [sdpa.args[1]]
+    seen: set[fx.Node] = set()
+    while todo and len(seen) < 64:
+        node = todo.pop(0)
+        if not isinstance(node, fx.Node) or node.op != "call_function" or node in seen:
+            continue
+        seen.add(node)
+        if node.target in _VIEWS:
+            src, out = node.args[0].meta["val"].shape, node.meta["val"].shape  # type: ignore[union-attr]
+            cut = len(out) >= 2 and int(src[-1]) > int(out[-1]) and int(out[-1]) % head_dim == 0
+            if cut:
+                return [int(out[-2])]
+        todo.extend(a for a in node.args if isinstance(a, fx.Node))
     return []
+
+
+_VIEWS = {
+    torch.ops.aten.view.default,
+    torch.ops.aten.reshape.default,
+    torch.ops.aten._unsafe_view.default,
+}
 
 
 def layer_shapes(gm: fx.GraphModule) -> dict[str, LayerShape]:

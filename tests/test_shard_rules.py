@@ -221,10 +221,19 @@ CASES = [
     Case(
         "view_split_uneven",
         aten.view.default,
-        (T(X3, S(2)), [4, 8, 2, 8]),
+        (T((4, 8, 12), S(2)), [4, 8, 6, 2]),
         R,
         {0: R},
         "fallback",
+    ),
+    Case(
+        "view_fused_heads",  # (B, S, 3H) -> (B, S, 3, heads, hd): heads split in each block
+        aten.view.default,
+        (T((4, 8, 48), S(2)), [4, 8, 3, 4, 4]),
+        S(3),
+        kind="blocks=3",
+        numeric=False,  # correct only with the producer's weight split block by block
+        dtensor="differs: DTensor gathers; our rule relies on the producer's blocked weight",
     ),
     Case("reshape_drop_one", aten.reshape.default, (T((1, 8, 16), S(1)), [8, 16]), S(0)),
     Case("unsafe_view", aten._unsafe_view.default, (T((4, 8, 4, 4), S(0)), [32, 16]), S(0)),
@@ -318,7 +327,113 @@ CASES = [
     ),
     Case("slice_other_dim", aten.slice.Tensor, (T(X3, S(0)), 1, 0, 4), S(0)),
     Case("slice_full_range", aten.slice.Tensor, (T(X3, S(1)), 1, 0, 8), S(1)),
-    Case("slice_on_shard", aten.slice.Tensor, (T(X3, S(1)), 1, 0, 4), R, {0: R}, "fallback"),
+    Case("slice_on_shard", aten.slice.Tensor, (T(X3, S(1)), 1, 1, 5), R, {0: R}, "fallback"),
+    Case(
+        "slice_one_block",  # qkv[..., 16:32] of a fused (.., 48) projection
+        aten.slice.Tensor,
+        (T((4, 8, 48), S(2)), 2, 16, 32),
+        S(2),
+        kind="blocks=3",
+        numeric=False,  # correct only with the producer's weight split block by block
+        dtensor="differs: DTensor gathers; our rule relies on the producer's blocked weight",
+    ),
+    Case(
+        "slice_block_too_narrow",  # blocks of 2 cannot be split 4 ways
+        aten.slice.Tensor,
+        (T((4, 8, 16), S(2)), 2, 2, 4),
+        R,
+        {0: R},
+        "fallback",
+    ),
+    Case(
+        "chunk_fused_qkv",
+        aten.chunk.default,
+        (T((4, 8, 48), S(2)), 3, -1),
+        (S(2),) * 3,
+        kind="blocks=3",
+        numeric=False,  # correct only with the producer's weight split block by block
+        dtensor="differs: DTensor gathers; our rule relies on the producer's blocked weight",
+    ),
+    Case("chunk_other_dim", aten.chunk.default, (T(X3, S(0)), 2, 2), (S(0),) * 2),
+    Case("unbind_other_dim", aten.unbind.int, (T((4, 8, 3, 16), S(3)), 2), (S(2),) * 3),
+    Case("unbind_before_shard", aten.unbind.int, (T((4, 8, 3, 16), S(0)), 2), (S(0),) * 3),
+    Case(
+        "unbind_on_shard",
+        aten.unbind.int,
+        (T((4, 4, 16), S(1)), 1),
+        (R,) * 4,
+        {0: R},
+        "fallback",
+    ),
+    Case("stack_shard", aten.stack.default, ([T(X3, S(2)), T(X3, S(2))], 0), S(3)),
+    Case("stack_after", aten.stack.default, ([T(X3, S(0)), T(X3, S(0))], 3), S(0)),
+    Case(
+        "stack_aligns",
+        aten.stack.default,
+        ([T(X3, S(1)), T(X3)], 1),
+        S(2),
+        {1: S(1)},
+    ),
+    Case(
+        "repeat_interleave_heads",  # grouped-query attention: kv heads repeated in place
+        aten.repeat_interleave.self_int,
+        (T((2, 4, 8, 16), S(1)), 2, 1),
+        S(1),
+        dtensor="skip: DTensor has no strategy for repeat_interleave",
+    ),
+    Case(
+        "repeat_interleave_other_dim",
+        aten.repeat_interleave.self_int,
+        (T((2, 4, 8, 16), S(0)), 2, 1),
+        S(0),
+        dtensor="skip: DTensor has no strategy for repeat_interleave",
+    ),
+    Case("type_as", aten.type_as.default, (T(X3, S(1)), T(X3)), S(1)),
+    Case("type_as_partial", aten.type_as.default, (T(X3, P()), T(X3)), P()),
+    Case("bmm_batch", aten.bmm.default, (T((8, 4, 16), S(0)), T((8, 16, 4), S(0))), S(0)),
+    Case(
+        "baddbmm_alibi",  # BLOOM: alibi (B*heads, 1, S) + q @ k on a batch split
+        aten.baddbmm.default,
+        (T((8, 1, 4)), T((8, 4, 16), S(0)), T((8, 16, 4), S(0))),
+        S(0),
+        {0: S(0)},
+    ),
+    Case(
+        "baddbmm_partial_product",  # input added once: the partial product is gathered
+        aten.baddbmm.default,
+        (T((8, 4, 4)), T((8, 4, 16), S(2)), T((8, 16, 4), S(1))),
+        R,
+        {1: R, 2: R},
+        "fallback",
+    ),
+    Case(
+        "matmul_weight_column",  # x @ W, W stored (in, out): a column-parallel linear
+        aten.matmul.default,
+        (T(X3), W(16, 32)),
+        S(2),
+        {1: S(1)},
+        "column",
+        shard_weights=True,
+    ),
+    Case(
+        "matmul_weight_row",
+        aten.matmul.default,
+        (T(X3, S(2)), W(16, 32)),
+        R,
+        {1: S(0)},
+        "row",
+        shard_weights=True,
+        dtensor=ROW,
+    ),
+    Case(
+        "mm_weight_column",
+        aten.mm.default,
+        (T((32, 16)), W(16, 8)),
+        S(1),
+        {1: S(1)},
+        "column",
+        shard_weights=True,
+    ),
     Case("select_other_dim", aten.select.int, (T(X3, S(2)), 1, 3), S(1)),
     Case("select_on_shard", aten.select.int, (T(X3, S(2)), 2, 3), R, {0: R}, "fallback"),
     Case("pad_other_dim", aten.constant_pad_nd.default, (T(X3, S(0)), [1, 1], 0.0), S(0)),
@@ -542,9 +657,9 @@ CASES = [
         S(0),
     ),
     # -- no rule --------------------------------------------------------------------------
-    Case("sort_fallback", aten.sort.default, (T((4, 8), S(0)), 1), R, {0: R}, "fallback"),
+    Case("sort_fallback", aten.sort.default, (T((4, 8), S(0)), 1), (R, R), {0: R}, "fallback"),
     Case("flip_fallback", aten.flip.default, (T((4, 8), S(1)), [0]), R, {0: R}, "fallback"),
-    Case("sort_replicated", aten.sort.default, (T((4, 8)), 1), R),
+    Case("sort_replicated", aten.sort.default, (T((4, 8)), 1), (R, R)),
 ]
 
 

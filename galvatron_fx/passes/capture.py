@@ -4,7 +4,9 @@ Reads: the model and example inputs (plain modules, `symbolic_trace`d GraphModul
 HuggingFace models, meta-device models and inputs).
 Writes: a GraphModule from `torch.export.export(..., strict=False).module()`; PyTorch puts
 `val` (a FakeTensor) and `nn_module_stack` on every computed node.
-Guarantees: parameters are `get_attr` nodes named by their original FQN; nothing is
+Guarantees: parameters are `get_attr` nodes named by their original FQN; a linear written
+as `x @ w.T` (a matmul with a parameter's transpose) is one `aten.linear` node, as
+`nn.Linear` gives, so it has one sharding rule and one cost; nothing is
 allocated for a meta-device model; a model that cannot be captured raises one `CaptureError`
 naming the model class, the failing line of the user's source and what to do.
 """
@@ -20,6 +22,8 @@ import torch
 from torch import fx, nn
 
 __all__ = ["CaptureError", "capture"]
+
+aten = torch.ops.aten
 
 
 class CaptureError(RuntimeError):
@@ -53,7 +57,45 @@ def capture(
     # Input-shape guards are dropped: later passes change local shapes on purpose.
     gm = program.module(check_guards=False)
     assert isinstance(gm, fx.GraphModule)
+    if _linears(gm):
+        gm.recompile()
     return gm
+
+
+_TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default}
+
+
+def _linears(gm: fx.GraphModule) -> int:
+    """Rewrite `matmul(x, T(w))`, `w` a 2-D parameter and `T` its transpose, into
+    `linear(x, w)`: the same arithmetic (`aten.linear` is defined as it), but the op tensor
+    parallelism splits as Megatron does. Returns the number of matmuls rewritten."""
+    count = 0
+    for node in gm.graph.nodes:
+        if node.target is not aten.matmul.default or len(node.args) != 2:
+            continue
+        x, wt = node.args
+        if not (isinstance(wt, fx.Node) and wt.target in _TRANSPOSES):
+            continue
+        w = wt.args[0]
+        if not (isinstance(w, fx.Node) and w.op == "get_attr" and _is_2d_transpose(wt)):
+            continue
+        node.target, node.args = aten.linear.default, (x, w)
+        if not wt.users:
+            gm.graph.erase_node(wt)
+        count += 1
+    return count
+
+
+def _is_2d_transpose(node: fx.Node) -> bool:
+    val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() != 2:
+        return False
+    args: Any = node.args  # the op's own signature: permute(x, dims), transpose(x, a, b)
+    if node.target is aten.permute.default:
+        return [d % 2 for d in args[1]] == [1, 0]
+    if node.target is aten.transpose.int:
+        return {d % 2 for d in args[1:3]} == {0, 1}
+    return True
 
 
 def _without_cache(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:

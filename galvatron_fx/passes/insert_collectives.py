@@ -27,6 +27,7 @@ from galvatron_fx.meta import LAYER, PLACEMENT, NodePlacement
 from galvatron_fx.passes.annotate_costs import requires_grad_nodes
 from galvatron_fx.passes.manager import PassContext, graph_pass
 from galvatron_fx.passes.shard import mesh_of, unit_strategies
+from galvatron_fx.passes.shard_rules import slice_bounds
 from galvatron_fx.plan import LayerStrategy, Plan
 from galvatron_fx.runtime import collectives as C
 from galvatron_fx.runtime.mesh import Layout, Mesh, plan_switch
@@ -213,7 +214,7 @@ class _Rewrite:
         current: dict[fx.Node, tuple[fx.Node, Any, Any]] = {
             a: (a, *_pair(PLACEMENT.get(a))) for a in node.all_input_nodes
         }
-        for name, axis, want in p.needs:
+        for name, axis, want in _composed(p.needs):
             a = self.names[name]
             if a.op == "get_attr":
                 continue
@@ -222,7 +223,12 @@ class _Rewrite:
                 cur, (dp, tp) = self._switch(cur, a, node, dp, tp, want), want
             else:
                 have = dp if axis == "dp" else tp
-                cur = self._convert(cur, node, axis, have, want, _split_out(getattr(p, axis)))
+                if have == want:
+                    continue
+                # the gathered value's gradient is a partial sum only where the node itself
+                # reads it whole into split compute; split again, it comes back whole
+                partial = _split_out(getattr(p, axis)) and not isinstance(want, Shard)
+                cur = self._convert(cur, node, axis, have, want, partial)
                 dp, tp = (want, tp) if axis == "dp" else (dp, want)
             current[a] = (cur, dp, tp)
         for a, (cur, _, tp) in current.items():
@@ -448,6 +454,18 @@ class _Rewrite:
                 local[0] if node.target == aten.split.Tensor else local,
                 *_a(node)[2:],
             )
+        elif node.target == aten.slice.Tensor and isinstance(p.tp, Shard):
+            self._local_slice(node, p.tp.dim, mesh.tp)
+
+    def _local_slice(self, node: fx.Node, split_dim: int, n: int) -> None:
+        """A slice of one block of the split dim (`qkv[..., H:2H]`): each rank takes the
+        same block of its piece, at 1/n of the offsets."""
+        dim = _a(node)[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        src = _global_val(_a(node)[0])
+        if dim % src.dim() != split_dim or tuple(_global_val(node).shape) == tuple(src.shape):
+            return
+        start, stop = slice_bounds(node)
+        node.args, node.kwargs = (_a(node)[0], split_dim, start // n, stop // n), {}
 
     # vals --------------------------------------------------------------------------------
 
@@ -470,6 +488,23 @@ class _Rewrite:
     def _fake(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         with self.fake_mode:
             return torch.empty(shape, dtype=like.dtype)
+
+
+def _composed(needs: tuple[tuple[str, str, Any], ...]) -> list[tuple[str, str, Any]]:
+    """The needs with consecutive conversions of one input on one axis made one: a value
+    gathered on entering a unit and split again by its consumer moves once, from what it
+    had to what the consumer wants (nothing, where those are the same), and its gradient
+    takes the one matching adjoint."""
+    out: list[tuple[str, str, Any]] = []
+    last: dict[str, int] = {}  # input -> its latest entry in `out`
+    for name, axis, want in needs:
+        k = last.get(name)
+        if k is not None and axis != "switch" and out[k][1] == axis:
+            out[k] = (name, axis, want)
+        else:
+            last[name] = len(out)
+            out.append((name, axis, want))
+    return out
 
 
 def _aliases(gm: fx.GraphModule) -> dict[int, list[fx.Node]]:

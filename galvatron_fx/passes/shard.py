@@ -33,7 +33,14 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 
 from galvatron_fx.meta import LAYER, PLACEMENT, NodePlacement
 from galvatron_fx.passes.manager import PassContext, graph_pass
-from galvatron_fx.passes.shard_rules import OpView, decide, shape
+from galvatron_fx.passes.shard_rules import (
+    Decision,
+    OpView,
+    decide,
+    replicate_all,
+    replicated,
+    shape,
+)
 from galvatron_fx.plan import LayerStrategy, Plan
 from galvatron_fx.runtime.mesh import Mesh
 
@@ -94,6 +101,10 @@ class _Propagation:
         self.stream = _stream_shapes(self.gm)
         self.vocab = _vocab_size(self.gm)
         self.place: dict[str, dict[fx.Node, object]] = {a: {} for a in AXES}
+        self.batch_split: dict[fx.Node, object] = {}
+        """Per node, its dp placement were its unit data-parallel: `Shard(0)` marks a value
+        carrying the batch, which a data-parallel unit must take split even from a unit
+        that ran the whole batch."""
         self.fallbacks: dict[str, dict[str, list[str]]] = {}
         for node in self.gm.graph.nodes:
             PLACEMENT.set(node, self._node(node))
@@ -104,7 +115,8 @@ class _Propagation:
         if node.op in ("placeholder", "get_attr"):
             dp = Shard(0) if node in self.batch and s.dp > 1 else R
             self.place["dp"][node], self.place["tp"][node] = dp, R
-            return NodePlacement(dp, R)
+            self.batch_split[node] = Shard(0) if node in self.batch else R
+            return NodePlacement(dp, R, batch=node in self.batch)
         needs: list[tuple[str, str, object]] = []
         views = self._inputs(node, s, needs)
         decided = {}
@@ -112,9 +124,12 @@ class _Propagation:
         for axis in AXES:
             v = views[axis]
             if v.n == 1 or node.op == "output":
-                decided[axis] = _replicated_like(node)
+                decided[axis] = replicated(node)
                 continue
             d = decide(v)
+            blocks = d.kind.startswith("blocks=")
+            if blocks and (axis != "tp" or not self._mark_blocks(node, d)):
+                d = replicate_all(v)  # the split cuts blocks no producer splits that way
             decided[axis] = d.out
             if d.kind == "fallback" and any(isinstance(p, Replicate) for p in d.need.values()):
                 by_layer = self.fallbacks.setdefault(f"{node.target} ({axis} axis)", {})
@@ -124,11 +139,18 @@ class _Propagation:
                 needs.append((a.name, axis, p))
                 if a in self.params:
                     self.place[axis][a] = p
-            if d.kind.startswith("blocks="):
-                self._mark_blocks(node, int(d.kind.split("=")[1]))
         for axis in AXES:
             self.place[axis][node] = decided[axis]
-        return NodePlacement(decided["dp"], decided["tp"], kind, tuple(needs))
+        # apart from the real placements, so that the program can be checked against it
+        self.batch_split[node] = self._batch_split(node)
+        batch = self.batch_split[node] == Shard(0)
+        return NodePlacement(decided["dp"], decided["tp"], kind, tuple(needs), batch=batch)
+
+    def _batch_split(self, node: fx.Node) -> object:
+        """The node's dp placement under the rules had its unit split the batch."""
+        if node.op == "output":
+            return R
+        return decide(OpView(node, 1, self.batch_split, params=self.params)).out
 
     def _inputs(
         self, node: fx.Node, s: LayerStrategy, needs: list[tuple[str, str, object]]
@@ -144,7 +166,9 @@ class _Propagation:
             src = self.strategies[LAYER.get(a).name]
             entering = LAYER.get(a).name != unit.name and a not in self.params
             if entering and mesh_of(src, self.plan.world_size) != mesh:
-                dp = Shard(0) if dp == Shard(0) and s.dp > 1 else R
+                # a unit that ran the whole batch hands a data-parallel one its batch to split
+                carries_batch = Shard(0) in (dp, self.batch_split.get(a))
+                dp = Shard(0) if carries_batch and s.dp > 1 else R
                 tp = R
                 needs.append((a.name, "switch", (dp, tp)))
             keeps_split = sp_layer or (unit.kind == "segment" and s.vocab_parallel)
@@ -169,19 +193,31 @@ class _Propagation:
             ),
         }
 
-    def _mark_blocks(self, split: fx.Node, count: int) -> None:
-        """Find the column-parallel linear whose output this split cuts into `count` equal
-        parts (through views) and record that its weight is sharded block by block."""
+    def _mark_blocks(self, split: fx.Node, d: Decision) -> bool:
+        """Find the column-parallel linear whose output `split` (a split, slice or view)
+        cuts into `count` equal blocks, through views that keep its split dim, and record
+        that its weight is sharded block by block. False where there is no such producer,
+        or it is already split in another number of blocks: the split must then gather."""
+        count = int(d.kind.split("=")[1])
         src = _a(split)[0]
         while isinstance(src, fx.Node) and src.target in _SHAPE_PRESERVING:
-            src = src.args[0]
+            before = _a(src)[0]
+            if _split_size(src, self.place["tp"]) != _split_size(before, self.place["tp"]):
+                return False  # a view that merged or cut the split dim: blocks differ
+            src = before
         placement = PLACEMENT.get(src) if isinstance(src, fx.Node) else None
         if placement is None or "column" not in placement.kinds:
-            raise NotImplementedError(
-                f"split {split.name!r} cuts the tensor-parallel dim of {src}, which is not "
-                "the output of a column-parallel linear"
-            )
+            return False
+        if placement.blocks not in (1, count):
+            return False
         PLACEMENT.set(src, NodePlacement(**{**placement.__dict__, "blocks": count}))
+        return True
+
+
+def _split_size(node: fx.Node, place: dict[fx.Node, object]) -> int | None:
+    """The global size of the dim `node` is split on (None: not split)."""
+    p = place.get(node)
+    return shape(node)[p.dim] if isinstance(p, Shard) else None
 
 
 def _check_batch(batch: set[fx.Node], strategies: dict[str, LayerStrategy]) -> None:
@@ -221,13 +257,6 @@ def _stream_shapes(gm: fx.GraphModule) -> dict[str, tuple[int, ...] | None]:
 def _whole(p: object) -> bool:
     """Replicated or a partial sum: not yet split on the axis."""
     return isinstance(p, (Replicate, Partial))
-
-
-def _replicated_like(node: fx.Node) -> object:
-    val = node.meta.get("val")
-    if isinstance(val, (tuple, list)):
-        return tuple(R for _ in val)
-    return R
 
 
 def _warn_fallbacks(fallbacks: dict[str, dict[str, list[str]]]) -> None:

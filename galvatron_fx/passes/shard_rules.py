@@ -26,7 +26,8 @@ from torch import fx
 from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor.placement_types import Placement
 
-__all__ = ["RULES", "Decision", "OpView", "Placement", "decide", "view_groups"]
+__all__ = ["RULES", "Decision", "OpView", "Placement", "decide", "replicated", "slice_bounds"]
+__all__ += ["view_groups"]
 
 aten = torch.ops.aten
 R = Replicate()
@@ -102,9 +103,16 @@ def _sharded(p: Any) -> int | None:
 
 
 def replicate_all(v: OpView) -> Decision:
-    """Fallback: every sharded or partial input is gathered, the op runs replicated."""
+    """Fallback: every sharded or partial input is gathered, the op runs replicated (each
+    output, for ops returning several)."""
     need = {a: R for a in v.tensors() if not isinstance(v.p(a), Replicate)}
-    return Decision(R, need, "fallback" if need else "")
+    return Decision(replicated(v.node), need, "fallback" if need else "")
+
+
+def replicated(node: fx.Node) -> Any:
+    """`Replicate()`, or a tuple of them for a node returning several tensors."""
+    val = node.meta.get("val")
+    return tuple(R for _ in val) if isinstance(val, (tuple, list)) else R
 
 
 def creation(v: OpView) -> Decision:
@@ -225,8 +233,18 @@ def reshape(v: OpView) -> Decision:
             continue
         lead_in = next(k for k in gi if s_in[k] != 1)
         lead_out = next((k for k in gj if s_out[k] != 1), None)
-        if lead_in == d and lead_out is not None and s_out[lead_out] % v.n == 0:
+        if lead_in != d or lead_out is None:
+            break
+        if s_out[lead_out] % v.n == 0:
             return Decision(Shard(lead_out))
+        # (B, S, 3H) -> (B, S, 3, nh, hd): the first output dims count equal blocks (q, k,
+        # v) and the split lands on the heads inside each: a column-parallel producer's
+        # weight is then split block by block (checked by the caller)
+        blocks = 1
+        for k in gj:
+            if blocks > 1 and s_out[k] % v.n == 0:
+                return Decision(Shard(k), kind=f"blocks={blocks}")
+            blocks *= s_out[k]
     return Decision(R, {src: R}, "fallback")
 
 
@@ -285,7 +303,10 @@ def expand(v: OpView) -> Decision:
 
 
 def slice_(v: OpView) -> Decision:
-    """Slicing another dim keeps the shard; a full-range slice of the sharded dim too."""
+    """Slicing another dim keeps the shard; a full-range slice of the sharded dim too. A
+    slice of the sharded dim that is one of its equal blocks (`qkv[..., :H]` of a fused
+    projection) keeps it when a column-parallel producer splits each block (checked by the
+    caller): every rank slices its piece of that block."""
     src = v.args[0]
     p = v.p(src)
     d = _sharded(p)
@@ -293,7 +314,26 @@ def slice_(v: OpView) -> Decision:
     dim = _norm(v.arg(1, "dim", 0), len(s_in))
     if d is None or dim != d or shape(v.node)[dim] == s_in[dim]:
         return Decision(p) if not isinstance(p, Partial) else Decision(R, {src: R})
+    start, stop = slice_bounds(v.node)
+    width = stop - start
+    step = v.arg(4, "step", 1)
+    aligned = step == 1 and width > 0 and s_in[d] % width == 0 and start % width == 0
+    if aligned and width % v.n == 0 and s_in[d] // width > 1:
+        return Decision(p, kind=f"blocks={s_in[d] // width}")
     return Decision(R, {src: R}, "fallback")
+
+
+def slice_bounds(node: fx.Node) -> tuple[int, int]:
+    """A `slice.Tensor` node's [start, stop) on its dim, clamped to the input's size."""
+    size = shape(node.args[0])[_norm(_arg(node, 1, "dim", 0), len(shape(node.args[0])))]
+    start, stop = _arg(node, 2, "start", None), _arg(node, 3, "end", None)
+    start = 0 if start is None else start + size if start < 0 else start
+    stop = size if stop is None else stop + size if stop < 0 else stop
+    return min(max(start, 0), size), min(max(stop, 0), size)
+
+
+def _arg(node: fx.Node, i: int, name: str, default: Any) -> Any:
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
 def select(v: OpView) -> Decision:
@@ -370,9 +410,10 @@ def cat(v: OpView) -> Decision:
 
 
 def split(v: OpView) -> Decision:
-    """Splitting another dim keeps the shard. Splitting the sharded dim into equal chunks
-    works when the producer is a column-parallel linear (fused qkv): its weight is then
-    sharded block by block, recorded as `blocks` on that producer."""
+    """split / split_with_sizes / chunk. Splitting another dim keeps the shard. Splitting
+    the sharded dim into equal chunks works when the producer is a column-parallel linear
+    (fused qkv): its weight is then sharded block by block, recorded as `blocks` on that
+    producer."""
     src = v.args[0]
     p = v.p(src)
     count = len(v.node.meta["val"])
@@ -386,6 +427,46 @@ def split(v: OpView) -> Decision:
     if len(sizes) == 1 and next(iter(sizes)) % v.n == 0:
         return Decision((p,) * count, kind=f"blocks={count}")
     return Decision((R,) * count, {src: R}, "fallback")
+
+
+def unbind(v: OpView) -> Decision:
+    """unbind(x, dim): a shard on another dim survives in every piece (one dim lower past
+    `dim`); the unbound dim itself cannot stay split (each rank would hold whole pieces)."""
+    src = v.args[0]
+    p, d = v.p(src), _sharded(v.p(src))
+    count = len(v.node.meta["val"])
+    dim = _norm(v.arg(1, "dim", 0), len(shape(src)))
+    if isinstance(p, Partial) or d == dim:
+        return Decision((R,) * count, {src: R}, "fallback" if d == dim else "")
+    if d is None:
+        return Decision((p,) * count)
+    return Decision((Shard(d - 1 if d > dim else d),) * count)
+
+
+def stack(v: OpView) -> Decision:
+    """stack(tensors, dim): the inputs line up on one shard, which moves past the new dim."""
+    tensors = [a for a in v.args[0] if isinstance(a, fx.Node)]
+    dim = _norm(v.arg(1, "dim", 0), len(shape(v.node)))
+    ds = [_sharded(v.p(a)) for a in tensors]
+    d = next((x for x in ds if x is not None), None)
+    if d is None or any(isinstance(v.p(a), Partial) for a in tensors):
+        gather: dict[fx.Node, Placement] = {
+            a: R for a in tensors if not isinstance(v.p(a), Replicate)
+        }
+        return Decision(R, gather, "fallback" if d is not None else "")
+    need: dict[fx.Node, Placement] = {a: Shard(d) for a in tensors if v.p(a) != Shard(d)}
+    return Decision(Shard(d + 1 if d >= dim else d), need)
+
+
+def repeat_interleave(v: OpView) -> Decision:
+    """repeat_interleave(x, repeats, dim): output i is input i // repeats, so a contiguous
+    piece of the input gives the matching contiguous piece of the output, on any dim
+    (grouped-query attention's key/value heads repeated for their query heads)."""
+    src = v.args[0]
+    p = v.p(src)
+    if isinstance(p, Partial) or v.arg(2, "dim", None) is None:  # no dim: the flat tensor
+        return Decision(R, {src: R}, "fallback" if not isinstance(p, Replicate) else "")
+    return Decision(p)
 
 
 def shape_of_val(val: Any) -> tuple[int, ...]:
@@ -402,11 +483,17 @@ def getitem(v: OpView) -> Decision:
 
 
 def linear(v: OpView) -> Decision:
-    """aten.linear(x, W[out, in], b) and GPT-2's addmm(b, x, W[in, out])."""
+    """aten.linear(x, W[out, in], b), GPT-2's addmm(b, x, W[in, out]) and x @ W[in, out]."""
     is_addmm = v.node.target == aten.addmm.default
     x, w = (v.args[1], v.args[2]) if is_addmm else (v.args[0], v.args[1])
-    b = v.args[0] if is_addmm else v.arg(2, "bias")
-    out_dim, in_dim = (1, 0) if is_addmm else (0, 1)
+    b = (
+        v.args[0]
+        if is_addmm
+        else v.arg(2, "bias")
+        if v.node.target == aten.linear.default
+        else None
+    )
+    out_dim, in_dim = (0, 1) if v.node.target == aten.linear.default else (1, 0)
     px, nd = v.p(x), len(shape(x))
     last = _sharded(px) == nd - 1
     splittable = v.vocab is None or shape(w)[out_dim] == v.vocab
@@ -435,14 +522,38 @@ def linear(v: OpView) -> Decision:
 
 
 def matmul(v: OpView) -> Decision:
-    """matmul/bmm of activations (eager attention): batch dims pass through; a shard on both
-    contracted dims gives a partial sum."""
-    a, b = v.args[0], v.args[1]
+    """matmul/bmm/mm. With a parameter as second operand (`x @ w`, `w` stored (in, out)) it
+    is a linear layer (`linear`); of activations (eager attention): batch dims pass
+    through, a shard on both contracted dims gives a partial sum."""
+    if v.args[1] in v.params:
+        return linear(v)
+    return _matmul(v, v.args[0], v.args[1])
+
+
+def baddbmm(v: OpView) -> Decision:
+    """baddbmm(input, b1, b2) = beta * input + alpha * b1 @ b2 (ALiBi added to attention
+    scores): the product's placement, `input` brought to it as an elementwise operand; a
+    partial product would add `input` once per rank, so it is gathered first."""
+    inp, b1, b2 = v.args[:3]
+    prod = _matmul(v, b1, b2)
+    if isinstance(prod.out, Partial) or isinstance(v.p(inp), Partial):
+        return replicate_all(v)
+    need = dict(prod.need)
+    out_dim = _sharded(prod.out)
+    want = _align(inp, v, shape(v.node), out_dim)
+    if out_dim is None and not isinstance(v.p(inp), Replicate):
+        want = R
+    if want is not None:
+        need[inp] = want
+    return Decision(prod.out, need, prod.kind)
+
+
+def _matmul(v: OpView, a: Any, b: Any) -> Decision:
     pa, pb = v.p(a), v.p(b)
     na, nb, no = len(shape(a)), len(shape(b)), len(shape(v.node))
     da, db = _sharded(pa), _sharded(pb)
     if isinstance(pa, Partial) or isinstance(pb, Partial) or min(na, nb) < 2:
-        return replicate_all(v)  # vector operands: rare, gathered
+        return _gather_operands(v, a, b)  # vector operands: rare, gathered
     if da is None and db is None:
         return Decision(R)
     if da == na - 1 and db == nb - 2:
@@ -455,7 +566,12 @@ def matmul(v: OpView) -> Decision:
     if batch is not None and na == nb and (da in (None, batch)) and (db in (None, batch)):
         need = {x: _target(shape(x), batch) for x in (a, b) if _sharded(v.p(x)) is None}
         return Decision(Shard(batch + no - na), {x: p for x, p in need.items() if p != R})
-    return replicate_all(v)
+    return _gather_operands(v, a, b)
+
+
+def _gather_operands(v: OpView, a: Any, b: Any) -> Decision:
+    need = {x: R for x in (a, b) if not isinstance(v.p(x), Replicate)}
+    return Decision(R, need, "fallback" if need else "")
 
 
 def sdpa(v: OpView) -> Decision:
@@ -578,6 +694,7 @@ _LINEAR_UNARY = {
     aten.contiguous.default,
     aten.to.dtype,
     aten.to.dtype_layout,
+    aten.type_as.default,
     aten._to_copy.default,
     aten.detach.default,
 }
@@ -590,6 +707,7 @@ _UNARY = [
     "to.dtype",
     "to.dtype_layout",
     "to.device",
+    "type_as.default",
     "_to_copy.default",
     "detach.default",
     "gelu.default",
@@ -689,6 +807,8 @@ RULES: dict[Any, Rule] = {
     aten.addmm.default: linear,
     aten.matmul.default: matmul,
     aten.bmm.default: matmul,
+    aten.mm.default: matmul,
+    aten.baddbmm.default: baddbmm,
     aten.scaled_dot_product_attention.default: sdpa,
     aten.embedding.default: embedding,
     aten.layer_norm.default: norm,
@@ -718,6 +838,10 @@ RULES: dict[Any, Rule] = {
     aten.cat.default: cat,
     aten.split.Tensor: split,
     aten.split_with_sizes.default: split,
+    aten.chunk.default: split,
+    aten.unbind.int: unbind,
+    aten.stack.default: stack,
+    aten.repeat_interleave.self_int: repeat_interleave,
     aten.cross_entropy_loss.default: cross_entropy,
     aten._assert_tensor_metadata.default: no_output,
     aten.pad.default: pad,
