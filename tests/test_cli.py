@@ -157,3 +157,72 @@ def test_plan_and_inspect_say_which_sequence_length_they_use(tmp_path, capsys):
     assert json.loads(out_json.read_text())["seq"] == 2048
     assert main(["inspect", LONG_CONTEXT_LLAMA, "--seq", "16"]) == 0
     assert "pass --seq to change" not in capsys.readouterr().out
+
+
+FLIP_MODEL = """
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 32)
+        self.proj = nn.Linear(32, 16)
+
+    def forward(self, x):
+        return x + self.proj(torch.flip(self.fc(x), dims=[-1]))  # no rule: gathers
+
+
+class Flipper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.blocks = nn.ModuleList(Block() for _ in range(2))
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        for block in self.blocks:
+            x = block(x)
+        return x.pow(2).mean()
+
+
+def make():
+    return Flipper()
+"""
+
+
+def test_inspect_and_plan_verbose_list_the_ops_that_gather(tmp_path, capsys):
+    path = tmp_path / "flipper.py"
+    path.write_text(FLIP_MODEL)
+    out_json = tmp_path / "flipper.json"
+    assert main(["inspect", f"{path}:make", "--seq", "8", "--json", str(out_json)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["ops", "that", "gather", "(layers", "tp8", "dp2;", "segments", "dp16;"] in [
+        r[:8] for r in rows
+    ]
+    flips = [r for r in rows if r[1:2] == ["aten.flip.default"]]
+    assert [r[:3] for r in flips] == [
+        [f"blocks.{i}", "aten.flip.default", a] for i in (0, 1) for a in ("dp", "tp")
+    ]
+    found = json.loads(out_json.read_text())["ops_that_gather"]
+    # the loss, a mean over every dim of a batch-split value, has no rule either
+    assert ["loss", "aten.mean.default", "dp", "no", "rule", "mean"] in rows
+    assert found["world_size"] == 16 and len(found["warnings"]) == 3
+    assert found["gathers"][0] == {
+        "unit": "blocks.0",
+        "op": "aten.flip.default",
+        "node": "flip",
+        "axis": "dp",
+        "inputs": ["linear"],
+        "fallback": True,
+    }
+    plan = ["plan", TINY_GPT, "--memory-gb", "1", "--global-batch", "8", "--no-baselines"]
+    assert main([*plan, "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "ops that gather (layers tp4 dp2; segments dp8; 8 devices)" in out
+    assert "none: every op keeps its inputs split" in out
+    assert main(plan) == 0
+    assert "ops that gather" not in capsys.readouterr().out
+    assert main(["inspect", TINY_GPT, "--seq", "16", "--no-gathers"]) == 0
+    assert "ops that gather" not in capsys.readouterr().out

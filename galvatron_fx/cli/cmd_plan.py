@@ -8,8 +8,10 @@ from typing import Any
 
 from galvatron_fx.cli.common import (
     MODEL_HELP,
+    VERBOSITY,
     capture,
     examples,
+    gather_check,
     info,
     read_json,
     write_json,
@@ -118,10 +120,24 @@ def run(args: argparse.Namespace) -> int:
         progress=lambda done, total: progress(done, total, "configurations searched"),
     )
     print(format_result(result))
+    if VERBOSITY[0] >= 1:  # -v: what the rules could not keep split, per layer
+        from galvatron_fx.gathers import format_gathers
+
+        print()
+        print(format_gathers(_gathers(analysis, args)))
     if args.json:
         write_json(args.json, result.to_json())
     _report(result.to_json(), args)
     return 0
+
+
+def _gathers(analysis: Any, args: argparse.Namespace) -> Any:
+    """The ops that would gather under a uniform tp/dp plan (`galvatron_fx.gathers`)."""
+
+    def recapture(batch: int) -> Any:
+        return capture(args.model, "meta", batch, args.seq, say_seq=False)[0].graph_module
+
+    return gather_check(analysis.graph_module, args.global_batch, recapture)
 
 
 def _explain_space(analysis: Any, args: argparse.Namespace) -> int:

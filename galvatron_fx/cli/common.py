@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from galvatron_fx.jsonio import read_json as _read
 
-__all__ = ["MODEL_HELP", "capture", "examples", "info", "read_json", "write"]
+__all__ = ["MODEL_HELP", "capture", "examples", "gather_check", "info", "read_json", "write"]
 
 MODEL_HELP = (
     "model spec: gpt:layers=12,hidden=768,heads=12,vocab=50257,seq=1024 | hf:gpt2 | "
@@ -36,21 +36,34 @@ def read_json(path: Path) -> Any:
     return _read(path)
 
 
-def capture(model_text: str, device: str, batch: int, seq: int | None) -> tuple[Any, tuple, dict]:
+def capture(
+    model_text: str, device: str, batch: int, seq: int | None, *, say_seq: bool = True
+) -> tuple[Any, tuple, dict]:
     """Build MODEL on `device` and analyse it: (analysis, example args, example kwargs).
-    Without `seq`, says which sequence length the spec chose and why."""
+    Without `seq`, says which sequence length the spec chose and why (unless `say_seq` is
+    False: a second capture of the same model)."""
     import galvatron_fx as gfx
     from galvatron_fx.models.spec import parse_model_spec
 
     spec = parse_model_spec(model_text)
     model = spec.build(device)
-    if seq is None:
+    if seq is None and say_seq:
         info(spec.default_seq(model).describe())
     inputs, kwargs = spec.example_inputs(model, batch, seq)
     with warnings.catch_warnings():
         if VERBOSITY[0] < 1:  # the use_cache notice is expected here; -v shows it
             warnings.simplefilter("ignore")
         return gfx.analyze(model, inputs, kwargs), inputs, kwargs
+
+
+def gather_check(gm: Any, batch: int, recapture: Callable[[int], Any]) -> Any:
+    """`galvatron_fx.gathers.find_gathers` on the analysed graph `gm`, captured at `batch`;
+    where the representative plan's data parallelism does not divide that batch, on the
+    graph `recapture(world_size)` returns instead (the same model at that batch)."""
+    from galvatron_fx.gathers import find_gathers, representative_plan
+
+    world = representative_plan(gm).world_size
+    return find_gathers(gm if batch % world == 0 else recapture(world))
 
 
 def write(path: Path, text: str) -> None:
