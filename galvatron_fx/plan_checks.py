@@ -1,20 +1,25 @@
 """Checks of a plan against the captured model and the job, run in one process before any
 rank cuts an input, rewrites the graph or sends anything: a plan for another model or world
 size, batches the micro-batches or a dp do not split, and weights shared by units that store
-them differently or in different stages. Each raises `PlanError` naming what is wrong and
+them differently (`search.strategies.storage_layout`: the one definition the search imposes
+too). A weight shared across pipeline stages is held by each of them (`runtime.pipeline`).
+Each raises `PlanError` naming what is wrong and
 what to do (the plan fuzzer, `tests/test_fuzz_plans.py`, checks nothing gets past them to
 fail later on the ranks).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import fx, nn
 
 from galvatron_fx.passes.insert_collectives import get_attr
-from galvatron_fx.plan import LayerStrategy, Plan, PlanError
+from galvatron_fx.plan import Plan, PlanError
+from galvatron_fx.search.strategies import storage_layout
 from galvatron_fx.summary import layer_shapes, model_fingerprint
 
-__all__ = ["check_plan", "shared_weights", "storage_layout"]
+__all__ = ["SharedWeight", "check_plan", "shared_weights", "storage_layout", "tie_error"]
 
 
 def check_plan(plan: Plan, gm: fx.GraphModule, world: int, *, micro_batches: bool = False) -> None:
@@ -58,27 +63,19 @@ def _check_batch_split(plan: Plan, gm: fx.GraphModule) -> None:
 
 
 def _check_shared_weights(plan: Plan, gm: fx.GraphModule) -> None:
-    """Units sharing a weight (tied embeddings) need one layout (the weight is stored once)
-    and, with pipeline stages, one stage; every pipeline rank's stages hold a parameter
-    (an optimizer refuses an empty list). Refused before any rank rewrites or sends
-    anything (`split_stages` checks the cut graph again)."""
+    """Units sharing a weight (tied embeddings) store it in one layout, in one stage or in
+    several (each holding a copy whose gradient is summed over them); every pipeline
+    rank's stages hold a parameter (an optimizer refuses an empty list). Refused before
+    any rank rewrites or sends anything."""
     from galvatron_fx.passes.split_stages import unit_stages
 
     p = plan.pipeline
     stage_of = unit_stages(plan.units, p.stage_starts)
     users = _weight_users(gm)
     for name, units in users.items():
-        if len({storage_layout(plan.strategy(u)) for u in units}) > 1:
-            raise PlanError(
-                f"units {sorted(units)} share parameter {name!r} (tied weights): give them "
-                "the same tp, dp, tp_consecutive and vocab_parallel"
-            )
-        stages = sorted({stage_of[u] for u in units})
-        if p.degree > 1 and len(stages) > 1:
-            raise PlanError(
-                f"pipeline: parameter {name!r} is used by stages {stages} (tied "
-                "weights?); put its users in one stage or untie it"
-            )
+        error = tie_error(plan, SharedWeight(name, frozenset(units), 0))
+        if error:
+            raise PlanError(error)
     held = {stage_of[u] % p.degree for units in users.values() for u in units}
     if p.degree > 1 and len(held) < p.degree:
         raise PlanError(
@@ -87,14 +84,36 @@ def _check_shared_weights(plan: Plan, gm: fx.GraphModule) -> None:
         )
 
 
-def storage_layout(s: LayerStrategy) -> tuple[int, int, bool, bool]:
-    """How a unit stores its weights: tp, dp, TP rank order (only with tp, dp > 1), vocab."""
-    return (s.tp, s.dp, s.tp_consecutive or s.tp == 1 or s.dp == 1, s.vocab_parallel)
+@dataclass(frozen=True)
+class SharedWeight:
+    """A parameter more than one unit reads (tied embeddings)."""
+
+    name: str
+    units: frozenset[str]
+    numel: int
 
 
-def shared_weights(gm: fx.GraphModule) -> list[set[str]]:
-    """The units reading each parameter that more than one unit reads (tied embeddings)."""
-    return [units for units in _weight_users(gm).values() if len(units) > 1]
+def tie_error(plan: Plan, weight: SharedWeight) -> str | None:
+    """Why `plan` cannot store `weight` (None: it can): its readers must agree on
+    `storage_layout`, in one pipeline stage or several (each stage holding a copy)."""
+    layouts = {u: storage_layout(plan.strategy(u)) for u in sorted(weight.units)}
+    if len(set(layouts.values())) == 1:
+        return None
+    shown = ", ".join(f"{u} {plan.strategy(u).short()}" for u in layouts)
+    return (
+        f"units {sorted(weight.units)} share parameter {weight.name!r} (tied weights) but "
+        f"store it differently ({shown}): give them the same tp, dp, tp_consecutive and "
+        "vocab_parallel"
+    )
+
+
+def shared_weights(gm: fx.GraphModule) -> list[SharedWeight]:
+    """The parameters more than one unit reads, with their readers."""
+    return [
+        SharedWeight(name, frozenset(units), get_attr(gm, name).numel())
+        for name, units in _weight_users(gm).items()
+        if len(units) > 1
+    ]
 
 
 def _weight_users(gm: fx.GraphModule) -> dict[str, set[str]]:

@@ -223,3 +223,59 @@ def test_embedding_and_head_are_searched_apart_from_the_blocks():
     assert plan.strategy("embedding").vocab_parallel
     assert all(plan.strategy(f"blocks.{i}").tp == 1 for i in range(4))
     assert plan.strategy("head") != plan.strategy("blocks.3")
+
+
+TIED = TINY_GPT + ",tied=1"
+TIED_BUDGETS_GB = (0.002, 0.0012, 0.0008, 0.0006, 0.0005)
+"""From plain DP's need down to the smallest plan's (about 0.5 MiB, batch 8 on 4 A100s):
+the search takes ZeRO, tp2 and tp4, with and without the vocabulary split, on the way."""
+
+
+@pytest.fixture(scope="module")
+def tied_analysis():
+    from exactness import BATCH, SEQ
+
+    model, args, kwargs = build(TIED, batch=BATCH, seq=SEQ)
+    return analyze(model, args, kwargs)
+
+
+@pytest.mark.parametrize("max_pipeline", [1, None])
+def test_a_tied_model_gets_plans_compile_accepts_at_every_budget(tied_analysis, max_pipeline):
+    """The embedding and head share their weight: every plan the search returns (its
+    mixes, the uniform plan it may prefer, the baselines' plans) stores it in one layout
+    as `plan_checks` requires. At 0.6 MB the uniform tp4 plan once took a vocab-parallel
+    embedding beside a replicated head, which compile refused."""
+    from exactness import BATCH
+
+    from galvatron_fx.plan_checks import check_plan
+
+    for budget_gb in (*TIED_BUDGETS_GB, 0.0007, 0.0009, 0.001):
+        result = gfx.search(
+            tied_analysis, cluster=A100, memory_budget_gb=budget_gb, global_batch=BATCH,
+            world_size=4, max_pipeline=max_pipeline,
+        )  # fmt: skip
+        for name, plan in [("searched", result.plan), *result.baseline_plans.items()]:
+            if plan is not None:
+                try:
+                    check_plan(plan, tied_analysis.graph_module, 4, micro_batches=True)
+                except PlanError as err:
+                    raise AssertionError(f"{budget_gb} GB, {name}:\n{plan.table()}") from err
+
+
+def _tied_searched(rank: int, world: int, budget_gb: float) -> dict:
+    from exactness import BATCH, SEQ, adamw, run_steps
+
+    model, args, kwargs = build(TIED, batch=BATCH, seq=SEQ)
+    compiled = gfx.compile(
+        model, args, kwargs, cluster=A100, memory_budget_gb=budget_gb, optimizer=adamw
+    )
+    return {"plan": compiled.plan, **run_steps(compiled, args, kwargs)}
+
+
+@pytest.mark.parametrize("budget_gb", TIED_BUDGETS_GB)
+def test_a_searched_plan_of_a_tied_model_trains_as_one_process(budget_gb):
+    from exactness import check, reference
+
+    ref = reference(TIED)
+    got = run_ranks(_tied_searched, 4, budget_gb, timeout_s=600)[0]
+    check(ref, got, f"tied GPT at {budget_gb} GB:\n{got['plan'].table()}")

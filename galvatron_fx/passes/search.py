@@ -9,16 +9,16 @@ fastest plan of the candidate space under that model (`search/dp.py`, `search/pl
 or the best single-strategy plan of the same configuration when that is within
 `UNIFORM_TOLERANCE` (1%) of it (`baselines.simplest_within`: a gain below the model's
 resolution is not worth a mix's layout switches). Units that read one parameter (tied
-embeddings: T5's encoder, decoder and head) store it once, so the plan gives them one storage
-layout and one pipeline stage, as `plan_checks` requires: such a model gets no pipeline
-stages (the compiler cannot split a tied weight across stages), and the layout is searched.
+embeddings: T5's encoder, decoder and head) get one storage layout in every plan the search
+considers, the uniform ones and the baselines included (`planner.solve_config`, with
+`plan_checks`'s definition); stage boundaries may separate them: each stage then holds a
+copy of the weight, priced in its memory and step (`SearchSpace.copies`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -30,7 +30,7 @@ from galvatron_fx.cost_models.hardware import ClusterSpec, load_cluster
 from galvatron_fx.cost_models.memory import Precision
 from galvatron_fx.passes.search_costs import ModelTerms, model_terms
 from galvatron_fx.plan import LayerStrategy, Plan, PlanError, save_json
-from galvatron_fx.plan_checks import shared_weights, storage_layout
+from galvatron_fx.plan_checks import SharedWeight, shared_weights, tie_error
 from galvatron_fx.search.baselines import UNIFORM_TOLERANCE, run_baselines, simplest_within
 from galvatron_fx.search.explain import explain_units, smallest_memory
 from galvatron_fx.search.planner import Searched, SearchSpace, configs, search_space
@@ -124,24 +124,28 @@ def run_search(
     tps = [t for t in powers_of_two(min(world, spec.devices_per_node))]
     terms = model_terms(analysis, spec, tps, dtype=dtype, efficiency=efficiency)
     budget = memory_budget_gb * GiB
-    full = SearchSpace(terms, spec, world, global_batch, budget, precision, buckets=buckets)
+    shared = shared_weights(analysis.graph_module)
+    full = SearchSpace(
+        terms, spec, world, global_batch, budget, precision, buckets=buckets,
+        ties=_tied_groups(shared), copies=_copies(shared, terms.units),
+    )  # fmt: skip
     # without Ulysses: the same space restricted, so its memory levels (read off every
     # candidate) and hence its rounding are the full search's
     space = full if ulysses else full.restricted(_without_ulysses)
-    tied = _tied_groups(analysis)
-    cap = 1 if tied else max_pipeline  # a tied weight is stored once: in one stage
     tried = [
         c
         for c in configs(world, len(terms.units), global_batch)
-        if cap is None or c.pipeline <= cap
+        if max_pipeline is None or c.pipeline <= max_pipeline
     ]
     best, stats = search_space(space, tried, progress)
-    best = _with_tied_layouts(space, tried, best, tied, stats)
     if best is None:
         raise PlanError(smallest_memory(space, memory_budget_gb))
-    best = simplest_within(space, best, UNIFORM_TOLERANCE)
+    best = simplest_within(space.with_layouts(dict(best.fixed)), best, UNIFORM_TOLERANCE)
+    space = space.with_layouts(dict(best.fixed))  # the space whose options `best` indexes
+    stats["tied_layouts_solved"] = space.stats.get("tied_layouts_solved", 0)
     elapsed = time.perf_counter() - start
     plan = best.plan(terms, world)
+    _check_ties(plan, shared)
     predicted = _predicted(best, terms, space)
     priced = run_baselines(full) if baselines else []
     stats.update(space.stats, refused_tp=terms.refused)
@@ -165,68 +169,31 @@ def _without_ulysses(s: LayerStrategy) -> bool:
     return not s.ulysses
 
 
-def _tied_groups(analysis: Any) -> list[frozenset[str]]:
+def _tied_groups(shared: list[SharedWeight]) -> tuple[frozenset[str], ...]:
     """Units that must store their weights alike: those sharing a parameter, transitively."""
     groups: list[set[str]] = []
-    for units in shared_weights(analysis.graph_module):
-        touching = [g for g in groups if g & units]
-        groups = [g for g in groups if not g & units] + [set(units).union(*touching)]
-    return [frozenset(g) for g in groups]
+    for w in shared:
+        touching = [g for g in groups if g & w.units]
+        groups = [g for g in groups if not g & w.units] + [set(w.units).union(*touching)]
+    return tuple(frozenset(g) for g in groups)
 
 
-def _with_tied_layouts(
-    space: SearchSpace,
-    tried: list[Any],
-    best: Searched | None,
-    tied: list[frozenset[str]],
-    stats: dict[str, Any],
-) -> Searched | None:
-    """The dynamic program prices units apart, so units sharing a weight may come out in
-    different storage layouts. Then every combination of one layout per group is imposed
-    and searched, and the fastest kept: exact, as every valid plan has one of them."""
-    if best is None or _ties_hold(best, space, tied):
-        return best
-    layouts = [_common_layouts(space, group) for group in tied]
-    rep = space.terms.representative
-    found = []
-    for chosen in itertools.product(*layouts):
-        fixed = {rep[u]: layout for group, layout in zip(tied, chosen, strict=True) for u in group}
-        sub = dataclasses.replace(
-            space, terms=_FixedLayouts(space.terms, fixed), stats={}, _root=space._root or space
-        )
-        found.append(search_space(sub, tried)[0])
-    stats["tied_layouts_searched"] = len(found)
-    return min((f for f in found if f), key=lambda f: f.solution.time_s, default=None)
+def _copies(shared: list[SharedWeight], units: tuple[str, ...]) -> dict[str, int]:
+    """Per unit, the parameters of the tied weights it reads after their first reader (the
+    unit whose costs count them): its own copy when a stage boundary separates them."""
+    order = {u: i for i, u in enumerate(units)}
+    out: dict[str, int] = {}
+    for w in shared:
+        for u in sorted(w.units, key=order.__getitem__)[1:]:
+            out[u] = out.get(u, 0) + w.numel
+    return out
 
 
-def _ties_hold(best: Searched, space: SearchSpace, tied: list[frozenset[str]]) -> bool:
-    plan = best.plan(space.terms, space.world)
-    return all(len({storage_layout(plan.strategy(u)) for u in g}) == 1 for g in tied)
-
-
-def _common_layouts(space: SearchSpace, group: frozenset[str]) -> list[tuple[Any, ...]]:
-    """The storage layouts every unit of the group has a candidate in (one stage)."""
-    kinds = dict(zip(space.terms.units, space.terms.kinds, strict=True))
-    per_unit = [
-        {storage_layout(s) for s in space.unit_candidates(u, kinds[u], space.world)}
-        for u in sorted(group)
-    ]
-    return sorted(set.intersection(*per_unit))
-
-
-@dataclasses.dataclass(frozen=True)
-class _FixedLayouts:
-    """`terms` whose units in `fixed` (by representative) have one storage layout each."""
-
-    terms: Any
-    fixed: dict[str, tuple[Any, ...]]
-
-    def has(self, unit: str, s: LayerStrategy) -> bool:
-        want = self.fixed.get(self.terms.representative[unit])
-        return self.terms.has(unit, s) and (want is None or storage_layout(s) == want)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.terms, name)
+def _check_ties(plan: Plan, shared: list[SharedWeight]) -> None:
+    """The plan stores every tied weight as `plan_checks` requires (an invariant of the
+    search: `planner.solve_config` imposes it on every plan it returns)."""
+    errors = [e for e in (tie_error(plan, w) for w in shared) if e]
+    assert not errors, f"search: the plan breaks a tie: {errors[0]}\n{plan.table()}"
 
 
 def _check_inputs(

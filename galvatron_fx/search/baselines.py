@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from galvatron_fx.plan import DPMode, LayerStrategy, Recompute, Schedule
-from galvatron_fx.search.dp import Problem, Solution, solve
-from galvatron_fx.search.planner import Config, Searched, SearchSpace, configs
+from galvatron_fx.search.dp import Solution
+from galvatron_fx.search.planner import Config, Searched, SearchSpace, configs, solve_config
 from galvatron_fx.search.strategies import candidates
 
 __all__ = [
@@ -167,9 +167,9 @@ def best_of(space: SearchSpace, baseline: Baseline) -> BaselineResult:
             problem = sub.problem(config, prune=False)
             if problem is None:
                 continue
-            solution = solve(problem, starts)
+            searched = solve_config(sub, config, problem, starts, prune=False)
+            solution = searched.solution if searched else None
             if solution is not None and (best.time_s is None or solution.time_s < best.time_s):
-                searched = Searched(config, solution, problem.units)
                 best = BaselineResult(baseline.name, solution.time_s, config, s, solution, searched)
     return best
 
@@ -198,18 +198,20 @@ def simplest_within(space: SearchSpace, best: Searched, tolerance: float) -> Sea
         if sub.lower_bound(config) > limit:
             continue
         problem = sub.problem(config, prune=False)
-        solution = solve(problem) if problem is not None else None
-        better = solution is not None and (
-            chosen is best or solution.time_s < chosen.solution.time_s
+        found = solve_config(sub, config, problem, prune=False) if problem is not None else None
+        better = found is not None and (
+            chosen is best or found.solution.time_s < chosen.solution.time_s
         )
-        if better and solution is not None and solution.time_s <= limit:
-            chosen = Searched(config, solution, problem.units)  # type: ignore[union-attr]
-    return best if chosen is best else _in_options_of(space.problem(config), chosen) or best
+        if better and found is not None and found.solution.time_s <= limit:
+            chosen = found
+    return best if chosen is best else _in_options_of(space, config, chosen) or best
 
 
-def _in_options_of(problem: Problem | None, found: Searched) -> Searched | None:
-    """`found` with its choices as indices into `problem`'s options (what `explain` and the
-    plan read), or None when a chosen strategy is not among them (pruned as dominated)."""
+def _in_options_of(space: SearchSpace, config: Config, found: Searched) -> Searched | None:
+    """`found` with its choices as indices into the options of `space`'s problem for
+    `config` (what `explain` and the plan read), or None when a chosen strategy is not
+    among them (pruned as dominated)."""
+    problem = space.problem(config)
     if problem is None:
         return None
     choice = []
@@ -219,4 +221,4 @@ def _in_options_of(problem: Problem | None, found: Searched) -> Searched | None:
             return None
         choice.append(options.strategies.index(strategy))
     solution = dataclasses.replace(found.solution, choice=tuple(choice))
-    return Searched(found.config, solution, problem.units)
+    return Searched(found.config, solution, problem.units, tuple(sorted(space.fixed.items())))

@@ -51,6 +51,7 @@ __all__ = [
     "option_cost",
     "p2p_time_s",
     "switch_time_s",
+    "with_tied_copy",
 ]
 
 
@@ -156,6 +157,17 @@ def option_cost(
         state + held,
         kept,
         transient,
+    )
+
+
+def with_tied_copy(t: UnitTerms, s: LayerStrategy, params: int) -> UnitTerms:
+    """`t` also holding its own copy of a tied weight of `params` elements (whole), as a
+    unit in another pipeline stage than the weight's first reader does: its parameters,
+    gradient, optimizer states, sync and step. The copy is split as the unit stores its
+    vocabulary (the tied units share one storage layout)."""
+    local = params // s.tp if s.tp > 1 and s.vocab_parallel else params
+    return dataclasses.replace(
+        t, params=t.params + local, largest_param=max(t.largest_param, local)
     )
 
 

@@ -12,8 +12,10 @@ Pure: the graph's part arrives as `ModelTerms`-like terms through `TermSource`.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,6 +32,7 @@ from galvatron_fx.search.costs import (
     option_cost,
     p2p_time_s,
     switch_time_s,
+    with_tied_copy,
 )
 from galvatron_fx.search.dp import (
     Problem,
@@ -39,9 +42,24 @@ from galvatron_fx.search.dp import (
     pick_levels,
     solve,
 )
-from galvatron_fx.search.strategies import candidates, dominated, layout_key, powers_of_two
+from galvatron_fx.search.strategies import (
+    StorageLayout,
+    candidates,
+    dominated,
+    layout_key,
+    powers_of_two,
+    storage_layout,
+)
 
-__all__ = ["Config", "SearchSpace", "Searched", "TermSource", "configs", "search_space"]
+__all__ = [
+    "Config",
+    "SearchSpace",
+    "Searched",
+    "TermSource",
+    "configs",
+    "search_space",
+    "solve_config",
+]
 
 
 class TermSource(Protocol):
@@ -94,6 +112,9 @@ class Searched:
     config: Config
     solution: Solution
     options: tuple[UnitOptions, ...]
+    fixed: tuple[tuple[str, StorageLayout], ...] = ()
+    """The storage layouts imposed on tied units (by representative) to find it: its
+    options are those of `SearchSpace.with_layouts(dict(fixed))`."""
 
     def plan(self, terms: TermSource, world: int) -> Plan:
         units = terms.units
@@ -151,21 +172,68 @@ class SearchSpace:
     allowed: Callable[[LayerStrategy], bool] | None = None
     """Restricts candidates (baselines); None: every candidate."""
     buckets: int = 256
-    _costs: dict[tuple[str, LayerStrategy, float], OptionCost] = field(default_factory=dict)
+    _costs: dict[tuple[str, LayerStrategy, float, bool], OptionCost] = field(default_factory=dict)
     _levels: dict[Config, tuple[int, ...]] = field(default_factory=dict)
     """Transient levels per configuration, from every candidate (shared with restricted
     spaces, so a baseline's memory rounds as the search's does)."""
     _root: SearchSpace | None = None
     _cands: dict[tuple[int, str], list[LayerStrategy]] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=dict)
+    ties: tuple[frozenset[str], ...] = ()
+    """Units reading one weight (tied embeddings): every plan gives each group one
+    `storage_layout`, pipeline stages or not (`solve_config`)."""
+    fixed: Mapping[str, StorageLayout] = field(default_factory=dict)
+    """Representative -> the only storage layout its candidates may take."""
+    copies: Mapping[str, int] = field(default_factory=dict)
+    """Unit -> parameters (whole) of the tied weights it reads after an earlier unit: with
+    pipeline stages it holds its own copy of them (priced as if always in another stage)."""
 
     def restricted(self, allowed: Callable[[LayerStrategy], bool]) -> SearchSpace:
         """The same space with fewer candidates (priced costs shared)."""
         return SearchSpace(
             self.terms, self.cluster, self.world, self.global_batch, self.budget_bytes,
             self.precision, allowed, self.buckets, self._costs, self._levels,
-            _root=self._root or self,
+            _root=self._root or self, ties=self.ties, fixed=self.fixed, copies=self.copies,
         )  # fmt: skip
+
+    def with_layouts(self, fixed: Mapping[str, StorageLayout]) -> SearchSpace:
+        """The same space with these representatives' storage layouts imposed."""
+        if not fixed:
+            return self
+        merged = {**self.fixed, **fixed}
+        return dataclasses.replace(self, fixed=merged, stats={}, _root=self._root or self)
+
+    def ties_hold(self, found: Searched) -> bool:
+        """Whether every tied group of `found` stores its weight in one layout."""
+        layout = {
+            u: storage_layout(found.options[i].strategies[c])
+            for i, (u, c) in enumerate(zip(self.terms.units, found.solution.choice, strict=True))
+        }
+        return all(len({layout[u] for u in group}) == 1 for group in self.ties)
+
+    def tie_layouts(self, stage_devices: int) -> list[dict[str, StorageLayout]]:
+        """Every choice of one storage layout per tied group that all its units have a
+        candidate in, on stages of `stage_devices`."""
+        kinds = dict(zip(self.terms.units, self.terms.kinds, strict=True))
+        rep = self.terms.representative
+        per_group = [
+            sorted(
+                set.intersection(
+                    *(
+                        {
+                            storage_layout(s)
+                            for s in self.unit_candidates(u, kinds[u], stage_devices)
+                        }
+                        for u in sorted(group)
+                    )
+                )
+            )
+            for group in self.ties
+        ]
+        return [
+            {rep[u]: layout for group, layout in zip(self.ties, chosen, strict=True) for u in group}
+            for chosen in itertools.product(*per_group)
+        ]
 
     def candidates(self, stage_devices: int, kind: str) -> list[LayerStrategy]:
         key = (stage_devices, kind)
@@ -182,14 +250,25 @@ class SearchSpace:
         return self._cands[key]
 
     def unit_candidates(self, unit: str, kind: str, stage_devices: int) -> list[LayerStrategy]:
-        """The candidates priced for this unit (Ulysses only where its attention allows)."""
-        return [s for s in self.candidates(stage_devices, kind) if self.terms.has(unit, s)]
+        """The candidates priced for this unit (Ulysses only where its attention allows;
+        the imposed storage layout only, if any)."""
+        want = self.fixed.get(self.terms.representative[unit])
+        return [
+            s
+            for s in self.candidates(stage_devices, kind)
+            if self.terms.has(unit, s) and (want is None or storage_layout(s) == want)
+        ]
 
-    def cost(self, unit: str, s: LayerStrategy, micro_batch: float) -> OptionCost:
+    def cost(
+        self, unit: str, s: LayerStrategy, micro_batch: float, pipelined: bool = False
+    ) -> OptionCost:
+        """`unit` under `s`; `pipelined`: in a plan with stages (tied copies held)."""
         rep = self.terms.representative[unit]
-        key = (rep, s, micro_batch)
+        copy = self.copies.get(unit, 0) if pipelined else 0
+        key = (rep, s, micro_batch, copy > 0)
         if key not in self._costs:
             t = self.terms.unit_terms(unit, s)
+            t = with_tied_copy(t, s, copy) if copy else t
             self._costs[key] = option_cost(t, s, micro_batch, self.cluster, self.precision)
         return self._costs[key]
 
@@ -204,7 +283,8 @@ class SearchSpace:
         for unit, kind in zip(self.terms.units, self.terms.kinds, strict=True):
             rep = self.terms.representative[unit]
             if rep not in built:
-                opts = self._unit_options(unit, kind, d, m, layouts, reps, prune)
+                pipelined = config.pipeline > 1
+                opts = self._unit_options(unit, kind, (d, m, pipelined), layouts, reps, prune)
                 if opts is None:
                     return None
                 built[rep] = opts
@@ -243,12 +323,13 @@ class SearchSpace:
             self._levels[config] = tuple(int(x) for x in pick_levels(raw))
         return self._levels[config]
 
-    def _unit_options(self, unit, kind, d, m, layouts, reps, prune) -> UnitOptions | None:
+    def _unit_options(self, unit, kind, at, layouts, reps, prune) -> UnitOptions | None:
+        d, m, pipelined = at
         rows, picked = [], []
         for s in self.unit_candidates(unit, kind, d):
             if self.global_batch % (m * s.dp):
                 continue
-            c = self.cost(unit, s, self.global_batch / (m * s.dp))
+            c = self.cost(unit, s, self.global_batch / (m * s.dp), pipelined)
             rows.append((c.time_mb_s + c.step_s / m, c.state_bytes, c.act_bytes, c.transient_bytes))
             picked.append(s)
         if not picked:
@@ -365,10 +446,10 @@ def search_space(
         bound = lower_bound(problem)  # inf: no cut fits even at the smallest candidates
         if bound == np.inf or (best is not None and bound >= best.solution.time_s):
             continue
-        solution = solve(problem)
+        found = solve_config(space, config_list[i], problem)
         solved += 1
-        if solution is not None and (best is None or solution.time_s < best.solution.time_s):
-            best = Searched(config_list[i], solution, problem.units)
+        if found is not None and (best is None or found.solution.time_s < best.solution.time_s):
+            best = found
     if progress:
         progress(len(bounds), len(bounds))
     stats = {
@@ -378,3 +459,31 @@ def search_space(
         "seconds": time.perf_counter() - start,
     }
     return best, stats
+
+
+def solve_config(
+    space: SearchSpace,
+    config: Config,
+    problem: Problem,
+    starts: Sequence[int] | None = None,
+    prune: bool = True,
+) -> Searched | None:
+    """The best plan of `problem` (`space`'s instance for `config`, built with `prune`)
+    whose tied units store their weights alike. The dynamic program prices units apart, so
+    its optimum may split a tie; then every choice of one layout per tied group is imposed
+    and solved, and the fastest kept: exact, as every valid plan has one of them."""
+    solution = solve(problem, starts)
+    if solution is None:
+        return None
+    found = Searched(config, solution, problem.units, tuple(sorted(space.fixed.items())))
+    if space.ties_hold(found):
+        return found
+    best: Searched | None = None
+    for fixed in space.tie_layouts(space.world // config.pipeline):
+        sub = space.with_layouts(fixed)
+        space.stats["tied_layouts_solved"] = space.stats.get("tied_layouts_solved", 0) + 1
+        sub_problem = sub.problem(config, prune)
+        candidate = sub_problem and solve_config(sub, config, sub_problem, starts, prune)
+        if candidate and (best is None or candidate.solution.time_s < best.solution.time_s):
+            best = candidate
+    return best

@@ -32,6 +32,7 @@ import numpy as np
 from galvatron_fx.plan import DPMode, LayerStrategy, Recompute
 
 __all__ = [
+    "StorageLayout",
     "candidates",
     "decision_tree",
     "dominated",
@@ -39,6 +40,7 @@ __all__ = [
     "pipeline_degrees",
     "powers_of_two",
     "same_as_consecutive",
+    "storage_layout",
     "tp_inside_node",
 ]
 
@@ -136,6 +138,16 @@ def layout_key(s: LayerStrategy) -> tuple[int, int, bool]:
     sequence split tp ways under sp or Ulysses, and which ranks form the groups. Equal keys:
     no layout switch between adjacent units."""
     return (s.dp, s.seq_split, s.tp_consecutive or s.tp == 1 or s.dp == 1)
+
+
+StorageLayout = tuple[int, int, bool, bool]
+
+
+def storage_layout(s: LayerStrategy) -> StorageLayout:
+    """How a unit stores its weights: tp, dp, TP rank order (only with tp, dp > 1), vocab.
+    Units sharing a weight (tied embeddings) must agree on it: the one definition that the
+    search imposes and `plan_checks` enforces."""
+    return (s.tp, s.dp, s.tp_consecutive or s.tp == 1 or s.dp == 1, s.vocab_parallel)
 
 
 def pipeline_degrees(world: int, units: int) -> list[int]:
