@@ -288,18 +288,6 @@ def _check_batch(analysis: Analysis, global_batch: int | None) -> None:
         )
 
 
-def _tied_across_units(gm: fx.GraphModule) -> list[str]:
-    """Parameters read by more than one unit (tied embeddings): a pipeline cannot split
-    their users (each stage would step its own copy)."""
-    from galvatron_fx.meta import LAYER
-
-    return [
-        str(n.target)
-        for n in gm.graph.nodes
-        if n.op == "get_attr" and len({LAYER.get(u).name for u in n.users}) > 1
-    ]
-
-
 def _searched_plan(
     analysis: Analysis, cluster: Any, memory_budget_gb: float | None, pipeline: bool = True
 ) -> Plan:
@@ -317,7 +305,7 @@ def _searched_plan(
             result = run_search(
                 analysis, cluster=cluster, memory_budget_gb=memory_budget_gb,
                 global_batch=captured_batch(analysis), world_size=world, baselines=False,
-                max_pipeline=None if pipeline and not _tied_across_units(analysis.graph_module) else 1,
+                max_pipeline=None if pipeline else 1,
             )  # fmt: skip
             found[0] = result.plan.to_json()
         except (PlanError, ValueError) as err:
@@ -343,7 +331,14 @@ def _compile_pipelined(
     from galvatron_fx.passes.split_stages import split_stages, unit_stages
     from galvatron_fx.passes.stage_ranks import pipeline_groups, shift_ranks
     from galvatron_fx.runtime.compiled import input_slices, loss_reduction
-    from galvatron_fx.runtime.pipeline import PipelinedModel, StageProgram, held_specs
+    from galvatron_fx.runtime.pipeline import (
+        PipelinedModel,
+        StageProgram,
+        held_specs,
+        shared_groups,
+        shared_params,
+        stages_holding,
+    )
 
     world, rank, p = _world(), _rank(), plan.pipeline
     per_stage = world // p.degree
@@ -359,8 +354,6 @@ def _compile_pipelined(
     gm = run_passes(gm, ctx, PARALLEL_PASSES)
     specs = shift_ranks(gm, ctx.results["params"], offset)
     pp_groups = pipeline_groups(world, p.degree)
-    if world > 1:
-        GROUPS.create([*_all_groups(gm, specs), *pp_groups])
     loss_group, loss_avg = loss_reduction(gm, stage_plan, local)
     program = StageProgram(
         split=_timed(ctx, "split_stages", lambda: split_stages(gm, plan)),
@@ -372,8 +365,18 @@ def _compile_pipelined(
         loss_avg=loss_avg,
         zero3=any(spec.zero3_flat for spec in specs.values()),
     )
-    mine = held_specs(program, range(rank // per_stage, len(program.split.stages), p.degree))
-    sync = _grad_sync(gm, mine, stage_plan, rank, optimizer, bucket_mb, p.micro_batches)
+    # a weight tied across stages: summed over the pipeline ranks holding it, per position
+    shared = shared_params(program, p.degree)
+    sums = [g for ranks in shared.values() for g in shared_groups(ranks, per_stage)]
+    if world > 1:
+        GROUPS.create([*_all_groups(gm, specs), *pp_groups, *sums])
+    stages = range(rank // per_stage, len(program.split.stages), p.degree)
+    mine = held_specs(program, stages)
+    tied = _TiedSync(
+        {n: GroupRef(shared_groups(ranks, per_stage)[local]) for n, ranks in shared.items()},
+        stages_holding(program, stages),
+    )
+    sync = _grad_sync(gm, mine, stage_plan, rank, optimizer, bucket_mb, p.micro_batches, tied)
     pp_group = GROUPS.groups.get(pp_groups[local]) if world > 1 else None
     return PipelinedModel(program, plan, micro_inputs, sync, rank, world, pp_group)
 
@@ -432,6 +435,15 @@ def _rewrite(
     return CompiledModel(gm, plan, specs, sync, loss_fn, rank)
 
 
+@dataclasses.dataclass(frozen=True)
+class _TiedSync:
+    """Pipeline weights held by several stages: spec name -> the ranks whose gradients sum
+    (one per holding pipeline rank), and -> how many of this rank's stages read it."""
+
+    groups: dict[str, GroupRef] = dataclasses.field(default_factory=dict)
+    backwards: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
 def _grad_sync(
     gm: fx.GraphModule,
     specs: dict[str, ParamSpec],
@@ -440,10 +452,11 @@ def _grad_sync(
     optimizer: OptimizerFactory | None,
     bucket_mb: float,
     micro_batches: int,
+    tied: _TiedSync | None = None,
 ) -> GradSync:
     """The gradient sync and optimizer over the parameters in `specs`."""
     return GradSync(
-        _synced(gm, specs, plan, rank),
+        _synced(gm, specs, plan, rank, tied or _TiedSync()),
         optimizer or _adamw,
         bucket_mb,
         _zero3_tp_sums(gm, specs, rank),
@@ -456,7 +469,7 @@ def _adamw(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
 
 
 def _synced(
-    gm: fx.GraphModule, specs: dict[str, ParamSpec], plan: Plan, rank: int
+    gm: fx.GraphModule, specs: dict[str, ParamSpec], plan: Plan, rank: int, tied: _TiedSync
 ) -> list[SyncedParam]:
     out = []
     me = GroupRef((rank,))
@@ -467,7 +480,8 @@ def _synced(
         if isinstance(param, nn.Parameter):
             mode = plan.strategy(spec.unit).dp_mode
             tp = spec.tp_group if spec.grad_sum_tp else None
-            out.append(SyncedParam(name, param, spec.dp_group, mode, tp))
+            stage_group, passes = tied.groups.get(name), tied.backwards.get(name, 1)
+            out.append(SyncedParam(name, param, spec.dp_group, mode, tp, stage_group, passes))
     for flat in dict.fromkeys(s.zero3_flat for s in specs.values() if s.zero3_flat):
         # the reduce-scatter of the gather's backward already summed over dp
         out.append(SyncedParam(flat, get_attr(gm, flat), me, DPMode.ZERO3, None))

@@ -7,8 +7,8 @@ the widths it splits, sp, Ulysses (where the attention's heads and sequence divi
 vocab_parallel only with tp > 1, dp = 4 / degree / tp in any dp
 mode, either TP rank order and any recomputation (units sharing a weight share tp, dp, rank
 order and vocab split); the pipeline has degree 1, 2 or 4, random stage starts (2 virtual
-stages where there are units enough; every pipeline rank holding a parameter, no shared
-weight cut), micro-batches whose size every dp divides and a schedule legal for them. One
+stages where there are units enough; every pipeline rank holding a parameter; a cut between
+the embedding and a head tied to it puts the weight in both stages), micro-batches whose size every dp divides and a schedule legal for them. One
 step's loss (every rank's) and every gathered gradient, and every parameter after two AdamW
 steps, equal one process's within 1e-5 relative in each tensor's 2-norm
 (tests/test_parallel.py explains the floor for analytically zero gradients and eps=1e-5).
@@ -16,7 +16,8 @@ Several plans share one fork of the ranks; a failure names the plan's JSON.
 
 Invalid plans: one mutation of a valid plan's JSON per kind in `MUTATIONS` (wrong degrees,
 types or fields, a unit missing, unknown, repeated or out of order, bad stage starts or
-micro-batches, another model's fingerprint, a cut shared weight, ...). `Plan.from_json`
+micro-batches, another model's fingerprint, a shared weight stored in different layouts
+by the stages it is cut across, ...). `Plan.from_json`
 (alone, for a plan wrong whatever the model) and then `compile`, in this process as rank 0
 of a 4-rank job whose collectives raise, must raise `PlanError` and nothing else.
 
@@ -101,12 +102,13 @@ class Facts:
     ulysses: dict[str, tuple[int, ...]]
     """Per unit, the Ulysses degrees (of 2, 4) dividing its attention's heads and sequence."""
     tied: tuple[tuple[str, ...], ...]
-    """Units sharing a weight (tied embedding and head): one layout, one stage."""
+    """Units sharing a weight (tied embedding and head): one layout, any stages."""
     with_params: frozenset[int]
     """Units (by position) reading a parameter."""
     starts: tuple[int, ...]
-    """Units (by position) that may start a pipeline stage: any after the first that
-    neither cuts between units sharing a weight nor leaves the last stage without one."""
+    """Units (by position) that may start a pipeline stage: any after the first that does
+    not leave the last stage without a parameter (a weight shared across the cut is held
+    by both stages)."""
 
 
 @functools.cache
@@ -135,11 +137,7 @@ def facts(name: str) -> Facts:
                 units.index(LAYER.get(u).name) for u in node.users
             )
     spans = [(min(at), max(at)) for at in readers.values()]
-    starts = tuple(
-        k
-        for k in range(1, len(units))
-        if not any(lo < k <= hi for lo, hi in spans) and any(hi >= k for _, hi in spans)
-    )
+    starts = tuple(k for k in range(1, len(units)) if any(hi >= k for _, hi in spans))
     tied = tuple(tuple(units[i] for i in sorted(at)) for at in readers.values() if len(at) > 1)
     with_params = frozenset(i for at in readers.values() for i in at)
     fingerprint = model_fingerprint(analysis.graph_module)
@@ -577,15 +575,20 @@ def _two_stages(draw: st.DrawFn, data: dict, start: str) -> dict:
 
 
 @mutation(plan_level=False)
-def stages_cut_a_shared_weight(draw: st.DrawFn, data: dict, f: Facts) -> dict:
-    """Two stages would each step their own copy of a weight two units share."""
+def stages_cut_a_shared_weight_stored_differently(draw: st.DrawFn, data: dict, f: Facts) -> dict:
+    """Two stages each hold a copy of a weight two units share, in different layouts:
+    their gradients could not be summed piece by piece."""
     cuts = [
-        u
+        (group, u)
         for group in f.tied
         for u in f.units[f.units.index(group[0]) + 1 : f.units.index(group[-1]) + 1]
     ]
     assume(cuts)
-    return _two_stages(draw, data, draw(st.sampled_from(cuts)))
+    group, start = draw(st.sampled_from(cuts))
+    data = _two_stages(draw, data, start)
+    last = next(s for s in data["strategies"] if s["unit"] == group[-1])
+    last.update(tp=2, dp=1, vocab_parallel=draw(st.booleans()))
+    return data
 
 
 @mutation(plan_level=False)

@@ -64,11 +64,24 @@ def test_unit_stages_and_errors():
         unit_stages(["a", "b"], ["x"])
 
 
-def test_a_weight_tied_across_stages_is_refused():
+def test_a_weight_tied_across_stages_is_held_by_both():
+    """The embedding's stage and the head's hold the one tied Parameter (each pipeline rank
+    then steps its own copy, their gradients summed: `runtime.pipeline.shared_params`); run
+    in one process, its gradient is the sum of both uses, the model's."""
     model, args, kwargs = build(TINY_GPT + ",tied=1", batch=2, seq=16)
     analysis = analyze(model, args, kwargs)
-    with pytest.raises(PlanError, match=r"used by stages .*tied"):
-        split_stages(analysis.copy().graph_module, _plan(analysis, ("blocks.1",)))
+    out = analysis.graph_module(*args, **kwargs)
+    (out if isinstance(out, torch.Tensor) else out[0]).backward()
+    want = next(p.grad.clone() for n, p in analysis.graph_module.named_parameters() if "wte" in n)
+    analysis.graph_module.zero_grad(set_to_none=True)
+
+    split = split_stages(analysis.copy().graph_module, _plan(analysis, ("blocks.1",)))
+    first, last = ({id(p): p for p in split.stage(k).parameters()} for k in (0, 1))
+    (tied,) = [p for i, p in first.items() if i in last]  # one object in both stages
+    assert tied.shape == want.shape
+    got = split.graph_module(*_flat(args, kwargs))
+    (got if isinstance(got, torch.Tensor) else got[0]).backward()
+    assert torch.allclose(tied.grad, want, rtol=1e-6, atol=1e-9)
 
 
 def _one_step(rank: int, world: int, plan: Plan) -> dict:

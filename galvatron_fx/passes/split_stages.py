@@ -7,11 +7,13 @@ runtime sends between ranks).
 Guarantees:
 - every computed node goes to its unit's stage, or to the latest stage among its inputs when
   that is later (index arithmetic and masks outside any block), so no stage reads a later one;
-- a parameter lives in the one stage that uses it, under its original name
+- a parameter lives in the stages that use it, under its original name
   (`torch.fx.passes.split_utils.split_by_tags` copies a `get_attr` into its user's
   submodule, and the copy refers to the very Parameter object, so gradients land on it);
-- a parameter used by two stages (a tied embedding and head) is refused, naming it: each
-  stage would step its own copy;
+- a parameter used by several stages (a tied embedding and head) is in each of them; the
+  runtime sums its gradient over the pipeline ranks running them before the optimizer
+  steps each copy alike (`runtime.pipeline.shared_params`), as Megatron's embedding group
+  does;
 - `StageSplit.param_names[k]` maps stage k's parameter names to the model's.
 
 This is the pipeline issue's first piece: the runtime that puts one stage on each rank
@@ -68,8 +70,7 @@ def split_stages(gm: fx.GraphModule, plan: Plan) -> StageSplit:
     # slicing next to the inputs, ahead of the units before it
     of_unit = unit_stages(list(plan.units), p.stage_starts)
     tags = [f"stage_{k}" for k in range(n)]
-    stage_of = _tag_nodes(gm, of_unit, tags)
-    _refuse_shared_params(gm, stage_of)
+    _tag_nodes(gm, of_unit, tags)
     split = split_by_tags(gm, tags)
     assert isinstance(split, fx.GraphModule)
     used = [t for t in tags if hasattr(split, t)]
@@ -89,18 +90,6 @@ def _tag_nodes(gm: fx.GraphModule, of_unit: dict[str, int], tags: list[str]) -> 
         stage_of[node] = max([of_unit[LAYER.get(node).name], *inputs])
         node.tag = tags[stage_of[node]]  # split_by_tags reads this attribute
     return stage_of
-
-
-def _refuse_shared_params(gm: fx.GraphModule, stage_of: dict[fx.Node, int]) -> None:
-    for node in gm.graph.nodes:
-        if node.op != "get_attr":
-            continue
-        stages = sorted({stage_of[u] for u in node.users if u in stage_of})
-        if len(stages) > 1:
-            raise PlanError(
-                f"pipeline: parameter {node.target!r} is used by stages {stages} (tied "
-                "weights?); put its users in one stage or untie it"
-            )
 
 
 def _param_names(stage: nn.Module, root: fx.GraphModule) -> dict[str, str]:

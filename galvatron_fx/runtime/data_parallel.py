@@ -16,7 +16,10 @@ overlaps the rest of backward; `finish()` waits for all of them.
   `finish` waits for them and the shards are stepped like any local parameter.
 
 Parameters replicated on the TP group but computed on its sequence slices
-(`grad_sum_tp`) first have their gradient all-reduced over the TP group.
+(`grad_sum_tp`) first have their gradient all-reduced over the TP group. A weight tied across
+pipeline stages (embedding and head) is held by each of their ranks: its buckets (only such
+weights, laid out alike on every holder) are all-reduced over the `stage_group` once the dp
+sync is done, as Megatron's embedding group, so every copy steps with the whole gradient.
 PyTorch's DDP/FSDP cannot be used here: they assume one dp group for the whole module.
 """
 
@@ -45,6 +48,11 @@ class SyncedParam:
     mode: DPMode
     tp_group: GroupRef | None = None
     """Set when the gradient is a partial sum over the TP group (sequence parallelism)."""
+    stage_group: GroupRef | None = None
+    """Set for a weight several pipeline ranks hold (tied across stages): the ranks, one
+    per holding pipeline rank at this rank's place in the stage, whose gradients sum."""
+    backwards: int = 1
+    """Backward passes per micro-batch that accumulate into it: this rank's stages holding it."""
 
 
 @dataclass
@@ -62,6 +70,7 @@ class Bucket:
     dp_group: GroupRef
     mode: DPMode
     tp_group: GroupRef | None
+    stage_group: GroupRef | None = None
     numel: int = 0
     padded: int = 0
     shard: nn.Parameter | None = None
@@ -115,8 +124,10 @@ class GradSync:
         def on_grad(_: torch.Tensor) -> None:
             b = self.buckets[i]
             b.ready[j] = b.ready.get(j, 0) + 1
-            done = len(b.ready) == len(b.params)
-            if done and not b.launched and min(b.ready.values()) >= self.accumulations:
+            done = len(b.ready) == len(b.params) and all(
+                b.ready[k] >= self.accumulations * p.backwards for k, p in enumerate(b.params)
+            )
+            if done and not b.launched:
                 self._launch(b)
 
         return on_grad
@@ -150,6 +161,9 @@ class GradSync:
                 self._launch(b)
             if b.work is not None:
                 b.work.wait()
+            if b.stage_group is not None:
+                assert b.flat is not None
+                dist.all_reduce(b.flat, group=_pg(b.stage_group))
             self._place(b)
             b.ready.clear()
             b.work, b.launched = None, False
@@ -230,14 +244,15 @@ def _pack(params: list[SyncedParam], cap_bytes: int, first_bytes: int) -> list[B
     buckets: list[Bucket] = []
     open_: dict[tuple[Any, ...], Bucket] = {}
     for p in reversed(params):
-        if not p.param.requires_grad or (p.dp_group.size == 1 and p.tp_group is None):
+        alone = p.dp_group.size == 1 and p.tp_group is None and p.stage_group is None
+        if not p.param.requires_grad or alone:
             continue
-        key = (p.dp_group, p.mode, p.tp_group, p.param.dtype)
+        key = (p.dp_group, p.mode, p.tp_group, p.stage_group, p.param.dtype)
         b = open_.get(key)
         nbytes = p.param.numel() * p.param.element_size()
         cap = first_bytes if b is not None and b is _first(buckets, key) else cap_bytes
         if b is None or (b.numel * p.param.element_size() + nbytes > cap and b.params):
-            b = open_[key] = Bucket([], p.dp_group, p.mode, p.tp_group)
+            b = open_[key] = Bucket([], p.dp_group, p.mode, p.tp_group, p.stage_group)
             buckets.append(b)
         b.params.append(p)
         b.numel += p.param.numel()
@@ -248,8 +263,10 @@ def _pack(params: list[SyncedParam], cap_bytes: int, first_bytes: int) -> list[B
 
 
 def _first(buckets: list[Bucket], key: tuple[Any, ...]) -> Bucket | None:
-    """The first bucket made for this key (groups, mode, dtype)."""
-    return next((b for b in buckets if (b.dp_group, b.mode, b.tp_group) == key[:3]), None)
+    """The first bucket made for this key's groups and mode."""
+    return next(
+        (b for b in buckets if (b.dp_group, b.mode, b.tp_group, b.stage_group) == key[:4]), None
+    )
 
 
 def _make_shard(b: Bucket) -> nn.Parameter:

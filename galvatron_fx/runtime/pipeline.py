@@ -11,7 +11,11 @@ micro-batch gradients are averaged by the schedule (`scale_grads`).
 Inside a stage, the program is the parallel passes' rewrite for the stage's ranks (3D:
 pipeline x tensor x data / ZeRO); pipeline rank s owns global ranks s*S .. s*S + S - 1
 (S = world / degree), and rank s*S + i sends to rank (s+1)*S + i (`stage_ranks`).
-Gradients are synced by `GradSync` once every micro-batch's gradient has accumulated.
+Gradients are synced by `GradSync` once every micro-batch's gradient has accumulated. A
+weight tied across stages (embedding and head) is held by every pipeline rank whose stages
+read it, as in Megatron: the same initial values, its gradient summed over those ranks (one
+all-reduce per stage position, `shared_params`), the same optimizer, so the copies stay equal;
+checkpoints and whole-parameter gathers see one tensor under its original names.
 """
 
 from __future__ import annotations
@@ -47,7 +51,10 @@ __all__ = [
     "flights",
     "held_specs",
     "pipeline_loss",
+    "shared_groups",
+    "shared_params",
     "stage_runners",
+    "stages_holding",
 ]
 
 
@@ -134,6 +141,32 @@ def held_specs(program: StageProgram, stages: Sequence[int]) -> dict[str, ParamS
         for name, spec in program.specs.items()
         if id(get_attr(program.module, spec.zero3_flat or name)) in held
     }
+
+
+def shared_params(program: StageProgram, degree: int) -> dict[str, tuple[int, ...]]:
+    """Parameters (spec names) that the stages of several pipeline ranks hold (a weight tied
+    across stages) -> those pipeline ranks, in order. Every rank computes the same answer
+    (from the whole program, before `release_other_stages`)."""
+    n = len(program.split.stages)
+    held = [held_specs(program, range(pp, n, degree)) for pp in range(degree)]
+    out = {}
+    for name, spec in program.specs.items():
+        ranks = tuple(pp for pp in range(degree) if name in held[pp])
+        if len(ranks) > 1 and spec.alias_of is None:
+            out[name] = ranks
+    return out
+
+
+def shared_groups(pipeline_ranks: tuple[int, ...], per_stage: int) -> list[tuple[int, ...]]:
+    """The groups summing the gradient of a weight these pipeline ranks hold: one per
+    position in the stage (its global ranks on each holder), Megatron's embedding groups."""
+    return [tuple(r * per_stage + i for r in pipeline_ranks) for i in range(per_stage)]
+
+
+def stages_holding(program: StageProgram, stages: Sequence[int]) -> dict[str, int]:
+    """Spec name -> how many of `stages` hold it (each runs its own backward)."""
+    counts = [held_specs(program, [k]) for k in stages]
+    return {name: sum(name in c for c in counts) for name in program.specs}
 
 
 class StageRunner(nn.Module):
