@@ -183,11 +183,15 @@ class LayerShape:
     """What validation must know of a layer's graph, extracted by the caller."""
 
     heads: tuple[int, ...] = ()
-    """Attention head counts in the layer (query heads and key/value heads)."""
+    """Query head counts of the layer's attention: what tensor parallelism splits."""
     tp_split_dims: tuple[tuple[str, int], ...] = ()
     """(parameter name, size) of every weight dimension tensor parallelism would split."""
     seq_lens: tuple[int, ...] = ()
     """Sequence lengths of the layer's attention (queries and keys): what Ulysses splits."""
+    kv_heads: tuple[int, ...] = ()
+    """Key/value head counts before grouped-query attention repeats them. A tp that does not
+    divide them runs the key/value projections whole on every TP rank, as Megatron keeps
+    each shared head on every rank that needs it; Ulysses' all-to-all must split them."""
 
 
 @dataclass(frozen=True)
@@ -435,7 +439,8 @@ def check_ulysses(unit: str, degree: int, shape: LayerShape) -> None:
             f"unit {unit!r}: ulysses needs attention (scaled_dot_product_attention) in the "
             "unit, and it has none; give it tp with ulysses=false"
         )
-    for what, sizes in (("attention heads", shape.heads), ("sequence positions", shape.seq_lens)):
+    heads = (*shape.heads, *shape.kv_heads)
+    for what, sizes in (("attention heads", heads), ("sequence positions", shape.seq_lens)):
         for size in sizes:
             if size % degree:
                 raise PlanError(

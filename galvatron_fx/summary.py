@@ -6,6 +6,7 @@ Reads `gfx_layer` and `gfx_cost` only, so it works on any graph the front end an
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from galvatron_fx.plan import LayerShape
 
 __all__ = [
     "LayerSummary",
+    "head_cut",
     "layer_shapes",
     "layer_table",
     "model_fingerprint",
@@ -179,27 +181,40 @@ _WEIGHT_ARG = {torch.ops.aten.linear.default: 1, torch.ops.aten.addmm.default: 2
 """Where the weight sits among a matmul-like op's arguments (addmm: GPT-2's Conv1D)."""
 
 
-def _kv_heads(sdpa: fx.Node) -> list[int]:
-    """Key/value heads before grouped-query attention repeats them: follow the key back
-    (through rotary, repeats and transposes, first inputs first) to the view that cut a
-    projection's width into heads, `(.., width) -> (.., heads, d)` with `d` a multiple of
-    the head size (`(B, S, 3, heads, hd)` of a fused qkv, GPT-NeoX's `(B, S, heads, 3 hd)`
-    too): its heads. Empty when no such view is found."""
-    head_dim = int(sdpa.args[1].meta["val"].shape[-1])  # type: ignore[union-attr]
-    todo: list[Any] = [sdpa.args[1]]
+def head_cut(key: fx.Node, head_dim: int) -> fx.Node | None:
+    """The view that cut a projection's width into the heads `key` (an attention operand)
+    comes from, `(.., width) -> (.., heads, d)` with `d` a multiple of the head size
+    (`(B, S, 3, heads, hd)` of a fused qkv, GPT-NeoX's `(B, S, heads, 3 hd)` too), found by
+    following the key back through rotary, repeats and transposes, first inputs first."""
+    todo: list[Any] = [key]
     seen: set[fx.Node] = set()
     while todo and len(seen) < 64:
         node = todo.pop(0)
         if not isinstance(node, fx.Node) or node.op != "call_function" or node in seen:
             continue
         seen.add(node)
-        if node.target in _VIEWS:
-            src, out = node.args[0].meta["val"].shape, node.meta["val"].shape  # type: ignore[union-attr]
-            cut = len(out) >= 2 and int(src[-1]) > int(out[-1]) and int(out[-1]) % head_dim == 0
-            if cut:
-                return [int(out[-2])]
+        if node.target in _VIEWS and _cuts_heads(node, head_dim):
+            return node
         todo.extend(a for a in node.args if isinstance(a, fx.Node))
-    return []
+    return None
+
+
+def _cuts_heads(view: fx.Node, head_dim: int) -> bool:
+    """`view` splits its input's last dim into (.., heads, d), d a multiple of the head
+    size (a single head included: multi-query attention's (B, S, hd) -> (B, S, 1, hd))."""
+    src = [int(s) for s in view.args[0].meta["val"].shape]  # type: ignore[union-attr]
+    out = [int(s) for s in view.meta["val"].shape]
+    if len(out) <= len(src) or out[-1] % head_dim:
+        return False
+    return any(math.prod(out[k:]) == src[-1] for k in range(len(out) - 1))
+
+
+def _kv_heads(sdpa: fx.Node) -> list[int]:
+    """Key/value heads before grouped-query attention repeats them (empty when the view
+    that cut them is not found)."""
+    key: Any = sdpa.args[1]
+    cut = head_cut(key, int(key.meta["val"].shape[-1]))
+    return [int(cut.meta["val"].shape[-2])] if cut is not None else []
 
 
 _VIEWS = {
@@ -216,12 +231,14 @@ def layer_shapes(gm: fx.GraphModule) -> dict[str, LayerShape]:
     out = {}
     for name, nodes in unit_nodes(gm).items():
         heads: list[int] = []
+        kv_heads: list[int] = []
         dims: list[tuple[str, int]] = []
         seqs: list[int] = []
         for node in nodes:
             if node.target is _SDPA:
-                heads += [int(a.meta["val"].shape[1]) for a in node.args[:2]]  # type: ignore[union-attr]
-                heads += _kv_heads(node)
+                heads.append(int(node.args[0].meta["val"].shape[1]))  # type: ignore[union-attr]
+                kv_heads.append(int(node.args[1].meta["val"].shape[1]))  # type: ignore[union-attr]
+                kv_heads += _kv_heads(node)
                 seqs += [int(a.meta["val"].shape[2]) for a in node.args[:2]]  # type: ignore[union-attr]
             idx = _WEIGHT_ARG.get(node.target)  # type: ignore[call-overload]
             weight = node.args[idx] if idx is not None and len(node.args) > idx else None
@@ -229,5 +246,10 @@ def layer_shapes(gm: fx.GraphModule) -> dict[str, LayerShape]:
             if in_layer and isinstance(weight, fx.Node) and weight.op == "get_attr":
                 shape = weight.meta["val"].shape
                 dims += [(f"{weight.target}[{d}]", int(shape[d])) for d in range(len(shape))]
-        out[name] = LayerShape(tuple(dict.fromkeys(heads)), tuple(dims), tuple(dict.fromkeys(seqs)))
+        out[name] = LayerShape(
+            tuple(dict.fromkeys(heads)),
+            tuple(dims),
+            tuple(dict.fromkeys(seqs)),
+            tuple(dict.fromkeys(kv_heads)),
+        )
     return out

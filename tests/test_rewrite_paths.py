@@ -12,7 +12,8 @@ batch sizes, per-rank weight shapes and the absence of `ShardWarning`).
   now it keeps the split, the weight sharded block by block), and the fused projection cut
   by aligned slices or a view to (3, heads, head_dim) then `unbind`;
 - a data-parallel unit after one that ran the whole batch: it ran the whole batch too;
-- linears written `x @ w.T` and `x @ w`: every rank held the whole weight under tp.
+- linears written `x @ w.T` and `x @ w`: every rank held the whole weight under tp;
+- fewer key/value heads than tp (grouped-query and multi-query attention), refused before.
 """
 
 from __future__ import annotations
@@ -24,18 +25,21 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_HF, build
 from distributed import run_ranks
-from exactness import STEPS, adamw, check, run_steps
+from exactness import STEPS, adamw, check, reference, run_steps
 from torch import nn
 from torch.distributed.tensor import Replicate
 
 from galvatron_fx.compile import analyze, parallelize
+from galvatron_fx.cost_models.hardware import load_cluster
 from galvatron_fx.meta import LAYER, PLACEMENT
 from galvatron_fx.passes.check_program import ProgramMismatch, check_program
 from galvatron_fx.passes.insert_collectives import insert_collectives
 from galvatron_fx.passes.manager import run_passes
+from galvatron_fx.passes.search_costs import model_terms
 from galvatron_fx.passes.shard import ShardWarning, shard
-from galvatron_fx.plan import LayerStrategy
+from galvatron_fx.plan import DPMode, LayerStrategy, PlanError, Recompute
 
 H, HEADS, VOCAB, BATCH, SEQ = 16, 4, 32, 4, 8
 
@@ -254,3 +258,63 @@ def test_check_program_names_unit_and_node() -> None:
     PLACEMENT.set(node, dataclasses.replace(PLACEMENT.get(node), dp=Replicate()))
     with pytest.raises(ProgramMismatch, match=r"unit 'blocks.1', node 'layer_norm_1'.*dp=2"):
         check_program.fn(gm, ctx)
+
+
+# -- fewer key/value heads than tp ----------------------------------------------------------
+
+GQA = TINY_HF["llama"]  # 4 query heads, 2 key/value heads
+MQA = TINY_HF["llama"].replace("num_key_value_heads=2", "num_key_value_heads=1")
+KV_CASES = [
+    (GQA, LayerStrategy(tp=4)),
+    (GQA, LayerStrategy(tp=4, sp=True, recompute=Recompute.FULL)),
+    (MQA, LayerStrategy(tp=2, dp=2, dp_mode=DPMode.ZERO3)),
+    (MQA, LayerStrategy(tp=4, sp=True)),
+]
+
+
+def _run_kv(rank: int, world: int) -> list[dict]:
+    out = []
+    for spec, s in KV_CASES:
+        model, args, kwargs = build(spec, batch=8, seq=16)
+        analysis = analyze(model, args, kwargs)
+        plan = analysis.plan(s, world_size=world)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ShardWarning)
+            compiled = parallelize(analysis, plan=plan, optimizer=adamw)
+        got = run_steps(compiled, args, kwargs)
+        got["warnings"] = [str(w.message) for w in caught if w.category is ShardWarning]
+        got["shapes"] = {k: tuple(v.shape) for k, v in compiled.module.named_parameters()}
+        out.append(got)
+    return out
+
+
+@pytest.fixture(scope="module")
+def kv_results() -> list[dict]:
+    return run_ranks(_run_kv, 4)[0]
+
+
+@pytest.mark.parametrize("k", range(len(KV_CASES)))
+def test_fewer_kv_heads_than_tp(kv_results: list[dict], k: int) -> None:
+    """Megatron's layout: each rank keeps the key/value heads its query heads use (here
+    computed whole on every TP rank), queries and the MLP split as usual; exact, nothing
+    gathered, and the query projection split tp ways."""
+    spec, s = KV_CASES[k]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check(reference(spec), kv_results[k], f"{spec} {s}")
+    got = kv_results[k]
+    assert got["warnings"] == []
+    if s.dp_mode != DPMode.ZERO3:  # ZeRO-3 keeps the unit in one flat shard
+        q = got["shapes"]["model.layers.0.self_attn.q_proj.weight"]
+        assert q[0] * s.tp == 64
+
+
+def test_search_prices_tp_beyond_kv_heads() -> None:
+    """tp = 4 over 2 key/value heads is priced (not refused) and uses whole kv projections."""
+    model, args, kwargs = build(GQA, batch=8, seq=16)
+    analysis = analyze(model, args, kwargs)
+    terms = model_terms(analysis, load_cluster("a100-80gb-sxm"), [1, 2, 4])
+    assert 4 not in terms.refused, terms.refused
+    assert 4 in terms.tps()
+    with pytest.raises(PlanError, match="Ulysses"):  # its all-to-all splits the kv heads
+        analysis.plan(LayerStrategy(tp=4, ulysses=True), world_size=4)

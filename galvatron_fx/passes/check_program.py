@@ -9,7 +9,8 @@ Guarantees, or a `ProgramMismatch` naming the unit and the node:
   a unit that ran the whole batch would cost dp times the work and activations priced;
 - weights: in a tensor-parallel layer (tp > 1, not Ulysses) every weight a matmul-like op
   reads (linear, addmm, matmul, mm, bmm; through transposes and views) is split across the
-  TP group, as the plan's per-rank parameter bytes assume;
+  TP group, as the plan's per-rank parameter bytes assume, but for key/value projections
+  whose heads the tp does not divide (kind `kv_whole`: whole on every TP rank by design);
 - parameter bytes: each parameter on the module holds exactly its `ParamSpec`'s share;
 - collectives: every collective of a unit runs on a group of the unit's own mesh (its TP
   or DP group, or the whole stage), or is a layout switch between meshes.
@@ -116,7 +117,8 @@ def _weights(
             continue
         spec = specs[str(node.target)]
         reader = _matmul_reader(node)
-        if reader is not None and spec.tp_dim is None and len(spec.global_shape) >= 2:
+        whole = reader is not None and "kv_whole" in PLACEMENT.get(reader).kinds
+        if reader is not None and not whole and spec.tp_dim is None and len(spec.global_shape) >= 2:
             out.append(
                 f"unit {unit.name!r}, node {reader.name!r}: weight {spec.name!r} "
                 f"{list(spec.global_shape)} is whole on every rank though the plan gives the "

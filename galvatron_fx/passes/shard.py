@@ -15,6 +15,10 @@ Guarantees:
   split that arrives from a layer on the same mesh, any other layer gathers it;
 - a Ulysses layer splits no weight: its stream runs split on the sequence across the tp
   axis, and attention reshards to heads and back (`shard_rules.sdpa`);
+- key/value projections whose heads the tp does not divide (grouped-query and multi-query
+  attention) run whole on every TP rank (kind `kv_whole`), and attention takes its share of
+  the repeated heads locally: each rank keeps the key/value heads its query heads use, as
+  Megatron does, at the price of computing them all;
 - ops without a rule that receive split inputs gather them, with a warning naming the op.
 
 Rank-independent: the same placements hold on every rank; `insert_collectives` makes them
@@ -23,6 +27,7 @@ concrete for one rank.
 
 from __future__ import annotations
 
+import operator
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -43,11 +48,13 @@ from galvatron_fx.passes.shard_rules import (
 )
 from galvatron_fx.plan import LayerStrategy, Plan
 from galvatron_fx.runtime.mesh import Mesh
+from galvatron_fx.summary import head_cut
 
 __all__ = ["ShardWarning", "batch_inputs", "mesh_of", "shard", "unit_strategies"]
 
 R = Replicate()
 AXES = ("dp", "tp")
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
 _SHAPE_PRESERVING = {
     torch.ops.aten.view.default,
     torch.ops.aten.reshape.default,
@@ -97,6 +104,7 @@ class _Propagation:
         self.strategies = unit_strategies(self.gm, self.plan)
         self.params = frozenset(n for n in self.gm.graph.nodes if n.op == "get_attr")
         self.batch = batch_inputs(self.gm)
+        self.kv_whole = _kv_whole(self.gm, self.strategies)
         _check_batch(self.batch, self.strategies)
         self.stream = _stream_shapes(self.gm)
         self.vocab = _vocab_size(self.gm)
@@ -139,6 +147,8 @@ class _Propagation:
                 needs.append((a.name, axis, p))
                 if a in self.params:
                     self.place[axis][a] = p
+        if node in self.kv_whole:
+            kind = "+".join((*kind.split("+"), "kv_whole")).strip("+")
         for axis in AXES:
             self.place[axis][node] = decided[axis]
         # apart from the real placements, so that the program can be checked against it
@@ -181,10 +191,14 @@ class _Propagation:
                 # from a vocab-parallel embedding is reduce-scattered onto the split)
                 tp = Shard(1)
                 needs.append((a.name, "tp", tp))
+            if node in self.kv_whole and not isinstance(tp, Replicate) and a not in self.params:
+                tp = R  # the whole projection reads its whole input (Megatron-SP's gather)
+                needs.append((a.name, "tp", R))
             eff["dp"][a], eff["tp"][a] = dp, tp
         segment = unit.kind == "segment"
         shard_w = s.tp > 1 and (not segment or (s.vocab_parallel and self.vocab is not None))
         shard_w = shard_w and not s.ulysses  # Ulysses keeps every weight whole
+        shard_w = shard_w and node not in self.kv_whole
         vocab = self.vocab if segment else None
         return {
             "dp": OpView(node, s.dp, eff["dp"], params=self.params),
@@ -212,6 +226,46 @@ class _Propagation:
             return False
         PLACEMENT.set(src, NodePlacement(**{**placement.__dict__, "blocks": count}))
         return True
+
+
+_PROJECTION_PATH = {
+    *_SHAPE_PRESERVING,
+    torch.ops.aten.slice.Tensor,
+    torch.ops.aten.split.Tensor,
+    torch.ops.aten.split_with_sizes.default,
+    torch.ops.aten.chunk.default,
+    torch.ops.aten.unbind.int,
+    operator.getitem,
+}
+"""Ops between a projection and the view that cuts it into heads (fused qkv pieces)."""
+_PROJECTIONS = {
+    torch.ops.aten.linear.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.matmul.default,
+    torch.ops.aten.mm.default,
+}
+
+
+def _kv_whole(gm: fx.GraphModule, strategies: dict[str, LayerStrategy]) -> set[fx.Node]:
+    """The key/value projections of tensor-parallel layers whose heads their tp does not
+    divide: split on their output they would cut heads, so they run whole."""
+    out: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        s = strategies[LAYER.get(node).name]
+        if node.target is not _SDPA or s.tp == 1 or s.ulysses:
+            continue
+        for operand in _a(node)[1:3]:
+            cut = head_cut(operand, shape(operand)[-1])
+            if cut is None or shape(cut)[-2] % s.tp == 0:
+                continue
+            src = _a(cut)[0]
+            for _ in range(8):
+                if not isinstance(src, fx.Node) or src.target not in _PROJECTION_PATH:
+                    break
+                src = src.args[0]
+            if isinstance(src, fx.Node) and src.target in _PROJECTIONS:
+                out.add(src)
+    return out
 
 
 def _split_size(node: fx.Node, place: dict[fx.Node, object]) -> int | None:

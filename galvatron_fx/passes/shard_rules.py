@@ -576,6 +576,9 @@ def _gather_operands(v: OpView, a: Any, b: Any) -> Decision:
 
 def sdpa(v: OpView) -> Decision:
     """Attention splits on batch or heads (dim 0 or 1 of q, k, v); the mask broadcasts.
+    A replicated operand is sliced to the others' split (key/value heads computed whole on
+    every rank, when the tp does not divide them: each rank keeps the heads its queries
+    use; with `enable_gqa` that needs the tp to divide the key/value heads too).
     Under Ulysses, q, k and v split on the sequence (dim 2) are resharded to heads (an
     all-to-all each) and the output comes back on the sequence (kind `ulysses`: the rewrite
     adds the all-to-all after the node)."""
@@ -585,6 +588,10 @@ def sdpa(v: OpView) -> Decision:
     d = next(iter(dims)) if len(dims) == 1 else None
     if v.ulysses and d == 2 and not any(isinstance(v.p(x), Partial) for x in (q, k, val)):
         return _ulysses(v, q, k, val, mask)
+    split = {_sharded(v.p(x)) for x in (q, k, val) if not isinstance(v.p(x), Replicate)}
+    only = next(iter(split)) if len(split) == 1 else None
+    if d is None and only in (0, 1) and all(shape(x)[only] % v.n == 0 for x in (q, k, val)):
+        d = only  # the replicated operands are sliced to it
     if d is None or d >= 2 or any(isinstance(v.p(x), Partial) for x in (q, k, val)):
         gather = {
             x: R
@@ -592,7 +599,7 @@ def sdpa(v: OpView) -> Decision:
             if isinstance(x, fx.Node) and not isinstance(v.p(x), Replicate)
         }
         return Decision(R, gather, "fallback" if gather else "")
-    need: dict[Any, Any] = {}
+    need: dict[Any, Any] = {x: Shard(d) for x in (q, k, val) if v.p(x) != Shard(d)}
     if isinstance(mask, fx.Node):
         want: Any = _target(shape(mask), d + len(shape(mask)) - 4)
         if v.p(mask) != want:
