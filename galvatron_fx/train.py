@@ -169,6 +169,8 @@ def train(config: TrainConfig) -> list[float]:
             check_finite=config.check_finite,
         )
         if rank == 0:
+            if config.seq is None:  # say which length the model's config gave, and why
+                print(spec.default_seq(model).describe(), flush=True)
             print(compiled.plan.table(), flush=True)
         start = 0
         if config.resume is not None:

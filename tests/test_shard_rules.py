@@ -283,6 +283,9 @@ CASES = [
     Case("mean_drop_before", aten.mean.dim, (T(X3, S(2)), [1]), S(1)),
     Case("mean_on_shard", aten.mean.dim, (T(X3, S(1)), [1]), P("avg")),
     Case("sum_on_shard", aten.sum.dim_IntList, (T(X3, S(1)), [1]), P("sum")),
+    Case("mean_all", aten.mean.default, (T(X3, S(0)),), P("avg")),
+    Case("sum_all", aten.sum.default, (T(X3, S(2)),), P("sum")),
+    Case("sum_all_replicated", aten.sum.default, (T(X3),), R),
     Case(
         "amax_on_shard",
         aten.amax.default,

@@ -1,6 +1,6 @@
 """`galvatron-fx`: the command line, one module per subcommand (`cmd_*.py`).
 
-galvatron-fx inspect MODEL [--batch B] [--seq S] [--device meta|cpu] [--json FILE] [--dot FILE]
+galvatron-fx inspect MODEL [--batch B] [--seq S] [--device meta|cpu] [--json FILE] [--dot FILE] [--no-gathers]
 galvatron-fx profile [--nproc N] [--out FILE] [--max-bytes B] [--quick]
                      [--model MODEL --batch B --seq S [--strategies "dp=2;tp=2,sp=1"]]
 galvatron-fx cost MODEL --cluster C --batch B --seq S --strategy "tp=4,dp=2,zero=3,ckpt=full"

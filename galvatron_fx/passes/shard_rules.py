@@ -364,8 +364,8 @@ def along_dim(dim_arg: int, dim_name: str) -> Rule:
 
 
 def reduce_dims(v: OpView) -> Decision:
-    """mean/sum/amax over dims: a shard on a kept dim survives; over the sharded dim the
-    result is a partial sum (mean: partial average)."""
+    """mean/sum/amax over dims (every dim when none are given): a shard on a kept dim
+    survives; over the sharded dim the result is a partial sum (mean: partial average)."""
     src = v.args[0]
     p = v.p(src)
     nd = len(shape(src))
@@ -379,10 +379,16 @@ def reduce_dims(v: OpView) -> Decision:
     if d is None:
         return Decision(p)
     if d in dims:
-        if v.node.target in (aten.sum.dim_IntList, aten.mean.dim):
-            return Decision(Partial("avg" if v.node.target == aten.mean.dim else "sum"))
+        if v.node.target in _SUMS:
+            return Decision(Partial("avg" if v.node.target in _MEANS else "sum"))
         return Decision(R, {src: R})
     return Decision(Shard(d if keep else d - sum(1 for k in dims if k < d)))
+
+
+_MEANS = {aten.mean.dim, aten.mean.default}
+_SUMS = {*_MEANS, aten.sum.dim_IntList, aten.sum.default}
+"""Reductions whose result over a split dim is a partial sum (a mean: a partial average of
+equal pieces)."""
 
 
 def norm(v: OpView) -> Decision:
@@ -827,7 +833,9 @@ RULES: dict[Any, Rule] = {
     aten.cumsum.default: along_dim(1, "dim"),
     aten.diff.default: along_dim(2, "dim"),
     aten.mean.dim: reduce_dims,
+    aten.mean.default: reduce_dims,
     aten.sum.dim_IntList: reduce_dims,
+    aten.sum.default: reduce_dims,
     aten.amax.default: reduce_dims,
     aten.view.default: reshape,
     aten.reshape.default: reshape,
