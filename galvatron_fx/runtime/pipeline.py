@@ -91,6 +91,10 @@ def flights(split: StageSplit) -> list[Flight]:
     for k, call in enumerate(calls):
         have = [*flight, *sorted(produced[call], key=_order(graph))]
         sends = tuple(v for v in have if last_use.get(v, -1) > k)
+        if k == len(calls) - 1 and outputs and outputs[0] in sends:
+            # the last stage returns the loss: the model's first output, wherever it was
+            # computed (T5's outputs also carry the encoder's states from earlier stages)
+            sends = (outputs[0], *(v for v in sends if v is not outputs[0]))
         if k == 0:
             out.append(Flight(tuple(inputs), sends, call))
         else:
