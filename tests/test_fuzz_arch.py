@@ -26,13 +26,15 @@ import os
 import re
 import traceback
 import warnings
+import zlib
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 from arch_variants import BLOCKS, HEADS, Variant, build_variant, variant_problems
 from distributed import run_ranks
-from hypothesis import HealthCheck, Phase, assume, given, note, settings
+from hypothesis import HealthCheck, Phase, assume, given, note, seed, settings
 from hypothesis import strategies as st
 from test_fuzz_plans import Facts, valid_plans
 
@@ -96,9 +98,21 @@ FIXED: dict[str, Variant] = {
 }  # fmt: skip
 """Together they use every choice of every block (one family's style each, roughly)."""
 
-KNOWN: dict[str, str] = {}
+KNOWN: dict[str, str] = {
+    "nanogpt": "8 micro-batches of 1: shard_rules.reshape raises StopIteration (a dim group "
+    "of size-1 dims only)",
+    "llama": "8 micro-batches of 1: shard_rules.reshape raises StopIteration",
+    "mqa-post-par": "MQA under tp 2 (key/value head replicated, sdpa gathered): q and k "
+    "gradients off by 1.3e-5 to 2.6e-5 relative",
+    "phi": "unequal slices of a fused qkv (MQA) under tp: the slice rule keeps the k/v blocks "
+    "split while q's slice gathers; the loss is wrong",
+}
 """Fixed variant -> why it fails today (xfail, not strict)."""
-KNOWN_WARNINGS: dict[str, str] = {}
+KNOWN_WARNINGS: dict[str, str] = {
+    "phi": "slice and reshape of an MQA fused qkv gather",
+    "bloom": "reshape of ALiBi's (B*nh, T, hs) merge gathers",
+    "post-mm-ooo": "split_with_sizes of a GQA fused qkv gathers",
+}
 """Fixed variant -> the item-8 ops that still gather on it (xfail, not strict)."""
 
 
@@ -138,7 +152,11 @@ def facts(v: Variant) -> Facts:
         for u, s in shapes.items()
     }
     ulysses = {
-        u: tuple(t for t in (2, 4) if s.heads and all(n % t == 0 for n in s.heads + s.seq_lens))
+        u: tuple(
+            t
+            for t in (2, 4)
+            if s.heads and all(n % t == 0 for n in s.heads + s.kv_heads + s.seq_lens)
+        )
         for u, s in shapes.items()
     }
     units = tuple(analysis.units)
@@ -254,11 +272,20 @@ def _run_plans(rank: int, world: int, v: Variant, plans: list[dict]) -> list[dic
                 if rank == 0:
                     result.update(grads=grads, params=params)
             except Exception as err:
-                tail = traceback.format_exception(err)[-3:]
-                result["error"] = f"rank {rank}: {''.join(tail)[-1500:]}"
+                result["error"] = f"rank {rank}: {_tail(err)}"
         result["gathers"] = _gathering_ops(caught)
         out.append(result)
     return out
+
+
+def _tail(err: BaseException) -> str:
+    """The last frames and message of `err` and of each exception that caused it."""
+    parts = []
+    while err is not None:
+        frames = traceback.format_tb(err.__traceback__)[-2:]
+        parts.append("".join(frames) + f"{type(err).__name__}: {err}"[:800])
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    return "\n<- caused by ->\n".join(reversed(parts))[-3000:]
 
 
 def _rel(got: torch.Tensor | None, want: torch.Tensor, floor: float) -> float:
@@ -318,20 +345,27 @@ def test_fixed_variants_cover_every_block() -> None:
     assert not missing, f"no fixed variant uses {sorted(missing, key=str)}"
 
 
-@settings(_BASE, max_examples=1)
-@given(data=st.data())
-def _fixed(name: str, data: st.DataObject) -> None:
+def _fixed(name: str) -> Callable[[], None]:
+    """One derandomized batch of plans for a fixed variant, drawn from a seed of its own
+    (the same draws for every variant would give every one the same kind of plan)."""
     v = FIXED[name]
-    batch = st.lists(valid_plans(facts(v)), min_size=FIXED_PLANS, max_size=FIXED_PLANS)
-    plans = data.draw(batch, label="plans")
-    assume(interesting(plans))  # the all-minimal first example splits nothing
-    reports = run_and_compare(v, plans)
-    assert not reports, "\n\n".join(reports)
+
+    @seed(zlib.crc32(name.encode()))
+    @settings(_BASE, max_examples=1)
+    @given(data=st.data())
+    def run(data: st.DataObject) -> None:
+        batch = st.lists(valid_plans(facts(v)), min_size=FIXED_PLANS, max_size=FIXED_PLANS)
+        plans = data.draw(batch, label="plans")
+        assume(interesting(plans))  # the all-minimal first example splits nothing
+        reports = run_and_compare(v, plans)
+        assert not reports, "\n\n".join(reports)
+
+    return run
 
 
 @pytest.mark.parametrize("name", [_param(n, KNOWN) for n in FIXED])
 def test_fixed_variant_trains_like_one_process(name: str) -> None:
-    _fixed(name)
+    _fixed(name)()
 
 
 @pytest.mark.parametrize("name", [_param(n, KNOWN_WARNINGS) for n in FIXED])
