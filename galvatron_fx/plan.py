@@ -30,6 +30,7 @@ __all__ = [
     "Recompute",
     "Schedule",
     "check_ulysses",
+    "check_vocab",
     "save_json",
 ]
 
@@ -192,6 +193,9 @@ class LayerShape:
     """Key/value head counts before grouped-query attention repeats them. A tp that does not
     divide them runs the key/value projections whole on every TP rank, as Megatron keeps
     each shared head on every rank that needs it; Ulysses' all-to-all must split them."""
+    vocab_split_dims: tuple[tuple[str, int], ...] = ()
+    """(parameter name, size) of every weight dimension a vocab-parallel segment splits (the
+    vocabulary: embedding rows, logits columns)."""
 
 
 @dataclass(frozen=True)
@@ -295,6 +299,8 @@ class Plan:
                 check_ulysses(unit, s.tp, shapes[unit])
             else:
                 _check_divisible(unit, s.tp, shapes[unit])
+            if s.vocab_parallel:
+                check_vocab(unit, s.tp, shapes[unit])
 
     # JSON ------------------------------------------------------------------------------
 
@@ -429,6 +435,17 @@ def _check_divisible(unit: str, tp: int, shape: LayerShape) -> None:
             raise PlanError(
                 f"layer {unit!r}: {name} has size {size}, not divisible by tp={tp}; "
                 f"use a tp that divides it ({', '.join(map(str, _divisors(size)))})"
+            )
+
+
+def check_vocab(unit: str, tp: int, shape: LayerShape) -> None:
+    """A vocab-parallel segment gives every TP rank an equal share of the vocabulary."""
+    for name, size in shape.vocab_split_dims:
+        if size % tp:
+            raise PlanError(
+                f"unit {unit!r}: vocab_parallel splits {name} of size {size}, not divisible by "
+                f"tp={tp}; use a tp that divides it ({', '.join(map(str, _divisors(size)))}) "
+                "or vocab_parallel=false"
             )
 
 

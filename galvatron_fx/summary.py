@@ -28,6 +28,7 @@ __all__ = [
     "to_dot",
     "to_json",
     "unit_flops",
+    "vocab_size",
 ]
 
 
@@ -177,6 +178,8 @@ def model_fingerprint(gm: fx.GraphModule) -> str:
 
 
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
+_LINEAR = torch.ops.aten.linear.default
+_EMBEDDING = torch.ops.aten.embedding.default
 _WEIGHT_ARG = {torch.ops.aten.linear.default: 1, torch.ops.aten.addmm.default: 2}
 """Where the weight sits among a matmul-like op's arguments (addmm: GPT-2's Conv1D)."""
 
@@ -224,14 +227,28 @@ _VIEWS = {
 }
 
 
+def vocab_size(gm: fx.GraphModule) -> int | None:
+    """The output width of the graph's last parameterised linear (the head's logits): the
+    vocabulary that vocab-parallel segments split. None without such a linear."""
+    size = None
+    for node in gm.graph.nodes:
+        idx = _WEIGHT_ARG.get(node.target)
+        w = node.args[idx] if idx is not None and len(node.args) > idx else None
+        if isinstance(w, fx.Node) and w.op == "get_attr":
+            size = int(w.meta["val"].shape[0 if node.target is _LINEAR else 1])
+    return size
+
+
 def layer_shapes(gm: fx.GraphModule) -> dict[str, LayerShape]:
     """Per unit, the head counts and the weight widths tensor parallelism would split (the
-    layers' linear weights; segments are split only by vocab-parallel options), and the
-    attention's sequence lengths (what Ulysses splits)."""
+    layers' linear weights; segments only their vocabulary, under vocab-parallel options),
+    and the attention's sequence lengths (what Ulysses splits)."""
     out = {}
+    vocab = vocab_size(gm)
     for name, nodes in unit_nodes(gm).items():
         heads: list[int] = []
         kv_heads: list[int] = []
+        rows: list[tuple[str, int]] = []
         dims: list[tuple[str, int]] = []
         seqs: list[int] = []
         for node in nodes:
@@ -243,13 +260,18 @@ def layer_shapes(gm: fx.GraphModule) -> dict[str, LayerShape]:
             idx = _WEIGHT_ARG.get(node.target)  # type: ignore[call-overload]
             weight = node.args[idx] if idx is not None and len(node.args) > idx else None
             in_layer = LAYER.get(node).kind == "layer"
-            if in_layer and isinstance(weight, fx.Node) and weight.op == "get_attr":
-                shape = weight.meta["val"].shape
-                dims += [(f"{weight.target}[{d}]", int(shape[d])) for d in range(len(shape))]
+            if node.target is _EMBEDDING:
+                weight, in_layer = node.args[0], False
+            if isinstance(weight, fx.Node) and weight.op == "get_attr":
+                shape = [int(s) for s in weight.meta["val"].shape]
+                named = [(f"{weight.target}[{d}]", size) for d, size in enumerate(shape)]
+                dims += named if in_layer else []
+                rows += [(n, size) for n, size in named if not in_layer and size == vocab]
         out[name] = LayerShape(
             tuple(dict.fromkeys(heads)),
             tuple(dims),
             tuple(dict.fromkeys(seqs)),
             tuple(dict.fromkeys(kv_heads)),
+            tuple(dict.fromkeys(rows)),
         )
     return out

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,14 @@ from galvatron_fx.passes.plan_costs import (
     rewrite_for_costs,
 )
 from galvatron_fx.passes.recompute import attention_cores
-from galvatron_fx.plan import LayerShape, LayerStrategy, PlanError, Recompute, check_ulysses
+from galvatron_fx.plan import (
+    LayerShape,
+    LayerStrategy,
+    PlanError,
+    Recompute,
+    check_ulysses,
+    check_vocab,
+)
 from galvatron_fx.search.costs import UnitTerms
 from galvatron_fx.summary import layer_shapes, model_fingerprint
 
@@ -226,9 +233,9 @@ def _terms_of(
     tp, sp, vocab, ulysses = layout
     kinds = {u.name: u.kind for u in reduced.layers}
     strategies = {
-        u: LayerStrategy(tp=tp, sp=sp, ulysses=ulysses and _ulysses_fits(u, tp, shapes))
+        u: LayerStrategy(tp=tp, sp=sp, ulysses=ulysses and _fits(check_ulysses, u, tp, shapes))
         if kind == "layer"
-        else LayerStrategy(tp=tp, vocab_parallel=vocab)
+        else LayerStrategy(tp=tp, vocab_parallel=vocab and _fits(check_vocab, u, tp, shapes))
         for u, kind in kinds.items()
     }
     if ulysses and not any(s.ulysses for s in strategies.values()):
@@ -245,7 +252,9 @@ def _terms_of(
         before, previous = previous, local
         s = plan.strategy(unit)
         key = _key(s)
-        if ulysses and not s.ulysses:
+        if (ulysses and not s.ulysses) or (
+            vocab and kinds[unit] == "segment" and not s.vocab_parallel
+        ):
             continue  # priced by the plain tp rewrite
         nodes = [n for n in rewritten.get(unit, []) if COST.has(n) and PLACEMENT.has(n)]
         cores = {n.name for core in attention_cores(original[unit]) for n in core}
@@ -314,9 +323,15 @@ def _unit_terms(
     )
 
 
-def _ulysses_fits(unit: str, degree: int, shapes: dict[str, LayerShape]) -> bool:
+def _fits(
+    check: Callable[[str, int, LayerShape], None],
+    unit: str,
+    degree: int,
+    shapes: dict[str, LayerShape],
+) -> bool:
+    """Whether `check` (Ulysses', the vocabulary split's) accepts `degree` for `unit`."""
     try:
-        check_ulysses(unit, degree, shapes[unit])
+        check(unit, degree, shapes[unit])
     except PlanError:
         return False
     return True

@@ -48,7 +48,7 @@ from galvatron_fx.passes.shard_rules import (
 )
 from galvatron_fx.plan import LayerStrategy, Plan
 from galvatron_fx.runtime.mesh import Mesh
-from galvatron_fx.summary import head_cut
+from galvatron_fx.summary import head_cut, vocab_size
 
 __all__ = ["ShardWarning", "batch_inputs", "mesh_of", "shard", "unit_strategies"]
 
@@ -107,7 +107,18 @@ class _Propagation:
         self.kv_whole = _kv_whole(self.gm, self.strategies)
         _check_batch(self.batch, self.strategies)
         self.stream = _stream_shapes(self.gm)
-        self.vocab = _vocab_size(self.gm)
+        self.vocab = vocab_size(self.gm)
+        self.unblocked: set[fx.Node] = set()
+        """Column-parallel producers whose readers disagree on a block split: split plainly."""
+        while True:  # each round unblocks at least one producer
+            self._propagate()
+            conflicts = _blocks_conflicts(self.gm)
+            if not conflicts:
+                break
+            self.unblocked |= conflicts
+        _warn_fallbacks(self.fallbacks)
+
+    def _propagate(self) -> None:
         self.place: dict[str, dict[fx.Node, object]] = {a: {} for a in AXES}
         self.batch_split: dict[fx.Node, object] = {}
         """Per node, its dp placement were its unit data-parallel: `Shard(0)` marks a value
@@ -116,15 +127,15 @@ class _Propagation:
         self.fallbacks: dict[str, dict[str, list[str]]] = {}
         for node in self.gm.graph.nodes:
             PLACEMENT.set(node, self._node(node))
-        _warn_fallbacks(self.fallbacks)
 
     def _node(self, node: fx.Node) -> NodePlacement:
         s = self.strategies[LAYER.get(node).name]
         if node.op in ("placeholder", "get_attr"):
             dp = Shard(0) if node in self.batch and s.dp > 1 else R
             self.place["dp"][node], self.place["tp"][node] = dp, R
-            self.batch_split[node] = Shard(0) if node in self.batch else R
-            return NodePlacement(dp, R, batch=node in self.batch)
+            batch = node in self.batch and shape(node)[0] > 1  # a batch of 1 has nothing to split
+            self.batch_split[node] = Shard(0) if batch else R
+            return NodePlacement(dp, R, batch=batch)
         needs: list[tuple[str, str, object]] = []
         views = self._inputs(node, s, needs)
         decided = {}
@@ -220,7 +231,7 @@ class _Propagation:
                 return False  # a view that merged or cut the split dim: blocks differ
             src = before
         placement = PLACEMENT.get(src) if isinstance(src, fx.Node) else None
-        if placement is None or "column" not in placement.kinds:
+        if placement is None or "column" not in placement.kinds or src in self.unblocked:
             return False
         if placement.blocks not in (1, count):
             return False
@@ -268,6 +279,29 @@ def _kv_whole(gm: fx.GraphModule, strategies: dict[str, LayerStrategy]) -> set[f
     return out
 
 
+def _blocks_conflicts(gm: fx.GraphModule) -> set[fx.Node]:
+    """Producers split block by block that some reader (through views keeping the split)
+    took as plainly split, gathering it, say: pieces gathered in rank order would come
+    back with the blocks interleaved. Every reader must cut the same blocks."""
+    out = set()
+    for node in gm.graph.nodes:
+        count = PLACEMENT.get(node).blocks if PLACEMENT.has(node) else 1
+        if count == 1:
+            continue
+        todo = list(node.users)
+        while todo:
+            reader = todo.pop()
+            p = PLACEMENT.get(reader)
+            if f"blocks={count}" in p.kinds:
+                continue
+            if reader.target in _SHAPE_PRESERVING and not p.needs:
+                todo.extend(reader.users)
+                continue
+            out.add(node)
+            break
+    return out
+
+
 def _split_size(node: fx.Node, place: dict[fx.Node, object]) -> int | None:
     """The global size of the dim `node` is split on (None: not split)."""
     p = place.get(node)
@@ -282,19 +316,6 @@ def _check_batch(batch: set[fx.Node], strategies: dict[str, LayerStrategy]) -> N
                 f"unit {unit!r}: dp={s.dp} does not divide the batch of {size} (the example "
                 "inputs' first dimension); give a batch that every unit's dp divides"
             )
-
-
-def _vocab_size(gm: fx.GraphModule) -> int | None:
-    """The output width of the graph's last parameterised linear (the head's logits): the
-    vocabulary that vocab-parallel segments split. None without such a linear."""
-    size = None
-    for node in gm.graph.nodes:
-        if node.target in (torch.ops.aten.linear.default, torch.ops.aten.addmm.default):
-            w = _a(node)[1] if node.target == torch.ops.aten.linear.default else _a(node)[2]
-            if isinstance(w, fx.Node) and w.op == "get_attr":
-                dim = 0 if node.target == torch.ops.aten.linear.default else 1
-                size = shape(w)[dim]
-    return size
 
 
 def _stream_shapes(gm: fx.GraphModule) -> dict[str, tuple[int, ...] | None]:

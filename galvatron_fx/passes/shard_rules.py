@@ -231,7 +231,7 @@ def reshape(v: OpView) -> Decision:
     for gi, gj in view_groups(s_in, s_out):
         if d not in gi:
             continue
-        lead_in = next(k for k in gi if s_in[k] != 1)
+        lead_in = next((k for k in gi if s_in[k] != 1), None)
         lead_out = next((k for k in gj if s_out[k] != 1), None)
         if lead_in != d or lead_out is None:
             break
