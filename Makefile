@@ -33,9 +33,13 @@ bench: $(STAMP)
 
 # Random plans at length (tests/test_fuzz_plans.py): GFX_FUZZ_EXAMPLES batches of valid plans
 # per model against one process, 10x as many invalid plans of each kind; about 5 minutes at 12.
+# Then random architectures (tests/test_fuzz_arch.py): GFX_FUZZ_ARCH_EXAMPLES variants, up to
+# 3 plans each, against one process; 70 give about 200 variant x plan runs.
 GFX_FUZZ_EXAMPLES ?= 12
+GFX_FUZZ_ARCH_EXAMPLES ?= 70
 fuzz: $(STAMP)
 	GFX_FUZZ_EXAMPLES=$(GFX_FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz_plans.py --timeout=3600
+	GFX_FUZZ_EXAMPLES=$(GFX_FUZZ_ARCH_EXAMPLES) $(PY) -m pytest tests/test_fuzz_arch.py -k random --timeout=7200
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -2,7 +2,8 @@
 refused with `PlanError` before any work.
 
 Valid plans, on 4 gloo ranks, for the tiny GPT (2 or 4 layers, or 2 with the head tied to
-the embedding) and the tiny Llama: every unit gets tp in {1, 2, 4} dividing its heads and
+the embedding) and a tiny Llama with 2 query heads over 1 key/value head: every unit gets tp
+in {1, 2, 4} dividing its query heads and
 the widths it splits, sp, Ulysses (where the attention's heads and sequence divide) and
 vocab_parallel only with tp > 1, dp = 4 / degree / tp in any dp
 mode, either TP rank order and any recomputation (units sharing a weight share tp, dp, rank
@@ -60,7 +61,11 @@ gfx_compile = importlib.import_module("galvatron_fx.compile")  # the package sha
 SPECS = {
     "gpt2": TINY_GPT,
     "gpt4": TINY_GPT.replace("layers=2", "layers=4"),
-    "llama": TINY_HF["llama"],
+    # 2 query heads over 1 key/value head: tp 2 runs the whole kv projections on both TP
+    # ranks, tp 4 divides no head count (what the invalid tp mutation draws)
+    "llama": TINY_HF["llama"].replace(
+        "num_attention_heads=4,num_key_value_heads=2", "num_attention_heads=2,num_key_value_heads=1"
+    ),
     "gpt2-tied": TINY_GPT + ",tied=1",  # embedding and head share a weight
 }
 WORLD, BATCH, SEQ, STEPS, LR, EPS = 4, 8, 16, 2, 1e-3, 1e-5
@@ -125,7 +130,11 @@ def facts(name: str) -> Facts:
         for u, s in shapes.items()
     }
     ulysses = {
-        u: tuple(t for t in (2, 4) if s.heads and all(n % t == 0 for n in s.heads + s.seq_lens))
+        u: tuple(
+            t
+            for t in (2, 4)
+            if s.heads and all(n % t == 0 for n in s.heads + s.kv_heads + s.seq_lens)
+        )
         for u, s in shapes.items()
     }
     units = tuple(analysis.units)

@@ -67,7 +67,9 @@ def zero3(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 def _zero3_units(
     gm: fx.GraphModule, plan: Plan, specs: dict[str, ParamSpec]
 ) -> dict[str, list[fx.Node]]:
-    """The trainable parameters' `get_attr` nodes of every ZeRO-3 unit, in graph order."""
+    """The trainable parameters' `get_attr` nodes of every ZeRO-3 unit, units in the plan's
+    (data-flow) order: each gather is chained to the unit computed before it, wherever the
+    parameter reads sit in the graph."""
     out: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         spec = specs.get(_name(node)) if node.op == "get_attr" else None
@@ -77,7 +79,8 @@ def _zero3_units(
             continue
         if isinstance(get_attr(gm, _name(node)), nn.Parameter):
             out.setdefault(spec.unit, []).append(node)
-    return out
+    order = {u: i for i, u in enumerate(plan.units)}
+    return dict(sorted(out.items(), key=lambda item: order[item[0]]))
 
 
 def _first_compute(gm: fx.GraphModule, unit: str) -> fx.Node:
