@@ -5,8 +5,8 @@ HuggingFace models, meta-device models and inputs).
 Writes: a GraphModule from `torch.export.export(..., strict=False).module()`; PyTorch puts
 `val` (a FakeTensor) and `nn_module_stack` on every computed node.
 Guarantees: parameters are `get_attr` nodes named by their original FQN; a linear written
-as `x @ w.T` (a matmul with a parameter's transpose) is one `aten.linear` node, as
-`nn.Linear` gives, so it has one sharding rule and one cost; nothing is
+as `x @ w.T (+ b)` (a matmul with a parameter's transpose, a bias parameter added) is one
+`aten.linear` node, as `nn.Linear` gives, so it has one sharding rule and one cost; nothing is
 allocated for a meta-device model; a model that cannot be captured raises one `CaptureError`
 naming the model class, the failing line of the user's source and what to do.
 """
@@ -82,8 +82,31 @@ def _linears(gm: fx.GraphModule) -> int:
         node.target, node.args = aten.linear.default, (x, w)
         if not wt.users:
             gm.graph.erase_node(wt)
+        _fold_bias(gm, node)
         count += 1
     return count
+
+
+def _fold_bias(gm: fx.GraphModule, linear: fx.Node) -> None:
+    """`linear(x, w) + b`, `b` a 1-D parameter as wide as the output, becomes
+    `linear(x, w, b)`: a row-parallel split then adds the bias once, after the reduction."""
+    (user,) = linear.users if len(linear.users) == 1 else (None,)
+    if user is None or user.target is not aten.add.Tensor or user.kwargs:
+        return
+    bias = next((a for a in user.args if a is not linear), None)
+    val = bias.meta.get("val") if isinstance(bias, fx.Node) else None
+    width = linear.meta["val"].shape[-1]
+    if not (isinstance(bias, fx.Node) and bias.op == "get_attr" and isinstance(val, torch.Tensor)):
+        return
+    if (
+        val.dim() != 1
+        or val.shape[0] != width
+        or user.meta["val"].shape != linear.meta["val"].shape
+    ):
+        return
+    linear.args = (*linear.args, bias)
+    user.replace_all_uses_with(linear)
+    gm.graph.erase_node(user)
 
 
 def _is_2d_transpose(node: fx.Node) -> bool:

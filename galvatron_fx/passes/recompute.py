@@ -33,7 +33,12 @@ from galvatron_fx.passes.manager import PassContext, graph_pass
 from galvatron_fx.plan import Plan, Recompute
 from galvatron_fx.runtime import collectives as C
 
-__all__ = ["attention_cores", "recompute", "recompute_regions"]
+__all__ = [
+    "attention_cores",
+    "attention_operands",
+    "recompute",
+    "recompute_regions",
+]
 
 R = Replicate()
 
@@ -105,6 +110,25 @@ def attention_cores(nodes: list[fx.Node]) -> list[list[fx.Node]]:
             taken.update(core)
             cores.append(_absorb_checks(core, unit))
     return cores
+
+
+def attention_operands(core: list[fx.Node]) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """(queries, keys, values) of an attention core: sdpa's first three arguments, or the
+    eager chain's `q @ k^T` operands and the `@ v` one (keys as the chain reads them,
+    transposed). None where they are not nodes."""
+    matmuls = [n for n in core if _op_name(n) in _MATMULS]
+    if _op_name(core[0]).startswith(_SDPA_PREFIXES):
+        operands = core[0].args[:3]
+    elif len(matmuls) >= 2:
+        first, last = matmuls[0], matmuls[-1]
+        skip = 1 if _op_name(first) == "baddbmm" else 0  # baddbmm(bias, q, k^T)
+        operands = (first.args[skip], first.args[skip + 1], last.args[1])
+    else:
+        return None
+    if not all(isinstance(a, fx.Node) for a in operands):
+        return None
+    q, k, v = operands
+    return q, k, v  # type: ignore[return-value]
 
 
 def _op_name(node: fx.Node) -> str:

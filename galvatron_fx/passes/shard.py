@@ -37,7 +37,9 @@ from torch import fx
 from torch.distributed.tensor import Partial, Replicate, Shard
 
 from galvatron_fx.meta import LAYER, PLACEMENT, NodePlacement
+from galvatron_fx.passes.group_layers import unit_nodes
 from galvatron_fx.passes.manager import PassContext, graph_pass
+from galvatron_fx.passes.recompute import attention_cores, attention_operands
 from galvatron_fx.passes.shard_rules import (
     Decision,
     OpView,
@@ -54,7 +56,6 @@ __all__ = ["ShardWarning", "batch_inputs", "mesh_of", "shard", "unit_strategies"
 
 R = Replicate()
 AXES = ("dp", "tp")
-_SDPA = torch.ops.aten.scaled_dot_product_attention.default
 _SHAPE_PRESERVING = {
     torch.ops.aten.view.default,
     torch.ops.aten.reshape.default,
@@ -259,23 +260,36 @@ _PROJECTIONS = {
 
 def _kv_whole(gm: fx.GraphModule, strategies: dict[str, LayerStrategy]) -> set[fx.Node]:
     """The key/value projections of tensor-parallel layers whose heads their tp does not
-    divide: split on their output they would cut heads, so they run whole."""
+    divide (sdpa or eager attention): split on their output they would cut heads, so they
+    run whole."""
     out: set[fx.Node] = set()
-    for node in gm.graph.nodes:
-        s = strategies[LAYER.get(node).name]
-        if node.target is not _SDPA or s.tp == 1 or s.ulysses:
+    for unit, nodes in unit_nodes(gm).items():
+        s = strategies[unit]
+        if s.tp == 1 or s.ulysses:
             continue
-        for operand in _a(node)[1:3]:
-            cut = head_cut(operand, shape(operand)[-1])
-            if cut is None or shape(cut)[-2] % s.tp == 0:
-                continue
-            src = _a(cut)[0]
-            for _ in range(8):
-                if not isinstance(src, fx.Node) or src.target not in _PROJECTION_PATH:
-                    break
-                src = src.args[0]
-            if isinstance(src, fx.Node) and src.target in _PROJECTIONS:
-                out.add(src)
+        for core in attention_cores(nodes):
+            out |= _whole_projections(attention_operands(core), s.tp)
+    return out
+
+
+def _whole_projections(operands: tuple[fx.Node, fx.Node, fx.Node] | None, tp: int) -> set[fx.Node]:
+    """The projections the keys and values of one attention come from, where the view
+    that cut them into heads made a head count `tp` does not divide."""
+    out: set[fx.Node] = set()
+    if operands is None:
+        return out
+    head_dim = shape(operands[0])[-1]
+    for operand in operands[1:]:
+        cut = head_cut(operand, head_dim)
+        if cut is None or shape(cut)[-2] % tp == 0:
+            continue
+        src = _a(cut)[0]
+        for _ in range(8):
+            if not isinstance(src, fx.Node) or src.target not in _PROJECTION_PATH:
+                break
+            src = src.args[0]
+        if isinstance(src, fx.Node) and src.target in _PROJECTIONS:
+            out.add(src)
     return out
 
 
