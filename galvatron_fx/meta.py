@@ -145,8 +145,9 @@ class NodePlacement:
     needs: tuple[tuple[str, str, Any], ...] = ()
     """(input node name, axis `dp`/`tp`, placement) to redistribute before the op runs; axis
     `switch` means the input crosses from a unit on another mesh (placement: (dp, tp))."""
-    blocks: int = 1
-    """A column-parallel weight whose output is split in `blocks` equal parts (fused qkv)."""
+    blocks: tuple[int, ...] = ()
+    """A column-parallel linear whose output dim is cut into blocks of these (global) sizes
+    by its readers (a fused qkv's q, k and v): each block is split across the TP group."""
     batch: bool = False
     """The value carries the batch on dim 0 (it derives from the batch inputs through ops
     that keep it there): a data-parallel unit must run it split."""

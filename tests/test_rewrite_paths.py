@@ -100,6 +100,29 @@ class Unbound(nn.Module):
         return self.out(o.transpose(1, 2).reshape(b, s, H))
 
 
+class FusedGQA(nn.Module):
+    """A grouped-query fused qkv (H + 2 * 2 heads' widths) cut by unequal slices or by
+    `split` with sizes (Phi-3 style), key/value heads repeated by repeat_interleave."""
+
+    def __init__(self, by: str) -> None:
+        super().__init__()
+        self.by, self.kv = by, 2 * (H // HEADS)
+        self.qkv, self.out = nn.Linear(H, H + 2 * self.kv), nn.Linear(H, H)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv, kv = self.qkv(x), self.kv
+        if self.by == "slice":
+            q, k, v = qkv[..., :H], qkv[..., H : H + kv], qkv[..., H + kv :]
+        else:
+            q, k, v = qkv.split([H, kv, kv], dim=-1)
+        q = q.view(b, s, HEADS, H // HEADS).transpose(1, 2)
+        k, v = (t.view(b, s, 2, H // HEADS).transpose(1, 2) for t in (k, v))
+        k, v = (t.repeat_interleave(HEADS // 2, dim=1) for t in (k, v))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(o.transpose(1, 2).reshape(b, s, H))
+
+
 class MatmulLinears(nn.Module):
     """An MLP whose linears are written `x @ w.T` (weight (out, in)) and `x @ w` ((in, out))."""
 
@@ -141,6 +164,8 @@ MIXERS: dict[str, Callable[[], nn.Module]] = {
     "sliced": Sliced,
     "unbound": Unbound,
     "matmul": MatmulLinears,
+    "gqa-slices": lambda: FusedGQA("slice"),
+    "gqa-split": lambda: FusedGQA("split"),
 }
 
 
@@ -208,6 +233,8 @@ CASES: list[tuple[str, Strategies]] = [
     ("unbound", _uniform(LayerStrategy(tp=2, sp=True))),
     ("matmul", _uniform(LayerStrategy(tp=2))),
     ("chunked", _dp_after_whole_batch),
+    ("gqa-slices", _uniform(LayerStrategy(tp=2, sp=True))),
+    ("gqa-split", _uniform(LayerStrategy(tp=2))),
 ]
 
 
@@ -222,10 +249,10 @@ def test_exact(results: list[dict], k: int) -> None:
     check(_reference(name), results[k], f"{name} case {k}")
 
 
-@pytest.mark.parametrize("k", [2, 3, 4, 5])
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 7, 8])
 def test_kept_split(results: list[dict], k: int) -> None:
-    """chunk, block slices, view + unbind and matmul linears keep tp: no gather warned, and
-    every 2-D block weight is halved on each rank."""
+    """chunk, block slices (equal or not), split with sizes, view + unbind and matmul
+    linears keep tp: no gather warned, and every 2-D block weight is halved on each rank."""
     got = results[k]
     assert got["warnings"] == []
     whole = {n: s for n, s in got["shapes"].items() if n.startswith("blocks.") and len(s) == 2}

@@ -231,7 +231,7 @@ CASES = [
         aten.view.default,
         (T((4, 8, 48), S(2)), [4, 8, 3, 4, 4]),
         S(3),
-        kind="blocks=3",
+        kind="blocks=16,16,16",
         numeric=False,  # correct only with the producer's weight split block by block
         dtensor="differs: DTensor gathers; our rule relies on the producer's blocked weight",
     ),
@@ -316,7 +316,7 @@ CASES = [
         aten.split.Tensor,
         (T((4, 8, 48), S(2)), 16, 2),
         (S(2),) * 3,
-        kind="blocks=3",
+        kind="blocks=16,16,16",
         numeric=False,  # correct only with the producer's weight split block by block
         dtensor="differs: DTensor gathers; our rule relies on the producer's blocked weight",
     ),
@@ -336,7 +336,25 @@ CASES = [
         aten.slice.Tensor,
         (T((4, 8, 48), S(2)), 2, 16, 32),
         S(2),
-        kind="blocks=3",
+        kind="blocks=16,16,16",
+        numeric=False,  # correct only with the producer's weight split block by block
+        dtensor="differs: DTensor gathers; our rule relies on the producer's blocked weight",
+    ),
+    Case(
+        "slice_unequal_block",  # a grouped-query fused (H + 2 kv) qkv: k = qkv[..., 32:40]
+        aten.slice.Tensor,
+        (T((4, 8, 48), S(2)), 2, 32, 40),
+        S(2),
+        kind="blocks=32,8,8",
+        numeric=False,  # correct only with the producer's weight split block by block
+        dtensor="differs: DTensor gathers; our rule relies on the producer's blocked weight",
+    ),
+    Case(
+        "split_with_sizes_fused_gqa",
+        aten.split_with_sizes.default,
+        (T((4, 8, 48), S(2)), [32, 8, 8], 2),
+        (S(2),) * 3,
+        kind="blocks=32,8,8",
         numeric=False,  # correct only with the producer's weight split block by block
         dtensor="differs: DTensor gathers; our rule relies on the producer's blocked weight",
     ),
@@ -353,7 +371,7 @@ CASES = [
         aten.chunk.default,
         (T((4, 8, 48), S(2)), 3, -1),
         (S(2),) * 3,
-        kind="blocks=3",
+        kind="blocks=16,16,16",
         numeric=False,  # correct only with the producer's weight split block by block
         dtensor="differs: DTensor gathers; our rule relies on the producer's blocked weight",
     ),

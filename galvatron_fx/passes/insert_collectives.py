@@ -31,9 +31,10 @@ from galvatron_fx.passes.shard_rules import slice_bounds
 from galvatron_fx.plan import LayerStrategy, Plan
 from galvatron_fx.runtime import collectives as C
 from galvatron_fx.runtime.mesh import Layout, Mesh, plan_switch
+from galvatron_fx.runtime.state import take_shard
 from galvatron_fx.runtime.vocab import vocab_cross_entropy, vocab_embedding
 
-__all__ = ["ParamSpec", "get_attr", "insert_collectives", "local_shape", "set_attr", "take_shard"]
+__all__ = ["ParamSpec", "get_attr", "insert_collectives", "local_shape", "set_attr"]
 
 aten = torch.ops.aten
 R = Replicate()
@@ -56,8 +57,8 @@ class ParamSpec:
     global_shape: tuple[int, ...]
     tp_dim: int | None = None
     """Dim split across the TP group (None: replicated)."""
-    blocks: int = 1
-    """Split block by block (fused qkv): each of `blocks` equal parts of `tp_dim` is split."""
+    blocks: tuple[int, ...] = ()
+    """Split block by block (fused qkv): `tp_dim` cut into blocks of these sizes, each split."""
     tp_group: C.GroupRef = field(default_factory=lambda: C.GroupRef((0,)))
     dp_group: C.GroupRef = field(default_factory=lambda: C.GroupRef((0,)))
     grad_sum_tp: bool = False
@@ -78,12 +79,6 @@ def local_shape(shape: tuple[int, ...], dp: Any, tp: Any, mesh: Mesh) -> tuple[i
         if isinstance(p, Shard):
             out[p.dim] //= n
     return tuple(out)
-
-
-def take_shard(t: torch.Tensor, dim: int, blocks: int, n: int, index: int) -> torch.Tensor:
-    """This rank's piece of a tensor-parallel parameter (block by block for fused layers)."""
-    parts = t.chunk(blocks, dim)
-    return torch.cat([p.chunk(n, dim)[index] for p in parts], dim).clone()
 
 
 @graph_pass(reads=("val", LAYER.name, PLACEMENT.name), writes=(LAYER.name, PLACEMENT.name))
@@ -143,14 +138,14 @@ class _Rewrite:
     # parameters --------------------------------------------------------------------------
 
     def _shard_params(self) -> dict[str, ParamSpec]:
-        split: dict[fx.Node, tuple[int, int]] = {}
+        split: dict[fx.Node, tuple[int, tuple[int, ...]]] = {}
         grad_tp: set[fx.Node] = set()
         for node in self.gm.graph.nodes:
             p = PLACEMENT.get(node)
             for name, axis, want in p.needs:
                 a = self.names[name]
                 if a.op == "get_attr" and axis == "tp" and isinstance(want, Shard):
-                    split[a] = (want.dim, p.blocks if "column" in p.kinds else 1)
+                    split[a] = (want.dim, p.blocks if "column" in p.kinds else ())
             for a in node.all_input_nodes:
                 if a.op == "get_attr" and _split_out(p.tp) and not _wants_shard(p, a.name):
                     grad_tp.add(a)
@@ -167,7 +162,9 @@ class _Rewrite:
                 specs[_name(n)] = replace(spec, name=_name(n), alias_of=_name(first))
         return specs
 
-    def _check_tied(self, nodes: list[fx.Node], split: dict[fx.Node, tuple[int, int]]) -> None:
+    def _check_tied(
+        self, nodes: list[fx.Node], split: dict[fx.Node, tuple[int, tuple[int, ...]]]
+    ) -> None:
         names = [n.target for n in nodes]
         if len({split.get(n) for n in nodes if n.users}) > 1:
             raise ValueError(
@@ -180,7 +177,9 @@ class _Rewrite:
                 "give these units the same tp, dp and tp_consecutive"
             )
 
-    def _param_spec(self, node: fx.Node, split: tuple[int, int] | None, grad_tp: bool) -> ParamSpec:
+    def _param_spec(
+        self, node: fx.Node, split: tuple[int, tuple[int, ...]] | None, grad_tp: bool
+    ) -> ParamSpec:
         param = get_attr(self.gm, _name(node))
         if self.strategy(node).ulysses and grad_tp:
             # whole weights on every rank of the stage, each gradient a partial sum over the

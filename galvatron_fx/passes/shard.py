@@ -27,6 +27,8 @@ concrete for one rank.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import operator
 import warnings
 from dataclasses import dataclass
@@ -44,9 +46,11 @@ from galvatron_fx.passes.shard_rules import (
     Decision,
     OpView,
     decide,
+    kind_blocks,
     replicate_all,
     replicated,
     shape,
+    slice_bounds,
 )
 from galvatron_fx.plan import LayerStrategy, Plan
 from galvatron_fx.runtime.mesh import Mesh
@@ -221,10 +225,10 @@ class _Propagation:
 
     def _mark_blocks(self, split: fx.Node, d: Decision) -> bool:
         """Find the column-parallel linear whose output `split` (a split, slice or view)
-        cuts into `count` equal blocks, through views that keep its split dim, and record
-        that its weight is sharded block by block. False where there is no such producer,
-        or it is already split in another number of blocks: the split must then gather."""
-        count = int(d.kind.split("=")[1])
+        cuts into blocks, through views that keep its split dim, and record that its weight
+        is sharded block by block: at every boundary any of its readers cuts
+        (`_blocks_conflicts` then checks each reader reads whole blocks). False where there
+        is no such producer: the split must then gather."""
         src = _a(split)[0]
         while isinstance(src, fx.Node) and src.target in _SHAPE_PRESERVING:
             before = _a(src)[0]
@@ -234,9 +238,8 @@ class _Propagation:
         placement = PLACEMENT.get(src) if isinstance(src, fx.Node) else None
         if placement is None or "column" not in placement.kinds or src in self.unblocked:
             return False
-        if placement.blocks not in (1, count):
-            return False
-        PLACEMENT.set(src, NodePlacement(**{**placement.__dict__, "blocks": count}))
+        cuts = _bounds(placement.blocks) | _bounds(kind_blocks(d.kind.split("+")))
+        PLACEMENT.set(src, dataclasses.replace(placement, blocks=_sizes(cuts)))
         return True
 
 
@@ -299,14 +302,14 @@ def _blocks_conflicts(gm: fx.GraphModule) -> set[fx.Node]:
     back with the blocks interleaved. Every reader must cut the same blocks."""
     out = set()
     for node in gm.graph.nodes:
-        count = PLACEMENT.get(node).blocks if PLACEMENT.has(node) else 1
-        if count == 1:
+        blocks = PLACEMENT.get(node).blocks if PLACEMENT.has(node) else ()
+        if not blocks:
             continue
         todo = list(node.users)
         while todo:
             reader = todo.pop()
             p = PLACEMENT.get(reader)
-            if f"blocks={count}" in p.kinds:
+            if _reads_whole_blocks(reader, kind_blocks(p.kinds), _bounds(blocks)):
                 continue
             if reader.target in _SHAPE_PRESERVING and not p.needs:
                 todo.extend(reader.users)
@@ -314,6 +317,26 @@ def _blocks_conflicts(gm: fx.GraphModule) -> set[fx.Node]:
             out.add(node)
             break
     return out
+
+
+def _bounds(blocks: tuple[int, ...]) -> set[int]:
+    """Where blocks of these sizes start and end: (64, 32, 32) -> {0, 64, 96, 128}."""
+    return {0, *itertools.accumulate(blocks)} if blocks else set()
+
+
+def _sizes(bounds: set[int]) -> tuple[int, ...]:
+    cuts = sorted(bounds)
+    return tuple(b - a for a, b in itertools.pairwise(cuts))
+
+
+def _reads_whole_blocks(reader: fx.Node, asked: tuple[int, ...], cuts: set[int]) -> bool:
+    """A split or view cutting exactly the producer's blocks, or a slice reading one."""
+    if not asked:
+        return False
+    if reader.target is not torch.ops.aten.slice.Tensor:
+        return _bounds(asked) == cuts
+    start, stop = slice_bounds(reader)
+    return start in cuts and stop in cuts and not any(start < c < stop for c in cuts)
 
 
 def _split_size(node: fx.Node, place: dict[fx.Node, object]) -> int | None:

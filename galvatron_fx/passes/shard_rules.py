@@ -27,7 +27,7 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor.placement_types import Placement
 
 __all__ = ["RULES", "Decision", "OpView", "Placement", "decide", "replicated", "slice_bounds"]
-__all__ += ["view_groups"]
+__all__ += ["blocks_kind", "kind_blocks", "view_groups"]
 
 aten = torch.ops.aten
 R = Replicate()
@@ -75,8 +75,8 @@ class Decision:
     """Inputs (activations or parameters) that must take another placement first."""
     kind: str = ""
     """"column" / "row" for linear layers, "fallback" when no rule applied."""
-    blocks: int = 1
-    """Column-parallel weights feeding an equal split (fused qkv): shard each block."""
+    blocks: tuple[int, ...] = ()
+    """Column-parallel weights feeding a split into blocks (fused qkv): shard each block."""
 
 
 Rule = Callable[[OpView], Decision]
@@ -243,7 +243,7 @@ def reshape(v: OpView) -> Decision:
         blocks = 1
         for k in gj:
             if blocks > 1 and s_out[k] % v.n == 0:
-                return Decision(Shard(k), kind=f"blocks={blocks}")
+                return Decision(Shard(k), kind=blocks_kind((s_in[d] // blocks,) * blocks))
             blocks *= s_out[k]
     return Decision(R, {src: R}, "fallback")
 
@@ -304,9 +304,9 @@ def expand(v: OpView) -> Decision:
 
 def slice_(v: OpView) -> Decision:
     """Slicing another dim keeps the shard; a full-range slice of the sharded dim too. A
-    slice of the sharded dim that is one of its equal blocks (`qkv[..., :H]` of a fused
-    projection) keeps it when a column-parallel producer splits each block (checked by the
-    caller): every rank slices its piece of that block."""
+    slice of the sharded dim that cuts it into blocks every rank can split (`qkv[..., H:
+    H + kv]` of a fused projection) keeps it when a column-parallel producer splits each
+    block (checked by the caller): every rank slices its piece of that block."""
     src = v.args[0]
     p = v.p(src)
     d = _sharded(p)
@@ -315,12 +315,22 @@ def slice_(v: OpView) -> Decision:
     if d is None or dim != d or shape(v.node)[dim] == s_in[dim]:
         return Decision(p) if not isinstance(p, Partial) else Decision(R, {src: R})
     start, stop = slice_bounds(v.node)
-    width = stop - start
-    step = v.arg(4, "step", 1)
-    aligned = step == 1 and width > 0 and s_in[d] % width == 0 and start % width == 0
-    if aligned and width % v.n == 0 and s_in[d] // width > 1:
-        return Decision(p, kind=f"blocks={s_in[d] // width}")
+    pieces = tuple(b for b in (start, stop - start, s_in[d] - stop) if b)
+    if v.arg(4, "step", 1) == 1 and stop > start and all(b % v.n == 0 for b in pieces):
+        return Decision(p, kind=blocks_kind(pieces))
     return Decision(R, {src: R}, "fallback")
+
+
+def blocks_kind(sizes: Sequence[int]) -> str:
+    """The decision kind of a rule that keeps a split by cutting it into blocks of these
+    global sizes (the producer's weight must be split block by block)."""
+    return "blocks=" + ",".join(map(str, sizes))
+
+
+def kind_blocks(kinds: Sequence[str]) -> tuple[int, ...]:
+    """The block sizes a node's kinds ask for (empty: none)."""
+    kind = next((k for k in kinds if k.startswith("blocks=")), "")
+    return tuple(int(b) for b in kind.removeprefix("blocks=").split(",")) if kind else ()
 
 
 def slice_bounds(node: fx.Node) -> tuple[int, int]:
@@ -417,9 +427,9 @@ def cat(v: OpView) -> Decision:
 
 def split(v: OpView) -> Decision:
     """split / split_with_sizes / chunk. Splitting another dim keeps the shard. Splitting
-    the sharded dim into equal chunks works when the producer is a column-parallel linear
-    (fused qkv): its weight is then sharded block by block, recorded as `blocks` on that
-    producer."""
+    the sharded dim into pieces every rank can split works when the producer is a
+    column-parallel linear (fused qkv, grouped-query ones unequal): its weight is then
+    sharded block by block, recorded as `blocks` on that producer."""
     src = v.args[0]
     p = v.p(src)
     count = len(v.node.meta["val"])
@@ -429,9 +439,9 @@ def split(v: OpView) -> Decision:
         return Decision((R,) * count, {src: R})
     if d is None or d != dim:
         return Decision((p,) * count)
-    sizes = {shape_of_val(x)[dim] for x in v.node.meta["val"]}
-    if len(sizes) == 1 and next(iter(sizes)) % v.n == 0:
-        return Decision((p,) * count, kind=f"blocks={count}")
+    sizes = [shape_of_val(x)[dim] for x in v.node.meta["val"]]
+    if all(size % v.n == 0 for size in sizes):
+        return Decision((p,) * count, kind=blocks_kind(sizes))
     return Decision((R,) * count, {src: R}, "fallback")
 
 

@@ -25,7 +25,8 @@ from galvatron_fx.runtime import collectives as C
 from galvatron_fx.runtime.collectives import GROUPS, GroupRef
 from galvatron_fx.runtime.data_parallel import Bucket, GradSync
 
-__all__ = ["Holder", "WholeState", "holder_of", "load_whole", "piece", "whole_value"]
+__all__ = ["Holder", "WholeState", "holder_of", "load_whole", "piece", "split_blocks", "take_shard"]
+__all__ += ["whole_value"]
 
 
 @dataclass(frozen=True)
@@ -104,10 +105,9 @@ def whole_value(
         t = full[h.offset : h.offset + math.prod(shape)].view(shape)
     if spec.tp_dim is not None and spec.tp_group.size > 1:
         pieces = _all_gather_list(t, spec.tp_group)
-        blocks = [
-            [p.chunk(spec.blocks, spec.tp_dim)[b] for p in pieces] for b in range(spec.blocks)
-        ]
-        t = torch.cat([torch.cat(b, spec.tp_dim) for b in blocks], spec.tp_dim)
+        local = tuple(b // spec.tp_group.size for b in spec.blocks)
+        cut = [split_blocks(p, spec.tp_dim, local) for p in pieces]
+        t = torch.cat([torch.cat(b, spec.tp_dim) for b in zip(*cut, strict=True)], spec.tp_dim)
     return t
 
 
@@ -115,10 +115,23 @@ def piece(whole: torch.Tensor, spec: Any, rank: int) -> torch.Tensor:
     """This rank's TP piece of a whole tensor (the inverse of the TP gather)."""
     if spec.tp_dim is None or spec.tp_group.size == 1:
         return whole
-    i = spec.tp_group.ranks.index(rank)
-    n = spec.tp_group.size
-    blocks = whole.chunk(spec.blocks, spec.tp_dim)
-    return torch.cat([b.chunk(n, spec.tp_dim)[i] for b in blocks], spec.tp_dim)
+    return take_shard(
+        whole, spec.tp_dim, spec.blocks, spec.tp_group.size, spec.tp_group.index(rank)
+    )
+
+
+def split_blocks(t: torch.Tensor, dim: int, blocks: tuple[int, ...]) -> list[torch.Tensor]:
+    """`t` cut along `dim` into blocks of these sizes (one block: `blocks` empty)."""
+    return list(t.split(list(blocks), dim)) if blocks else [t]
+
+
+def take_shard(
+    t: torch.Tensor, dim: int, blocks: tuple[int, ...], n: int, index: int
+) -> torch.Tensor:
+    """Piece `index` of `n` of a tensor-parallel tensor: of each block, for weights whose
+    output is cut into blocks (fused qkv)."""
+    parts = split_blocks(t, dim, blocks)
+    return torch.cat([p.chunk(n, dim)[index] for p in parts], dim).clone()
 
 
 def load_whole(
