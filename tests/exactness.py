@@ -18,6 +18,7 @@ Two things the tolerances must allow for, both measured:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -25,7 +26,7 @@ import torch
 from conftest import build
 
 __all__ = ["BATCH", "EPS", "LR", "RTOL", "SEQ", "STEPS", "adamw", "check", "reference"]
-__all__ += ["rel_err", "run_steps"]
+__all__ += ["reference_of", "rel_err", "run_steps"]
 
 BATCH, SEQ, STEPS, LR, EPS = 8, 16, 3, 1e-3, 1e-5
 RTOL = 1e-5
@@ -37,7 +38,12 @@ def adamw(params: Any) -> torch.optim.Optimizer:
 
 def reference(spec: str) -> dict[str, Any]:
     """Losses of `STEPS` steps, gradients of the first, parameters after the last."""
-    model, args, kwargs = build(spec, batch=BATCH, seq=SEQ)
+    return reference_of(lambda: build(spec, batch=BATCH, seq=SEQ))
+
+
+def reference_of(make: Callable[[], tuple[Any, tuple[Any, ...], dict[str, Any]]]) -> dict[str, Any]:
+    """`reference` for the (model, args, kwargs) that `make` builds (seeded in `make`)."""
+    model, args, kwargs = make()
     opt = adamw(model.parameters())
     losses, grads = [], {}
     for step in range(STEPS):
@@ -46,7 +52,7 @@ def reference(spec: str) -> dict[str, Any]:
         loss = out if isinstance(out, torch.Tensor) else out.loss
         loss.backward()
         if step == 0:
-            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         opt.step()
         losses.append(loss.item())
     params = {n: p.detach().clone() for n, p in model.named_parameters()}

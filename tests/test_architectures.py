@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from distributed import run_ranks
-from exactness import BATCH, SEQ, STEPS, adamw, check, run_steps
+from exactness import BATCH, SEQ, adamw, check, reference_of, run_steps
 from torch import nn
 
 from galvatron_fx.compile import analyze, parallelize
@@ -28,23 +28,6 @@ WORLD = 4
 VOCAB, HIDDEN, HEADS, LAYERS = 64, 32, 4, 2
 
 Built = tuple[nn.Module, tuple[torch.Tensor, ...]]
-
-
-def reference_of(make: Callable[[], Built]) -> dict[str, Any]:
-    """`exactness.reference` for a model built by `make` (seeded inside `make`)."""
-    model, args = make()
-    opt = adamw(model.parameters())
-    losses, grads = [], {}
-    for step in range(STEPS):
-        opt.zero_grad()
-        loss = model(*args)
-        loss.backward()
-        if step == 0:
-            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        opt.step()
-        losses.append(loss.item())
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return {"losses": losses, "grads": grads, "params": params}
 
 
 def _run_uniform(rank: int, world: int, make: Callable[[], Built], s: LayerStrategy) -> Any:
@@ -122,6 +105,6 @@ def test_head_registered_before_blocks_units_in_data_flow_order() -> None:
 )
 def test_head_registered_before_blocks_matches_one_process(strategy: LayerStrategy) -> None:
     got = run_ranks(_run_uniform, WORLD, make_head_first_gpt, strategy)
-    ref = reference_of(make_head_first_gpt)
+    ref = reference_of(lambda: (*make_head_first_gpt(), {}))
     for rank, result in enumerate(got):
         check(ref, result, f"rank {rank}, {strategy}")

@@ -36,7 +36,7 @@ from arch_variants import BLOCKS, HEADS, Variant, build_variant, variant_problem
 from distributed import run_ranks
 from hypothesis import HealthCheck, Phase, assume, given, note, seed, settings
 from hypothesis import strategies as st
-from test_fuzz_plans import Facts, valid_plans
+from test_fuzz_plans import Facts, degrees, valid_plans
 
 import galvatron_fx as gfx
 from galvatron_fx.compile import Analysis, analyze
@@ -137,22 +137,7 @@ def facts(v: Variant) -> Facts:
     analysis = analysis_of(v)
     gm = analysis.graph_module
     shapes = layer_shapes(gm)
-    tps = {
-        u: tuple(
-            t
-            for t in (1, 2, 4)
-            if all(h % t == 0 for h in s.heads) and all(n % t == 0 for _, n in s.tp_split_dims)
-        )
-        for u, s in shapes.items()
-    }
-    ulysses = {
-        u: tuple(
-            t
-            for t in (2, 4)
-            if s.heads and all(n % t == 0 for n in s.heads + s.kv_heads + s.seq_lens)
-        )
-        for u, s in shapes.items()
-    }
+    tps, ulysses = degrees(shapes)
     units = tuple(analysis.units)
     readers = _readers(gm, units)
     fingerprint = model_fingerprint(gm)

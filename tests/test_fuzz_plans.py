@@ -52,7 +52,15 @@ from hypothesis import strategies as st
 import galvatron_fx as gfx
 from galvatron_fx.compile import analyze
 from galvatron_fx.meta import LAYER
-from galvatron_fx.plan import DPMode, LayerStrategy, PipelineConfig, Plan, PlanError, Recompute
+from galvatron_fx.plan import (
+    DPMode,
+    LayerShape,
+    LayerStrategy,
+    PipelineConfig,
+    Plan,
+    PlanError,
+    Recompute,
+)
 from galvatron_fx.runtime import collectives as C
 from galvatron_fx.summary import layer_shapes, model_fingerprint
 
@@ -116,11 +124,11 @@ class Facts:
     by both stages)."""
 
 
-@functools.cache
-def facts(name: str) -> Facts:
-    model, args, kwargs = build(SPECS[name], batch=BATCH, seq=SEQ)
-    analysis = analyze(model, args, kwargs)
-    shapes = layer_shapes(analysis.graph_module)
+def degrees(
+    shapes: dict[str, LayerShape],
+) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """Per unit, the tp degrees (of 1, 2, 4) dividing its query heads and split widths, and
+    the Ulysses degrees (of 2, 4) dividing its heads, key/value heads and sequence."""
     tps = {
         u: tuple(
             t
@@ -137,6 +145,15 @@ def facts(name: str) -> Facts:
         )
         for u, s in shapes.items()
     }
+    return tps, ulysses
+
+
+@functools.cache
+def facts(name: str) -> Facts:
+    model, args, kwargs = build(SPECS[name], batch=BATCH, seq=SEQ)
+    analysis = analyze(model, args, kwargs)
+    shapes = layer_shapes(analysis.graph_module)
+    tps, ulysses = degrees(shapes)
     units = tuple(analysis.units)
     readers: dict[int, set[int]] = {}  # per parameter (by identity), the units reading it
     for node in analysis.graph.nodes:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_HF, build
 from distributed import run_ranks
-from exactness import STEPS, adamw, check, reference, run_steps
+from exactness import adamw, check, reference, reference_of, run_steps
 from torch import nn
 from torch.distributed.tensor import Replicate
 
@@ -177,18 +177,7 @@ def _model(name: str) -> tuple[LM, tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _reference(name: str) -> dict:
-    model, args = _model(name)
-    opt = adamw(model.parameters())
-    losses, grads = [], {}
-    for step in range(STEPS):
-        opt.zero_grad()
-        loss = model(*args)
-        loss.backward()
-        if step == 0:
-            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        opt.step()
-        losses.append(loss.item())
-    return {"losses": losses, "grads": grads, "params": dict(model.named_parameters())}
+    return reference_of(lambda: (*_model(name), {}))
 
 
 Strategies = Callable[[list[str]], dict[str, LayerStrategy]]
