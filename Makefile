@@ -39,7 +39,8 @@ GFX_FUZZ_EXAMPLES ?= 12
 GFX_FUZZ_ARCH_EXAMPLES ?= 70
 fuzz: $(STAMP)
 	GFX_FUZZ_EXAMPLES=$(GFX_FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz_plans.py --timeout=3600
-	GFX_FUZZ_EXAMPLES=$(GFX_FUZZ_ARCH_EXAMPLES) $(PY) -m pytest tests/test_fuzz_arch.py -k random --timeout=7200
+	GFX_FUZZ_EXAMPLES=$(GFX_FUZZ_ARCH_EXAMPLES) $(PY) -m pytest tests/test_fuzz_arch.py -k random \
+		--timeout=7200 -s
 
 clean:
 	rm -rf $(VENV) build *.egg-info

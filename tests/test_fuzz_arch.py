@@ -389,4 +389,5 @@ def test_random_variants_train_like_one_process(data: st.DataObject) -> None:
     for plan in plans:
         note(f"{v.name}: {json.dumps(plan.to_json())}")
     reports = run_and_compare(v, plans)
+    print(f"fuzz-arch: {v.name}: {len(plans)} plan(s), {len(reports)} failing")  # -s tallies
     assert not reports, f"{v}\n" + "\n\n".join(reports)

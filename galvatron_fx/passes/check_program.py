@@ -11,6 +11,8 @@ Guarantees, or a `ProgramMismatch` naming the unit and the node:
   reads (linear, addmm, matmul, mm, bmm; through transposes and views) is split across the
   TP group, as the plan's per-rank parameter bytes assume, but for key/value projections
   whose heads the tp does not divide (kind `kv_whole`: whole on every TP rank by design);
+- heads: in such a layer, attention (`scaled_dot_product_attention`) runs on 1/tp of the
+  heads, as the plan's activation and compute prices assume;
 - parameter bytes: each parameter on the module holds exactly its `ParamSpec`'s share;
 - collectives: every collective of a unit runs on a group of the unit's own mesh (its TP
   or DP group, or the whole stage), or is a layout switch between meshes.
@@ -44,6 +46,7 @@ _MATMULS = {
     aten.mm.default,
     aten.bmm.default,
 }
+_SDPA = aten.scaled_dot_product_attention.default
 _PASS_THROUGH = {
     aten.t.default,
     aten.numpy_T.default,
@@ -72,6 +75,7 @@ def check_program(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     problems = [
         *_batch(gm, strategies, fell_back),
         *_weights(gm, strategies, specs, fell_back),
+        *_heads(gm, strategies, fell_back),
         *_param_bytes(gm, specs),
         *_groups(gm, strategies, plan.world_size, rank),
     ]
@@ -122,6 +126,22 @@ def _weights(
             out.append(
                 f"unit {unit.name!r}, node {reader.name!r}: weight {spec.name!r} "
                 f"{list(spec.global_shape)} is whole on every rank though the plan gives the "
+                f"layer tp={s.tp}"
+            )
+    return out
+
+
+def _heads(gm: fx.GraphModule, strategies: dict[str, LayerStrategy], exempt: set[str]) -> list[str]:
+    out = []
+    for node in gm.graph.nodes:
+        unit = LAYER.get(node)
+        s = strategies[unit.name]
+        if node.target is not _SDPA or unit.kind != "layer" or s.tp == 1 or s.ulysses:
+            continue
+        if unit.name not in exempt and PLACEMENT.get(node).tp != Shard(1):
+            out.append(
+                f"unit {unit.name!r}, node {node.name!r}: attention runs on every head "
+                f"(local shape {tuple(node.meta['val'].shape)}) though the plan gives the "
                 f"layer tp={s.tp}"
             )
     return out
