@@ -198,7 +198,7 @@ def head_cut(key: fx.Node, head_dim: int) -> fx.Node | None:
         seen.add(node)
         if node.target in _VIEWS and _cuts_heads(node, head_dim):
             return node
-        todo.extend(a for a in node.args if isinstance(a, fx.Node))
+        todo.extend(node.all_input_nodes)
     return None
 
 

@@ -509,6 +509,33 @@ CASES = [
         meta=True,
     ),
     Case(
+        "sdpa_replicated_kv",  # kv heads computed whole (fewer than tp): sliced to q's heads
+        aten.scaled_dot_product_attention.default,
+        (T(Q, S(1)), T(Q), T(Q)),
+        S(1),
+        {1: S(1), 2: S(1)},
+        oracle=_flash,
+        meta=True,
+    ),
+    Case(
+        "sdpa_whole_projections",  # a fused qkv run whole in a tp layer: heads split locally
+        aten.scaled_dot_product_attention.default,
+        (T(Q), T(Q), T(Q)),
+        S(1),
+        {0: S(1), 1: S(1), 2: S(1)},
+        shard_weights=True,
+        oracle=_flash,
+        meta=True,
+    ),
+    Case(
+        "sdpa_replicated",  # outside a tensor-parallel layer: runs whole
+        aten.scaled_dot_product_attention.default,
+        (T(Q), T(Q), T(Q)),
+        R,
+        oracle=_flash,
+        meta=True,
+    ),
+    Case(
         "sdpa_sequence",
         aten.scaled_dot_product_attention.default,
         (T(Q, S(2)), T(Q, S(2)), T(Q, S(2))),

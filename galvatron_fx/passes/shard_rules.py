@@ -594,7 +594,9 @@ def sdpa(v: OpView) -> Decision:
     """Attention splits on batch or heads (dim 0 or 1 of q, k, v); the mask broadcasts.
     A replicated operand is sliced to the others' split (key/value heads computed whole on
     every rank, when the tp does not divide them: each rank keeps the heads its queries
-    use; with `enable_gqa` that needs the tp to divide the key/value heads too).
+    use; with `enable_gqa` that needs the tp to divide the key/value heads too), and in a
+    tensor-parallel layer whose projections all run whole (a fused qkv over fewer
+    key/value heads than tp) every operand is: attention still runs on 1/tp of the heads.
     Under Ulysses, q, k and v split on the sequence (dim 2) are resharded to heads (an
     all-to-all each) and the output comes back on the sequence (kind `ulysses`: the rewrite
     adds the all-to-all after the node)."""
@@ -606,6 +608,8 @@ def sdpa(v: OpView) -> Decision:
         return _ulysses(v, q, k, val, mask)
     split = {_sharded(v.p(x)) for x in (q, k, val) if not isinstance(v.p(x), Replicate)}
     only = next(iter(split)) if len(split) == 1 else None
+    if not split and v.shard_weights and v.vocab is None:
+        only = 1  # a tensor-parallel layer's attention on whole projections: split its heads
     if d is None and only in (0, 1) and all(shape(x)[only] % v.n == 0 for x in (q, k, val)):
         d = only  # the replicated operands are sliced to it
     if d is None or d >= 2 or any(isinstance(v.p(x), Partial) for x in (q, k, val)):
