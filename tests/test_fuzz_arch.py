@@ -98,11 +98,7 @@ FIXED: dict[str, Variant] = {
 }  # fmt: skip
 """Together they use every choice of every block (one family's style each, roughly)."""
 
-KNOWN: dict[str, str] = {
-    "mqa-post-par": "under any tp (2 or 4, with or without sp or stages) the query "
-    "projection's gradients are off by 1.2e-5 to 1.6e-5 relative (under dp alone: 3e-7), "
-    "nothing gathered; rounding or a defect, not settled",
-}
+KNOWN: dict[str, str] = {}
 """Fixed variant -> why it fails today (xfail, not strict)."""
 KNOWN_WARNINGS: dict[str, str] = {
     "bloom": "reshape of ALiBi's (B*nh, T, hs) merge gathers",
@@ -208,7 +204,21 @@ def reference(v: Variant) -> dict[str, Any]:
             grads = {n: p.grad.clone() for n, p in named if p.grad is not None}
         opt.step()
     named = model.named_parameters(remove_duplicate=False)
-    return {"loss": loss, "grads": grads, "params": {n: p.detach().clone() for n, p in named}}
+    params = {n: p.detach().clone() for n, p in named}
+    return {"loss": loss, "grads": grads, "params": params, "rounding": _rounding(v, grads)}
+
+
+def _rounding(v: Variant, grads: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per gradient, how far the float32 reference is from the same step in float64: its
+    own rounding error. Softmax backward cancels, and in some variants the query
+    projection's float32 gradient is 1.3e-5 off the float64 one, above RTOL before any
+    rank splits anything."""
+    model, args, kwargs = build_variant(v, BATCH, SEQ)
+    model.double()(*args, **kwargs).backward()
+    exact = {n: p.grad for n, p in model.named_parameters(remove_duplicate=False)}
+    return {
+        n: _rel(g.double(), exact[n], 1e-30) for n, g in grads.items() if exact.get(n) is not None
+    }
 
 
 def _adamw(params: Any) -> torch.optim.Optimizer:
@@ -288,8 +298,10 @@ def differences(ref: dict[str, Any], got: list[dict[str, Any]]) -> list[str]:
     floor = 1e-6 * max(g.norm().item() for g in ref["grads"].values())
     noise = {n for n, g in ref["grads"].items() if g.norm().item() < floor}
     for n, g in ref["grads"].items():  # below the floor: rounding noise, off by < floor
-        if (err := _rel(grads.get(n), g, floor)) > (RTOL if n not in noise else 1.0):
-            out.append(f"gradient {n}: rel {err:.2e}")
+        # a float32 gradient is only as exact as its own rounding (twice it: both sides round)
+        tol = max(RTOL, 2 * ref["rounding"].get(n, 0.0)) if n not in noise else 1.0
+        if (err := _rel(grads.get(n), g, floor)) > tol:
+            out.append(f"gradient {n}: rel {err:.2e} (the reference's own rounding: {tol / 2:.1e})")
     for n, p in ref["params"].items():
         if n not in noise and (err := _rel(params.get(n), p, 1e-30)) > RTOL:
             out.append(f"{n} after {STEPS} AdamW steps: rel {err:.2e}")
