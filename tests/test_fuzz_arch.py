@@ -100,9 +100,7 @@ FIXED: dict[str, Variant] = {
 
 KNOWN: dict[str, str] = {}
 """Fixed variant -> why it fails today (xfail, not strict)."""
-KNOWN_WARNINGS: dict[str, str] = {
-    "bloom": "reshape of ALiBi's (B*nh, T, hs) merge gathers",
-}
+KNOWN_WARNINGS: dict[str, str] = {}
 """Fixed variant -> the item-8 ops that still gather on it (xfail, not strict)."""
 
 

@@ -13,7 +13,8 @@ batch sizes, per-rank weight shapes and the absence of `ShardWarning`).
   by aligned slices or a view to (3, heads, head_dim) then `unbind`;
 - a data-parallel unit after one that ran the whole batch: it ran the whole batch too;
 - linears written `x @ w.T` and `x @ w`: every rank held the whole weight under tp;
-- fewer key/value heads than tp (grouped-query and multi-query attention), refused before.
+- fewer key/value heads than tp (grouped-query and multi-query attention), refused before;
+- BLOOM's attention over (batch * heads): it gathered, the merged dim split in strides.
 """
 
 from __future__ import annotations
@@ -123,6 +124,33 @@ class FusedGQA(nn.Module):
         return self.out(o.transpose(1, 2).reshape(b, s, H))
 
 
+class MergedHeads(nn.Module):
+    """BLOOM's attention: (B, heads) merged into one dim for baddbmm (ALiBi's slopes as
+    its input) and bmm, the scores viewed back to (B, heads, S, S) in between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.out = (nn.Linear(H, H) for _ in range(4))
+        slopes = torch.tensor([2.0 ** -(i + 1) for i in range(HEADS)])
+        self.register_buffer("slopes", slopes[:, None, None])  # (heads, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        hd = H // HEADS
+        q, k, v = (f(x).view(b, s, HEADS, hd).transpose(1, 2) for f in (self.q, self.k, self.v))
+        alibi = (self.slopes * torch.arange(s, dtype=x.dtype)).expand(b, HEADS, 1, s)
+        scores = torch.baddbmm(
+            alibi.reshape(b * HEADS, 1, s),
+            q.reshape(b * HEADS, s, hd),
+            k.reshape(b * HEADS, s, hd).transpose(1, 2),
+            alpha=hd**-0.5,
+        ).view(b, HEADS, s, s)
+        causal = torch.ones(s, s, dtype=torch.bool).tril()
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        o = torch.bmm(probs.view(b * HEADS, s, s), v.reshape(b * HEADS, s, hd))
+        return self.out(o.view(b, HEADS, s, hd).transpose(1, 2).reshape(b, s, H))
+
+
 class MatmulLinears(nn.Module):
     """An MLP whose linears are written `x @ w.T` (weight (out, in)) and `x @ w` ((in, out))."""
 
@@ -166,6 +194,7 @@ MIXERS: dict[str, Callable[[], nn.Module]] = {
     "matmul": MatmulLinears,
     "gqa-slices": lambda: FusedGQA("slice"),
     "gqa-split": lambda: FusedGQA("split"),
+    "merged-heads": MergedHeads,
 }
 
 
@@ -224,6 +253,7 @@ CASES: list[tuple[str, Strategies]] = [
     ("chunked", _dp_after_whole_batch),
     ("gqa-slices", _uniform(LayerStrategy(tp=2, sp=True))),
     ("gqa-split", _uniform(LayerStrategy(tp=2))),
+    ("merged-heads", _uniform(LayerStrategy(tp=2, sp=True))),
 ]
 
 
@@ -238,10 +268,11 @@ def test_exact(results: list[dict], k: int) -> None:
     check(_reference(name), results[k], f"{name} case {k}")
 
 
-@pytest.mark.parametrize("k", [2, 3, 4, 5, 7, 8])
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 7, 8, 9])
 def test_kept_split(results: list[dict], k: int) -> None:
-    """chunk, block slices (equal or not), split with sizes, view + unbind and matmul
-    linears keep tp: no gather warned, and every 2-D block weight is halved on each rank."""
+    """chunk, block slices (equal or not), split with sizes, view + unbind, matmul linears
+    and (B * heads) baddbmm / bmm keep tp: no gather warned, and every 2-D block weight is
+    halved on each rank."""
     got = results[k]
     assert got["warnings"] == []
     whole = {n: s for n, s in got["shapes"].items() if n.startswith("blocks.") and len(s) == 2}

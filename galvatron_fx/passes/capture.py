@@ -6,7 +6,8 @@ Writes: a GraphModule from `torch.export.export(..., strict=False).module()`; Py
 `val` (a FakeTensor) and `nn_module_stack` on every computed node.
 Guarantees: parameters are `get_attr` nodes named by their original FQN; a linear written
 as `x @ w.T (+ b)` (a matmul with a parameter's transpose, a bias parameter added) is one
-`aten.linear` node, as `nn.Linear` gives, so it has one sharding rule and one cost; nothing is
+`aten.linear` node, as `nn.Linear` gives, so it has one sharding rule and one cost; batched matmuls over merged
+(batch, heads) dims run 4-D (`passes/canonical.py`); nothing is
 allocated for a meta-device model; a model that cannot be captured raises one `CaptureError`
 naming the model class, the failing line of the user's source and what to do.
 """
@@ -20,6 +21,8 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+
+from galvatron_fx.passes.canonical import merged_matmuls
 
 __all__ = ["CaptureError", "capture"]
 
@@ -57,7 +60,7 @@ def capture(
     # Input-shape guards are dropped: later passes change local shapes on purpose.
     gm = program.module(check_guards=False)
     assert isinstance(gm, fx.GraphModule)
-    if _linears(gm):
+    if _linears(gm) + merged_matmuls(gm):
         gm.recompile()
     return gm
 
