@@ -307,11 +307,14 @@ def differences(ref: dict[str, Any], got: list[dict[str, Any]]) -> list[str]:
 
 
 def run_and_compare(v: Variant, plans: list[Plan]) -> list[str]:
-    """One fork of the ranks for `plans`; one report per failing plan."""
+    """One fork of the ranks for `plans`; one report per failing plan (a difference from
+    one process, or an item-8 op gathering)."""
     results = run_ranks(_run_plans, WORLD, v, [p.to_json() for p in plans], timeout_s=900)
     ref, reports = reference(v), []
     for i, plan in enumerate(plans):
         bad = differences(ref, [r[i] for r in results])
+        item_8 = [g for g in results[0][i]["gathers"] if ITEM_8_OPS.match(g)]
+        bad += [f"an op that should keep its split gathers: {g}" for g in item_8]
         if bad:
             gathers = "\n  ".join(results[0][i]["gathers"]) or "none"
             where = f"{v.name}, plan {json.dumps(plan.to_json())}\n{plan.table()}"
