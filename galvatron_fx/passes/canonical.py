@@ -29,15 +29,14 @@ _BMMS = {aten.bmm.default, aten.baddbmm.default}
 
 def merged_matmuls(gm: fx.GraphModule) -> int:
     """Rewrite bmm / baddbmm over merged (batch, heads) operands to 4-D; the count."""
-    count = 0
-    for node in list(gm.graph.nodes):
-        if node.target in _BMMS and _rewrite(gm, node):
-            count += 1
-    if count:
-        _drop_undone_reshapes(gm)
+    backs = [
+        b for node in list(gm.graph.nodes) if node.target in _BMMS and (b := _rewrite(gm, node))
+    ]
+    for back in backs:
+        _drop_undone_reshapes(back)
     # the merging views (and transposes made for a rewrite that then did not apply)
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op != "call_function" or not _pure(n))
-    return count
+    return len(backs)
 
 
 def _pure(node: fx.Node) -> bool:
@@ -45,18 +44,19 @@ def _pure(node: fx.Node) -> bool:
     return node.target in (*_VIEWS, aten.transpose.int, aten.expand.default)
 
 
-def _rewrite(gm: fx.GraphModule, node: fx.Node) -> bool:
+def _rewrite(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The 4-D form of `node` and the reshape to its old shape (returned), or None."""
     add = node.target is aten.baddbmm.default
     a, b = node.args[1:3] if add else node.args[:2]
     if add and _shape(node.args[0])[:1] != _shape(node)[:1]:
-        return False  # an input broadcast over the merged dim: left as it is
+        return None  # an input broadcast over the merged dim: left as it is
     a4 = _unmerged(gm, a, node, None)
     if a4 is None:
-        return False
+        return None
     lead = (_shape(a4)[0], _shape(a4)[1])
     b4 = _unmerged(gm, b, node, lead)
     if b4 is None:
-        return False
+        return None
     with gm.graph.inserting_before(node):
         out = _call(gm, aten.matmul.default, (a4, b4), node)
         if add:
@@ -72,7 +72,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node) -> bool:
         back = _call(gm, aten.reshape.default, (out, list(_shape(node))), node)
     node.replace_all_uses_with(back)
     gm.graph.erase_node(node)
-    return True
+    return back
 
 
 def _unmerged(
@@ -98,14 +98,14 @@ def _unmerged(
     return None
 
 
-def _drop_undone_reshapes(gm: fx.GraphModule) -> None:
-    """`view(reshape(x, s1), shape of x)` is `x`."""
-    for node in gm.graph.nodes:
-        src = node.args[0] if node.target in _VIEWS else None
-        if isinstance(src, fx.Node) and src.target in _VIEWS:
-            inner = src.args[0]
-            if isinstance(inner, fx.Node) and tuple(_shape(inner)) == tuple(_shape(node)):
-                node.replace_all_uses_with(inner)
+def _drop_undone_reshapes(back: fx.Node) -> None:
+    """A view of the rewrite's reshape back to the 4-D result's own shape reads the 4-D
+    result (a contiguous matmul output: nothing downstream loses a layout it relied on)."""
+    out = back.args[0]
+    assert isinstance(out, fx.Node)
+    for user in list(back.users):
+        if user.target in _VIEWS and tuple(_shape(user)) == tuple(_shape(out)):
+            user.replace_all_uses_with(out)
 
 
 def _call(gm: fx.GraphModule, op: Any, args: tuple[Any, ...], like: fx.Node) -> fx.Node:
