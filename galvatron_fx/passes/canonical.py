@@ -1,6 +1,11 @@
 """Canonical forms capture leaves the graph in: one way to write what models write several
 ways, so that the sharding rules see each computation once.
 
+Linears written as matmuls: `x @ w.T (+ b)`, a matmul with a 2-D parameter's transpose and a
+1-D bias parameter added, is `aten.linear(x, w, b)` (`linears`), the op tensor parallelism
+splits as Megatron does and prices once; the arithmetic is the same (`aten.linear` is
+defined as it), and a row-parallel split then adds the bias once, after the reduction.
+
 Batched matmuls over merged (batch, heads) dims: BLOOM-style attention views `(B, nh, S,
 d)` as `(B * nh, S, d)` for `bmm` / `baddbmm` (ALiBi as baddbmm's input) and views the
 result back to `(B, nh, ...)`. Under tensor parallelism the heads are split, and merged
@@ -20,11 +25,67 @@ from typing import Any
 import torch
 from torch import fx
 
-__all__ = ["merged_matmuls"]
+__all__ = ["linears", "merged_matmuls"]
 
 aten = torch.ops.aten
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _BMMS = {aten.bmm.default, aten.baddbmm.default}
+
+
+_TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default}
+
+
+def linears(gm: fx.GraphModule) -> int:
+    """Rewrite `matmul(x, T(w))`, `w` a 2-D parameter and `T` its transpose, into
+    `linear(x, w)`: the same arithmetic (`aten.linear` is defined as it), but the op tensor
+    parallelism splits as Megatron does. Returns the number of matmuls rewritten."""
+    count = 0
+    for node in gm.graph.nodes:
+        if node.target is not aten.matmul.default or len(node.args) != 2:
+            continue
+        x, wt = node.args
+        if not (isinstance(wt, fx.Node) and wt.target in _TRANSPOSES):
+            continue
+        w = wt.args[0]
+        if not (isinstance(w, fx.Node) and w.op == "get_attr" and _is_2d_transpose(wt)):
+            continue
+        node.target, node.args = aten.linear.default, (x, w)
+        if not wt.users:
+            gm.graph.erase_node(wt)
+        _fold_bias(gm, node)
+        count += 1
+    return count
+
+
+def _fold_bias(gm: fx.GraphModule, linear: fx.Node) -> None:
+    """`linear(x, w) + b`, `b` a 1-D parameter as wide as the output, becomes
+    `linear(x, w, b)`: a row-parallel split then adds the bias once, after the reduction."""
+    if len(linear.users) != 1:
+        return
+    user = next(iter(linear.users))
+    if user.target is not aten.add.Tensor or user.kwargs:
+        return
+    bias = next((a for a in user.args if a is not linear), None)
+    if not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
+        return
+    width = _shape(linear)[-1:]
+    if _shape(bias) != width or _shape(user) != _shape(linear):  # a 1-D bias, no broadcast
+        return
+    linear.args = (*linear.args, bias)
+    user.replace_all_uses_with(linear)
+    gm.graph.erase_node(user)
+
+
+def _is_2d_transpose(node: fx.Node) -> bool:
+    val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() != 2:
+        return False
+    args: Any = node.args  # the op's own signature: permute(x, dims), transpose(x, a, b)
+    if node.target is aten.permute.default:
+        return [d % 2 for d in args[1]] == [1, 0]
+    if node.target is aten.transpose.int:
+        return {d % 2 for d in args[1:3]} == {0, 1}
+    return True
 
 
 def merged_matmuls(gm: fx.GraphModule) -> int:

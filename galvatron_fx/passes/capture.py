@@ -4,11 +4,10 @@ Reads: the model and example inputs (plain modules, `symbolic_trace`d GraphModul
 HuggingFace models, meta-device models and inputs).
 Writes: a GraphModule from `torch.export.export(..., strict=False).module()`; PyTorch puts
 `val` (a FakeTensor) and `nn_module_stack` on every computed node.
-Guarantees: parameters are `get_attr` nodes named by their original FQN; a linear written
-as `x @ w.T (+ b)` (a matmul with a parameter's transpose, a bias parameter added) is one
-`aten.linear` node, as `nn.Linear` gives, so it has one sharding rule and one cost; batched matmuls over merged
-(batch, heads) dims run 4-D (`passes/canonical.py`); nothing is
-allocated for a meta-device model; a model that cannot be captured raises one `CaptureError`
+Guarantees: parameters are `get_attr` nodes named by their original FQN; the graph is in
+the canonical forms of `passes/canonical.py` (`x @ w.T (+ b)` is one `aten.linear`, batched
+matmuls over merged (batch, heads) dims run 4-D); nothing is allocated for a meta-device
+model; a model that cannot be captured raises one `CaptureError`
 naming the model class, the failing line of the user's source and what to do.
 """
 
@@ -22,11 +21,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from galvatron_fx.passes.canonical import merged_matmuls
+from galvatron_fx.passes.canonical import linears, merged_matmuls
 
 __all__ = ["CaptureError", "capture"]
-
-aten = torch.ops.aten
 
 
 class CaptureError(RuntimeError):
@@ -60,68 +57,9 @@ def capture(
     # Input-shape guards are dropped: later passes change local shapes on purpose.
     gm = program.module(check_guards=False)
     assert isinstance(gm, fx.GraphModule)
-    if _linears(gm) + merged_matmuls(gm):
+    if linears(gm) + merged_matmuls(gm):
         gm.recompile()
     return gm
-
-
-_TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default}
-
-
-def _linears(gm: fx.GraphModule) -> int:
-    """Rewrite `matmul(x, T(w))`, `w` a 2-D parameter and `T` its transpose, into
-    `linear(x, w)`: the same arithmetic (`aten.linear` is defined as it), but the op tensor
-    parallelism splits as Megatron does. Returns the number of matmuls rewritten."""
-    count = 0
-    for node in gm.graph.nodes:
-        if node.target is not aten.matmul.default or len(node.args) != 2:
-            continue
-        x, wt = node.args
-        if not (isinstance(wt, fx.Node) and wt.target in _TRANSPOSES):
-            continue
-        w = wt.args[0]
-        if not (isinstance(w, fx.Node) and w.op == "get_attr" and _is_2d_transpose(wt)):
-            continue
-        node.target, node.args = aten.linear.default, (x, w)
-        if not wt.users:
-            gm.graph.erase_node(wt)
-        _fold_bias(gm, node)
-        count += 1
-    return count
-
-
-def _fold_bias(gm: fx.GraphModule, linear: fx.Node) -> None:
-    """`linear(x, w) + b`, `b` a 1-D parameter as wide as the output, becomes
-    `linear(x, w, b)`: a row-parallel split then adds the bias once, after the reduction."""
-    (user,) = linear.users if len(linear.users) == 1 else (None,)
-    if user is None or user.target is not aten.add.Tensor or user.kwargs:
-        return
-    bias = next((a for a in user.args if a is not linear), None)
-    val = bias.meta.get("val") if isinstance(bias, fx.Node) else None
-    width = linear.meta["val"].shape[-1]
-    if not (isinstance(bias, fx.Node) and bias.op == "get_attr" and isinstance(val, torch.Tensor)):
-        return
-    if (
-        val.dim() != 1
-        or val.shape[0] != width
-        or user.meta["val"].shape != linear.meta["val"].shape
-    ):
-        return
-    linear.args = (*linear.args, bias)
-    user.replace_all_uses_with(linear)
-    gm.graph.erase_node(user)
-
-
-def _is_2d_transpose(node: fx.Node) -> bool:
-    val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
-    if not isinstance(val, torch.Tensor) or val.dim() != 2:
-        return False
-    args: Any = node.args  # the op's own signature: permute(x, dims), transpose(x, a, b)
-    if node.target is aten.permute.default:
-        return [d % 2 for d in args[1]] == [1, 0]
-    if node.target is aten.transpose.int:
-        return {d % 2 for d in args[1:3]} == {0, 1}
-    return True
 
 
 def _without_cache(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
