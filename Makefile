@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) examples/quickstart.py
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest
 
 lint: $(STAMP)
