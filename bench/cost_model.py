@@ -1,7 +1,7 @@
 """Cost model against measurement: predicted and measured step time of many plans.
 
 Profiles this machine (`galvatron-fx profile`, cached) and the plans' layers, then for each
-plan of the reference GPT on local gloo ranks: the step time `plan_costs` predicts for rank 0
+plan of the reference GPT on local gloo ranks: the step time `price_plan` predicts for rank 0
 on the `local` cluster, and the measured median step time (slowest rank), the fastest of
 `--rounds` rounds taken round-robin over the plans. Prints each plan's error, the
 median absolute error and Spearman's rank correlation across plans.
@@ -31,9 +31,10 @@ from pytorch_side import ensure_profile, seeded
 import galvatron_fx as gfx
 from galvatron_fx.cli import parse_strategy
 from galvatron_fx.cost_models.hardware import ClusterSpec, load_cluster
-from galvatron_fx.passes.plan_costs import plan_costs, plan_peak
+from galvatron_fx.cost_models.layer_times import LayerTimes
+from galvatron_fx.planning.layer_profile import profile_layers
+from galvatron_fx.planning.price import plan_peak, price_plan
 from galvatron_fx.runtime.launch import fork_ranks
-from galvatron_fx.runtime.layer_profile import LayerTimes, profile_layers
 from galvatron_fx.runtime.memory_probe import measure_step_memory
 from galvatron_fx.runtime.profiler import DEFAULT_PROFILE
 
@@ -100,7 +101,7 @@ def _predict(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for rank in range(world):
-            costs = plan_costs(analysis, plan, cluster, rank=rank, dtype="fp32", layer_times=layers)
+            costs = price_plan(analysis, plan, cluster, rank=rank, dtype="fp32", layer_times=layers)
             step_s = step_s or sum(c.time_s for c in costs)
             peaks.append(plan_peak(costs, plan, cluster).peak_bytes)
     return step_s, peaks

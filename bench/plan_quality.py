@@ -3,7 +3,7 @@
 GPT shapes of 1.3B, 7B, 13B and 70B parameters and a BERT-Huge-32 shape, on 8 and 64
 A100-80GB (NVLink nodes of 8, InfiniBand across) and on 8 RTX TITAN (PCIe), at 16, 24, 40 and
 80 GB per device (budgets above a device's memory are skipped). Every number is a prediction
-of the same cost model (`search/costs.py`); the baselines are in `search/baselines.py`.
+of the same cost model (`search/option_cost.py`); the baselines are in `search/baselines.py`.
 Each row: the plan's samples/s, each baseline's as a ratio plan / baseline ("-": does not
 fit), and the plan against the best baseline.
 
@@ -28,8 +28,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from galvatron_fx.compile import Analysis, analyze, search
+from galvatron_fx import search
 from galvatron_fx.cost_models.hardware import load_cluster
+from galvatron_fx.lowering import Analysis, analyze
 from galvatron_fx.models.spec import parse_model_spec
 from galvatron_fx.plan import PlanError
 

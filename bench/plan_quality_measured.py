@@ -30,11 +30,11 @@ from runtime import interleaved
 
 import galvatron_fx as gfx
 from galvatron_fx.cost_models.hardware import ClusterSpec, load_cluster
-from galvatron_fx.passes.plan_costs import measured_efficiency
-from galvatron_fx.passes.search import run_search
+from galvatron_fx.cost_models.layer_times import load_layer_times
 from galvatron_fx.plan import Plan, PlanError
+from galvatron_fx.planning.price import measured_efficiency
+from galvatron_fx.planning.search_step import search_analysis
 from galvatron_fx.runtime.launch import fork_ranks
-from galvatron_fx.runtime.layer_profile import load_layer_times
 from galvatron_fx.runtime.memory_probe import measure_step_memory
 from galvatron_fx.runtime.profiler import DEFAULT_PROFILE
 from galvatron_fx.search.baselines import BASELINES
@@ -70,7 +70,7 @@ def searched(spec_text: str, cluster: ClusterSpec, cap_gb: float, world: int, ba
         warnings.simplefilter("ignore")
         analysis = gfx.analyze(model, args, kwargs)
         try:
-            result = run_search(
+            result = search_analysis(
                 analysis, cluster=cluster, memory_budget_gb=cap_gb, global_batch=batch,
                 world_size=world, precision="fp32", dtype="fp32", efficiency=eff,
             )  # fmt: skip

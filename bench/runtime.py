@@ -59,7 +59,8 @@ from pytorch_side import (
     torch_pipeline,
 )
 
-from galvatron_fx.compile import analyze, compile
+from galvatron_fx import compile
+from galvatron_fx.lowering import analyze
 from galvatron_fx.plan import DPMode, LayerStrategy, PipelineConfig
 from galvatron_fx.runtime.launch import fork_ranks as launch
 

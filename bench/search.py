@@ -2,7 +2,7 @@
 
 First the candidate counts of the decision tree for 8, 16, 32, 64 and 1024 devices. The
 search time is what `galvatron-fx plan` reports: the cost tables read off the graph
-(`passes/search_costs.py`) plus the search over every pipeline configuration, one process,
+(`planning/model_terms.py`) plus the search over every pipeline configuration, one process,
 baselines not included, the fastest of three runs (the first is shown next to it). The
 capture on the meta device is timed apart (it is the same for every search of a model).
 Targets on this machine: <= 1 s and <= 10 s. Search time is an absolute figure against the
@@ -24,7 +24,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from galvatron_fx.compile import Analysis, analyze, search
+from galvatron_fx import search
+from galvatron_fx.lowering import Analysis, analyze
 from galvatron_fx.models.spec import parse_model_spec
 from galvatron_fx.search.space import space_counts
 

@@ -25,11 +25,12 @@ from torch import fx
 from torch.distributed.tensor import Replicate, Shard
 
 from galvatron_fx.meta import LAYER, PLACEMENT, NodePlacement
-from galvatron_fx.passes.manager import PassContext, run_passes
+from galvatron_fx.passes.manager import PassContext, RewriteTarget, run_passes
 from galvatron_fx.passes.shard import ShardWarning, batch_inputs, shard
 from galvatron_fx.passes.shard_rules import shape
 from galvatron_fx.plan import LayerShape, LayerStrategy, Plan
-from galvatron_fx.summary import layer_shapes, model_fingerprint
+from galvatron_fx.unit_graph.shapes import layer_shapes
+from galvatron_fx.unit_graph.units import model_fingerprint
 
 __all__ = [
     "Gather",
@@ -104,7 +105,7 @@ def find_gathers(gm: fx.GraphModule, *, dp: int = 2, max_tp: int = 8) -> GatherC
     by the plan's data-parallel degrees (`dp` and the world size)."""
     plan = representative_plan(gm, dp=dp, max_tp=max_tp)
     _check_batch(gm, plan)
-    ctx = PassContext(results={"plan": plan})
+    ctx = PassContext(target=RewriteTarget(plan, codegen=False))
     with warnings.catch_warnings(record=True) as caught:  # PyTorch's notices on copying too
         warnings.simplefilter("always", ShardWarning)
         copied = run_passes(copy.deepcopy(gm), ctx, [shard])

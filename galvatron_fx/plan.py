@@ -142,7 +142,7 @@ class LayerStrategy:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """Global pipeline fields (filled by the pipeline issue; degree 1 means no pipeline)."""
+    """Global pipeline fields (degree 1 means no pipeline)."""
 
     degree: int = 1
     stage_starts: tuple[str, ...] = ()

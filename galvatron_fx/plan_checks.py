@@ -14,10 +14,15 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-from galvatron_fx.passes.insert_collectives import get_attr
+from galvatron_fx.meta import LAYER
+from galvatron_fx.passes.shard import batch_inputs
+from galvatron_fx.passes.shard_rules import shape
+from galvatron_fx.passes.split_stages import unit_stages
 from galvatron_fx.plan import Plan, PlanError
+from galvatron_fx.runtime.program import get_attr
 from galvatron_fx.search.strategies import storage_layout
-from galvatron_fx.summary import layer_shapes, model_fingerprint
+from galvatron_fx.unit_graph.shapes import layer_shapes
+from galvatron_fx.unit_graph.units import model_fingerprint
 
 __all__ = ["SharedWeight", "check_plan", "shared_weights", "storage_layout", "tie_error"]
 
@@ -45,9 +50,6 @@ def check_plan(plan: Plan, gm: fx.GraphModule, world: int, *, micro_batches: boo
 def _check_batch_split(plan: Plan, gm: fx.GraphModule) -> None:
     """The micro-batches split `gm`'s batch and every unit's dp splits a micro-batch:
     refused here, in one process, before any rank cuts the inputs or rewrites the graph."""
-    from galvatron_fx.passes.shard import batch_inputs
-    from galvatron_fx.passes.shard_rules import shape
-
     inputs = batch_inputs(gm)
     if not inputs:
         return
@@ -67,8 +69,6 @@ def _check_shared_weights(plan: Plan, gm: fx.GraphModule) -> None:
     several (each holding a copy whose gradient is summed over them); every pipeline
     rank's stages hold a parameter (an optimizer refuses an empty list). Refused before
     any rank rewrites or sends anything."""
-    from galvatron_fx.passes.split_stages import unit_stages
-
     p = plan.pipeline
     stage_of = unit_stages(plan.units, p.stage_starts)
     users = _weight_users(gm)
@@ -118,8 +118,6 @@ def shared_weights(gm: fx.GraphModule) -> list[SharedWeight]:
 
 def _weight_users(gm: fx.GraphModule) -> dict[str, set[str]]:
     """Per parameter (one entry per object, however many names it has), the units reading it."""
-    from galvatron_fx.meta import LAYER
-
     out: dict[int, tuple[str, set[str]]] = {}
     for node in gm.graph.nodes:
         param = get_attr(gm, str(node.target)) if node.op == "get_attr" else None

@@ -30,6 +30,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+import galvatron_fx as gfx
+from galvatron_fx.models.spec import parse_model_spec
+from galvatron_fx.plan import Plan
+
 __all__ = ["Batches", "TrainConfig", "launch", "train"]
 
 
@@ -144,10 +148,6 @@ def _vocab(model: torch.nn.Module) -> int | None:
 
 def train(config: TrainConfig) -> list[float]:
     """One rank of a training job (inside torchrun): returns the losses of its steps."""
-    import galvatron_fx as gfx
-    from galvatron_fx.models.spec import parse_model_spec
-    from galvatron_fx.plan import Plan
-
     dist.init_process_group("gloo", timeout=timedelta(seconds=config.timeout_s))
     try:
         rank, world = dist.get_rank(), dist.get_world_size()

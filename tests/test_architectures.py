@@ -20,7 +20,8 @@ from distributed import run_ranks
 from exactness import BATCH, SEQ, adamw, check, reference_of, run_steps
 from torch import nn
 
-from galvatron_fx.compile import analyze, parallelize
+from galvatron_fx import parallelize
+from galvatron_fx.lowering import analyze
 from galvatron_fx.meta import LAYER
 from galvatron_fx.plan import DPMode, LayerStrategy
 

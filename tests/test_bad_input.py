@@ -89,7 +89,7 @@ def test_a_malformed_cluster_file_names_the_field(tmp_path, capsys):
 
 
 def _plan_file(tmp_path, world: int, spec: str = TINY_GPT) -> str:
-    from galvatron_fx.compile import analyze
+    from galvatron_fx.lowering import analyze
 
     model, args, kwargs = build(spec, batch=8, seq=32)
     plan = analyze(model, args, kwargs).plan(LayerStrategy(dp=world), world_size=world)
@@ -134,7 +134,7 @@ def test_six_ranks_do_not_factor_for_the_search_but_the_suggested_plan_runs():
     for result in run_ranks(_compile_with, 6, None, True):
         assert result.startswith("PlanError: search: 6 devices do not factor"), result
         assert "tp=2 dp=3" in result
-    from galvatron_fx.compile import analyze
+    from galvatron_fx.lowering import analyze
 
     model, args, kwargs = build(TINY_GPT, batch=6, seq=32)
     plan = analyze(model, args, kwargs).plan(LayerStrategy(tp=2, dp=3), world_size=6)
@@ -144,7 +144,7 @@ def test_six_ranks_do_not_factor_for_the_search_but_the_suggested_plan_runs():
 
 
 def test_a_plan_for_another_model_or_world_is_refused_on_every_rank():
-    from galvatron_fx.compile import analyze
+    from galvatron_fx.lowering import analyze
 
     other, args, kwargs = build("gpt:layers=3,hidden=64,heads=4,vocab=128,seq=32", batch=6, seq=32)
     wrong_model = analyze(other, args, kwargs).plan(LayerStrategy(dp=2), world_size=2)

@@ -13,7 +13,7 @@ from conftest import build
 from test_pipeline_3d import SPEC
 from test_pipeline_3d import _plan as _plan_3d
 
-from galvatron_fx.compile import analyze
+from galvatron_fx.lowering import analyze
 from galvatron_fx.plan import LayerStrategy
 from galvatron_fx.runtime import checkpoint
 

@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 from conftest import build
 
-from galvatron_fx.compile import analyze
-from galvatron_fx.cost_models.comm import Collective
 from galvatron_fx.cost_models.communication import (
     collective_time_s,
     collectives_time,
@@ -19,8 +17,10 @@ from galvatron_fx.cost_models.communication import (
 from galvatron_fx.cost_models.compute import UnitFlops, roofline_time_s, training_flops
 from galvatron_fx.cost_models.hardware import PRESETS, ClusterSpec, Link, load_cluster
 from galvatron_fx.cost_models.memory import model_state_bytes
+from galvatron_fx.cost_models.traffic import Collective
+from galvatron_fx.lowering import analyze
 from galvatron_fx.plan import Recompute
-from galvatron_fx.summary import unit_flops
+from galvatron_fx.unit_graph.units import unit_flops
 
 LINK = Link("all_reduce", "intra", latency_s=1e-5, bus_bandwidth_bytes_per_s=100e9)
 
@@ -212,9 +212,9 @@ def small_gpt():
 
 
 def _block(analysis, strategy, world):
-    from galvatron_fx.passes.plan_costs import plan_costs
+    from galvatron_fx.planning.price import price_plan
 
-    costs = plan_costs(
+    costs = price_plan(
         analysis, analysis.plan(strategy, world_size=world), PRESETS["a100-80gb-sxm"]
     )
     return next(c for c in costs if c.unit == "blocks.0")

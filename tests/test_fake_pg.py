@@ -15,12 +15,18 @@ import torch
 import torch.distributed as dist
 from conftest import TINY_HF, build
 from torch.testing._internal.distributed.fake_pg import FakeStore
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from galvatron_fx.compile import analyze, parallelize
-from galvatron_fx.passes.collective_list import plan_collectives
-from galvatron_fx.passes.insert_collectives import get_attr
-from galvatron_fx.plan import LayerStrategy, Plan
+from galvatron_fx import parallelize
+from galvatron_fx.cost_models.communication import collectives_time, spans_nodes
+from galvatron_fx.cost_models.hardware import PRESETS
+from galvatron_fx.lowering import analyze
+from galvatron_fx.plan import LayerStrategy, Plan, Recompute
+from galvatron_fx.planning.collective_list import RECOMPUTED
+from galvatron_fx.planning.lowered import plan_collectives
+from galvatron_fx.planning.price import price_plan
 from galvatron_fx.runtime import collectives as C
+from galvatron_fx.runtime.program import get_attr
 from galvatron_fx.runtime.state import take_shard
 
 WORLD = 64
@@ -267,3 +273,57 @@ def test_an_op_without_a_rule_gathers_its_inputs_and_says_so():
     assert "layer 'blocks.0' (nodes ['flip'])" in flips[0] and "layer 'blocks.1'" in flips[0]
     fwd = [c.source for c in listed["blocks.0"] if c.phase == "forward"]
     assert "gather_whole" in fwd or "gather_partial" in fwd
+
+
+class _CountAllReduce(TorchDispatchMode):
+    """Counts the functional all-reduces a step dispatches (the TP collectives' op)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops._c10d_functional.all_reduce.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_full_recomputation_lists_runs_and_prices_its_forward_collectives_again(fake_world, gpt):
+    """Backward re-runs a fully recomputed block's forward, TP all-reduces included, up to
+    its last tensor saved for backward: the listing has those once more (in backward, in
+    line), the price counts them, and a step on the fake group dispatches exactly that many
+    more all-reduces."""
+    analysis, _ = gpt
+    layers = [u.name for u in analysis.layers if u.kind == "layer"]
+    tp = LayerStrategy(tp=2, dp=WORLD // 2)
+    full = LayerStrategy(tp=2, dp=WORLD // 2, recompute=Recompute.FULL)
+    plain_plan = _plan(analysis, tp)
+    full_plan = analysis.plan(
+        {u: full if u in layers else tp for u in analysis.units}, world_size=WORLD
+    )
+    plain, again = plan_collectives(analysis, plain_plan), plan_collectives(analysis, full_plan)
+    cluster = PRESETS["a100-80gb-sxm"]
+    priced = {c.unit: c for c in price_plan(analysis, plain_plan, cluster)}
+    priced_full = {c.unit: c for c in price_plan(analysis, full_plan, cluster)}
+    recomputed_total = 0
+    for unit in layers:
+        forward = [c for c in plain[unit] if c.phase == "forward"]
+        redone = [c for c in again[unit] if c.source.endswith(RECOMPUTED)]
+        assert [c.kind for c in forward] == ["all_reduce"] * 2, forward
+        # checkpoint stops recomputing at the last tensor saved for backward: the MLP's
+        # row-parallel output (summed by the second all-reduce) is saved by nothing inside
+        assert [(c.kind, c.size_bytes, c.phase, c.overlappable) for c in redone] == [
+            (c.kind, c.size_bytes, "backward", False) for c in forward[:1]
+        ]
+        assert [c for c in again[unit] if not c.source.endswith(RECOMPUTED)] == plain[unit]
+        extra_s = collectives_time(tuple(redone), cluster, spans_nodes(full, cluster)).total_s
+        assert extra_s > 0
+        assert priced_full[unit].comm_total_s == pytest.approx(priced[unit].comm_total_s + extra_s)
+        recomputed_total += len(redone)
+    counts = []
+    for plan in (plain_plan, full_plan):
+        compiled = parallelize(analysis.copy(), plan=plan, rank=0)
+        args, kwargs = analysis.context.example_inputs, analysis.context.example_kwargs
+        with _CountAllReduce() as counter:
+            compiled.train_step(*args, **kwargs)
+        counts.append(counter.count)
+    assert counts[1] - counts[0] == recomputed_total

@@ -39,13 +39,14 @@ from hypothesis import strategies as st
 from test_fuzz_plans import Facts, degrees, valid_plans
 
 import galvatron_fx as gfx
-from galvatron_fx.compile import Analysis, analyze
+from galvatron_fx.lowering import Analysis, analyze
 from galvatron_fx.meta import LAYER
-from galvatron_fx.passes.manager import run_passes
+from galvatron_fx.passes.manager import RewriteTarget, run_passes
 from galvatron_fx.passes.shard import ShardWarning, shard
 from galvatron_fx.plan import LayerStrategy, PipelineConfig, Plan, PlanError
 from galvatron_fx.plan_checks import check_plan
-from galvatron_fx.summary import layer_shapes, model_fingerprint
+from galvatron_fx.unit_graph.shapes import layer_shapes
+from galvatron_fx.unit_graph.units import model_fingerprint
 
 WORLD, BATCH, SEQ, STEPS, LR, EPS = 4, 8, 16, 2, 1e-3, 1e-5
 RTOL = 1e-5
@@ -379,7 +380,7 @@ def test_no_item_8_op_gathers_under_tp(name: str) -> None:
         )
         plan = Plan(WORLD, strategies, f.fingerprint)
         analysis = analysis_of(v).copy()
-        analysis.context.results.update(plan=plan, rank=0)
+        analysis.context.target = RewriteTarget(plan, rank=0)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ShardWarning)
             run_passes(analysis.graph_module, analysis.context, [shard])

@@ -50,7 +50,7 @@ from hypothesis import HealthCheck, Phase, assume, given, note, settings
 from hypothesis import strategies as st
 
 import galvatron_fx as gfx
-from galvatron_fx.compile import analyze
+from galvatron_fx.lowering import analyze
 from galvatron_fx.meta import LAYER
 from galvatron_fx.plan import (
     DPMode,
@@ -62,7 +62,8 @@ from galvatron_fx.plan import (
     Recompute,
 )
 from galvatron_fx.runtime import collectives as C
-from galvatron_fx.summary import layer_shapes, model_fingerprint
+from galvatron_fx.unit_graph.shapes import layer_shapes
+from galvatron_fx.unit_graph.units import model_fingerprint
 
 gfx_compile = importlib.import_module("galvatron_fx.compile")  # the package shadows it
 

@@ -6,7 +6,7 @@ from torch import nn
 
 import galvatron_fx as gfx
 from galvatron_fx.meta import LAYER
-from galvatron_fx.passes.group_layers import cut_tensors, layer_digraph, unit_nodes
+from galvatron_fx.unit_graph.units import cut_tensors, layer_digraph, unit_nodes
 from tests.conftest import LAYER_GROUPS, SWIN, TINY_GPT, TINY_HF, build
 
 

@@ -1,5 +1,5 @@
 """Layer timings: the timer cuts a real step into units, the profiler keys them by fingerprint
-and strategy, and `plan_costs` takes measured times over the roofline where it has them."""
+and strategy, and `price_plan` takes measured times over the roofline where it has them."""
 
 from __future__ import annotations
 
@@ -11,17 +11,14 @@ import warnings
 import pytest
 from conftest import TINY_GPT, build
 
-from galvatron_fx.compile import analyze, parallelize
+from galvatron_fx import parallelize
 from galvatron_fx.cost_models.hardware import PRESETS
-from galvatron_fx.passes.plan_costs import plan_costs, stepped_elems
+from galvatron_fx.cost_models.layer_times import LayerTime, LayerTimes, load_layer_times, timing_key
+from galvatron_fx.lowering import analyze
 from galvatron_fx.plan import DPMode, LayerStrategy, Recompute
-from galvatron_fx.runtime.layer_profile import (
-    LayerTimes,
-    load_layer_times,
-    profile_layers,
-    timing_key,
-)
-from galvatron_fx.runtime.layer_timer import LayerTime, instrument, time_units
+from galvatron_fx.planning.layer_profile import profile_layers
+from galvatron_fx.planning.price import price_plan, stepped_elems
+from galvatron_fx.runtime.layer_timer import instrument, time_units
 
 MID_GPT = "gpt:layers=2,hidden=128,heads=4,vocab=256,seq=64"
 
@@ -102,7 +99,7 @@ def test_profiled_layers_feed_plan_costs():
     assert len(table.entries) == 8 and table.concurrency == 2
     for s in (LayerStrategy(dp=2, dp_mode="zero1"), strategies[1]):
         plan = analysis.plan(s, world_size=s.devices)
-        costs = plan_costs(analysis, plan, PRESETS["a100-80gb-sxm"], layer_times=table)
+        costs = price_plan(analysis, plan, PRESETS["a100-80gb-sxm"], layer_times=table)
         assert all(c.measured for c in costs)
         block = next(c for c in costs if c.unit == "blocks.1")
         measured = table.lookup(
@@ -110,7 +107,7 @@ def test_profiled_layers_feed_plan_costs():
         )
         assert (block.fwd_s, block.recompute_s) == (measured.fwd_s, measured.recompute_s)
     tp2 = analysis.plan(LayerStrategy(tp=2), world_size=2)
-    roofline = plan_costs(analysis, tp2, PRESETS["a100-80gb-sxm"], layer_times=table)
+    roofline = price_plan(analysis, tp2, PRESETS["a100-80gb-sxm"], layer_times=table)
     assert not any(c.measured for c in roofline)  # not profiled: the roofline
 
 
@@ -152,16 +149,15 @@ def test_measured_efficiency_is_the_roofline_over_the_profiled_layers():
     import dataclasses
 
     from galvatron_fx.cost_models.hardware import load_cluster
-    from galvatron_fx.passes.plan_costs import measured_efficiency, plan_costs
+    from galvatron_fx.cost_models.layer_times import LayerTime, LayerTimes, timing_key
     from galvatron_fx.plan import LayerStrategy
-    from galvatron_fx.runtime.layer_profile import LayerTimes, timing_key
-    from galvatron_fx.runtime.layer_timer import LayerTime
+    from galvatron_fx.planning.price import measured_efficiency, price_plan
 
     model, args, kwargs = build(TINY_GPT, batch=4, seq=16)
     analysis = analyze(model, args, kwargs)
     cluster = load_cluster("a100-80gb-sxm")
     s = LayerStrategy(dp=2)
-    roof = plan_costs(analysis, analysis.plan(s, world_size=2), cluster, dtype="fp32")
+    roof = price_plan(analysis, analysis.plan(s, world_size=2), cluster, dtype="fp32")
     # every unit measured 4x slower than its roofline: an efficiency of 1/4
     entries = {}
     for unit, cost in zip(analysis.layers, roof, strict=True):

@@ -17,7 +17,8 @@ from conftest import TINY_GPT, build
 from distributed import run_ranks
 from torch import nn
 
-from galvatron_fx.compile import analyze, parallelize
+from galvatron_fx import parallelize
+from galvatron_fx.lowering import analyze
 from galvatron_fx.plan import DPMode, LayerStrategy
 from galvatron_fx.runtime.memory_probe import measure_step_memory, state_storages
 

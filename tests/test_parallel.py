@@ -24,10 +24,12 @@ from conftest import SWIN, TINY_GPT, TINY_HF, build
 from distributed import run_ranks
 from exactness import BATCH, RTOL, SEQ, STEPS, adamw, check, reference, run_steps
 
-from galvatron_fx.compile import analyze, parallelize
+from galvatron_fx import parallelize
+from galvatron_fx.lowering import analyze
 from galvatron_fx.meta import LAYER
 from galvatron_fx.plan import DPMode, LayerStrategy, Plan, PlanError, Recompute
-from galvatron_fx.summary import layer_shapes, model_fingerprint
+from galvatron_fx.unit_graph.shapes import layer_shapes
+from galvatron_fx.unit_graph.units import model_fingerprint
 
 SPECS = {
     "gpt": TINY_GPT,

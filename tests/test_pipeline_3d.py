@@ -8,7 +8,7 @@ import torch
 from conftest import build
 from test_split_stages import SPEC, check_against_one_process
 
-from galvatron_fx.compile import analyze
+from galvatron_fx.lowering import analyze
 from galvatron_fx.plan import LayerStrategy, PipelineConfig, Plan
 
 TP2 = LayerStrategy(tp=2)

@@ -15,7 +15,8 @@ from galvatron_fx.plan import (
     Recompute,
     Schedule,
 )
-from galvatron_fx.summary import layer_shapes, model_fingerprint
+from galvatron_fx.unit_graph.shapes import layer_shapes
+from galvatron_fx.unit_graph.units import model_fingerprint
 from tests.conftest import TINY_GPT, build
 
 UNITS = ["embedding", "blocks.0", "blocks.1", "head", "loss"]

@@ -9,11 +9,12 @@ from dataclasses import replace
 import pytest
 from conftest import build
 
-from galvatron_fx.compile import analyze, parallelize
+from galvatron_fx import parallelize
 from galvatron_fx.cost_models.hardware import PRESETS
 from galvatron_fx.cost_models.peak_memory import UnitMemory, peak_memory, runtime_state
-from galvatron_fx.passes.plan_costs import plan_costs, plan_peak
+from galvatron_fx.lowering import analyze
 from galvatron_fx.plan import DPMode, LayerStrategy
+from galvatron_fx.planning.price import plan_peak, price_plan
 from galvatron_fx.runtime.launch import fork_ranks
 from galvatron_fx.runtime.memory_probe import measure_step_memory
 
@@ -77,5 +78,5 @@ def test_predicted_peak_matches_the_probe_within_5_percent(strategy):
     for rank, got in enumerate(measured):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            costs = plan_costs(analysis, plan, local, rank=rank, dtype="fp32")
+            costs = price_plan(analysis, plan, local, rank=rank, dtype="fp32")
         assert plan_peak(costs, plan, local).peak_bytes == pytest.approx(got, rel=0.05)

@@ -15,11 +15,12 @@ from torch import fx, nn
 
 import galvatron_fx as gfx
 from galvatron_fx.meta import LAYER, PLACEMENT
-from galvatron_fx.passes.group_layers import unit_nodes
-from galvatron_fx.passes.manager import PassContext, run_passes
-from galvatron_fx.passes.recompute import attention_cores, recompute, recompute_regions
+from galvatron_fx.passes.manager import PassContext, RewriteTarget, run_passes
+from galvatron_fx.passes.recompute import recompute, recompute_regions
 from galvatron_fx.passes.shard import shard
 from galvatron_fx.plan import LayerStrategy, Plan, Recompute
+from galvatron_fx.unit_graph.attention import attention_cores
+from galvatron_fx.unit_graph.units import unit_nodes
 from tests.conftest import TINY_GPT, TINY_HF, build
 
 SPECS = {"gpt": TINY_GPT, "llama": TINY_HF["llama"], "bert": TINY_HF["bert"]}
@@ -192,10 +193,10 @@ def test_pass_follows_the_plan_under_the_runner(analysed):
     plan = Plan.uniform(units, LayerStrategy(), world_size=1, model_fingerprint="test")
     plan = plan.with_strategy("blocks.1", LayerStrategy(recompute=Recompute.FULL))
     # the pass runs after `shard` in the compiler's list: placements must exist
-    placed = run_passes(copy.deepcopy(gm), PassContext(results={"plan": plan}), [shard])
+    placed = run_passes(copy.deepcopy(gm), PassContext(target=RewriteTarget(plan)), [shard])
     untouched = run_passes(copy.deepcopy(placed), PassContext(), [recompute])
     assert not _checkpoints(untouched)  # no plan, nothing to do
-    new = run_passes(copy.deepcopy(placed), PassContext(results={"plan": plan}), [recompute])
+    new = run_passes(copy.deepcopy(placed), PassContext(target=RewriteTarget(plan)), [recompute])
     assert all(PLACEMENT.has(n) for n in new.graph.nodes)
     (call,) = _checkpoints(new)
     assert LAYER.get(call).name == "blocks.1"

@@ -32,15 +32,16 @@ from exactness import adamw, check, reference, reference_of, run_steps
 from torch import nn
 from torch.distributed.tensor import Replicate
 
-from galvatron_fx.compile import analyze, parallelize
+from galvatron_fx import parallelize
 from galvatron_fx.cost_models.hardware import load_cluster
+from galvatron_fx.lowering import analyze
 from galvatron_fx.meta import LAYER, PLACEMENT
 from galvatron_fx.passes.check_program import ProgramMismatch, check_program
 from galvatron_fx.passes.insert_collectives import insert_collectives
-from galvatron_fx.passes.manager import run_passes
-from galvatron_fx.passes.search_costs import model_terms
+from galvatron_fx.passes.manager import RewriteTarget, run_passes
 from galvatron_fx.passes.shard import ShardWarning, shard
 from galvatron_fx.plan import DPMode, LayerStrategy, PlanError, Recompute
+from galvatron_fx.planning.model_terms import model_terms
 
 H, HEADS, VOCAB, BATCH, SEQ = 16, 4, 32, 4, 8
 
@@ -299,7 +300,7 @@ def test_check_program_names_unit_and_node() -> None:
     analysis = analyze(model, args, {})
     plan = analysis.plan(_uniform(LayerStrategy(dp=2))(analysis.units), world_size=2)
     gm, ctx = analysis.graph_module, analysis.context
-    ctx.results.update(plan=plan, rank=0, codegen=False)
+    ctx.target = RewriteTarget(plan, rank=0, codegen=False)
     gm = run_passes(gm, ctx, (shard, insert_collectives, check_program))  # consistent: passes
     node = next(n for n in gm.graph.nodes if n.name == "layer_norm_1")
     PLACEMENT.set(node, dataclasses.replace(PLACEMENT.get(node), dp=Replicate()))

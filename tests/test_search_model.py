@@ -1,4 +1,4 @@
-"""The search on real models: its prices agree with `plan_costs`, its plans fit, load back
+"""The search on real models: its prices agree with `price_plan`, its plans fit, load back
 and compile, nothing beats it among the baselines, and an impossible budget says why."""
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ from conftest import TINY_GPT, build
 from distributed import run_ranks
 
 import galvatron_fx as gfx
+from galvatron_fx import parallelize
 from galvatron_fx.cli import main
-from galvatron_fx.compile import analyze, parallelize
 from galvatron_fx.cost_models.hardware import load_cluster
-from galvatron_fx.passes.plan_costs import plan_costs, plan_peak
-from galvatron_fx.passes.search_costs import model_terms, representatives
+from galvatron_fx.lowering import analyze
 from galvatron_fx.plan import DPMode, LayerStrategy, Plan, PlanError, Recompute, Schedule
+from galvatron_fx.planning.model_terms import model_terms, representatives
+from galvatron_fx.planning.price import plan_peak, price_plan
 from galvatron_fx.search.dp import evaluate
 from galvatron_fx.search.planner import Config, SearchSpace
 
@@ -45,10 +46,12 @@ def test_repeated_layers_share_one_representative(analysis):
         LayerStrategy(dp=4, dp_mode=DPMode.ZERO3, recompute=Recompute.FULL),
         LayerStrategy(tp=2, sp=True, dp=2, dp_mode=DPMode.ZERO1, recompute=Recompute.SELECTIVE),
         LayerStrategy(tp=4, dp=1),
+        # backward runs the TP all-reduce before the block's last saved tensor again
+        LayerStrategy(tp=2, dp=2, recompute=Recompute.FULL),
     ],
     ids=lambda s: s.short(),
 )
-def test_search_prices_a_plan_as_plan_costs_does(analysis, strategy):
+def test_search_prices_a_plan_as_price_plan_does(analysis, strategy):
     """At the captured batch (one micro-batch) the search's price of a plan and the cost
     model's whole-plan rewrite agree (measured: within 0.11%; the search prices layout
     switches with its own model, the rewrite reads them off the graph); the search's
@@ -61,7 +64,7 @@ def test_search_prices_a_plan_as_plan_costs_does(analysis, strategy):
     plan = analysis.plan(
         {u: strategy if k == "layer" else segment for u, k in kinds.items()}, world_size=4
     )
-    costs = plan_costs(analysis, plan, cluster, dtype="bf16", precision="fp32")
+    costs = price_plan(analysis, plan, cluster, dtype="bf16", precision="fp32")
     problem = space.problem(Config(1, 1, Schedule.ONE_F_ONE_B), prune=False)
     choice = [problem.units[i].strategies.index(plan.strategy(u)) for i, u in enumerate(plan.units)]
     priced = evaluate(problem, (0,), choice)
@@ -77,7 +80,7 @@ def test_returned_plans_fit_the_budget(analysis, budget_gb):
         world_size=4, precision="fp32", max_pipeline=1, baselines=False,
     )  # fmt: skip
     plan = result.plan
-    costs = plan_costs(analysis, plan, load_cluster(A100), dtype="bf16", precision="fp32")
+    costs = price_plan(analysis, plan, load_cluster(A100), dtype="bf16", precision="fp32")
     peak = plan_peak(costs, plan, load_cluster(A100), "fp32").peak_bytes
     assert peak <= budget_gb * 2**30
     assert max(result.predicted["peak_memory_bytes"]) <= budget_gb * 2**30

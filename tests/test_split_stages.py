@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import TINY_GPT, build
 
-from galvatron_fx.compile import analyze
-from galvatron_fx.passes.split_stages import split_stages, unit_stages
+from galvatron_fx.lowering import analyze
+from galvatron_fx.passes.split_stages import cut_stages, unit_stages
 from galvatron_fx.plan import LayerStrategy, PipelineConfig, Plan, PlanError
 
 SPEC = "gpt:layers=4,hidden=64,heads=4,vocab=128,seq=32"
@@ -30,6 +30,10 @@ def _plan(
     return Plan(n, strategies, fingerprint, pipeline)
 
 
+def _cut(analysis, plan):
+    return cut_stages(analysis.copy().graph_module, plan.units, plan.pipeline)
+
+
 def _flat(args, kwargs):
     return [*args, *kwargs.values()]
 
@@ -44,7 +48,7 @@ def test_stages_in_order_give_the_loss_and_gradients_of_the_model(starts):
     grads = {n: p.grad.clone() for n, p in analysis.graph_module.named_parameters()}
     analysis.graph_module.zero_grad(set_to_none=True)
 
-    split = split_stages(analysis.copy().graph_module, _plan(analysis, starts))
+    split = _cut(analysis, _plan(analysis, starts))
     assert len(split.stages) == len(starts) + 1
     got = split.graph_module(*_flat(args, kwargs))
     got_loss = got if isinstance(got, torch.Tensor) else got[0]
@@ -75,7 +79,7 @@ def test_a_weight_tied_across_stages_is_held_by_both():
     want = next(p.grad.clone() for n, p in analysis.graph_module.named_parameters() if "wte" in n)
     analysis.graph_module.zero_grad(set_to_none=True)
 
-    split = split_stages(analysis.copy().graph_module, _plan(analysis, ("blocks.1",)))
+    split = _cut(analysis, _plan(analysis, ("blocks.1",)))
     first, last = ({id(p): p for p in split.stage(k).parameters()} for k in (0, 1))
     (tied,) = [p for i, p in first.items() if i in last]  # one object in both stages
     assert tied.shape == want.shape

@@ -16,10 +16,10 @@ from distributed import run_ranks
 from exactness import BATCH, SEQ, adamw, check, reference, run_steps
 
 import galvatron_fx as gfx
-from galvatron_fx.compile import analyze
-from galvatron_fx.passes.insert_collectives import get_attr
+from galvatron_fx.lowering import analyze
 from galvatron_fx.plan import LayerStrategy, PipelineConfig, Plan
 from galvatron_fx.plan_checks import check_plan
+from galvatron_fx.runtime.program import get_attr
 
 TIED = TINY_GPT + ",tied=1"
 TIED4 = "gpt:layers=4,hidden=64,heads=4,vocab=128,seq=32,tied=1"

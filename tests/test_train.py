@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from galvatron_fx.compile import analyze
+from galvatron_fx.lowering import analyze
 from galvatron_fx.models.spec import parse_model_spec
 from galvatron_fx.plan import LayerStrategy
 

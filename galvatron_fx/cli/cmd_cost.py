@@ -6,7 +6,7 @@ import argparse
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from galvatron_fx.cli.common import (
     MODEL_HELP,
@@ -14,6 +14,10 @@ from galvatron_fx.cli.common import (
     examples,
     write_json,
 )
+
+if TYPE_CHECKING:  # types only: the CLI imports torch lazily, to keep --help fast
+    from galvatron_fx.cost_models.layer_times import LayerTimes
+    from galvatron_fx.plan import LayerStrategy
 
 
 def add(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -65,7 +69,7 @@ def add(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 _ZERO = {"0": "allreduce", "1": "zero1", "2": "zero2", "3": "zero3"}
 
 
-def parse_strategy(text: str) -> Any:
+def parse_strategy(text: str) -> LayerStrategy:
     """`tp=4,dp=2,sp=1,zero=3,ckpt=full,vocab=1` -> LayerStrategy (ValueError names the key);
     `tp=4,ulysses=1`: the group of 4 runs Ulysses sequence parallelism."""
     from galvatron_fx.plan import LayerStrategy
@@ -97,7 +101,7 @@ def parse_strategy(text: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from galvatron_fx.cost_models.hardware import load_cluster
-    from galvatron_fx.passes.plan_costs import plan_costs, plan_peak
+    from galvatron_fx.planning.price import plan_peak, price_plan
 
     cluster = load_cluster(args.cluster)
     strategy = parse_strategy(args.strategy)
@@ -107,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     plan = analysis.plan(strategy, world_size=strategy.devices)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deep-copying the graph's pytree specs warns
-        costs = plan_costs(
+        costs = price_plan(
             analysis,
             plan,
             cluster,
@@ -140,9 +144,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _layer_times(path: Path | None, cluster: str) -> Any:
+def _layer_times(path: Path | None, cluster: str) -> LayerTimes | None:
     """Measured layer times apply to the machine that measured them: `--cluster local`."""
-    from galvatron_fx.runtime.layer_profile import DEFAULT_LAYERS, load_layer_times
+    from galvatron_fx.cost_models.layer_times import DEFAULT_LAYERS, load_layer_times
 
     if cluster != "local":
         if path is not None:
@@ -157,7 +161,7 @@ def _explain(analysis: Any, plan: Any, cluster: Any, cost: Any, precision: Any) 
     from galvatron_fx.cost_models.communication import explain, spans_nodes
     from galvatron_fx.cost_models.compute import explain_training_flops
     from galvatron_fx.cost_models.memory import explain_model_states
-    from galvatron_fx.summary import unit_flops
+    from galvatron_fx.unit_graph.units import unit_flops
 
     unit = cost.unit
     flops = unit_flops(analysis.graph_module)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from galvatron_fx.cli.common import (
     MODEL_HELP,
@@ -17,6 +17,12 @@ from galvatron_fx.cli.common import (
     write_json,
 )
 from galvatron_fx.progress import progress
+
+if TYPE_CHECKING:  # types only: the CLI imports torch lazily, to keep --help fast
+    from torch import fx
+
+    from galvatron_fx.gathers import GatherCheck
+    from galvatron_fx.lowering import Analysis
 
 
 def add(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -131,17 +137,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gathers(analysis: Any, args: argparse.Namespace) -> Any:
+def _gathers(analysis: Analysis, args: argparse.Namespace) -> GatherCheck:
     """The ops that would gather under a uniform tp/dp plan (`galvatron_fx.gathers`)."""
 
-    def recapture(batch: int) -> Any:
+    def recapture(batch: int) -> fx.GraphModule:
         return capture(args.model, "meta", batch, args.seq, say_seq=False)[0].graph_module
 
     return gather_check(analysis.graph_module, args.global_batch, recapture)
 
 
-def _explain_space(analysis: Any, args: argparse.Namespace) -> int:
-    from galvatron_fx.passes.search import explain_space
+def _explain_space(analysis: Analysis, args: argparse.Namespace) -> int:
+    from galvatron_fx.planning.search_step import explain_space
     from galvatron_fx.search.space import GALVATRON_8_GPUS
 
     found = explain_space(

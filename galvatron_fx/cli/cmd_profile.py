@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from galvatron_fx.cli.cmd_cost import parse_strategy
 from galvatron_fx.cli.common import (
@@ -13,6 +13,10 @@ from galvatron_fx.cli.common import (
     capture,
     examples,
 )
+
+if TYPE_CHECKING:  # types only: the CLI imports torch lazily, to keep --help fast
+    from galvatron_fx.lowering import Analysis
+    from galvatron_fx.plan import LayerStrategy
 
 
 def add(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -81,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _layer_inputs(args: argparse.Namespace) -> tuple[Any, tuple, dict, list[Any]]:
-    from galvatron_fx.runtime.layer_profile import default_strategies, fitting_strategies
+    from galvatron_fx.cost_models.layer_times import default_strategies
+    from galvatron_fx.planning.layer_profile import fitting_strategies
 
     analysis, inputs, kwargs = capture(args.model, "cpu", args.batch, args.seq)
     if args.strategies:
@@ -92,9 +97,14 @@ def _layer_inputs(args: argparse.Namespace) -> tuple[Any, tuple, dict, list[Any]
 
 
 def _profile_layers(
-    args: argparse.Namespace, analysis: Any, inputs: tuple, kwargs: dict, strategies: list[Any]
+    args: argparse.Namespace,
+    analysis: Analysis,
+    inputs: tuple,
+    kwargs: dict,
+    strategies: list[LayerStrategy],
 ) -> None:
-    from galvatron_fx.runtime.layer_profile import DEFAULT_LAYERS, profile_layers
+    from galvatron_fx.cost_models.layer_times import DEFAULT_LAYERS
+    from galvatron_fx.planning.layer_profile import profile_layers
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -6,9 +6,14 @@ import json
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from galvatron_fx.jsonio import read_json as _read
+
+if TYPE_CHECKING:  # types only: the CLI imports torch lazily, to keep --help fast
+    from torch import fx
+
+    from galvatron_fx.gathers import GatherCheck
 
 __all__ = ["MODEL_HELP", "capture", "examples", "gather_check", "info", "read_json", "write"]
 
@@ -56,7 +61,9 @@ def capture(
         return gfx.analyze(model, inputs, kwargs), inputs, kwargs
 
 
-def gather_check(gm: Any, batch: int, recapture: Callable[[int], Any]) -> Any:
+def gather_check(
+    gm: fx.GraphModule, batch: int, recapture: Callable[[int], fx.GraphModule]
+) -> GatherCheck:
     """`galvatron_fx.gathers.find_gathers` on the analysed graph `gm`, captured at `batch`;
     where the representative plan's data parallelism does not divide that batch, on the
     graph `recapture(world_size)` returns instead (the same model at that batch)."""

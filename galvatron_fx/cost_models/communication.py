@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import sympy
 
-from galvatron_fx.cost_models.comm import Collective
 from galvatron_fx.cost_models.hardware import ClusterSpec, Link
+from galvatron_fx.cost_models.traffic import Collective
 from galvatron_fx.plan import LayerStrategy
 
 __all__ = [

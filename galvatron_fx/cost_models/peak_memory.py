@@ -14,7 +14,7 @@ the peak is one of three moments, so the model takes the largest of them:
     peak   = S + max(during, end, step)
 
 `state_u`, `grad_u` and the extras follow what the runtime keeps for each ZeRO stage
-(`runtime_state`); `kept_u` and `live_u` come from the graph's saved tensors (`plan_costs`).
+(`runtime_state`); `kept_u` and `live_u` come from the graph's saved tensors (`planning.plan_memory`).
 Pure functions on dataclasses: no torch.
 """
 
@@ -105,3 +105,12 @@ def peak_memory(
     if step > best:
         best, phase, where = step, "optimizer step", ""
     return PeakMemory(state + best, state, phase, where)
+
+
+def zero3_live(saved: float, params: float, previous_params: float, p: float) -> float:
+    """Alive during a ZeRO-3 unit's backward: its gathered buffer and the previous unit's
+    (the prefetch) throughout; next to them, first the unit's saved activations, then, as
+    those are freed, its gradient three times over (the views' gradients, the flat buffer
+    they are sliced back into, its padded copy for the reduce-scatter). Measured on gloo
+    ranks (`bench/cost_model.py`): the peak is the second moment for a transformer block."""
+    return max(saved, 3 * p * params) + p * params + p * previous_params

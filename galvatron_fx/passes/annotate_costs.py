@@ -30,8 +30,8 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from galvatron_fx.meta import COST, LAYER, NodeCost
-from galvatron_fx.passes.group_layers import unit_nodes
 from galvatron_fx.passes.manager import PassContext, graph_pass
+from galvatron_fx.unit_graph.units import unit_nodes
 
 __all__ = ["annotate_costs", "requires_grad_nodes"]
 

@@ -1,7 +1,7 @@
 """Plan consistency: the rank's program is what the plan says, checked right after the rewrite.
 
 Reads: `gfx_layer`, `gfx_placement`, `val` (local), the module's parameters,
-`ctx.results["plan"]`, `ctx.results["rank"]`, `ctx.results["params"]` (`ParamSpec`s).
+`ctx.target` (plan, rank), `ctx.params` (`ParamSpec`s).
 Writes: nothing.
 Guarantees, or a `ProgramMismatch` naming the unit and the node:
 - batch: in a unit with dp > 1, every value carrying the batch (derived from the batch
@@ -30,11 +30,11 @@ from torch import fx
 from torch.distributed.tensor import Shard
 
 from galvatron_fx.meta import LAYER, PLACEMENT
-from galvatron_fx.passes.insert_collectives import ParamSpec, get_attr
 from galvatron_fx.passes.manager import PassContext, graph_pass
 from galvatron_fx.passes.shard import mesh_of, unit_strategies
-from galvatron_fx.plan import LayerStrategy, Plan
+from galvatron_fx.plan import LayerStrategy
 from galvatron_fx.runtime import collectives as C
+from galvatron_fx.runtime.program import ParamSpec, get_attr
 
 __all__ = ["ProgramMismatch", "check_program"]
 
@@ -65,11 +65,10 @@ class ProgramMismatch(RuntimeError):
 
 @graph_pass(reads=("val", LAYER.name, PLACEMENT.name), writes=())
 def check_program(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Raise `ProgramMismatch` where rank `ctx.results['rank']`'s program departs from the
+    """Raise `ProgramMismatch` where rank `ctx.target.rank`'s program departs from the
     plan; return the graph untouched."""
-    plan: Plan = ctx.results["plan"]
-    rank = int(ctx.results.get("rank", 0))
-    specs: dict[str, ParamSpec] = ctx.results["params"]
+    target = ctx.require_target("check_program")
+    plan, rank, specs = target.plan, target.rank, ctx.params
     strategies = unit_strategies(gm, plan)
     fell_back = {LAYER.get(n).name for n in gm.graph.nodes if "fallback" in PLACEMENT.get(n).kinds}
     problems = [

@@ -30,17 +30,15 @@ from __future__ import annotations
 import hashlib
 import itertools
 import re
-from collections.abc import Iterator
 from typing import Any, Literal
 
-import networkx as nx
 import torch
 from torch import fx
 
 from galvatron_fx.meta import LAYER, LayerTag
 from galvatron_fx.passes.manager import PassContext, graph_pass
 
-__all__ = ["cut_tensors", "fx_digraph", "group_layers", "layer_digraph", "unit_nodes"]
+__all__ = ["group_layers"]
 
 _NUMBERED = re.compile(r"^(.*?)\.?(\d+)(?:\.|$)")
 _CHILD_STACK = re.compile(r"^([^.]+)\.(\d+)(?:\.|$)")
@@ -329,63 +327,3 @@ def _shape_of_val(val: object) -> object:
     if isinstance(val, torch.Tensor):
         return (tuple(val.shape), str(val.dtype))
     return type(val).__name__
-
-
-def unit_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
-    """Nodes of every layer and segment (each in graph order), units in execution order
-    (`LayerTag.index`, not where a unit's first node sits: its placeholders and parameter
-    reads may stand before an earlier unit's nodes)."""
-    out: dict[str, list[fx.Node]] = {}
-    index: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        tag = LAYER.get(node)
-        out.setdefault(tag.name, []).append(node)
-        index.setdefault(tag.name, tag.index)
-    return {unit: out[unit] for unit in sorted(out, key=index.__getitem__)}
-
-
-def fx_digraph(gm: fx.GraphModule) -> nx.DiGraph:
-    """The data-flow graph of `gm` as a networkx DiGraph over fx nodes."""
-    g = nx.DiGraph()
-    g.add_nodes_from(gm.graph.nodes)
-    g.add_edges_from((a, n) for n in gm.graph.nodes for a in n.all_input_nodes)
-    return g
-
-
-def _activation_edges(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, fx.Node]]:
-    for n in gm.graph.nodes:
-        for a in n.all_input_nodes:
-            if a.op != "get_attr" and LAYER.get(a).name != LAYER.get(n).name:
-                yield a, n
-
-
-def layer_digraph(gm: fx.GraphModule) -> nx.DiGraph:
-    """Units as nodes; an edge per pair of units that an activation flows between, with the
-    tensors that cross (`tensors`) and their bytes (`bytes`). Parameters are not edges."""
-    g = nx.DiGraph()
-    g.add_nodes_from(unit_nodes(gm))
-    crossing: dict[tuple[str, str], set[fx.Node]] = {}
-    for a, n in _activation_edges(gm):
-        crossing.setdefault((LAYER.get(a).name, LAYER.get(n).name), set()).add(a)
-    for (src, dst), tensors in crossing.items():
-        g.add_edge(src, dst, tensors=tensors, bytes=sum(_val_bytes(t) for t in tensors))
-    assert nx.is_directed_acyclic_graph(g), "layers and segments must form a DAG"
-    return g
-
-
-def cut_tensors(gm: fx.GraphModule) -> list[set[fx.Node]]:
-    """For each boundary between unit i and unit i+1 (execution order), the activations that
-    are produced at or before unit i and used after it: what a pipeline cut there sends."""
-    order = list(unit_nodes(gm))
-    position = {u: i for i, u in enumerate(order)}
-    cuts: list[set[fx.Node]] = [set() for _ in order[:-1]]
-    for a, n in _activation_edges(gm):
-        for i in range(position[LAYER.get(a).name], position[LAYER.get(n).name]):
-            cuts[i].add(a)
-    return cuts
-
-
-def _val_bytes(node: fx.Node) -> int:
-    val = node.meta.get("val")
-    vals = val if isinstance(val, (list, tuple)) else [val]
-    return sum(v.numel() * v.element_size() for v in vals if isinstance(v, torch.Tensor))

@@ -1,10 +1,10 @@
 """Collectives: make the placements concrete for one rank.
 
-Reads: `gfx_placement`, `gfx_layer`, `val`; `ctx.results["plan"]` and `ctx.results["rank"]`.
+Reads: `gfx_placement`, `gfx_layer`, `val`; `ctx.target` (plan, rank, micro-batches).
 Writes: new `call_function` nodes for every redistribution (`runtime.collectives`), local
 sizes in `view`/`reshape`/`expand`/`split`/`new_*` arguments, this rank's slice of every
 tensor-parallel parameter (replacing the parameter on the module), `val` with local shapes,
-and `ctx.results["params"]`: a `ParamSpec` per parameter (how it is split, which groups its
+and `ctx.params`: a `ParamSpec` per parameter (how it is split, which groups its
 gradient must be summed over).
 Guarantees:
 - the graph computes, on every rank, its piece of what the original graph computes;
@@ -16,7 +16,7 @@ Guarantees:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -31,10 +31,11 @@ from galvatron_fx.passes.shard_rules import slice_bounds
 from galvatron_fx.plan import LayerStrategy, Plan
 from galvatron_fx.runtime import collectives as C
 from galvatron_fx.runtime.mesh import Layout, Mesh, plan_switch
+from galvatron_fx.runtime.program import ParamSpec, get_attr, set_attr
 from galvatron_fx.runtime.state import take_shard
 from galvatron_fx.runtime.vocab import vocab_cross_entropy, vocab_embedding
 
-__all__ = ["ParamSpec", "get_attr", "insert_collectives", "local_shape", "set_attr"]
+__all__ = ["insert_collectives", "local_shape"]
 
 aten = torch.ops.aten
 R = Replicate()
@@ -47,32 +48,6 @@ _NEW = {
 }
 
 
-@dataclass(frozen=True)
-class ParamSpec:
-    """How one parameter lives on this rank."""
-
-    name: str
-    """Dotted attribute path on the module (`blocks.0.attn.qkv.weight`)."""
-    unit: str
-    global_shape: tuple[int, ...]
-    tp_dim: int | None = None
-    """Dim split across the TP group (None: replicated)."""
-    blocks: tuple[int, ...] = ()
-    """Split block by block (fused qkv): `tp_dim` cut into blocks of these sizes, each split."""
-    tp_group: C.GroupRef = field(default_factory=lambda: C.GroupRef((0,)))
-    dp_group: C.GroupRef = field(default_factory=lambda: C.GroupRef((0,)))
-    grad_sum_tp: bool = False
-    """The gradient is a partial sum over the TP group (sequence-parallel norms, biases)."""
-    alias_of: str | None = None
-    """A tied parameter: the same object as the parameter named here (synced once)."""
-    zero3_shape: tuple[int, ...] | None = None
-    """ZeRO-3: the shape of the parameter's TP piece (stored in the unit's flat shard)."""
-    zero3_flat: str = ""
-    """ZeRO-3: the module attribute holding the unit's flat shard."""
-    zero3_offset: int = 0
-    """ZeRO-3: where the parameter starts in the unit's flattened (unsharded) buffer."""
-
-
 def local_shape(shape: tuple[int, ...], dp: Any, tp: Any, mesh: Mesh) -> tuple[int, ...]:
     out = list(shape)
     for p, n in ((dp, mesh.dp), (tp, mesh.tp)):
@@ -83,13 +58,13 @@ def local_shape(shape: tuple[int, ...], dp: Any, tp: Any, mesh: Mesh) -> tuple[i
 
 @graph_pass(reads=("val", LAYER.name, PLACEMENT.name), writes=(LAYER.name, PLACEMENT.name))
 def insert_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Rewrite the graph into rank `ctx.results['rank']`'s program."""
-    rewrite = _Rewrite(gm, ctx.results["plan"], int(ctx.results.get("rank", 0)))
-    plan_m = ctx.results["plan"].pipeline.micro_batches
-    rewrite.count_targets = max(plan_m, int(ctx.results.get("micro_batches", 1))) > 1
-    ctx.results["params"] = rewrite.run()
+    """Rewrite the graph into rank `ctx.target.rank`'s program."""
+    target = ctx.require_target("insert_collectives")
+    rewrite = _Rewrite(gm, target.plan, target.rank)
+    rewrite.count_targets = target.micro_batches > 1
+    ctx.params = rewrite.run()
     gm.graph.lint()
-    if ctx.results.get("codegen", True):  # a costs-only rewrite never runs the module
+    if target.codegen:  # a rewrite for pricing never runs the module
         gm.recompile()
     return gm
 
@@ -539,21 +514,6 @@ def _wants_shard(p: NodePlacement, name: str) -> bool:
 
 def _gshape(node: fx.Node) -> tuple[int, ...]:
     return tuple(node.meta["val"].shape)
-
-
-def get_attr(gm: nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def set_attr(gm: nn.Module, target: str, value: Any) -> None:
-    *path, last = target.split(".")
-    owner: Any = gm
-    for part in path:
-        owner = getattr(owner, part)
-    setattr(owner, last, value)
 
 
 def _a(node: fx.Node) -> Any:

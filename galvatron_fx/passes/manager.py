@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,8 @@ import torch
 from torch import fx
 
 from galvatron_fx.meta import REGISTRY, node_label
+from galvatron_fx.plan import PipelineConfig, Plan
+from galvatron_fx.runtime.program import ParamSpec, StageSplit
 
 LOG = logging.getLogger("galvatron_fx.passes")
 
@@ -34,6 +36,7 @@ __all__ = [
     "Pass",
     "PassContext",
     "PassError",
+    "RewriteTarget",
     "check_invariants",
     "format_graph",
     "graph_pass",
@@ -49,10 +52,32 @@ class PassError(RuntimeError):
     """A pass failed or broke an invariant; says which pass and which passes ran before it."""
 
 
+@dataclass(frozen=True)
+class RewriteTarget:
+    """What the parallel passes rewrite a graph for: one rank's program under a plan."""
+
+    plan: Plan
+    """Each unit's strategy; for a pipeline, one stage's plan (its ranks are the world)."""
+    rank: int = 0
+    """This rank's position among the plan's ranks."""
+    codegen: bool = True
+    """Recompile the module after rewriting; pricing only reads the graph and skips it."""
+    micro_batches: int = 1
+    """The batch is cut into this many: every mean cross-entropy becomes sum / count."""
+    unit_stage: Mapping[str, int] = field(default_factory=dict)
+    """Pipeline: each unit's stage (ZeRO-3 starts a stage's first gather at its input)."""
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    """Pipeline: the whole job's stages (`split_stages` cuts the graph at them)."""
+    rank_offset: int = 0
+    """Pipeline: the first global rank of this rank's stage (`stage_ranks` adds it)."""
+
+
 @dataclass
 class PassContext:
-    """What passes share besides the graph. Passes add their results as typed fields in later
-    issues; `results` holds what user passes want to hand on."""
+    """What passes share besides the graph: the inputs of the capture, the print and dump
+    switches, what the parallel passes rewrite for (`target`) and what they produce
+    (`params`, `stages`); `results` is for passes a user adds (the compiler's own passes
+    exchange typed fields only)."""
 
     model: torch.nn.Module | None = None
     """The user's model, unmodified (None when only a graph was given)."""
@@ -64,7 +89,23 @@ class PassContext:
     """When set, the graph after each pass is written to `<dump_dir>/<i>_<pass>.txt`."""
     timings_s: dict[str, float] = field(default_factory=dict)
     """Wall time of every pass that ran, in order."""
-    results: dict[str, Any] = field(default_factory=dict)
+    target: RewriteTarget | None = None
+    """Set by `lowering.lower` before the parallel passes; None while analysing."""
+    params: dict[str, ParamSpec] = field(default_factory=dict)
+    """Written by `insert_collectives` (how every parameter lives on this rank), updated by
+    `zero3` and `stage_ranks`."""
+    stages: StageSplit | None = None
+    """Written by `split_stages`: the program cut into pipeline stages."""
+    results: dict[str, object] = field(default_factory=dict)
+
+    def require_target(self, pass_name: str) -> RewriteTarget:
+        """The rewrite target, or a PassError saying the pass runs under `lower()` only."""
+        if self.target is None:
+            raise PassError(
+                f"pass {pass_name!r} rewrites for a plan and rank: run it through "
+                "galvatron_fx.lowering.lower (ctx.target is unset)"
+            )
+        return self.target
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> PassContext:

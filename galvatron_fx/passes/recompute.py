@@ -2,7 +2,7 @@
 `torch.utils.checkpoint`, so backward recomputes them instead of keeping their activations.
 
 Reads: `gfx_layer` (which unit a node belongs to) and, in the pass form, the plan in
-`ctx.results["plan"]` (each unit's `LayerStrategy.recompute`); without a plan it does nothing.
+`ctx.target.plan` (each unit's `LayerStrategy.recompute`); without a target it does nothing.
 Writes: `gfx_layer` on the nodes it creates (the unit's tag, copied); no other `gfx_` key.
 Guarantees:
 - a region becomes one node `checkpoint(get_attr(recompute_<i>), *inputs, use_reentrant=False)`
@@ -20,25 +20,22 @@ Guarantees:
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.utils.checkpoint
 from torch import fx
 from torch.distributed.tensor import Replicate
 
-from galvatron_fx.meta import LAYER, PLACEMENT, LayerTag, NodePlacement
-from galvatron_fx.passes.group_layers import unit_nodes
+from galvatron_fx.meta import COST, LAYER, PLACEMENT, LayerTag, NodePlacement
 from galvatron_fx.passes.manager import PassContext, graph_pass
-from galvatron_fx.plan import Plan, Recompute
+from galvatron_fx.plan import Recompute
 from galvatron_fx.runtime import collectives as C
+from galvatron_fx.unit_graph.attention import attention_cores
+from galvatron_fx.unit_graph.units import unit_nodes
 
-__all__ = [
-    "attention_cores",
-    "attention_operands",
-    "recompute",
-    "recompute_regions",
-]
+__all__ = ["full_region", "inline_regions", "recompute", "recompute_regions", "rerun_nodes"]
 
 R = Replicate()
 
@@ -48,24 +45,13 @@ and a region must not take an all-gather still in flight as an input (checkpoint
 a tensor the collective is still writing). The gathered buffer enters the region instead,
 saved by checkpoint as a recipe to gather it again (`collectives.zero3_saved_tensors`)."""
 
-_SDPA_PREFIXES = ("scaled_dot_product", "_scaled_dot_product")
-_MATMULS = frozenset({"matmul", "bmm", "baddbmm"})
-_SOFTMAX = frozenset({"softmax", "_softmax", "_safe_softmax"})
-_SCORE_OPS = _SOFTMAX | {
-    # what eager attention does between q @ k^T and probs @ v: scale, mask, cast, dropout
-    *("div", "mul", "add", "sub", "masked_fill", "where", "tanh", "clamp"),
-    *("dropout", "native_dropout", "getitem", "to", "_to_copy", "type_as"),
-    *("view", "reshape", "_unsafe_view", "expand", "clone", "contiguous", "alias"),
-}
-
 
 @graph_pass(reads=(LAYER.name, PLACEMENT.name), writes=(LAYER.name, PLACEMENT.name))
 def recompute(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Checkpoint every unit whose strategy in the plan asks for recomputation."""
-    plan = ctx.results.get("plan")
-    if not isinstance(plan, Plan):
+    if ctx.target is None:
         return gm
-    return recompute_regions(gm, {unit: s.recompute for unit, s in plan.strategies})
+    return recompute_regions(gm, {unit: s.recompute for unit, s in ctx.target.plan.strategies})
 
 
 def recompute_regions(gm: fx.GraphModule, modes: Mapping[str, Recompute]) -> fx.GraphModule:
@@ -79,9 +65,7 @@ def recompute_regions(gm: fx.GraphModule, modes: Mapping[str, Recompute]) -> fx.
     for unit, mode in modes.items():
         mode = Recompute(mode)
         if mode is Recompute.FULL:
-            regions.append(
-                [n for n in units[unit] if n.op == "call_function" and n.target not in _NEVER]
-            )
+            regions.append(full_region(units[unit]))
         elif mode is Recompute.SELECTIVE:
             regions.extend(attention_cores(units[unit]))
     for region in regions:
@@ -90,112 +74,6 @@ def recompute_regions(gm: fx.GraphModule, modes: Mapping[str, Recompute]) -> fx.
     gm.graph.lint()
     gm.recompile()
     return gm
-
-
-def attention_cores(nodes: list[fx.Node]) -> list[list[fx.Node]]:
-    """The attention cores among `nodes` (one unit), each in graph order: an sdpa node with
-    its `getitem`s, or the eager chain from `q @ k^T` through softmax to `@ v`."""
-    unit = set(nodes)
-    cores: list[list[fx.Node]] = []
-    taken: set[fx.Node] = set()
-    for node in nodes:
-        name = _op_name(node)
-        if name.startswith(_SDPA_PREFIXES):
-            core = [node, *(u for u in node.users if u.target is operator.getitem)]
-        elif name in _SOFTMAX:
-            core = _eager_core(node, unit)
-        else:
-            continue
-        if core and not taken.intersection(core):
-            taken.update(core)
-            cores.append(_absorb_checks(core, unit))
-    return cores
-
-
-def attention_operands(core: list[fx.Node]) -> tuple[fx.Node, fx.Node, fx.Node] | None:
-    """(queries, keys, values) of an attention core: sdpa's first three arguments, or the
-    eager chain's `q @ k^T` operands and the `@ v` one (keys as the chain reads them,
-    transposed). None where they are not nodes."""
-    matmuls = [n for n in core if _op_name(n) in _MATMULS]
-    if _op_name(core[0]).startswith(_SDPA_PREFIXES):
-        operands = core[0].args[:3]
-    elif len(matmuls) >= 2:
-        first, last = matmuls[0], matmuls[-1]
-        skip = 1 if _op_name(first) == "baddbmm" else 0  # baddbmm(bias, q, k^T)
-        operands = (first.args[skip], first.args[skip + 1], last.args[1])
-    else:
-        return None
-    if not all(isinstance(a, fx.Node) for a in operands):
-        return None
-    q, k, v = operands
-    return q, k, v  # type: ignore[return-value]
-
-
-def _op_name(node: fx.Node) -> str:
-    """`softmax` for `aten.softmax.int` (or `torch.softmax`); `getitem`; '' for non-calls."""
-    if node.op != "call_function":
-        return ""
-    target = getattr(node.target, "overloadpacket", node.target)
-    return str(getattr(target, "__name__", ""))
-
-
-def _eager_core(softmax: fx.Node, unit: set[fx.Node]) -> list[fx.Node]:
-    """Nodes on the paths from the nearest matmul before `softmax` to the nearest after it,
-    walking through score ops only (so an MLP or a router softmax is never taken)."""
-    first = _nearest_matmul(softmax, unit, lambda n: n.all_input_nodes)
-    last = _nearest_matmul(softmax, unit, lambda n: list(n.users))
-    if first is None or last is None:
-        return []
-    between = _reach(first, unit, lambda n: list(n.users)) & _reach(
-        last, unit, lambda n: n.all_input_nodes
-    )
-    return [n for n in softmax.graph.nodes if n in between]
-
-
-def _nearest_matmul(
-    start: fx.Node, unit: set[fx.Node], step: Callable[[fx.Node], list[fx.Node]]
-) -> fx.Node | None:
-    """Breadth-first from `start` by `step` through score ops: the first matmul met."""
-    frontier, seen = [start], {start}
-    while frontier:
-        nxt = []
-        for node in frontier:
-            for other in step(node):
-                if other in seen or other not in unit:
-                    continue
-                if _op_name(other) in _MATMULS:
-                    return other
-                if _op_name(other) in _SCORE_OPS:
-                    seen.add(other)
-                    nxt.append(other)
-        frontier = nxt
-    return None
-
-
-def _reach(
-    start: fx.Node, unit: set[fx.Node], step: Callable[[fx.Node], list[fx.Node]]
-) -> set[fx.Node]:
-    """`start` and every node of `unit` reachable from it by `step`."""
-    seen, stack = {start}, [start]
-    while stack:
-        for other in step(stack.pop()):
-            if other in unit and other not in seen:
-                seen.add(other)
-                stack.append(other)
-    return seen
-
-
-def _absorb_checks(core: list[fx.Node], unit: set[fx.Node]) -> list[fx.Node]:
-    """Add the value-less leaf users of the core (export's `_assert_tensor_metadata`), which
-    would otherwise make their input a needless region output."""
-    inside = set(core)
-    extra = {
-        u
-        for n in core
-        for u in n.users
-        if u in unit and u not in inside and not u.users and u.meta.get("val") is None
-    }
-    return [n for n in core[0].graph.nodes if n in inside or n in extra]
 
 
 def _checkpoint_region(gm: fx.GraphModule, region: list[fx.Node]) -> None:
@@ -304,3 +182,86 @@ def _free_name(gm: fx.GraphModule) -> str:
     while hasattr(gm, f"recompute_{i}"):
         i += 1
     return f"recompute_{i}"
+
+
+def inline_regions(gm: fx.GraphModule) -> tuple[fx.GraphModule, frozenset[str]]:
+    """The program with every checkpointed region put back in line (a new module over the
+    same parameters; `gm` itself unchanged), and the names of the region nodes backward
+    runs again (`rerun_nodes`). Readers of a lowered graph (pricing) see every node of the
+    program, wherever recomputation moved it."""
+    if not any(n.target is torch.utils.checkpoint.checkpoint for n in gm.graph.nodes):
+        return gm, frozenset()
+    graph = fx.Graph()
+    env: dict[fx.Node, Any] = {}
+    attrs: dict[str, fx.Node] = {}
+    recomputed: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.target is torch.utils.checkpoint.checkpoint:
+            region = gm.get_submodule(str(_a(node)[0].target))
+            assert isinstance(region, fx.GraphModule)
+            inputs = [env[a] for a in node.args[1:]]
+            env[node] = _inline(graph, region.graph, inputs, attrs, recomputed)
+        elif node.op == "get_attr" and isinstance(_module_at(gm, node), fx.GraphModule):
+            env[node] = None  # a region's reference: inlined at its call
+        elif node.target is operator.getitem and isinstance(env.get(_a(node)[0]), tuple):
+            env[node] = env[_a(node)[0]][_a(node)[1]]
+        else:
+            env[node] = graph.node_copy(node, env.__getitem__)
+            if node.op == "get_attr":
+                attrs.setdefault(str(node.target), env[node])
+    return fx.GraphModule(gm, graph), frozenset(recomputed)
+
+
+def _inline(
+    graph: fx.Graph,
+    region: fx.Graph,
+    inputs: list[fx.Node],
+    attrs: dict[str, fx.Node],
+    recomputed: set[str],
+) -> Any:
+    """Copy `region`'s nodes into `graph` on `inputs`: its output (a node or a tuple)."""
+    env: dict[fx.Node, Any] = {}
+    placeholders = iter(inputs)
+    computed: list[fx.Node] = []
+    for node in region.nodes:
+        if node.op == "placeholder":
+            env[node] = next(placeholders)
+        elif node.op == "get_attr":
+            if str(node.target) not in attrs:
+                attrs[str(node.target)] = graph.node_copy(node)
+            env[node] = attrs[str(node.target)]
+        elif node.op == "output":
+            recomputed.update(n.name for n in rerun_nodes(computed))
+            out = _a(node)[0]
+            return tuple(env[o] for o in out) if isinstance(out, (tuple, list)) else env[out]
+        else:
+            env[node] = graph.node_copy(node, env.__getitem__)
+            computed.append(env[node])
+    raise AssertionError("a region graph ends with its output")
+
+
+def full_region(nodes: list[fx.Node]) -> list[fx.Node]:
+    """What full recomputation checkpoints of a unit (its `nodes`, in graph order): every
+    computed node but the ZeRO-3 gathers (`_NEVER`)."""
+    return [n for n in nodes if n.op == "call_function" and n.target not in _NEVER]
+
+
+def rerun_nodes(region: list[fx.Node]) -> list[fx.Node]:
+    """The nodes of a checkpointed `region` (in order) backward really runs again:
+    non-reentrant checkpoint stops recomputing once every tensor the region saved for
+    backward is back (`torch.utils.checkpoint`'s early stop, on by default), so what follows
+    the last node that saves one is not re-run (a row-parallel block's closing all-reduce)."""
+    saving = [i for i, n in enumerate(region) if COST.has(n) and COST.get(n).saved]
+    return region[: saving[-1] + 1] if saving else []
+
+
+def _module_at(gm: fx.GraphModule, node: fx.Node) -> torch.nn.Module | None:
+    try:
+        return gm.get_submodule(str(node.target))
+    except AttributeError:
+        return None
+
+
+def _a(node: fx.Node) -> Any:
+    """A node's arguments, untyped: the caller knows the op's signature."""
+    return node.args

@@ -1,6 +1,6 @@
 """Sharding propagation: placements for every node under the plan, nothing rewritten yet.
 
-Reads: `gfx_layer`, `val`, the `Plan` in `ctx.results["plan"]`.
+Reads: `gfx_layer`, `val`, the plan in `ctx.target`.
 Writes: `gfx_placement` on every node: the node's placement on the dp and tp axes of its
 layer's mesh, the redistributions its inputs need first, and for linear layers whether they
 are column- or row-parallel.
@@ -39,9 +39,7 @@ from torch import fx
 from torch.distributed.tensor import Partial, Replicate, Shard
 
 from galvatron_fx.meta import LAYER, PLACEMENT, NodePlacement
-from galvatron_fx.passes.group_layers import unit_nodes
 from galvatron_fx.passes.manager import PassContext, graph_pass
-from galvatron_fx.passes.recompute import attention_cores, attention_operands
 from galvatron_fx.passes.shard_rules import (
     Decision,
     OpView,
@@ -54,7 +52,9 @@ from galvatron_fx.passes.shard_rules import (
 )
 from galvatron_fx.plan import LayerStrategy, Plan
 from galvatron_fx.runtime.mesh import Mesh
-from galvatron_fx.summary import head_cut, vocab_size
+from galvatron_fx.unit_graph.attention import attention_cores, attention_operands
+from galvatron_fx.unit_graph.shapes import head_cut, vocab_size
+from galvatron_fx.unit_graph.units import unit_nodes
 
 __all__ = ["ShardWarning", "batch_inputs", "mesh_of", "shard", "unit_strategies"]
 
@@ -94,9 +94,8 @@ def batch_inputs(gm: fx.GraphModule) -> set[fx.Node]:
 
 @graph_pass(reads=("val", LAYER.name), writes=(PLACEMENT.name,))
 def shard(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Write the placement of every node under `ctx.results['plan']`."""
-    plan: Plan = ctx.results["plan"]
-    _Propagation(gm, plan).run()
+    """Write the placement of every node under `ctx.target.plan`."""
+    _Propagation(gm, ctx.require_target("shard").plan).run()
     return gm
 
 

@@ -1,7 +1,7 @@
 """Split stages: cut a graph at a plan's pipeline stage boundaries, one submodule per stage.
 
-Reads: `gfx_layer` on every node; the plan's `pipeline.stage_starts` (chunks counted as
-stages). Writes: nothing on the input graph; returns a `StageSplit` whose graph module runs
+Reads: `gfx_layer` on every node; `ctx.target.pipeline.stage_starts` (chunks counted as
+stages). Writes: nothing on the input graph; `ctx.stages`, a `StageSplit` whose graph module runs
 `stage_0`, `stage_1`, ... in order and passes the activations between them (what a pipeline
 runtime sends between ranks).
 Guarantees:
@@ -16,40 +16,24 @@ Guarantees:
   does;
 - `StageSplit.param_names[k]` maps stage k's parameter names to the model's.
 
-This is the pipeline issue's first piece: the runtime that puts one stage on each rank
-with `torch.distributed.pipelining` builds on it.
+The runtime puts the stages on ranks with `torch.distributed.pipelining`
+(`runtime.pipeline`); `cut_stages` is the same cut on any tagged graph.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from torch import fx, nn
 from torch.fx.passes.split_utils import split_by_tags
 
 from galvatron_fx.meta import LAYER
-from galvatron_fx.plan import Plan, PlanError
+from galvatron_fx.passes.manager import PassContext, graph_pass
+from galvatron_fx.plan import PipelineConfig, PlanError
+from galvatron_fx.runtime.program import StageSplit
 
-__all__ = ["StageSplit", "split_stages", "unit_stages"]
-
-
-@dataclass(frozen=True)
-class StageSplit:
-    graph_module: fx.GraphModule
-    """Runs the stages in order: the same outputs as the graph it was cut from. It takes the
-    graph's placeholders flat, in order (the export's pytree calling convention is not
-    carried over by `split_by_tags`)."""
-    stages: tuple[str, ...]
-    """Submodule names, in order (`stage_0`, ...)."""
-    param_names: tuple[dict[str, str], ...]
-    """Per stage: its parameter names -> the model's."""
-
-    def stage(self, k: int) -> fx.GraphModule:
-        module = getattr(self.graph_module, self.stages[k])
-        assert isinstance(module, fx.GraphModule)
-        return module
+__all__ = ["cut_stages", "split_stages", "unit_stages"]
 
 
 def unit_stages(units: Sequence[str], stage_starts: Sequence[str]) -> dict[str, int]:
@@ -62,13 +46,21 @@ def unit_stages(units: Sequence[str], stage_starts: Sequence[str]) -> dict[str, 
     return {u: bisect.bisect_right(starts, i) for u, i in position.items()}
 
 
-def split_stages(gm: fx.GraphModule, plan: Plan) -> StageSplit:
-    """Cut `gm` (any graph whose nodes carry `gfx_layer`) into `plan`'s stages."""
-    p = plan.pipeline
+@graph_pass(reads=(LAYER.name,), writes=())
+def split_stages(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Cut the program into `ctx.target.pipeline`'s stages (`ctx.stages`); `gm` is kept."""
+    target = ctx.require_target("split_stages")
+    ctx.stages = cut_stages(gm, target.plan.units, target.pipeline)
+    return gm
+
+
+def cut_stages(gm: fx.GraphModule, units: Sequence[str], p: PipelineConfig) -> StageSplit:
+    """Cut `gm` (any graph whose nodes carry `gfx_layer`) into the stages of pipeline `p`;
+    `units` in the model's order."""
     n = p.degree * p.virtual_stages
     # the plan's order (the model's), not the graph's: the rewrite inserts a unit's input
     # slicing next to the inputs, ahead of the units before it
-    of_unit = unit_stages(list(plan.units), p.stage_starts)
+    of_unit = unit_stages(list(units), p.stage_starts)
     tags = [f"stage_{k}" for k in range(n)]
     _tag_nodes(gm, of_unit, tags)
     split = split_by_tags(gm, tags)

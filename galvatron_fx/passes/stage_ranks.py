@@ -7,8 +7,8 @@ puts pipeline outermost, so pipeline rank `s` owns global ranks `s*S .. s*S + S 
 pass adds `s*S` to every rank a collective names.
 
 Reads: the collective nodes (`collectives.RANKS_ARG`, `switch_layout` steps) of the graph and
-of its recomputed regions (submodules), and the `ParamSpec`s. Writes: their rank tuples,
-shifted by `offset`; returns the shifted specs.
+of its recomputed regions (submodules), `ctx.params` and `ctx.target.rank_offset`. Writes: their
+rank tuples, shifted by the offset (`ctx.params` replaced by the shifted specs).
 Guarantees: a rank's index within every group is unchanged (the shift keeps order), so
 what the rewrite decided per position still holds; the graph is recompiled.
 """
@@ -20,28 +20,31 @@ from typing import Any
 
 from torch import fx
 
-from galvatron_fx.passes.insert_collectives import ParamSpec
+from galvatron_fx.meta import LAYER
+from galvatron_fx.passes.manager import PassContext, graph_pass
 from galvatron_fx.runtime import collectives as C
 
-__all__ = ["pipeline_groups", "shift_ranks"]
+__all__ = ["stage_ranks"]
 
 
-def shift_ranks(
-    gm: fx.GraphModule, specs: dict[str, ParamSpec], offset: int
-) -> dict[str, ParamSpec]:
+@graph_pass(reads=(LAYER.name,), writes=())
+def stage_ranks(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Shift the program's ranks by `ctx.target.rank_offset` (its stage's first rank)."""
+    offset = ctx.require_target("stage_ranks").rank_offset
     if offset == 0:
-        return specs
+        return gm
     for module in gm.modules():  # recomputed regions are submodules holding collectives too
         if isinstance(module, fx.GraphModule):
             _shift_nodes(module, offset)
-    return {
+    ctx.params = {
         name: dataclasses.replace(
             spec,
             tp_group=C.GroupRef(_shift(spec.tp_group.ranks, offset)),
             dp_group=C.GroupRef(_shift(spec.dp_group.ranks, offset)),
         )
-        for name, spec in specs.items()
+        for name, spec in ctx.params.items()
     }
+    return gm
 
 
 def _shift_nodes(gm: fx.GraphModule, offset: int) -> None:
@@ -55,13 +58,6 @@ def _shift_nodes(gm: fx.GraphModule, offset: int) -> None:
             args[i] = _shift(args[i], offset)
             node.args = tuple(args)
     gm.recompile()
-
-
-def pipeline_groups(world_size: int, degree: int) -> list[tuple[int, ...]]:
-    """The ranks that pass activations to each other: one group per stage-local position,
-    ordered by pipeline rank (a `PipelineStage`'s group rank is its pipeline rank)."""
-    per_stage = world_size // degree
-    return [tuple(i + s * per_stage for s in range(degree)) for i in range(per_stage)]
 
 
 def _shift(ranks: Any, offset: int) -> tuple[int, ...]:

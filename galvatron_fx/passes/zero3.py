@@ -1,13 +1,13 @@
 """ZeRO-3 / sharded data parallelism: each layer's parameters stored as one flat 1/dp shard,
 gathered (prefetched one layer ahead) before use.
 
-Reads: `gfx_layer`, `ctx.results["plan"]`, `ctx.results["rank"]`, `ctx.results["params"]`.
+Reads: `gfx_layer`, `ctx.target` (plan, rank), `ctx.params`.
 Writes: for every unit whose strategy is ZeRO-3 with dp > 1:
 - one parameter `zero3_<unit>` on the module: this rank's 1/dp of the unit's trainable
   parameters (their tensor-parallel pieces, flattened, concatenated, zero-padded to a
   multiple of dp); the unit's own parameter attributes are removed;
 - `zero3_issue` at the start of the previous ZeRO-3 unit (at the first for the first one,
-  and for the first of a pipeline stage: `ctx.results["unit_stage"]`): the all-gather starts
+  and for the first of a pipeline stage: `ctx.target.unit_stage`): the all-gather starts
   while that unit computes (FSDP's forward prefetch);
 - `zero3_use` where the unit begins: waits for the gather; the parameters are views of the
   gathered buffer (`zero3_views`), replacing their `get_attr` nodes;
@@ -30,10 +30,10 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.distributed.tensor import Replicate
 
 from galvatron_fx.meta import LAYER, PLACEMENT, NodePlacement
-from galvatron_fx.passes.insert_collectives import ParamSpec, get_attr
 from galvatron_fx.passes.manager import PassContext, graph_pass
 from galvatron_fx.plan import DPMode, Plan
 from galvatron_fx.runtime import collectives as C
+from galvatron_fx.runtime.program import ParamSpec, get_attr
 
 __all__ = ["zero3"]
 
@@ -43,11 +43,11 @@ R = Replicate()
 @graph_pass(reads=("val", LAYER.name, PLACEMENT.name), writes=(LAYER.name, PLACEMENT.name))
 def zero3(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Shard ZeRO-3 units' parameters across their dp group; gather them ahead of use."""
-    plan: Plan = ctx.results["plan"]
-    specs: dict[str, ParamSpec] = ctx.results["params"]
+    target = ctx.require_target("zero3")
+    plan, specs = target.plan, ctx.params
     units = _zero3_units(gm, plan, specs)
     mode = _fake_mode(gm)
-    stage_of: dict[str, int] = ctx.results.get("unit_stage", {})
+    stage_of = target.unit_stage
     previous: fx.Node | None = None
     for unit, nodes in units.items():
         first = _first_compute(gm, unit)
@@ -55,11 +55,10 @@ def zero3(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if before is not None and stage_of.get(before, 0) != stage_of.get(unit, 0):
             before = None  # a gather never crosses a pipeline stage boundary
         issue_at = _first_compute(gm, before) if before is not None else first
-        rank = int(ctx.results.get("rank", 0))
-        previous = _flatten_unit(gm, unit, nodes, specs, rank, (issue_at, first), mode)
+        previous = _flatten_unit(gm, unit, nodes, specs, target.rank, (issue_at, first), mode)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
-    if ctx.results.get("codegen", True):  # a costs-only rewrite never runs the module
+    if target.codegen:  # a rewrite for pricing never runs the module
         gm.recompile()
     return gm
 

@@ -36,7 +36,7 @@ import torch.distributed.checkpoint as dcp
 
 from galvatron_fx.jsonio import read_json
 from galvatron_fx.runtime.safe_reader import SafeReader
-from galvatron_fx.runtime.state import Cache, holder_of, load_whole, whole_value
+from galvatron_fx.runtime.state import Cache, StateHolder, holder_of, load_whole, whole_value
 
 __all__ = ["CheckpointError", "export_state_dict", "latest_checkpoint", "load", "save"]
 
@@ -52,7 +52,9 @@ def _before_publish() -> None:
     """Called between writing and publishing a save (tests make it crash here)."""
 
 
-def save(model: Any, root: str | Path, step: int, extra: Mapping[str, Any] | None = None) -> Path:
+def save(
+    model: StateHolder, root: str | Path, step: int, extra: Mapping[str, Any] | None = None
+) -> Path:
     """Write a checkpoint of `model` (a compiled model, any plan) at training step `step`;
     call on every rank. Returns the step directory."""
     root = Path(root)
@@ -111,7 +113,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load(model: Any, root: str | Path) -> dict[str, Any]:
+def load(model: StateHolder, root: str | Path) -> dict[str, Any]:
     """Load the newest checkpoint under `root` into `model` (parameters and optimizer
     states, resharded for its plan); call on every rank. Returns its meta (`step`,
     `extra`, ...)."""

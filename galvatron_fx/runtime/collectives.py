@@ -444,6 +444,12 @@ PENDING: list[tuple[torch.Tensor, torch.nn.Parameter]] = []
 `GradSync.finish` to wait for and accumulate."""
 
 
+def zero3_buffers() -> list[object]:
+    """The ZeRO-3 caches that hold tensors between calls (gradients in flight, the buffer
+    backward works on, prefetches): what a memory probe must count besides the model."""
+    return [PENDING, _HELD, _INFLIGHT]
+
+
 def _overlapped(out: torch.Tensor) -> torch.Tensor:
     """An asynchronous collective's result, left in flight where overlap is safe.
 

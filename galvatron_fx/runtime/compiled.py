@@ -29,8 +29,9 @@ from galvatron_fx.runtime.collectives import (
     zero3_saved_tensors,
 )
 from galvatron_fx.runtime.data_parallel import GradSync
+from galvatron_fx.runtime.finite import first_nonfinite, raise_nonfinite
 from galvatron_fx.runtime.mesh import Mesh
-from galvatron_fx.runtime.state import WholeState
+from galvatron_fx.runtime.whole_state import WholeState
 
 __all__ = [
     "CompiledModel",
@@ -156,8 +157,6 @@ class CompiledModel(WholeState):
         return reported
 
     def _stop_nonfinite(self, loss: torch.Tensor, args: Any, target: Any, kwargs: Any) -> None:
-        from galvatron_fx.runtime.finite import first_nonfinite, raise_nonfinite
-
         m, found = self.micro_batches, None
         for i in range(m):  # every micro-batch on every rank: the collectives pair up
             margs, mkwargs = micro_batch(args, m, i), micro_batch(kwargs, m, i)

@@ -24,44 +24,22 @@ from __future__ import annotations
 
 import itertools
 import operator
-import statistics
 import time
 from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.utils.checkpoint
 from torch import fx
 
+from galvatron_fx.cost_models.layer_times import LayerTime, median_time
 from galvatron_fx.meta import LAYER
 
-__all__ = ["LayerTime", "median_time", "time_units"]
+__all__ = ["time_units"]
 
 _FORWARD: list[tuple[float, str]] = []
 _BACKWARD: list[tuple[float, str]] = []
 _RECOMPUTE = "/recompute"
-
-
-@dataclass(frozen=True)
-class LayerTime:
-    """One unit on one rank for one training step, in seconds."""
-
-    fwd_s: float
-    bwd_s: float
-    """Backward without the recomputation."""
-    recompute_s: float
-    step_s: float
-    """Optimizer step."""
-
-    @property
-    def time_s(self) -> float:
-        return self.fwd_s + self.bwd_s + self.recompute_s + self.step_s
-
-    def scaled(self, step: float) -> LayerTime:
-        """The same unit with its optimizer step scaled (ZeRO-1/2 step 1/dp of it)."""
-        return LayerTime(self.fwd_s, self.bwd_s, self.recompute_s, self.step_s * step)
 
 
 def _tick(label: str) -> None:
@@ -204,11 +182,3 @@ def _one_step(
             step_s=step_s * step_elems.get(unit, 0) / total_elems,
         )
     return out
-
-
-def median_time(times: Iterable[LayerTime]) -> LayerTime:
-    """Field by field."""
-    ts = list(times)
-    return LayerTime(
-        *(statistics.median(getattr(t, f) for t in ts) for f in LayerTime.__dataclass_fields__)
-    )

@@ -53,6 +53,8 @@ import torch
 from torch import fx, nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from galvatron_fx.runtime import collectives as C
+
 __all__ = ["LiveAllocation", "StepMemory", "measure_step_memory", "state_storages"]
 
 _STEP = "gfx_probe::step"
@@ -172,9 +174,7 @@ def _report_flag() -> ctypes.c_bool | None:
 def state_storages(compiled: Any) -> dict[int, int]:
     """data_ptr -> bytes of every distinct real storage reachable from `compiled` (and the
     runtime's ZeRO-3 caches), not descending into graphs, functions or modules of code."""
-    from galvatron_fx.runtime import collectives as C
-
-    roots = [compiled, C.PENDING, C._HELD, C._INFLIGHT]
+    roots = [compiled, *C.zero3_buffers()]
     out: dict[int, int] = {}
     seen: set[int] = set()
     stack: list[Any] = list(roots)

@@ -29,8 +29,6 @@ from typing import Any, cast
 import torch
 from torch import fx, nn
 
-from galvatron_fx.passes.insert_collectives import ParamSpec
-from galvatron_fx.passes.split_stages import StageSplit
 from galvatron_fx.runtime.collectives import (
     GROUPS,
     GroupRef,
@@ -40,7 +38,9 @@ from galvatron_fx.runtime.collectives import (
 )
 from galvatron_fx.runtime.compiled import InputSlice, counts_targets, micro_batch, slice_batch
 from galvatron_fx.runtime.data_parallel import GradSync
-from galvatron_fx.runtime.state import WholeState
+from galvatron_fx.runtime.finite import first_nonfinite_in, raise_nonfinite
+from galvatron_fx.runtime.program import ParamSpec, StageSplit, get_attr
+from galvatron_fx.runtime.whole_state import WholeState
 
 __all__ = [
     "Flight",
@@ -136,8 +136,6 @@ class StageProgram:
 def held_specs(program: StageProgram, stages: Sequence[int]) -> dict[str, ParamSpec]:
     """The parameters `stages` hold (matched by identity: a recomputed region's submodule
     holds the same Parameter under another name)."""
-    from galvatron_fx.passes.insert_collectives import get_attr
-
     split = program.split
     held = {id(q) for k in stages for q in split.stage(k).parameters()}
     return {
@@ -475,8 +473,6 @@ class PipelinedModel(WholeState):
 
     def _stop_nonfinite(self, loss: torch.Tensor) -> None:
         """Re-run each of this rank's stages on the inputs it kept, watching every node."""
-        from galvatron_fx.runtime.finite import first_nonfinite_in, raise_nonfinite
-
         found = None
         for runner in self.runners.values():
             hit = first_nonfinite_in(runner, runner.kept)

@@ -3,7 +3,7 @@
 Measures one device's matmul throughput at a few square shapes per dtype and its memory
 bandwidth (a large copy) while every rank computes (the ranks here share cores), then each
 collective kind for every group size 2..N over message sizes from 1 KB up, on N forked gloo
-CPU ranks (GPUs, when present, are the pipeline issue's concern), and fits latency +
+CPU ranks (the collectives a CPU job runs; NCCL on GPUs is not measured here), and fits latency +
 size / bus bandwidth by least squares (`cost_models.fit`).
 
 Collectives are measured the way a training step meets them: each rank computes about a

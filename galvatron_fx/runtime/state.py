@@ -14,19 +14,38 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import fx, nn
 
+from galvatron_fx.plan import Plan
 from galvatron_fx.runtime import collectives as C
 from galvatron_fx.runtime.collectives import GROUPS, GroupRef
 from galvatron_fx.runtime.data_parallel import Bucket, GradSync
+from galvatron_fx.runtime.program import get_attr
 
-__all__ = ["Holder", "WholeState", "holder_of", "load_whole", "piece", "split_blocks", "take_shard"]
+__all__ = [
+    "Holder",
+    "StateHolder",
+    "holder_of",
+    "load_whole",
+    "piece",
+    "split_blocks",
+    "take_shard",
+]
 __all__ += ["whole_value"]
+
+
+class StateHolder(Protocol):
+    """What reading and writing whole state needs of a compiled model (`WholeState`)."""
+
+    plan: Plan
+
+    def state_parts(self) -> tuple[fx.GraphModule, GradSync, dict[str, Any], int]:
+        """(module, gradient sync, the parameter specs this rank holds, rank)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -44,8 +63,6 @@ class Holder:
 
 
 def holder_of(module: fx.GraphModule, sync: GradSync, spec: Any) -> Holder:
-    from galvatron_fx.passes.insert_collectives import get_attr
-
     if spec.zero3_flat:
         flat = get_attr(module, spec.zero3_flat)
         group = GroupRef(tuple(sorted(spec.dp_group.ranks)))
@@ -69,8 +86,6 @@ def _bucket_of(sync: GradSync, param: nn.Parameter) -> tuple[Bucket | None, int]
 
 
 def _local_shape(module: fx.GraphModule, spec: Any) -> tuple[int, ...]:
-    from galvatron_fx.passes.insert_collectives import get_attr
-
     if spec.zero3_shape is not None:
         return tuple(spec.zero3_shape)
     return tuple(get_attr(module, spec.name).shape)
@@ -183,48 +198,3 @@ def _all_gather(t: torch.Tensor, ref: GroupRef) -> torch.Tensor:
     full = t.new_empty(t.numel() * ref.size)
     C.all_gather_flat(full, t.contiguous(), group=GROUPS.groups[ref.ranks])
     return full
-
-
-class WholeState:
-    """Whole parameters, gradients and checkpoints for a compiled model, one program or a
-    pipeline: the model says which parameters this rank holds (`state_parts`) and how the
-    ranks' parts come together (`_merge`). Collectives: call on every rank."""
-
-    compile_timings_s: dict[str, float]
-    """Set by `compile`: seconds per step of the compile (capture, each pass, search, ...)."""
-
-    def state_parts(self) -> tuple[fx.GraphModule, GradSync, dict[str, Any], int]:
-        """(module, gradient sync, the parameter specs this rank holds, rank)."""
-        raise NotImplementedError
-
-    def _merge(self, mine: dict[str, Any]) -> dict[str, Any]:
-        """Every parameter's whole tensor, from this rank's (default: it holds them all)."""
-        return mine
-
-    def full_params(self) -> dict[str, torch.Tensor]:
-        return self._whole(lambda q: q.detach())
-
-    def full_grads(self) -> dict[str, torch.Tensor | None]:
-        return self._whole(lambda q: q.grad)
-
-    def _whole(self, value_of: Callable[[nn.Parameter], torch.Tensor | None]) -> dict[str, Any]:
-        module, sync, specs, _ = self.state_parts()
-        cache: Cache = {}
-        return self._merge(
-            {n: whole_value(module, sync, s, value_of, "", cache) for n, s in specs.items()}
-        )
-
-    def save_checkpoint(
-        self, root: str | Path, step: int, extra: Mapping[str, Any] | None = None
-    ) -> Path:
-        """`runtime.checkpoint.save`: an atomic, plan-independent checkpoint."""
-        from galvatron_fx.runtime import checkpoint
-
-        return checkpoint.save(self, root, step, extra)
-
-    def load_checkpoint(self, root: str | Path) -> dict[str, Any]:
-        """`runtime.checkpoint.load`: the newest checkpoint under `root`, resharded for this
-        plan; returns its meta (`step`, `extra`)."""
-        from galvatron_fx.runtime import checkpoint
-
-        return checkpoint.load(self, root)

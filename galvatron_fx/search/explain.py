@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from galvatron_fx.plan import LayerStrategy
 from galvatron_fx.search.dp import Problem, balanced_cut, bucketed, stage_cost, step_time
 from galvatron_fx.search.planner import Searched, SearchSpace, configs
 
@@ -134,8 +135,6 @@ def diff_plans(
 def _short(row: Mapping[str, Any] | None) -> str:
     if row is None:
         return "(absent)"
-    from galvatron_fx.plan import LayerStrategy
-
     fields = {k: v for k, v in row.items() if k != "unit"}
     return LayerStrategy(**fields).short()
 

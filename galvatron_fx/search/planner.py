@@ -25,15 +25,6 @@ from galvatron_fx.cost_models.hardware import ClusterSpec
 from galvatron_fx.cost_models.memory import Precision
 from galvatron_fx.cost_models.pipeline import in_flight_micro_batches
 from galvatron_fx.plan import LayerStrategy, PipelineConfig, Plan, Schedule
-from galvatron_fx.search.costs import (
-    OptionCost,
-    UnitTerms,
-    boundary_bytes,
-    option_cost,
-    p2p_time_s,
-    switch_time_s,
-    with_tied_copy,
-)
 from galvatron_fx.search.dp import (
     Problem,
     Solution,
@@ -41,6 +32,15 @@ from galvatron_fx.search.dp import (
     lower_bound,
     pick_levels,
     solve,
+)
+from galvatron_fx.search.option_cost import (
+    OptionCost,
+    UnitTerms,
+    boundary_bytes,
+    option_cost,
+    p2p_time_s,
+    switch_time_s,
+    with_tied_copy,
 )
 from galvatron_fx.search.strategies import (
     StorageLayout,
@@ -63,7 +63,7 @@ __all__ = [
 
 
 class TermSource(Protocol):
-    """What the search needs of the model (`passes.search_costs.ModelTerms`)."""
+    """What the search needs of the model (`planning.model_terms.ModelTerms`)."""
 
     @property
     def units(self) -> tuple[str, ...]: ...

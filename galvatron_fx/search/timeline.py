@@ -12,7 +12,7 @@ __all__ = ["BACKWARD_SHARE", "Box", "schedule_order", "simulate_schedule"]
 
 BACKWARD_SHARE = 2 / 3
 """Of a stage's time per micro-batch, the backward's: the search prices forward and backward
-together (`search/costs.py`), and a backward runs about two ops per forward op."""
+together (`search/option_cost.py`), and a backward runs about two ops per forward op."""
 
 
 class Box(NamedTuple):

@@ -28,7 +28,13 @@ import torch
 from torch import fx
 
 from galvatron_fx.cost_models.memory import PRECISIONS, Precision
-from galvatron_fx.cost_models.peak_memory import PeakMemory, UnitMemory, peak_memory, runtime_state
+from galvatron_fx.cost_models.peak_memory import (
+    PeakMemory,
+    UnitMemory,
+    peak_memory,
+    runtime_state,
+    zero3_live,
+)
 from galvatron_fx.meta import COST
 from galvatron_fx.plan import DPMode, LayerStrategy, Plan, Recompute
 from galvatron_fx.runtime import collectives as C
@@ -130,15 +136,6 @@ def unit_memory(
     if n > 1 and s.dp_mode is DPMode.ZERO3:
         live = zero3_live(live, m.local_params, previous_params, PRECISIONS[precision][0])
     return UnitMemory(state, m.kept_bytes, live, held, steady)
-
-
-def zero3_live(saved: float, params: float, previous_params: float, p: float) -> float:
-    """Alive during a ZeRO-3 unit's backward: its gathered buffer and the previous unit's
-    (the prefetch) throughout; next to them, first the unit's saved activations, then, as
-    those are freed, its gradient three times over (the views' gradients, the flat buffer
-    they are sliced back into, its padded copy for the reduce-scatter). Measured on gloo
-    ranks (`bench/cost_model.py`): the peak is the second moment for a transformer block."""
-    return max(saved, 3 * p * params) + p * params + p * previous_params
 
 
 def plan_peak_memory(

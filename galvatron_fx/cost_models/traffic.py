@@ -1,6 +1,6 @@
 """Collectives as data: what the runtime will communicate for a layer under a strategy.
 
-Produced by `galvatron_fx.passes.collective_list` from the very rewrite the runtime runs, and
+Produced by `galvatron_fx.planning.collective_list` from the very rewrite the runtime runs, and
 consumed by the communication cost model: a strategy costs what it really does.
 Pure data, no torch.
 """

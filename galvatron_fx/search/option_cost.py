@@ -2,12 +2,12 @@
 
 The graph's part comes in as `UnitTerms`: read once per distinct layer from the compiler's
 own rewrite at one tensor-parallel layout (tp, sp, vocab) and dp = 1, at the captured batch
-(`passes/search_costs.py`). Everything the batch split changes is proportional to the local
+(`planning/model_terms.py`). Everything the batch split changes is proportional to the local
 batch: the roofline of a node whose FLOPs and bytes both shrink by 1/dp shrinks by 1/dp, saved
-activations and the tensor-parallel collectives too (`plan_costs` divides each node the same
+activations and the tensor-parallel collectives too (`planning.price` divides each node the same
 way, so at equal batch the two agree; the tests check it). What data parallelism adds is
-priced from the unit's parameters, with the same rules as `collective_list._grad_sync` and
-`plan_memory.unit_memory`.
+priced from the unit's parameters, with the same rules as `planning.collective_list` and
+`planning.plan_memory.unit_memory`.
 
 Per micro-batch of `b` samples on a stage holding `a` micro-batches in flight:
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from galvatron_fx.cost_models.comm import Collective, grad_sync, tp_grad_sum
 from galvatron_fx.cost_models.communication import (
     collective_time_s,
     collectives_time,
@@ -40,8 +39,8 @@ from galvatron_fx.cost_models.communication import (
 from galvatron_fx.cost_models.compute import adam_step_time_s
 from galvatron_fx.cost_models.hardware import ClusterSpec
 from galvatron_fx.cost_models.memory import PRECISIONS, Precision
-from galvatron_fx.cost_models.peak_memory import runtime_state
-from galvatron_fx.passes.plan_memory import zero3_live
+from galvatron_fx.cost_models.peak_memory import runtime_state, zero3_live
+from galvatron_fx.cost_models.traffic import Collective, grad_sync, tp_grad_sum
 from galvatron_fx.plan import DPMode, LayerStrategy, Recompute
 
 __all__ = [
@@ -98,6 +97,9 @@ class UnitTerms:
     dp_collectives: tuple[Collective, ...] = ()
     """Graph collectives over the data-parallel group (a mean loss's count of targets), at
     dp = 2 and `ref_batch / 2` samples: priced at the strategy's dp and batch."""
+    full_recompute_collectives: tuple[Collective, ...] = ()
+    """Full recomputation: the forward collectives of `collectives` that backward runs
+    again (those before the unit's last tensor saved for backward), in line."""
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,9 @@ def option_cost(
         compute += t.recompute_selective_s * scale + t.selective_ops * overhead
     spans = spans_nodes(s, cluster)
     values = scale * width
+    again = t.full_recompute_collectives if s.recompute is Recompute.FULL else ()
     per_mb = [dataclasses.replace(c, size_bytes=c.size_bytes * values) for c in t.collectives]
+    per_mb += [dataclasses.replace(c, size_bytes=c.size_bytes * values) for c in again]
     per_mb += _zero3(t, s, width)
     if s.dp > 1:
         per_mb += [

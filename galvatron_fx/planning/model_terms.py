@@ -1,14 +1,14 @@
 """The search's cost tables: each distinct unit's terms under each tensor-parallel layout.
 
 Reads: an `Analysis` (`gfx_layer`, `gfx_cost`, `val`). Writes nothing on it: returns
-`ModelTerms`, the graph's side of the search's cost model (`search/costs.py`).
+`ModelTerms`, the graph's side of the search's cost model (`search/option_cost.py`).
 
 Repeated layers share one table: the graph is first cut down to one representative of every
 layer fingerprint (the segments and the first block of each stack; the later blocks' uses are
 rewired to the representative's values), so a 96-layer model costs what a 1-layer one does.
 The reduced graph is then rewritten by the compiler's own passes once per layout
 (tp, sp, vocabulary split, Ulysses) at dp = 1, and every unit's compute, saved activations,
-collectives and parameters are read off the rewrite exactly as `plan_costs` reads them.
+collectives and parameters are read off the rewrite exactly as `price.price_plan` reads them (`unit_terms`).
 Guarantees: every unit of the model maps to a representative with terms for every layout
 its heads and widths allow.
 """
@@ -16,36 +16,36 @@ its heads and widths allow.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import fx
 
 from galvatron_fx.cost_models.hardware import ClusterSpec
+from galvatron_fx.cost_models.traffic import Collective
+from galvatron_fx.lowering import Analysis
 from galvatron_fx.meta import COST, LAYER, PLACEMENT
-from galvatron_fx.passes.group_layers import unit_nodes
-from galvatron_fx.passes.plan_costs import (
-    _compute,
-    _local_params,
-    _memory_inputs,
-    rewrite_for_costs,
-)
-from galvatron_fx.passes.recompute import attention_cores
+from galvatron_fx.passes.recompute import full_region, rerun_nodes
 from galvatron_fx.plan import (
     LayerShape,
     LayerStrategy,
+    Plan,
     PlanError,
     Recompute,
     check_ulysses,
     check_vocab,
 )
-from galvatron_fx.search.costs import UnitTerms
-from galvatron_fx.summary import layer_shapes, model_fingerprint
+from galvatron_fx.planning.collective_list import RECOMPUTED, collectives_of
+from galvatron_fx.planning.lowered import LoweredForPricing, lower_for_pricing
+from galvatron_fx.planning.unit_terms import compute_times, local_params, memory_inputs
+from galvatron_fx.runtime.program import ParamSpec
+from galvatron_fx.search.option_cost import UnitTerms
+from galvatron_fx.unit_graph.attention import attention_cores
+from galvatron_fx.unit_graph.shapes import layer_shapes
+from galvatron_fx.unit_graph.units import model_fingerprint, unit_nodes
 
-__all__ = ["ModelTerms", "captured_batch", "model_terms", "representatives"]
+__all__ = ["ModelTerms", "model_terms", "representatives"]
 
 Layout = tuple[int, bool, bool, bool]
 """(tp, sp, vocab_parallel, ulysses)"""
@@ -83,7 +83,7 @@ def _key(s: LayerStrategy) -> Layout:
     return (s.tp, s.sp, s.vocab_parallel, s.ulysses)
 
 
-def representatives(analysis: Any) -> tuple[Any, dict[str, str]]:
+def representatives(analysis: Analysis) -> tuple[Analysis, dict[str, str]]:
     """An analysis holding one unit per layer fingerprint (plus every segment), and the map
     from every unit of the model to the unit that stands for it."""
     nodes = unit_nodes(analysis.graph_module)
@@ -109,7 +109,7 @@ def representatives(analysis: Any) -> tuple[Any, dict[str, str]]:
     if not mapping:
         return analysis, rep
     gm = _without(analysis.graph_module, mapping)
-    return _analysis_of(analysis, gm), rep
+    return analysis.with_graph(gm), rep
 
 
 def _after(unit: str, rep: str, order: list[str]) -> bool:
@@ -136,25 +136,8 @@ def _without(gm: fx.GraphModule, mapping: dict[fx.Node, fx.Node]) -> fx.GraphMod
     return fx.GraphModule(gm, graph)
 
 
-def _analysis_of(analysis: Any, gm: fx.GraphModule) -> Any:
-    from galvatron_fx.compile import Analysis
-    from galvatron_fx.summary import layer_table
-
-    ctx = dataclasses.replace(analysis.context, timings_s={}, results={})
-    return Analysis(gm, layer_table(gm), {}, ctx)
-
-
-def captured_batch(analysis: Any) -> int:
-    """The batch size the model was captured with (the first tensor input's first dim)."""
-    ctx = analysis.context
-    for value in (*ctx.example_inputs, *ctx.example_kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return int(value.shape[0])
-    raise PlanError("search: the example inputs hold no tensor to read the batch size from")
-
-
 def model_terms(
-    analysis: Any,
+    analysis: Analysis,
     cluster: ClusterSpec,
     tps: Iterable[int],
     *,
@@ -163,7 +146,7 @@ def model_terms(
 ) -> ModelTerms:
     """Terms of every distinct unit under every layout with tp in `tps`."""
     reduced, rep = representatives(analysis)
-    batch = captured_batch(analysis)
+    batch = analysis.batch_size
     shapes = layer_shapes(reduced.graph_module)
     flat = dataclasses.replace(cluster, op_overhead_s=0.0)  # overhead is counted by ops
     terms: dict[tuple[str, Layout], UnitTerms] = {}
@@ -194,12 +177,10 @@ def model_terms(
     )
 
 
-def _dp_collectives(reduced: Any) -> dict[str, tuple[Any, ...]]:
+def _dp_collectives(reduced: Analysis) -> dict[str, tuple[Collective, ...]]:
     """Per unit, the graph collectives of a dp = 2 rewrite (tp = 1: all on the dp group)."""
     plan = reduced.plan(LayerStrategy(dp=2), world_size=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _, _, comms, _ = rewrite_for_costs(reduced, plan)
+    comms = lower_for_pricing(reduced, plan, quiet=True).collectives
     return {
         unit: tuple(c for c in listed if not c.source.startswith("grad_sync"))
         for unit, listed in comms.items()
@@ -216,13 +197,13 @@ def _layouts(tp: int) -> Sequence[Layout]:
     return [(tp, False, False, False), (tp, True, True, False), (tp, False, False, True)]
 
 
-def _check_tp(reduced: Any, shapes: Any, tp: int) -> None:
+def _check_tp(reduced: Analysis, shapes: dict[str, LayerShape], tp: int) -> None:
     plan = reduced.plan(LayerStrategy(tp=tp), world_size=tp)
     plan.check_model(model_fingerprint(reduced.graph_module), shapes)
 
 
 def _terms_of(
-    reduced: Any,
+    reduced: Analysis,
     shapes: dict[str, LayerShape],
     layout: Layout,
     batch: int,
@@ -241,14 +222,14 @@ def _terms_of(
     if ulysses and not any(s.ulysses for s in strategies.values()):
         return {}
     plan = reduced.plan(strategies, world_size=tp)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deep-copying the graph's pytree specs warns
-        gm, params, comms, ratio = rewrite_for_costs(reduced, plan)
-    original, rewritten = unit_nodes(reduced.graph_module), unit_nodes(gm)
+    lowered = lower_for_pricing(reduced, plan, quiet=True)
+    params, comms, ratio = lowered.params, lowered.collectives, lowered.ratios
+    original, rewritten = unit_nodes(reduced.graph_module), unit_nodes(lowered.graph_module)
+    full = _full_recompute_collectives(lowered, rewritten, plan)
     out = {}
     previous = 0
     for unit in reduced.units:
-        local = _local_params(params, unit)
+        local = local_params(params, unit)
         before, previous = previous, local
         s = plan.strategy(unit)
         key = _key(s)
@@ -262,8 +243,26 @@ def _terms_of(
             unit, s, nodes, rewritten.get(unit, []), original[unit], cores,
             params, comms.get(unit, []), ratio, batch, cluster, dtype, efficiency,
         )  # fmt: skip
-        out[(unit, key)] = dataclasses.replace(terms, previous_params=before)
+        out[(unit, key)] = dataclasses.replace(
+            terms, previous_params=before, full_recompute_collectives=full.get(unit, ())
+        )
     return out
+
+
+def _full_recompute_collectives(
+    lowered: LoweredForPricing, rewritten: dict[str, list[fx.Node]], plan: Plan
+) -> dict[str, tuple[Collective, ...]]:
+    """Per unit, the collectives full recomputation would run again: the program lowered
+    without recomputation, listed as if every unit's full region were checkpointed (what
+    `lower` and `inline_regions` give a plan with full recomputation, without a second
+    rewrite per layout)."""
+    again = frozenset(
+        n.name for nodes in rewritten.values() for n in rerun_nodes(full_region(nodes))
+    )
+    listed = collectives_of(lowered.graph_module, lowered.params, plan, again)
+    return {
+        unit: tuple(c for c in cs if c.source.endswith(RECOMPUTED)) for unit, cs in listed.items()
+    }
 
 
 def _unit_terms(
@@ -273,8 +272,8 @@ def _unit_terms(
     all_nodes: list[fx.Node],
     original: list[fx.Node],
     cores: set[str],
-    params: Any,
-    comms: list[Any],
+    params: dict[str, ParamSpec],
+    comms: list[Collective],
     ratio: dict[str, float],
     batch: int,
     cluster: ClusterSpec,
@@ -285,11 +284,11 @@ def _unit_terms(
         return dataclasses.replace(s, recompute=rc)
 
     selective = variant(Recompute.SELECTIVE)
-    fwd, bwd, rc_sel = _compute(nodes, cores, selective, cluster, dtype, efficiency)
+    fwd, bwd, rc_sel = compute_times(nodes, cores, selective, cluster, dtype, efficiency)
     rc_full = fwd
-    local = _local_params(params, unit)
+    local = local_params(params, unit)
     none, sel, full = (
-        _memory_inputs(nodes, all_nodes, ratio, cores, variant(rc), params, unit, local)
+        memory_inputs(nodes, all_nodes, ratio, cores, variant(rc), params, unit, local)
         for rc in (Recompute.NONE, Recompute.SELECTIVE, Recompute.FULL)
     )
     grad_sum = sum(c.size_bytes for c in comms if c.source == "grad_sync_tp")

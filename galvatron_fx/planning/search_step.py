@@ -4,7 +4,7 @@ Reads: an `Analysis` (its layers and costs). Writes nothing on the graph: return
 `SearchResult` holding the `Plan` (a plain value, passed on explicitly to the rewrite), what
 the cost model predicts for it, the baselines priced by the same model, and per unit why it
 got its strategy. Guarantees: the plan's stages fit `memory_budget_gb` under the search's
-memory model (an upper bound of the three-moment peak, `search/costs.py`), and it is the
+memory model (an upper bound of the three-moment peak, `search/option_cost.py`), and it is the
 fastest plan of the candidate space under that model (`search/dp.py`, `search/planner.py`),
 or the best single-strategy plan of the same configuration when that is within
 `UNIFORM_TOLERANCE` (1%) of it (`baselines.simplest_within`: a gain below the model's
@@ -28,19 +28,20 @@ from typing import Any
 
 from galvatron_fx.cost_models.hardware import ClusterSpec, load_cluster
 from galvatron_fx.cost_models.memory import Precision
-from galvatron_fx.passes.search_costs import ModelTerms, model_terms
+from galvatron_fx.lowering import Analysis
 from galvatron_fx.plan import LayerStrategy, Plan, PlanError, save_json
 from galvatron_fx.plan_checks import SharedWeight, shared_weights, tie_error
+from galvatron_fx.planning.model_terms import ModelTerms, model_terms
 from galvatron_fx.search.baselines import UNIFORM_TOLERANCE, run_baselines, simplest_within
 from galvatron_fx.search.explain import explain_units, smallest_memory
 from galvatron_fx.search.planner import Searched, SearchSpace, configs, search_space
 from galvatron_fx.search.space import dominance_counts, space_counts
 from galvatron_fx.search.strategies import powers_of_two
-from galvatron_fx.summary import layer_shapes
+from galvatron_fx.unit_graph.shapes import layer_shapes
 
 LOG = logging.getLogger("galvatron_fx.search")
 
-__all__ = ["SearchResult", "run_search"]
+__all__ = ["SearchResult", "explain_space", "search_analysis"]
 
 GiB = 2**30
 
@@ -83,8 +84,8 @@ class SearchResult:
         return float(self.predicted["samples_per_s"])
 
 
-def run_search(
-    analysis: Any,
+def search_analysis(
+    analysis: Analysis,
     *,
     cluster: ClusterSpec | str,
     memory_budget_gb: float,
@@ -102,7 +103,7 @@ def run_search(
     """Search `analysis` for `world_size` devices (default: the whole cluster) of `cluster`
     with `memory_budget_gb` per device and `global_batch` samples per step; `max_pipeline`
     caps the pipeline degree (1: no pipeline stages); `efficiency`: the fraction of the
-    cluster's peak FLOP/s the layers reach (`plan_costs.measured_efficiency`); `ulysses`:
+    cluster's peak FLOP/s the layers reach (`price.measured_efficiency`); `ulysses`:
     False leaves Ulysses out of the candidates (the baselines keep it), to see what it adds."""
     spec = load_cluster(cluster) if isinstance(cluster, str) else cluster
     world = world_size or spec.nodes * spec.devices_per_node
@@ -207,7 +208,7 @@ def _check_inputs(
         raise PlanError(f"search: max_pipeline must be >= 1 (1: no stages), got {max_pipeline}")
 
 
-def _world_error(world: int, analysis: Any) -> str:
+def _world_error(world: int, analysis: Analysis) -> str:
     """Why the search cannot use `world` devices, and what would work."""
     if world < 1:
         return f"search: world size must be >= 1, got {world}"
@@ -241,7 +242,7 @@ def _predicted(best: Searched, terms: ModelTerms, space: SearchSpace) -> dict[st
 
 
 def explain_space(
-    analysis: Any,
+    analysis: Analysis,
     *,
     cluster: ClusterSpec | str,
     global_batch: int,

@@ -1,11 +1,10 @@
 """The collectives a plan makes every unit run, read off the rewritten graph.
 
-`collectives_of(gm, params, plan)` lists, per unit, every collective of one rank's program:
-the graph's collective nodes (forward and backward halves: each op in `runtime.collectives`
-has a fixed pair) plus the gradient synchronisation of its parameters (`runtime.data_parallel`).
-`plan_collectives(analysis, plan)` runs the compiler's own rewrite on a copy of an analysed
-graph and lists what it would do, without process groups: the cost model prices exactly what
-the runtime runs. `switch_collectives` isolates the redistribution between two strategies.
+`collectives_of(gm, params, plan, recomputed)` lists, per unit, every collective of one
+rank's program: the graph's collective nodes (forward and backward halves: each op in
+`runtime.collectives` has a fixed pair), the forward half once more for the nodes backward
+recomputes, and the gradient synchronisation of its parameters (`runtime.data_parallel`).
+`lowered.plan_collectives` runs it on the program `lower()` makes of a plan.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from typing import Any, Final
 import torch
 from torch import fx
 
-from galvatron_fx.cost_models.comm import (
+from galvatron_fx.cost_models.traffic import (
     Collective,
     CollectiveKind,
     Phase,
@@ -27,12 +26,12 @@ from galvatron_fx.cost_models.comm import (
 )
 from galvatron_fx.meta import LAYER
 from galvatron_fx.passes.annotate_costs import requires_grad_nodes
-from galvatron_fx.passes.insert_collectives import ParamSpec
-from galvatron_fx.plan import LayerStrategy, Plan
+from galvatron_fx.plan import Plan
 from galvatron_fx.runtime import collectives as C
+from galvatron_fx.runtime.program import ParamSpec, get_attr
 from galvatron_fx.runtime.vocab import vocab_cross_entropy
 
-__all__ = ["collectives_of", "plan_collectives", "switch_collectives"]
+__all__ = ["RECOMPUTED", "collectives_of"]
 
 _AR: Final = "all_reduce"
 _AG: Final = "all_gather"
@@ -56,17 +55,36 @@ _PAIRS: dict[Any, tuple[CollectiveKind | None, CollectiveKind | None]] = {
 
 
 def collectives_of(
-    gm: fx.GraphModule, params: dict[str, ParamSpec], plan: Plan
+    gm: fx.GraphModule,
+    params: dict[str, ParamSpec],
+    plan: Plan,
+    recomputed: frozenset[str] = frozenset(),
 ) -> dict[str, list[Collective]]:
-    """Every collective of this rank's program, by unit, in graph order (then grad sync)."""
+    """Every collective of this rank's program, by unit, in graph order (then grad sync).
+    `gm` holds no checkpoint regions (`recompute.inline_regions`); the nodes named in
+    `recomputed` run their forward collectives again during backward, in line."""
     out: dict[str, list[Collective]] = {}
     grad = requires_grad_nodes(gm)
     for node in gm.graph.nodes:
-        for c in _node_collectives(node, grad):
+        listed = list(_node_collectives(node, grad))
+        if node.name in recomputed:
+            listed += [_again(c) for c in listed if c.phase == "forward"]
+        for c in listed:
             out.setdefault(c.unit, []).append(c)
     for c in _bucketed(_grad_sync(gm, params, plan)):
         out.setdefault(c.unit, []).append(c)
     return out
+
+
+def _again(c: Collective) -> Collective:
+    """A forward collective as recomputation runs it: in backward, waited for in line."""
+    return dataclasses.replace(
+        c, phase="backward", overlappable=False, source=c.source + RECOMPUTED
+    )
+
+
+RECOMPUTED: Final = " (recomputed)"
+"""Suffix of the `source` of a collective that recomputation runs again."""
 
 
 def _bucketed(collectives: Iterator[Collective]) -> list[Collective]:
@@ -82,30 +100,6 @@ def _bucketed(collectives: Iterator[Collective]) -> list[Collective]:
             c if old is None else dataclasses.replace(old, size_bytes=old.size_bytes + c.size_bytes)
         )
     return list(merged.values())
-
-
-def plan_collectives(analysis: Any, plan: Plan, rank: int = 0) -> dict[str, list[Collective]]:
-    """What `plan` makes rank `rank` communicate, from the compiler's rewrite of a copy of
-    `analysis` (a `galvatron_fx.compile.Analysis`); needs no process group."""
-    from galvatron_fx.compile import PARALLEL_PASSES
-    from galvatron_fx.passes.manager import run_passes
-
-    work = analysis.copy()
-    work.context.results.update(plan=plan, rank=rank)
-    gm = run_passes(work.graph_module, work.context, PARALLEL_PASSES)
-    return collectives_of(gm, work.context.results["params"], plan)
-
-
-def switch_collectives(
-    analysis: Any, unit: str, before: LayerStrategy, after: LayerStrategy, world_size: int
-) -> list[Collective]:
-    """The layout switch into `unit` when every unit before it runs `before` and it (and
-    everything after) runs `after`: the redistributions `unit` issues for its inputs."""
-    i = analysis.units.index(unit)
-    strategies = {u: before if k < i else after for k, u in enumerate(analysis.units)}
-    plan = analysis.plan(strategies, world_size=world_size)
-    listed = plan_collectives(analysis, plan).get(unit, [])
-    return [c for c in listed if c.source == "switch_layout"]
 
 
 def _nbytes(val: Any) -> int:
@@ -178,8 +172,6 @@ def _grad_sync(
     gm: fx.GraphModule, params: dict[str, ParamSpec], plan: Plan
 ) -> Iterator[Collective]:
     """What `runtime.data_parallel.GradSync` does for each parameter (bucketing aside)."""
-    from galvatron_fx.passes.insert_collectives import get_attr
-
     for name, spec in params.items():
         if spec.alias_of is not None:
             continue
