@@ -14,7 +14,8 @@ batch sizes, per-rank weight shapes and the absence of `ShardWarning`).
 - a data-parallel unit after one that ran the whole batch: it ran the whole batch too;
 - linears written `x @ w.T` and `x @ w`: every rank held the whole weight under tp;
 - fewer key/value heads than tp (grouped-query and multi-query attention), refused before;
-- BLOOM's attention over (batch * heads): it gathered, the merged dim split in strides.
+- BLOOM's attention over (batch * heads): it gathered, the merged dim split in strides;
+- products with a weight vector (`h @ w`, `w @ h^T`): the matmul rule crashed on them.
 """
 
 from __future__ import annotations
@@ -164,6 +165,24 @@ class MatmulLinears(nn.Module):
         return F.gelu(x @ self.w_in.T) @ self.w_out
 
 
+class VectorProducts(nn.Module):
+    """Products with weight vectors, `h @ w` and `w @ h^T` (attention-pooling scores and a
+    gate): torch promotes the vector to a matrix and drops its dim from the result. The
+    rule crashed on the 1-D weight (it took it for a linear's) and named a dim -1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.out = nn.Linear(H, H), nn.Linear(H, H)
+        self.score = nn.Parameter(torch.randn(H) / H**0.5)
+        self.gate = nn.Parameter(torch.randn(H) / H**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.proj(x))  # (B, S, H)
+        w = torch.softmax(h @ self.score, -1)  # (B, S)
+        g = torch.sigmoid(self.gate @ h.transpose(1, 2))  # (B, S)
+        return self.out(h * (w * g).unsqueeze(-1))
+
+
 class Block(nn.Module):
     def __init__(self, mixer: Callable[[], nn.Module]) -> None:
         super().__init__()
@@ -196,6 +215,7 @@ MIXERS: dict[str, Callable[[], nn.Module]] = {
     "gqa-slices": lambda: FusedGQA("slice"),
     "gqa-split": lambda: FusedGQA("split"),
     "merged-heads": MergedHeads,
+    "vector": VectorProducts,
 }
 
 
@@ -255,6 +275,8 @@ CASES: list[tuple[str, Strategies]] = [
     ("gqa-slices", _uniform(LayerStrategy(tp=2, sp=True))),
     ("gqa-split", _uniform(LayerStrategy(tp=2))),
     ("merged-heads", _uniform(LayerStrategy(tp=2, sp=True))),
+    ("vector", _uniform(LayerStrategy(tp=2))),
+    ("vector", _uniform(LayerStrategy(tp=2, sp=True))),
 ]
 
 
@@ -269,11 +291,11 @@ def test_exact(results: list[dict], k: int) -> None:
     check(_reference(name), results[k], f"{name} case {k}")
 
 
-@pytest.mark.parametrize("k", [2, 3, 4, 5, 7, 8, 9])
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 7, 8, 9, 10, 11])
 def test_kept_split(results: list[dict], k: int) -> None:
-    """chunk, block slices (equal or not), split with sizes, view + unbind, matmul linears
-    and (B * heads) baddbmm / bmm keep tp: no gather warned, and every 2-D block weight is
-    halved on each rank."""
+    """chunk, block slices (equal or not), split with sizes, view + unbind, matmul linears,
+    (B * heads) baddbmm / bmm and products with weight vectors keep tp: no gather warned,
+    and every 2-D block weight is halved on each rank."""
     got = results[k]
     assert got["warnings"] == []
     whole = {n: s for n, s in got["shapes"].items() if n.startswith("blocks.") and len(s) == 2}

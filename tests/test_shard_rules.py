@@ -167,6 +167,7 @@ CASES = [
     Case("neg_partial", aten.neg.default, (T((4, 8), P()),), P()),
     Case("mul_scalar_partial", aten.mul.Scalar, (T((4, 8), P()), 2.0), R, {0: R}),
     Case("pow_scalar", aten.pow.Tensor_Scalar, (T(X3, S(2)), 2), S(2)),
+    Case("square", aten.square.default, (T(X3, S(0)),), S(0)),
     Case(
         "masked_fill_bcast_mask",
         aten.masked_fill.Scalar,
@@ -564,12 +565,31 @@ CASES = [
     Case("matmul_rows", aten.matmul.default, (T((8, 16), S(0)), T((16, 8))), S(0)),
     Case("matmul_cols", aten.matmul.default, (T((8, 16)), T((16, 8), S(1))), S(1)),
     Case("matmul_bcast_rows", aten.matmul.default, (T(X3, S(1)), T((16, 8))), S(1)),
+    # a vector operand: torch promotes it to a matrix and drops that dim from the result
     Case(
-        "matmul_vector_sharded",
+        "mv_contract_slices_matrix",
         aten.matmul.default,
         (T((8, 16)), T((16,), S(0))),
-        need=None,  # Partial after slicing the matrix, or a gather: both fine
+        P(),
+        {0: S(1)},
     ),
+    Case("mv_contract", aten.matmul.default, (T((8, 16), S(1)), T((16,), S(0))), P()),
+    Case(
+        "mv_contract_slices_vector",
+        aten.matmul.default,
+        (T((8, 16), S(1)), T((16,))),
+        P(),
+        {1: S(0)},
+    ),
+    Case("mv_rows", aten.matmul.default, (T((8, 16), S(0)), T((16,))), S(0)),
+    Case("mv_batch", aten.matmul.default, (T(X3, S(0)), T((16,))), S(0)),
+    Case("mv_batch_rows", aten.matmul.default, (T(X3, S(1)), T((16,))), S(1)),
+    Case("vm_cols", aten.matmul.default, (T((16,)), T((16, 8), S(1))), S(0)),
+    Case("vm_batch", aten.matmul.default, (T((16,)), T((4, 16, 8), S(0))), S(0)),
+    Case("vm_batch_cols", aten.matmul.default, (T((16,)), T((4, 16, 8), S(2))), S(1)),
+    Case("vm_contract", aten.matmul.default, (T((16,), S(0)), T((4, 16, 8), S(1))), P()),
+    Case("dot", aten.matmul.default, (T((16,), S(0)), T((16,), S(0))), P()),
+    Case("dot_slices", aten.matmul.default, (T((16,)), T((16,), S(0))), P(), {0: S(0)}),
     Case(
         "bmm_partial",
         aten.bmm.default,
@@ -965,14 +985,14 @@ def test_fallback_ops_are_absent_from_rules() -> None:
     assert aten.sort.default not in RULES and aten.flip.default not in RULES
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="matmul: (8,16) Shard(0) @ (16,) gives Shard(no - 2) = Shard(-1), not normalized; "
-    "negative dims break later rules' dim arithmetic (elementwise's _out_dim offsets)",
-)
-def test_matvec_output_dim_is_normalized() -> None:
-    case = Case("mv", aten.matmul.default, (T((8, 16), S(0)), T((16,))))
-    assert run_rule(case, build(case)).out == S(0)
+@pytest.mark.parametrize("case", [c for c in CASES if c.op is aten.matmul.default], ids=lambda c: c.id)
+def test_matmul_output_dims_are_in_range(case: Case) -> None:
+    """Every matmul decision names a dim of its result (0 <= d < its rank): a negative dim
+    would break later rules' dim arithmetic (elementwise's offsets)."""
+    b = build(case)
+    out = run_rule(case, b).out
+    if isinstance(out, Shard):
+        assert 0 <= out.dim < b.node.meta["val"].dim(), out
 
 
 def test_linear_refuses_a_weight_another_use_split() -> None:

@@ -541,8 +541,8 @@ def matmul(v: OpView) -> Decision:
     """matmul/bmm/mm. With a parameter as second operand (`x @ w`, `w` stored (in, out)) it
     is a linear layer (`linear`); of activations (eager attention): batch dims pass
     through, a shard on both contracted dims gives a partial sum."""
-    if v.args[1] in v.params:
-        return linear(v)
+    if v.args[1] in v.params and len(shape(v.args[1])) == 2:
+        return linear(v)  # a weight vector (`x @ w`, w of (k,)) is a product like any other
     return _matmul(v, v.args[0], v.args[1])
 
 
@@ -568,8 +568,10 @@ def _matmul(v: OpView, a: Any, b: Any) -> Decision:
     pa, pb = v.p(a), v.p(b)
     na, nb, no = len(shape(a)), len(shape(b)), len(shape(v.node))
     da, db = _sharded(pa), _sharded(pb)
-    if isinstance(pa, Partial) or isinstance(pb, Partial) or min(na, nb) < 2:
-        return _gather_operands(v, a, b)  # vector operands: rare, gathered
+    if isinstance(pa, Partial) or isinstance(pb, Partial):
+        return _gather_operands(v, a, b)
+    if min(na, nb) == 1:
+        return _matvec(v, a, b)
     if da is None and db is None:
         return Decision(R)
     if da == na - 1 and db == nb - 2:
@@ -582,6 +584,28 @@ def _matmul(v: OpView, a: Any, b: Any) -> Decision:
     if batch is not None and na == nb and (da in (None, batch)) and (db in (None, batch)):
         need = {x: _target(shape(x), batch) for x in (a, b) if _sharded(v.p(x)) is None}
         return Decision(Shard(batch + no - na), {x: p for x, p in need.items() if p != R})
+    return _gather_operands(v, a, b)
+
+
+def _matvec(v: OpView, a: Any, b: Any) -> Decision:
+    """matmul with a vector operand. torch promotes it to a matrix, (1, k) on the left or
+    (k, 1) on the right, and drops that dim from the result: the result's dims are the other
+    operand's without the contracted one (`(.., n, k) @ (k,) -> (.., n)`, `(k,) @ (.., k, m)
+    -> (.., m)`), so a split on any other dim carries over at its own index there. Split on
+    the contracted dim (k) on one side: the other side is sliced to it (free) and the result
+    is a partial sum."""
+    na, nb = len(shape(a)), len(shape(b))
+    da, db = _sharded(v.p(a)), _sharded(v.p(b))
+    ka, kb = na - 1, 0 if nb == 1 else nb - 2  # the contracted dims
+    if da is None and db is None:
+        return Decision(R)
+    if (da == ka and db in (None, kb)) or (db == kb and da is None):
+        need = {x: Shard(k) for x, d, k in ((a, da, ka), (b, db, kb)) if d is None}
+        return Decision(Partial(), need)
+    if nb == 1 and db is None and da is not None and da < ka:
+        return Decision(Shard(da))  # (.., n, k) @ (k,): a's dims but the last
+    if na == 1 and da is None and db is not None and db != kb:
+        return Decision(Shard(db if db < kb else db - 1))  # (k,) @ (.., k, m): b's but k
     return _gather_operands(v, a, b)
 
 
@@ -750,6 +774,7 @@ _UNARY = [
     "sin.default",
     "sigmoid.default",
     "pow.Tensor_Scalar",
+    "square.default",
     "dropout.default",
     "ne.Scalar",
     "eq.Scalar",
