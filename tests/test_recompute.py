@@ -164,7 +164,7 @@ def test_selective_on_a_unit_without_attention_does_nothing(analysed):
     new = recompute_regions(
         copy.deepcopy(gm), {"embedding": Recompute.SELECTIVE, "blocks.0": Recompute.NONE}
     )
-    assert new.code == gm.code
+    assert new.code == gm.code  # the pass's output (on a deep copy) against the untouched input
     assert not _checkpoints(new)
 
 
