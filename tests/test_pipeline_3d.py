@@ -1,11 +1,14 @@
 """3D plans: pipeline stages with tensor, data and ZeRO parallelism inside them, on 4 gloo
-ranks, give the single-process loss and gradients."""
+ranks, train like the unmodified model in one process (`tests/exactness.py`: the loss and
+every gradient after one AdamW step, every parameter after three)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
-import torch
 from conftest import build
+from exactness import BATCH, SEQ, adamw, check, reference, run_steps
 from test_split_stages import SPEC, check_against_one_process
 
 from galvatron_fx.lowering import analyze
@@ -61,51 +64,41 @@ def _plan(analysis, kind: str, schedule: str) -> Plan:
     ids=str,
 )
 def test_3d_plans_match_one_process(kind, schedule):
-    model, args, kwargs = build(SPEC, batch=8, seq=16)
+    model, args, kwargs = build(SPEC, batch=BATCH, seq=SEQ)
     check_against_one_process(_plan(analyze(model, args, kwargs), kind, schedule))
 
 
-def _adamw(params):
-    return torch.optim.AdamW(params, lr=1e-3, eps=1e-5)  # first steps insensitive to noise
-
-
-def _searched(rank: int, world: int) -> dict:
+def _searched(rank: int, world: int) -> dict[str, Any]:
     import galvatron_fx as gfx
 
-    model, args, kwargs = build(SPEC, batch=8, seq=16)
+    model, args, kwargs = build(SPEC, batch=BATCH, seq=SEQ)
     compiled = gfx.compile(
-        model, args, kwargs, cluster="a100-80gb-sxm", memory_budget_gb=0.002, optimizer=_adamw
+        model, args, kwargs, cluster="a100-80gb-sxm", memory_budget_gb=0.002, optimizer=adamw
     )
-    loss = compiled.train_step(*args, **kwargs).item()
-    return {"loss": loss, "plan": compiled.plan, "params": compiled.full_params()}
+    return {"plan": compiled.plan, **run_steps(compiled, args, kwargs)}
 
 
 def test_compile_searches_a_3d_plan_and_trains_it():
     """A budget too small for data parallelism: the search (rank 0, broadcast) picks two
-    stages with tp / dp inside; one AdamW step gives the single process's loss and weights."""
+    stages with tp / dp inside; three AdamW steps give every rank the unmodified model's
+    losses, gradients and weights."""
     from distributed import run_ranks
 
-    import galvatron_fx as gfx
-
-    model, args, kwargs = build(SPEC, batch=8, seq=16)
-    single = gfx.compile(model, args, kwargs, optimizer=_adamw)
-    want = single.train_step(*args, **kwargs).item()
+    ref = reference(SPEC)
     results = run_ranks(_searched, 4)
     plan = results[0]["plan"]
     # two stages of two ranks, each unit split over them (tp or dp: the search's choice)
     assert plan.pipeline.degree == 2 and {s.tp * s.dp for _, s in plan.strategies} == {2}
     assert all(r["plan"] == plan for r in results)
-    for r in results:
-        assert r["loss"] == pytest.approx(want, rel=1e-5)
-    for name, p in single.full_params().items():
-        assert torch.allclose(results[0]["params"][name], p, rtol=1e-5, atol=1e-6), name
+    for rank, got in enumerate(results):
+        check(ref, got, f"rank {rank}, searched plan:\n{plan.table()}")
 
 
 def test_zero_bubble_with_data_parallel_stages_is_refused():
     """Plan validation refuses it, whoever builds the plan (compile, a JSON file)."""
     from galvatron_fx.plan import PlanError
 
-    model, args, kwargs = build(SPEC, batch=8, seq=16)
+    model, args, kwargs = build(SPEC, batch=BATCH, seq=SEQ)
     analysis = analyze(model, args, kwargs)
     with pytest.raises(
         PlanError, match=r"'interleaved-zb' does not compose .*\(unit 'embedding' has dp > 1\)"

@@ -1,10 +1,18 @@
-"""Split stages: the stage submodules, run in order in one process, are the model."""
+"""Split stages: the stage submodules, run in order in one process, are the model; on ranks,
+pipeline plans train like it.
+
+The reference is the unmodified model in one process (`tests/exactness.py`): the loss and
+every gradient after one AdamW step, every parameter after three, within 1e-5.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 import torch
 from conftest import TINY_GPT, build
+from exactness import BATCH, SEQ, STEPS, adamw, check, reference, reference_of, run_steps
 
 from galvatron_fx.lowering import analyze
 from galvatron_fx.passes.split_stages import cut_stages, unit_stages
@@ -38,28 +46,48 @@ def _flat(args, kwargs):
     return [*args, *kwargs.values()]
 
 
-@pytest.mark.parametrize("starts", [("blocks.2",), ("blocks.1", "blocks.3"), ("blocks.0", "head")])
-def test_stages_in_order_give_the_loss_and_gradients_of_the_model(starts):
-    model, args, kwargs = build(SPEC, batch=4, seq=16)
-    analysis = analyze(model, args, kwargs)
-    want = analysis.graph_module(*args, **kwargs)
-    loss = want if isinstance(want, torch.Tensor) else want[0]
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in analysis.graph_module.named_parameters()}
-    analysis.graph_module.zero_grad(set_to_none=True)
+def _canonical(model: torch.nn.Module) -> dict[str, str]:
+    """Every name of a parameter of `model` -> the name `named_parameters` gives it (a tied
+    weight has several)."""
+    first: dict[int, str] = {}
+    return {
+        n: first.setdefault(id(p), n) for n, p in model.named_parameters(remove_duplicate=False)
+    }
 
-    split = _cut(analysis, _plan(analysis, starts))
-    assert len(split.stages) == len(starts) + 1
-    got = split.graph_module(*_flat(args, kwargs))
-    got_loss = got if isinstance(got, torch.Tensor) else got[0]
-    assert got_loss.item() == pytest.approx(loss.item(), rel=1e-6)
-    got_loss.backward()
+
+def _train_split(split, model: torch.nn.Module, args, kwargs) -> dict[str, Any]:
+    """What `reference` returns, from the stage submodules run in order in this process,
+    named as `model` names its parameters."""
+    canonical = _canonical(model)
+    held: dict[str, torch.nn.Parameter] = {}
     for k in range(len(split.stages)):
         for name, original in split.param_names[k].items():
-            g = split.stage(k).get_parameter(name).grad
-            assert torch.allclose(g, grads[original], rtol=1e-5, atol=1e-8), original
+            param = split.stage(k).get_parameter(name)
+            assert held.setdefault(canonical[original], param) is param, f"{original}: 2 copies"
+    opt = adamw(list({id(p): p for p in held.values()}.values()))
+    losses, grads = [], {}
+    for step in range(STEPS):
+        opt.zero_grad()
+        out = split.graph_module(*_flat(args, kwargs))
+        loss = out if isinstance(out, torch.Tensor) else out[0]
+        loss.backward()
+        if step == 0:
+            grads = {n: p.grad.clone() for n, p in held.items() if p.grad is not None}
+        opt.step()
+        losses.append(loss.item())
+    return {"losses": losses, "grads": grads, "params": {n: p.detach() for n, p in held.items()}}
+
+
+@pytest.mark.parametrize("starts", [("blocks.2",), ("blocks.1", "blocks.3"), ("blocks.0", "head")])
+def test_stages_in_order_train_like_the_model(starts):
+    ref = reference(SPEC)
+    model, args, kwargs = build(SPEC, batch=BATCH, seq=SEQ)
+    analysis = analyze(model, args, kwargs)
+    split = _cut(analysis, _plan(analysis, starts))
+    assert len(split.stages) == len(starts) + 1
     covered = [o for names in split.param_names for o in names.values()]
-    assert sorted(covered) == sorted(grads)  # every parameter in exactly one stage
+    assert sorted(covered) == sorted(ref["params"])  # every parameter in exactly one stage
+    check(ref, _train_split(split, model, args, kwargs), f"stages from {starts}")
 
 
 def test_unit_stages_and_errors():
@@ -72,50 +100,34 @@ def test_a_weight_tied_across_stages_is_held_by_both():
     """The embedding's stage and the head's hold the one tied Parameter (each pipeline rank
     then steps its own copy, their gradients summed: `runtime.pipeline.shared_params`); run
     in one process, its gradient is the sum of both uses, the model's."""
-    model, args, kwargs = build(TINY_GPT + ",tied=1", batch=2, seq=16)
+    tied = TINY_GPT + ",tied=1"
+    ref = reference_of(lambda: build(tied, batch=BATCH, seq=SEQ))
+    model, args, kwargs = build(tied, batch=BATCH, seq=SEQ)
     analysis = analyze(model, args, kwargs)
-    out = analysis.graph_module(*args, **kwargs)
-    (out if isinstance(out, torch.Tensor) else out[0]).backward()
-    want = next(p.grad.clone() for n, p in analysis.graph_module.named_parameters() if "wte" in n)
-    analysis.graph_module.zero_grad(set_to_none=True)
-
     split = _cut(analysis, _plan(analysis, ("blocks.1",)))
     first, last = ({id(p): p for p in split.stage(k).parameters()} for k in (0, 1))
-    (tied,) = [p for i, p in first.items() if i in last]  # one object in both stages
-    assert tied.shape == want.shape
-    got = split.graph_module(*_flat(args, kwargs))
-    (got if isinstance(got, torch.Tensor) else got[0]).backward()
-    assert torch.allclose(tied.grad, want, rtol=1e-6, atol=1e-9)
+    (shared,) = [p for i, p in first.items() if i in last]  # one object in both stages
+    assert shared.shape == ref["params"]["wte.weight"].shape
+    check(ref, _train_split(split, model, args, kwargs), "tied weight over two stages")
 
 
-def _one_step(rank: int, world: int, plan: Plan) -> dict:
-    """One step of `plan` with a frozen optimizer: the loss and the whole gradients."""
+def _steps(rank: int, world: int, plan: Plan) -> dict[str, Any]:
+    """Three AdamW steps of `plan`: what `reference` returns, gathered on this rank."""
     import galvatron_fx as gfx
 
-    model, args, kwargs = build(SPEC, batch=8, seq=16)
-    frozen = lambda params: torch.optim.SGD(params, lr=0.0)  # noqa: E731  (gradients only)
-    compiled = gfx.compile(model, args, kwargs, plan=plan, optimizer=frozen)
-    loss = compiled.train_step(*args, **kwargs).item()
-    return {"loss": loss, "grads": compiled.full_grads()}
+    model, args, kwargs = build(SPEC, batch=BATCH, seq=SEQ)
+    compiled = gfx.compile(model, args, kwargs, plan=plan, optimizer=adamw)
+    return run_steps(compiled, args, kwargs)
 
 
 def check_against_one_process(plan: Plan) -> None:
-    """Every rank's loss and the gathered gradients equal the unsplit model's on the batch."""
+    """Every rank's losses, gathered gradients and parameters equal the unmodified model's
+    in one process on the batch (`exactness.check`)."""
     from distributed import run_ranks
 
-    model, args, kwargs = build(SPEC, batch=8, seq=16)
-    analysis = analyze(model, args, kwargs)
-    out = analysis.graph_module(*args, **kwargs)
-    loss = out if isinstance(out, torch.Tensor) else out[0]
-    loss.backward()
-    want = {n: p.grad for n, p in analysis.graph_module.named_parameters()}
-    results = run_ranks(_one_step, plan.world_size, plan)
-    for r in results:
-        assert r["loss"] == pytest.approx(loss.item(), rel=1e-5)
-    got = results[0]["grads"]
-    assert sorted(got) == sorted(want)
-    for name, g in got.items():
-        assert torch.allclose(g, want[name], rtol=1e-5, atol=1e-6), name
+    ref = reference(SPEC)
+    for rank, got in enumerate(run_ranks(_steps, plan.world_size, plan)):
+        check(ref, got, f"rank {rank}")
 
 
 @pytest.mark.parametrize(
@@ -125,8 +137,9 @@ def check_against_one_process(plan: Plan) -> None:
 )
 def test_stages_on_ranks_match_one_process(world, schedule):
     """Each rank runs its stages through torch.distributed.pipelining (4 micro-batches): the
-    mean micro-batch loss and every gradient equal the unsplit model's on the whole batch."""
-    model, args, kwargs = build(SPEC, batch=8, seq=16)
+    mean micro-batch loss, every gradient and the parameters after three steps equal the
+    unmodified model's on the whole batch."""
+    model, args, kwargs = build(SPEC, batch=BATCH, seq=SEQ)
     analysis = analyze(model, args, kwargs)
     chunks = 2 if schedule.startswith("interleaved") else 1
     n = world * chunks
@@ -134,48 +147,36 @@ def test_stages_on_ranks_match_one_process(world, schedule):
     check_against_one_process(_plan(analysis, starts, chunks, schedule, 4))
 
 
-def _compiled_pipeline(rank: int, world: int, schedule: str) -> dict:
+def _compiled_pipeline(rank: int, world: int, schedule: str) -> dict[str, Any]:
     import galvatron_fx as gfx
 
-    model, args, kwargs = build(SPEC, batch=8, seq=16)
+    model, args, kwargs = build(SPEC, batch=BATCH, seq=SEQ)
     analysis = analyze(model, args, kwargs)
     chunks = 2 if schedule.startswith("interleaved") else 1
     n = world * chunks
     starts = ("blocks.2",) if n == 2 else ("blocks.1", "blocks.2", "blocks.3")[: n - 1]
     plan = _plan(analysis, starts, chunks)
-    compiled = gfx.compile(model, args, kwargs, plan=plan, optimizer=_adamw)
-    losses = [compiled.train_step(*args, **kwargs).item() for _ in range(3)]
+    compiled = gfx.compile(model, args, kwargs, plan=plan, optimizer=adamw)
+    got = run_steps(compiled, args, kwargs)
     module, _, held, _ = compiled.state_parts()
     real = {n for n, q in module.named_parameters() if q.device.type != "meta"}
-    return {"losses": losses, "params": compiled.full_params(), "real": real, "held": set(held)}
-
-
-def _adamw(params):
-    return torch.optim.AdamW(params, lr=1e-3, eps=1e-5)
+    return {**got, "real": real, "held": set(held)}
 
 
 @pytest.mark.parametrize("schedule", ["1f1b", "interleaved-1f1b"])
 def test_compile_trains_a_pipeline_plan_like_one_process(schedule):
-    """compile(plan=...) with pipeline stages: three AdamW steps on 2 ranks give the loss
-    sequence and the parameters of one process."""
+    """compile(plan=...) with pipeline stages: three AdamW steps on 2 ranks give every rank
+    the losses, gradients and parameters of the unmodified model in one process."""
     from distributed import run_ranks
 
-    import galvatron_fx as gfx
-
-    model, args, kwargs = build(SPEC, batch=8, seq=16)
-    single = gfx.compile(model, args, kwargs, optimizer=_adamw)
-    want = [single.train_step(*args, **kwargs).item() for _ in range(3)]
+    ref = reference(SPEC)
     results = run_ranks(_compiled_pipeline, 2, schedule)
-    for r in results:
-        assert r["losses"] == pytest.approx(want, rel=1e-5)
-    params = single.full_params()
-    assert sorted(results[0]["params"]) == sorted(params)
+    for rank, got in enumerate(results):
+        check(ref, got, f"{schedule}, rank {rank}")
     # each rank keeps only its own stages' weights (the others' are meta tensors)
     assert results[0]["real"] == results[0]["held"] and results[1]["real"] == results[1]["held"]
     assert not results[0]["held"] & results[1]["held"]
-    assert results[0]["held"] | results[1]["held"] == set(params)
-    for name, got in results[0]["params"].items():
-        assert torch.allclose(got, params[name], rtol=1e-5, atol=1e-7), name
+    assert results[0]["held"] | results[1]["held"] == set(ref["params"])
 
 
 def test_a_pipeline_plan_for_another_model_is_refused():
