@@ -308,16 +308,18 @@ class SearchSpace:
         )
 
     def transient_levels(self, config: Config) -> tuple[int, ...]:
-        """The configuration's transient levels (buckets), from all its candidates."""
+        """The configuration's transient levels (buckets), from all its candidates, priced
+        as the configuration's problem prices them (with stages, tied copies held)."""
         if config not in self._levels:
             d, m = self.world // config.pipeline, config.micro_batches
+            pipelined = config.pipeline > 1
             transients = [0.0]
             kinds = dict(zip(self.terms.units, self.terms.kinds, strict=True))
             for unit in {self.terms.representative[u]: u for u in self.terms.units}.values():
                 for s in self.unit_candidates(unit, kinds[unit], d):
                     if self.global_batch % (m * s.dp) == 0:
                         b = self.global_batch / (m * s.dp)
-                        transients.append(self.cost(unit, s, b).transient_bytes)
+                        transients.append(self.cost(unit, s, b, pipelined).transient_bytes)
             bucket = self.budget_bytes / (config.chunks * self.buckets)
             raw = np.ceil(np.asarray(transients) / bucket).astype(np.int64)
             self._levels[config] = tuple(int(x) for x in pick_levels(raw))
