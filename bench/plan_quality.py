@@ -5,7 +5,8 @@ A100-80GB (NVLink nodes of 8, InfiniBand across) and on 8 RTX TITAN (PCIe), at 1
 80 GB per device (budgets above a device's memory are skipped). Every number is a prediction
 of the same cost model (`search/option_cost.py`); the baselines are in `search/baselines.py`.
 Each row: the plan's samples/s, each baseline's as a ratio plan / baseline ("-": does not
-fit), and the plan against the best baseline.
+fit; "= plan": the baseline's plan is the searched plan, which is not a comparison), and the
+plan against the best baseline whose plan differs ("n/a" where none fits).
 
 A second table is about Ulysses sequence parallelism: a 7B GPT at 2K, 8K and 32K tokens on
 8 and 64 A100s with small global batches (long-context training: 1 sample for 8 devices), searched with and without
@@ -32,7 +33,7 @@ from galvatron_fx import search
 from galvatron_fx.cost_models.hardware import load_cluster
 from galvatron_fx.lowering import Analysis, analyze
 from galvatron_fx.models.spec import parse_model_spec
-from galvatron_fx.plan import PlanError
+from galvatron_fx.plan import Plan, PlanError
 
 MODELS = {
     "gpt-1.3b": "gpt:layers=24,hidden=2048,heads=16,vocab=50257,seq=2048",
@@ -84,27 +85,57 @@ def row(analysis: Analysis, cluster: str, world: int, batch: int, budget: float)
     return {
         "plan": result.samples_per_s,
         "baselines": result.baselines,
+        "same": same_plan(result.plan, result.baseline_plans),
         "shape": f"{shape} m{p.micro_batches} {p.schedule.value}, {len(kinds)} strategies",
         "search_time_s": result.search_time_s,
     }
 
 
+def same_plan(plan: Plan, baselines: dict[str, Plan | None]) -> list[str]:
+    """The baselines whose plan is `plan` itself (same JSON): no comparison, the search
+    found nothing they did not."""
+    key = json.dumps(plan.to_json(), sort_keys=True)
+    return [n for n, p in baselines.items() if p and json.dumps(p.to_json(), sort_keys=True) == key]
+
+
+def vs_best_other(r: dict[str, Any]) -> float | None:
+    """The plan's samples/s over the best baseline's whose plan differs (None: none fits)."""
+    others = [v for n, v in r["baselines"].items() if v and n not in r.get("same", ())]
+    return r["plan"] / max(others) if r["plan"] and others else None
+
+
+def _ratio_cell(r: dict[str, Any], name: str) -> str:
+    v = r["baselines"].get(name)
+    if name in r.get("same", ()):
+        return "= plan"
+    return f"{r['plan'] / v:.2f}x" if v else "-"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ["model", "cluster", "GB", "plan samples/s", *BASELINES, "vs best", "plan"]
+    head = ["model", "cluster", "GB", "plan samples/s", *BASELINES, "vs best other", "plan"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["model"], r["cluster"], str(r["budget_gb"])]
         if r["plan"] is None:
             cells += ["does not fit", *["-"] * len(BASELINES), "-", "-"]
         else:
-            fits = [v for v in r["baselines"].values() if v]
-            ratios = [
-                f"{r['plan'] / v:.2f}x" if v else "-"
-                for v in (r["baselines"][b] for b in BASELINES)
+            best = vs_best_other(r)
+            cells += [
+                f"{r['plan']:.1f}",
+                *(_ratio_cell(r, b) for b in BASELINES),
+                "n/a" if best is None else f"{best:.3f}x",
+                r["shape"],
             ]
-            best = f"{r['plan'] / max(fits):.3f}x" if fits else "only plan fits"
-            cells += [f"{r['plan']:.1f}", *ratios, best, r["shape"]]
         lines.append("| " + " | ".join(cells) + " |")
+    fitted = [r for r in rows if r["plan"] is not None]
+    new = [r for r in fitted if not r.get("same")]
+    none = [r for r in fitted if vs_best_other(r) is None]
+    lines += [
+        "",
+        f"The search found a plan no baseline has in {len(new)} of {len(fitted)} rows; in the "
+        f"other {len(fitted) - len(new)} its plan is a baseline's (`= plan`). No baseline with "
+        f"another plan fits in {len(none)} rows (n/a).",
+    ]
     return "\n".join(lines)
 
 
@@ -123,6 +154,7 @@ def long_row(analysis: Analysis, cluster: str, world: int, batch: int, budget: f
         got[key] = result.samples_per_s
         if ulysses:
             got["baselines"] = result.baselines
+            got["same"] = same_plan(result.plan, result.baseline_plans)
             layers = [s for u, s in result.plan.strategies if u in _layer_names(analysis)]
             got["uses_ulysses"] = any(s.ulysses for s in layers)
             got["kinds"] = [f"{n} x {k}" for k, n in Counter(s.short() for s in layers).items()]
@@ -143,8 +175,7 @@ def long_table(rows: list[dict[str, Any]]) -> str:
             lines.append("| " + " | ".join([*cells, "does not fit", "-", "-", "-", "-"]) + " |")
             continue
         gain = f"{r['plan'] / r['no_ulysses']:.3f}x" if r["no_ulysses"] else "only with Ulysses"
-        base = [r["baselines"].get(b) for b in ("megatron-3d", "ulysses")]
-        ratios = [f"{r['plan'] / v:.2f}x" if v else "-" for v in base]
+        ratios = [_ratio_cell(r, b) for b in ("megatron-3d", "ulysses")]
         uses = ", ".join(r["kinds"]) if r["uses_ulysses"] else "no Ulysses"
         cells += [f"{r['plan']:.2f}", gain, *ratios, uses or "-"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -213,12 +244,8 @@ def main() -> None:
     rows = run(MODELS, CLUSTERS, BUDGETS_GB)
     text = table(rows)
     print(text)
-    worse = [
-        r
-        for r in rows
-        if r["plan"] and any(v and v > r["plan"] * (1 + 1e-9) for v in r["baselines"].values())
-    ]
-    print(f"rows where a baseline beats the plan: {len(worse)}")
+    worse = [r for r in rows if (best := vs_best_other(r)) is not None and best < 1 - 1e-9]
+    print(f"rows where a baseline with another plan beats the plan: {len(worse)}")
     long_rows = run_long()
     print(long_table(long_rows))
     if args.json:

@@ -5,10 +5,14 @@ memory caps per rank. For each cap the search (cluster `local`, fp32, as the ran
 its plan and each baseline family's best member (`search/baselines.py`) as a runnable Plan.
 Every distinct plan is compiled in the same ranks and their steps run in turns (as in
 `runtime.py`), so a noisy machine slows all of them alike. The figure is the auto plan's
-measured throughput over each baseline's (>= 1.0: the search's plan is at least as fast). A
-baseline whose plan is the auto plan itself is the same program and reads "= auto"; one that
-does not fit under the cap reads "-". The peak memory each plan measured (PyTorch profiler,
-`runtime/memory_probe.py`, the largest rank) is shown against the cap.
+measured throughput over the fastest baseline whose plan differs from it (>= 1.0: the search's
+plan is at least as fast). A baseline whose plan is the auto plan itself is the same program,
+not a comparison: it reads "= auto" and is left out of the figure; a cap where no different
+baseline fits reads "n/a". One that does not fit under the cap reads "-". The peak memory
+each plan measured (PyTorch profiler, `runtime/memory_probe.py`, the largest rank) is shown
+against the cap. A cap is "missed" when the auto plan measures over it, when any plan fails
+to build or run, when a plan's first-step loss differs from the auto plan's (they train the
+same model on the same batch), or when the search finds no plan (`judge`).
 
     python bench/plan_quality_measured.py
     python bench/plan_quality_measured.py --smoke    # a tiny GPT, two caps, for the tests
@@ -20,18 +24,21 @@ import argparse
 import json
 import statistics
 import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch._dynamo  # creating an optimizer imports it: import once, before forking
+import torch.distributed as dist
 from pytorch_side import Config, ensure_profile, seeded
-from runtime import interleaved
+from runtime import built_or_why, interleaved, last_line
 
 import galvatron_fx as gfx
 from galvatron_fx.cost_models.hardware import ClusterSpec, load_cluster
 from galvatron_fx.cost_models.layer_times import load_layer_times
-from galvatron_fx.plan import Plan, PlanError
+from galvatron_fx.plan import Plan
 from galvatron_fx.planning.price import measured_efficiency
 from galvatron_fx.planning.search_step import search_analysis
 from galvatron_fx.runtime.launch import fork_ranks
@@ -46,7 +53,9 @@ SMOKE_SPEC = "gpt:layers=2,hidden=64,heads=4,vocab=128,seq=32"
 SMOKE_CAPS_GB = (0.05, 0.004)
 NAMES = [b.name for b in BASELINES]
 TARGET = 1.0
-"""Auto's measured throughput over the best baseline's: at least as fast."""
+"""Auto's measured throughput over the best different baseline's: at least as fast."""
+LOSS_TOL = 1e-4
+"""Every plan's first-step loss against the auto plan's (the runtime benchmark's tolerance)."""
 
 
 def efficiency(spec_text: str, cluster: ClusterSpec, profile_path: Path, world: int, batch: int) -> float | None:  # fmt: skip
@@ -74,8 +83,8 @@ def searched(spec_text: str, cluster: ClusterSpec, cap_gb: float, world: int, ba
                 analysis, cluster=cluster, memory_budget_gb=cap_gb, global_batch=batch,
                 world_size=world, precision="fp32", dtype="fp32", efficiency=eff,
             )  # fmt: skip
-        except PlanError as err:
-            return {"cap_gb": cap_gb, "error": str(err).splitlines()[0]}
+        except Exception as err:  # PlanError: nothing fits; anything else: the search broke
+            return {"cap_gb": cap_gb, "error": f"{type(err).__name__}: {err}".splitlines()[0]}
     plans: dict[str, Plan | None] = {"auto": result.plan, **result.baseline_plans}
     keys = {n: json.dumps(p.to_json(), sort_keys=True) for n, p in plans.items() if p}
     same = {n: next(m for m in keys if keys[m] == k) for n, k in keys.items()}
@@ -95,21 +104,36 @@ def _shape(plan: Plan) -> str:
     return f"{pipe}: " + ", ".join(kinds)
 
 
+Built = tuple[Callable[[], float], Any]
+"""A compiled plan's step function (its first-step loss) and the compiled model."""
+
+
+def _compiled(spec_text: str, batch: int, name: str, plan_json: Any) -> Built:
+    model, args, kwargs = seeded(spec_text, batch)
+    plan = Plan.from_json(plan_json, source=name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = gfx.compile(model, args, kwargs, plan=plan)
+    return lambda: float(cm.train_step(*args, **kwargs).item()), cm
+
+
 def _measure(rank: int, world: int, spec_text: str, batch: int, plans: dict[str, Any], cfg: Config) -> dict[str, Any]:  # fmt: skip
     """Every plan compiled in this rank, steps in turns: per plan the seconds of each timed
-    step and this rank's peak bytes over one more step."""
-    steps, compiled = [], {}
-    for name, plan_json in plans.items():
-        model, args, kwargs = seeded(spec_text, batch)
-        plan = Plan.from_json(plan_json, source=name)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            cm = gfx.compile(model, args, kwargs, plan=plan)
-        compiled[name] = cm
-        steps.append(lambda cm=cm, a=args, k=kwargs: float(cm.train_step(*a, **k).item()))
-    timed = interleaved(steps, cfg)
-    out = {}
-    for (name, cm), (first, _, seconds) in zip(compiled.items(), timed, strict=True):
+    step and this rank's peak bytes over one more step, or `error`: why it failed to build
+    (on any rank: a plan that failed anywhere runs nowhere)."""
+    built: dict[str, Built | str] = {}
+    for n, p in plans.items():
+        built[n] = built_or_why(partial(_compiled, spec_text, batch, n, p))
+    ok = torch.tensor([int(not isinstance(b, str)) for b in built.values()])
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    out: dict[str, Any] = {
+        n: {"error": b if isinstance(b, str) else "failed on another rank"}
+        for (n, b), fine in zip(built.items(), ok, strict=True)
+        if not fine
+    }
+    good = {n: b for n, b in built.items() if n not in out and not isinstance(b, str)}
+    timed = interleaved([step for step, _ in good.values()], cfg)
+    for (name, (_, cm)), (first, _, seconds) in zip(good.items(), timed, strict=True):
         _, args, kwargs = seeded(spec_text, batch)
         peak = measure_step_memory(cm, *args, **kwargs).peak_bytes
         out[name] = {"first_loss": first, "seconds": seconds, "peak_bytes": peak}
@@ -118,11 +142,21 @@ def _measure(rank: int, world: int, spec_text: str, batch: int, plans: dict[str,
 
 def measure(spec_text: str, world: int, batch: int, row: dict[str, Any], cfg: Config) -> None:
     """Adds `measured` to a cap's row: per distinct plan its samples/s (median over steps of
-    the slowest rank) and its largest rank's peak bytes."""
+    the slowest rank) and its largest rank's peak bytes, or its `error`; a job that died
+    (a plan failed while running) leaves `measure_error` instead."""
     distinct = {n: row["plans"][n] for n in dict.fromkeys(row["same_as"].values())}
-    per_rank = fork_ranks(_measure, world, spec_text, batch, distinct, cfg, timeout_s=900)
+    try:
+        per_rank = fork_ranks(_measure, world, spec_text, batch, distinct, cfg, timeout_s=900)
+    except Exception as err:
+        row["measure_error"] = last_line(err)
+        return
     row["measured"] = {}
     for name in distinct:
+        errors = [r[name]["error"] for r in per_rank if "error" in r[name]]
+        if errors:  # the rank that failed says why; its peers only saw it go
+            own = [e for e in errors if "another rank" not in e]
+            row["measured"][name] = {"error": (own or errors)[0]}
+            continue
         slowest = [max(ts) for ts in zip(*(r[name]["seconds"] for r in per_rank), strict=True)]
         row["measured"][name] = {
             "samples_per_s": batch / statistics.median(slowest),
@@ -132,13 +166,21 @@ def measure(spec_text: str, world: int, batch: int, row: dict[str, Any], cfg: Co
 
 
 def ratios(row: dict[str, Any]) -> dict[str, float | None]:
-    """Auto's measured throughput over each baseline's (None: the baseline does not fit)."""
+    """Auto's measured throughput over each baseline's whose plan differs from auto's
+    (None: the baseline does not fit, is the auto plan, or it or auto failed to run)."""
     got = row["measured"]
-    auto = got["auto"]["samples_per_s"]
-    return {
-        n: auto / got[row["same_as"][n]]["samples_per_s"] if n in row["same_as"] else None
-        for n in NAMES
-    }
+    auto = got["auto"].get("samples_per_s")
+    out: dict[str, float | None] = {}
+    for n in NAMES:
+        same = row["same_as"].get(n)
+        theirs = got[same].get("samples_per_s") if same not in (None, "auto") else None
+        out[n] = auto / theirs if auto and theirs else None
+    return out
+
+
+def equal_to_auto(row: dict[str, Any]) -> list[str]:
+    """The baselines whose plan is the auto plan: where the search found nothing they did not."""
+    return [n for n in NAMES if row.get("same_as", {}).get(n) == "auto"]
 
 
 def run(opts: argparse.Namespace) -> dict[str, Any]:
@@ -154,7 +196,8 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         row = searched(spec, cluster, cap, opts.world, opts.batch, eff or 1.0)
         if "plans" in row:
             measure(spec, opts.world, opts.batch, row, cfg)
-            row["ratios"] = ratios(row)
+            if "measured" in row:
+                row["ratios"] = ratios(row)
         rows.append(row)
         print(_line(row), flush=True)
     return {
@@ -168,31 +211,81 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
 
 
 def _line(row: dict[str, Any]) -> str:
-    if "error" in row:
-        return f"cap {row['cap_gb']} GB: nothing fits ({row['error']})"
+    verdict, why = judge(row)
+    if "ratios" not in row:
+        return f"cap {row['cap_gb']} GB: {verdict}: {why}"
     cells = "  ".join(f"{n} {_cell(row, n)}" for n in NAMES)
-    return f"cap {row['cap_gb']} GB: auto {row['shape']['auto']}  vs {cells}"
+    return f"cap {row['cap_gb']} GB: auto {row['shape']['auto']}  vs {cells}  -> {verdict} {why}"
 
 
 def _cell(row: dict[str, Any], name: str) -> str:
-    r = row["ratios"][name]
-    if r is None:
+    same = row["same_as"].get(name)
+    if same is None:
         return "-"
-    return "= auto" if row["same_as"][name] == "auto" else f"{r:.2f}x"
+    if same == "auto":
+        return "= auto"
+    if "error" in row["measured"][same]:
+        return "failed"
+    r = row["ratios"][name]
+    return "-" if r is None else f"{r:.2f}x"
 
 
 def best_ratio(row: dict[str, Any]) -> float | None:
-    """Auto against the fastest baseline that fits, measured (None: none fits)."""
-    fits = [r for r in row["ratios"].values() if r is not None]
+    """Auto against the fastest baseline that fits and whose plan differs from auto's,
+    measured (None: there is none)."""
+    fits = [r for r in row.get("ratios", {}).values() if r is not None]
     return min(fits) if fits else None
+
+
+def judge(row: dict[str, Any]) -> tuple[str, str]:
+    """("met", "missed" or "n/a", why) for one cap's row. Missed: the search found no plan, a
+    plan failed to build or run, the auto plan measured over the cap, a plan's first-step
+    loss differs from auto's by more than `LOSS_TOL`, or auto is slower than the fastest
+    different baseline. n/a: none of those, and no baseline with a plan other than auto's
+    fits (a baseline equal to auto is not a comparison). Met: auto at least as fast as
+    every different baseline that fits."""
+    if "error" in row:
+        return "missed", f"the search found no plan: {row['error']}"
+    if "measure_error" in row:
+        return "missed", f"a plan failed to run: {row['measure_error']}"
+    got = row["measured"]
+    failed = [f"{n}: {m['error']}" for n, m in got.items() if "error" in m]
+    if failed:
+        return "missed", f"failed to build: {failed[0]}"
+    cap = row["cap_gb"] * 2**30
+    if got["auto"]["peak_bytes"] > cap:
+        return "missed", f"auto's peak {got['auto']['peak_bytes'] / 2**20:.1f} MiB is over the cap"
+    loss = got["auto"]["first_loss"]
+    off = {n: abs(m["first_loss"] - loss) for n, m in got.items()}
+    worst = max(off, key=off.__getitem__)
+    if not off[worst] <= LOSS_TOL:
+        return "missed", f"{worst}'s first-step loss differs from auto's by {off[worst]:.1e}"
+    best = best_ratio(row)
+    if best is None:
+        return "n/a", "no baseline with another plan fits"
+    if best < TARGET:
+        return "missed", ""
+    return "met", ""
+
+
+def found(row: dict[str, Any]) -> str:
+    """What the search found against the baselines: `= a, b` (the baselines whose plan it
+    is), or `new` (a plan no baseline has)."""
+    if "same_as" not in row:
+        return ""
+    same = equal_to_auto(row)
+    return f"= {', '.join(same)}" if same else "new"
 
 
 def markdown(data: dict[str, Any]) -> str:
     lines = [
         f"{data['model']}, batch {data['batch']}, {data['world']} gloo ranks, {data['steps']} "
         "timed steps of every plan in turns. Cells: the auto plan's measured samples/s over the "
-        "baseline's (>= 1.00x: auto at least as fast; `= auto`: the same plan; `-`: does not "
-        "fit). Predicted: the same ratio from the cost model. The search priced compute at "
+        "baseline's (>= 1.00x: auto at least as fast; `= auto`: the same plan, not a "
+        "comparison; `-`: does not fit; `failed`: did not build or run). `search found`: "
+        "`new` where no baseline has the auto plan, else the baselines that do. `vs best "
+        "other`: auto over the fastest baseline with a different plan (n/a: none fits); "
+        "predicted: the same ratio from the cost model. The search priced compute at "
         + (
             f"{data['efficiency']:.2f} of the roofline (the model's profiled layers)"
             if data.get("efficiency")
@@ -200,42 +293,59 @@ def markdown(data: dict[str, Any]) -> str:
         )
         + "; auto predicted: its predicted samples/s.",
         "",
-        "| cap MiB | auto plan | auto samples/s | auto predicted | auto peak MiB | "
+        "| cap MiB | auto plan | search found | auto samples/s | auto predicted | auto peak MiB | "
         + " | ".join(NAMES)
-        + " | vs best (measured) | vs best (predicted) | target |",
-        "|---|---|---|---|---|" + "---|" * len(NAMES) + "---|---|---|",
+        + " | vs best other (measured) | vs best other (predicted) | target |",
+        "|---|---|---|---|---|---|" + "---|" * len(NAMES) + "---|---|---|",
     ]
     for row in data["rows"]:
         cap = f"{row['cap_gb'] * 1024:.0f}"
-        if "error" in row:
+        verdict, why = judge(row)
+        shown = _shown(verdict) + (f" ({why})" if why else "")
+        if "ratios" not in row:
+            plan = row.get("shape", {}).get("auto", "no plan")
             lines.append(
-                f"| {cap} | nothing fits | | | " + " | ".join("-" * len(NAMES)) + " | | | |"
+                f"| {cap} | {plan} | {found(row)} | | | | "
+                + " | ".join("-" * len(NAMES))
+                + f" | | | {shown} |"
             )
             continue
         auto = row["measured"]["auto"]
         best = best_ratio(row)
-        predicted = [v for n, v in row["predicted"].items() if n != "auto" and v]
-        p_best = row["predicted"]["auto"] / max(predicted) if predicted else None
-        met = "n/a" if best is None else ("met" if best >= TARGET else "**missed**")
+        others = [
+            v for n, v in row["predicted"].items() if n not in ("auto", *equal_to_auto(row)) and v
+        ]
+        p_best = row["predicted"]["auto"] / max(others) if others else None
+        over = " (over the cap)" if auto["peak_bytes"] > row["cap_gb"] * 2**30 else ""
         lines.append(
-            f"| {cap} | {row['shape']['auto']} | {auto['samples_per_s']:.1f} | "
-            f"{row['predicted']['auto']:.1f} | "
-            f"{auto['peak_bytes'] / 2**20:.1f}{' (over the cap)' if auto['peak_bytes'] > row['cap_gb'] * 2**30 else ''} | "
+            f"| {cap} | {row['shape']['auto']} | {found(row)} | {auto['samples_per_s']:.1f} | "
+            f"{row['predicted']['auto']:.1f} | {auto['peak_bytes'] / 2**20:.1f}{over} | "
             + " | ".join(_cell(row, n) for n in NAMES)
             + f" | {'n/a' if best is None else f'{best:.2f}x'} | "
-            f"{'n/a' if p_best is None else f'{p_best:.2f}x'} | {met} |"
+            f"{'n/a' if p_best is None else f'{p_best:.2f}x'} | {shown} |"
         )
     return "\n".join(lines)
 
 
-def targets(data: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
-    """(figure, value, target, met) per cap where a baseline fits: the suite's table."""
+def _shown(verdict: str) -> str:
+    return "**missed**" if verdict == "missed" else verdict
+
+
+def targets(data: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(figure, value, target, verdict) per cap, every cap: the suite's targets table. The
+    value names what the search found (`new`, or the baselines equal to the auto plan)."""
     out = []
     for row in data["rows"]:
-        best = best_ratio(row) if "ratios" in row else None
-        if best is not None:
-            cap = f"{row['cap_gb'] * 1024:.0f} MiB"
-            out.append((f"plan quality, cap {cap}: auto / best baseline", f"{best:.2f}x", f">= {TARGET}", best >= TARGET))  # fmt: skip
+        verdict, why = judge(row)
+        best = best_ratio(row)
+        value = "n/a" if best is None else f"{best:.2f}x"
+        same = equal_to_auto(row)
+        what = f"auto = {', '.join(same)}" if same else "auto: a plan no baseline has"
+        notes = [x for x in (what if "same_as" in row else "", why) if x]
+        if notes:
+            value += f" ({'; '.join(notes)})"
+        cap = f"{row['cap_gb'] * 1024:.0f} MiB"
+        out.append((f"plan quality, cap {cap}: auto / best other baseline", value, f">= {TARGET}", verdict))  # fmt: skip
     return out
 
 

@@ -48,42 +48,61 @@ def runtime(data: dict[str, Any], path: Path) -> bool:
 
 
 def cost_model(data: dict[str, Any], path: Path) -> bool:
-    """Predicted against measured step time and peak memory, with y = x."""
+    """Predicted against measured step time (one colour per group: in-sample, held-out
+    plans, shape, model) and peak memory, with y = x; plans that failed are left out."""
     plt = _pyplot()
     if plt is None:
         return False
+    rows = [r for r in data["rows"] if "error" not in r]  # the report names the failed ones
+    if not rows:
+        return False
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.4))
-    rows = data["rows"]
+    groups = list(dict.fromkeys(r["group"] for r in rows))
+    colours = plt.get_cmap("tab10")
+    for k, g in enumerate(groups):
+        mine = [r for r in rows if r["group"] == g]
+        a.scatter(
+            [1e3 * r["measured_s"] for r in mine],
+            [1e3 * r["predicted_s"] for r in mine],
+            s=22, color=colours(k), zorder=3, label=g,
+        )  # fmt: skip
     t_pred = [1e3 * r["predicted_s"] for r in rows]
     t_meas = [1e3 * r["measured_s"] for r in rows]
-    _scatter(a, t_meas, t_pred, [r["plan"] for r in rows])
+    _diagonal(a, t_meas + t_pred)
     a.set(xlabel="measured step time (ms)", ylabel="predicted (ms)")
-    a.set_title(
-        f"time: median |err| {data['time_median_error']:.0%}, Spearman {data['spearman']:.2f}"
-    )
+    held, fit = data["held_out"]["median_error"], data["in_sample"]["median_error"]
+    a.set_title(f"time: held-out median |err| {_pct(held)}, in-sample {_pct(fit)}", fontsize=10)
     m_pred = [p / 2**20 for r in rows for p in r["predicted_peak_bytes"]]
     m_meas = [m / 2**20 for r in rows for m in r["measured_peak_bytes"]]
     _scatter(b, m_meas, m_pred, None)
     b.set(xlabel="measured peak memory per rank (MiB)", ylabel="predicted (MiB)")
     b.set_title(
-        f"memory: median |err| {data['memory_median_error']:.1%}, "
-        f"worst {data['memory_worst_error']:.1%}"
+        f"memory: median |err| {_pct(data['memory_median_error'], 1)}, "
+        f"worst {_pct(data['memory_worst_error'], 1)}"
     )
     return _save(fig, path)
 
 
+def _pct(x: float | None, digits: int = 0) -> str:
+    return "n/a" if x is None else f"{x:.{digits}%}"
+
+
+def _diagonal(ax: Any, values: list[float]) -> None:
+    lo, hi = min(values) * 0.9, max(values) * 1.1
+    ax.plot([lo, hi], [lo, hi], color="black", lw=1, ls="--", label="y = x")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", fontsize=7)
+
+
 def _scatter(ax: Any, x: list[float], y: list[float], labels: list[str] | None) -> None:
     ax.scatter(x, y, s=22, color="#dd8452", zorder=3)
-    lo, hi = min(x + y) * 0.9, max(x + y) * 1.1
-    ax.plot([lo, hi], [lo, hi], color="black", lw=1, ls="--", label="y = x")
     for label, xi, yi in zip(labels or [], x, y, strict=False):
         ax.annotate(
             label, (xi, yi), fontsize=6, alpha=0.7, xytext=(3, 3), textcoords="offset points"
         )
-    ax.set_xlim(lo, hi)
-    ax.set_ylim(lo, hi)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    _diagonal(ax, x + y)
 
 
 def search(data: dict[str, Any], path: Path) -> bool:

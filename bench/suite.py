@@ -3,12 +3,16 @@
 Profiles this machine once (the `local` cluster the cost-model and plan-quality sections
 price with), then runs every section and writes `bench/results/latest.md` (tables, targets,
 where each figure came from), `latest.json` (every number) and one PNG per section. Every
-figure is a ratio or an error measured in this run, never a time compared across runs.
+figure is a ratio or an error measured in this run, never a time compared across runs. A
+target reads "met" only where the figure was earned: a side or plan that failed, a loss that
+disagrees or a plan over its memory cap reads "missed", and a comparison that has nothing to
+compare with (every baseline that fits is the searched plan itself) reads "n/a".
 
 | section      | what                                                         | script           |
 |--------------|--------------------------------------------------------------|------------------|
 | runtime      | compiled DP/ZeRO-3/TP/SP/PP against DDP/FSDP2/DTensor/pipelining | runtime.py   |
-| cost_model   | predicted against measured step time and peak memory, 12 plans | cost_model.py  |
+| cost_model   | predicted against measured step time and peak memory: plans, shapes and a model the layer profile did not see | cost_model.py |
+| layer_timing | the profiler's unit times summed against a timed step         | layer_timing.py |
 | search       | search time against layers and devices; the anchors           | search.py       |
 | plan_quality | the predicted table, and auto against baselines run for real  | plan_quality*.py |
 | compile      | compile() wall time by pass; the front end against export     | compile_time.py |
@@ -38,6 +42,7 @@ from typing import Any
 
 import compile_time
 import cost_model
+import layer_timing
 import plan_quality
 import plan_quality_measured
 import plots
@@ -52,10 +57,13 @@ GPU_CONFIG = dict(layers=8, hidden=1024, heads=16, vocab=32000, seq=1024, batch=
 CPU_ONLY = {
     "cost_model": "the profiler and the memory probe measure CPU ranks (gloo) only",
     "measured plan quality": "it runs plans on CPU ranks, priced by the CPU profile",
+    "layer_timing": "it checks the profiler's timer on CPU ranks, as the cost model uses it",
 }
 """What the GPU mode leaves out, and why (the report says so)."""
 Data = dict[str, Any]
-TargetRow = tuple[str, str, str, bool]
+TargetRow = tuple[str, str, str, str]
+"""(figure, value, target, verdict): verdict is "met", "missed" or "n/a"."""
+VERDICTS = {"met": "met", "missed": "**missed**", "n/a": "n/a"}
 
 
 @dataclass(frozen=True)
@@ -107,10 +115,11 @@ def _plan_quality_markdown(data: Data) -> str:
     if "measured" not in data:
         return f"Measured: not run ({CPU_ONLY['measured plan quality']}).\n\n{predicted}"
     return (
-        "**Measured on local ranks**, under three memory caps:\n\n"
+        "**Measured on local ranks**, under memory caps per rank:\n\n"
         + plan_quality_measured.markdown(data["measured"])
         + "\n\n**Predicted** by the cost model for large clusters (samples/s of the plan; "
-        "each baseline as plan / baseline; `-`: does not fit):\n\n" + predicted
+        "each baseline as plan / baseline; `-`: does not fit; `= plan`: the baseline's plan "
+        "is the searched plan, left out of `vs best other`):\n\n" + predicted
     )
 
 
@@ -123,6 +132,11 @@ SECTIONS: dict[str, Section] = {
         "Cost-model error",
         lambda opts: cost_model.run(_script_opts(cost_model, opts)),
         cost_model.markdown, plots.cost_model, cost_model.targets,
+    ),
+    "layer_timing": Section(
+        "Layer timing against timed steps",
+        lambda opts: layer_timing.run(_script_opts(layer_timing, opts)),
+        layer_timing.markdown, lambda d, path: False, layer_timing.targets,
     ),
     "search": Section(
         "Search speed",
@@ -180,8 +194,8 @@ def report(results: dict[str, Data], seconds: dict[str, float], images: dict[str
         "|---|---|---|---|",
     ]
     for name, data in results.items():
-        for figure, value, target, met in SECTIONS[name].targets(data):
-            lines.append(f"| {figure} | {value} | {target} | {'met' if met else '**missed**'} |")
+        for figure, value, target, verdict in SECTIONS[name].targets(data):
+            lines.append(f"| {figure} | {value} | {target} | {VERDICTS[verdict]} |")
     for k, (name, data) in enumerate(results.items()):
         section = SECTIONS[name]
         lines += ["", f"## {k + 1}. {section.title}", "", section.markdown(data)]
@@ -195,7 +209,10 @@ def _profile(opts: argparse.Namespace) -> float:
     start = time.perf_counter()
     if opts.profile is None and opts.device == "cpu":
         opts.profile = opts.out / "local-profile.json"
-        opts.profile.unlink(missing_ok=True)  # this run's machine, not an earlier one's
+        # this run's machine, not an earlier one's; the same for the layer table the cost-model
+        # section writes beside it (a save merges into an older table of the same ranks)
+        opts.profile.unlink(missing_ok=True)
+        opts.profile.with_name(opts.profile.stem + ".layers.json").unlink(missing_ok=True)
         ensure_profile(opts.profile, 2 if opts.smoke else 4, opts.smoke)
     return time.perf_counter() - start
 
