@@ -327,3 +327,21 @@ def test_full_recomputation_lists_runs_and_prices_its_forward_collectives_again(
             compiled.train_step(*args, **kwargs)
         counts.append(counter.count)
     assert counts[1] - counts[0] == recomputed_total
+
+
+@pytest.mark.parametrize(("family", "repeated"), [("llama", 1), ("bert", 2)])
+def test_full_recomputation_is_priced_on_hf_families(family, repeated):
+    """The priced program holds every parameter and buffer of the compiled one, also those
+    no node reads once the regions are inlined (Llama's unused rotary `original_inv_freq`
+    broke pricing). Backward repeats a layer's TP all-reduces up to its last saved tensor:
+    Llama's first (pre-norm: nothing after the MLP's all-reduce saves a tensor), both of
+    BERT's (post-norm: the closing layer norm saves the sum the second one produces)."""
+    model, args, kwargs = build(TINY_HF[family], batch=4, seq=8)
+    analysis = analyze(model, args, kwargs)
+    plan = analysis.plan(LayerStrategy(tp=2, dp=2, recompute=Recompute.FULL), world_size=4)
+    listed = plan_collectives(analysis, plan)
+    costs = {c.unit: c for c in price_plan(analysis, plan, PRESETS["a100-80gb-sxm"])}
+    for unit in (u.name for u in analysis.layers if u.kind == "layer"):
+        again = [c for c in listed[unit] if c.source.endswith(RECOMPUTED)]
+        assert [c.kind for c in again] == ["all_reduce"] * repeated, (unit, again)
+        assert costs[unit].collectives == tuple(listed[unit])

@@ -209,7 +209,28 @@ def inline_regions(gm: fx.GraphModule) -> tuple[fx.GraphModule, frozenset[str]]:
             env[node] = graph.node_copy(node, env.__getitem__)
             if node.op == "get_attr":
                 attrs.setdefault(str(node.target), env[node])
-    return fx.GraphModule(gm, graph), frozenset(recomputed)
+    inlined = fx.GraphModule(gm, graph)
+    _carry_attributes(gm, inlined)
+    return inlined, frozenset(recomputed)
+
+
+def _carry_attributes(src: fx.GraphModule, dst: fx.GraphModule) -> None:
+    """The parameters and buffers of `src` that `dst` lacks: `fx.GraphModule` copies only the
+    attributes its graph reads, and readers look up every parameter the program holds
+    (a rotary model's unused `original_inv_freq` buffer, say)."""
+    named = [
+        *src.named_parameters(remove_duplicate=False),
+        *src.named_buffers(remove_duplicate=False),
+    ]
+    for name, value in named:
+        *path, last = name.split(".")
+        owner: torch.nn.Module = dst
+        for part in path:
+            if not hasattr(owner, part):
+                owner.add_module(part, torch.nn.Module())
+            owner = getattr(owner, part)
+        if not hasattr(owner, last):
+            setattr(owner, last, value)
 
 
 def _inline(
