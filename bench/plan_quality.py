@@ -29,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from galvatron_fx import search
+from galvatron_fx.compile import search
 from galvatron_fx.cost_models.hardware import load_cluster
 from galvatron_fx.lowering import Analysis, analyze
 from galvatron_fx.models.spec import parse_model_spec

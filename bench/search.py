@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from galvatron_fx import search
+from galvatron_fx.compile import search
 from galvatron_fx.lowering import Analysis, analyze
 from galvatron_fx.models.spec import parse_model_spec
 from galvatron_fx.search.space import space_counts
