@@ -8,7 +8,8 @@ facts (tp in {1, 2, 4} dividing the heads and widths `layer_shapes` reports, sp 
 where legal, every dp mode, recomputation, vocab-parallel segments, pipelines of 1, 2 or 4
 stages at starts that `check_plan` accepts). On 4 gloo ranks, several plans per fork, one
 step's loss (every rank's), every gathered gradient and every parameter after two AdamW
-steps must equal one process's within 1e-5 relative (tests/exactness.py's semantics). Every
+steps must equal one process's within 1e-5 relative (tests/exactness.py's semantics), and
+every rank's pieces must equal their replicas' bit for bit. Every
 `ShardWarning` a rank's compile raises is recorded per plan and reported on failure.
 
 `make test` runs `FIXED`, eight hand-picked variants that together use every building block
@@ -34,6 +35,7 @@ import pytest
 import torch
 from arch_variants import BLOCKS, HEADS, Variant, build_variant, variant_problems
 from distributed import run_ranks
+from exactness import held_checksums, replica_disagreements, whole_checksums
 from hypothesis import HealthCheck, Phase, assume, given, note, seed, settings
 from hypothesis import strategies as st
 from test_fuzz_plans import Facts, degrees, valid_plans
@@ -245,6 +247,7 @@ def _run_plans(rank: int, world: int, v: Variant, plans: list[dict]) -> list[dic
     out = []
     for data in plans:
         result: dict[str, Any] = {"loss": None, "grads": {}, "params": {}, "error": ""}
+        result["replicas"] = {}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ShardWarning)
             try:
@@ -254,9 +257,12 @@ def _run_plans(rank: int, world: int, v: Variant, plans: list[dict]) -> list[dic
                 )
                 result["loss"] = compiled.train_step(*args, **kwargs).item()
                 grads = compiled.full_grads()
+                sums = held_checksums(compiled, "gradient") | whole_checksums(grads, "gradient")
                 for _ in range(STEPS - 1):
                     compiled.train_step(*args, **kwargs)
                 params = compiled.full_params()
+                sums |= held_checksums(compiled, "value") | whole_checksums(params, "value")
+                result["replicas"] = sums
                 if rank == 0:
                     result.update(grads=grads, params=params)
             except Exception as err:
@@ -284,11 +290,12 @@ def _rel(got: torch.Tensor | None, want: torch.Tensor, floor: float) -> float:
 
 def differences(ref: dict[str, Any], got: list[dict[str, Any]]) -> list[str]:
     """Each error, loss, gradient or parameter off by more than RTOL (exactness.check's
-    floor for analytically zero gradients)."""
+    floor for analytically zero gradients; every rank's loss, rank 0's gathered tensors),
+    and each rank whose pieces differ from their replicas on other ranks."""
     errors = [r["error"] for r in got if r["error"]]
     if errors:
         return errors[:1]
-    out = []
+    out = replica_disagreements([r["replicas"] for r in got])
     for rank, r in enumerate(got):
         err = abs(r["loss"] - ref["loss"]) / abs(ref["loss"])
         if err > RTOL:

@@ -4,7 +4,11 @@ For every strategy in the space at world sizes 1, 2 and 4 (recomputation cycled 
 list so every mode meets every layout), uniform and mixed per layer, on the reference GPT and
 HuggingFace Llama and BERT: the loss and every gathered gradient after one step, and every
 parameter after three AdamW steps, equal a single-process run within 1e-5 (relative, in the
-2-norm of each tensor). A smoke subset runs at world size 8.
+2-norm of each tensor), on rank 0; and on every rank, every piece it holds and every whole
+tensor it gathers equals, bit for bit, the same piece on the ranks that hold it too (the same
+TP position in another dp group or pipeline stage): rank 0 alone can be exact while a
+replica that missed a gradient sync is not (`test_a_desynchronised_replica_fails_...`). A
+smoke subset runs at world size 8.
 
 Each rank captures once and rewrites deep copies of the analysed graph for every plan, so
 one fork serves a whole list of plans.
@@ -22,12 +26,23 @@ import pytest
 import torch
 from conftest import SWIN, TINY_GPT, TINY_HF, build
 from distributed import run_ranks
-from exactness import BATCH, RTOL, SEQ, STEPS, adamw, check, reference, run_steps
+from exactness import (
+    BATCH,
+    RTOL,
+    SEQ,
+    STEPS,
+    adamw,
+    check,
+    reference,
+    replica_disagreements,
+    run_steps_and_replicas,
+)
 
 from galvatron_fx import parallelize
 from galvatron_fx.lowering import analyze
 from galvatron_fx.meta import LAYER
 from galvatron_fx.plan import DPMode, LayerStrategy, Plan, PlanError, Recompute
+from galvatron_fx.runtime.program import get_attr
 from galvatron_fx.unit_graph.shapes import layer_shapes
 from galvatron_fx.unit_graph.units import model_fingerprint
 
@@ -86,16 +101,29 @@ def vocab_plans(units: list[str], world: int) -> list[dict[str, LayerStrategy]]:
 
 
 def _run_plans(rank: int, world: int, spec: str, plans: list[dict[str, LayerStrategy]]) -> list:
+    """Per plan, rank 0's losses, gathered gradients and parameters; every rank's checksums
+    of what it holds and gathered (`exactness.run_steps_and_replicas`)."""
     model, args, kwargs = build(spec, batch=BATCH, seq=SEQ)
     analysis = analyze(model, args, kwargs)
     results = []
     for strategies in plans:
         plan = analysis.plan(strategies, world_size=world)
         compiled = parallelize(analysis.copy(), plan=plan, optimizer=adamw)
-        got = run_steps(compiled, args, kwargs)
-        if rank == 0:
-            results.append(got)
+        results.append(run_steps_and_replicas(compiled, args, kwargs, keep=rank == 0))
     return results
+
+
+def check_all(ref: dict, per_rank: list[list[dict]], labels: list[str]) -> None:
+    """Rank 0's results against one process (`exactness.check`), and every rank's pieces
+    against their replicas on the other ranks, plan by plan."""
+    for i, label in enumerate(labels):
+        check(ref, per_rank[0][i], label)
+        bad = replica_disagreements([r[i]["replicas"] for r in per_rank])
+        assert not bad, f"{label}: replicas differ:\n" + "\n".join(bad[:8])
+
+
+def _label(name: str, strategies: dict[str, LayerStrategy]) -> str:
+    return f"{name}: " + ", ".join(f"{u}={s.short()}" for u, s in strategies.items())
 
 
 def _valid(
@@ -133,12 +161,8 @@ def test_every_strategy_uniform_and_mixed(family, world):
         plans += mixed_plans(units, world) + vocab_plans(units, world)
     plans = _valid(plans, world, fingerprint, shapes)
     assert len(plans) >= 3
-    results = run_ranks(_run_plans, world, spec, plans, timeout_s=600)[0]
-    for strategies, got in zip(plans, results, strict=True):
-        label = f"{name} world {world}: " + ", ".join(
-            f"{u}={s.short()}" for u, s in strategies.items()
-        )
-        check(ref, got, label)
+    results = run_ranks(_run_plans, world, spec, plans, timeout_s=600)
+    check_all(ref, results, [_label(f"{name} world {world}", p) for p in plans])
 
 
 def test_world_8_smoke():
@@ -149,10 +173,8 @@ def test_world_8_smoke():
         *mixed_plans(units, 8),
     ]
     plans = _valid(plans, 8, fingerprint, shapes)[:2]
-    results = run_ranks(_run_plans, 8, spec, plans, timeout_s=600)[0]
-    ref = reference(spec)
-    for got in results:
-        check(ref, got, "gpt world 8")
+    results = run_ranks(_run_plans, 8, spec, plans, timeout_s=600)
+    check_all(reference(spec), results, [_label("gpt world 8", p) for p in plans])
 
 
 def test_swin_stages_of_different_widths():
@@ -175,19 +197,75 @@ def test_swin_stages_of_different_widths():
     ]
     plans = _valid(plans, 2, fingerprint, shapes)
     assert len(plans) == 4
-    results = run_ranks(_run_plans, 2, SWIN, plans, timeout_s=600)[0]
-    ref = reference(SWIN)
-    for strategies, got in zip(plans, results, strict=True):
-        check(ref, got, "swin: " + next(iter(strategies.values())).short())
+    results = run_ranks(_run_plans, 2, SWIN, plans, timeout_s=600)
+    labels = ["swin: " + next(iter(p.values())).short() for p in plans]
+    check_all(reference(SWIN), results, labels)
 
 
 def test_vocab_parallel_with_tied_embedding_and_head():
     spec = SPECS["gpt"] + ",tied=1"
     units, fingerprint, shapes = _model_facts(spec)
     plans = _valid(vocab_plans(units, 2), 2, fingerprint, shapes)
-    ref = reference(spec)
-    for got in run_ranks(_run_plans, 2, spec, plans, timeout_s=600)[0]:
-        check(ref, got, "tied gpt, vocab-parallel")
+    results = run_ranks(_run_plans, 2, spec, plans, timeout_s=600)
+    check_all(reference(spec), results, [_label("tied gpt, vocab-parallel", p) for p in plans])
+
+
+OWN_GRADIENT, NUDGED = "blocks.0.mlp.fc.weight", "lm_head.weight"
+"""The faults `_with_faults` injects: in the last step rank 2 steps `OWN_GRADIENT` with its
+own (unsynchronised) gradient, as a dp rank that missed the all-reduce; after it, rank 3's
+ZeRO-1 forward copy of `NUDGED` is one ulp off, as a refresh from the shards that missed it
+(the gathered whole, read from the shards, stays right)."""
+
+
+def _with_faults(rank: int, world: int) -> dict:
+    model, args, kwargs = build(SPECS["gpt"], batch=BATCH, seq=SEQ)
+    analysis = analyze(model, args, kwargs)
+    zero1 = LayerStrategy(tp=2, dp=2, dp_mode="zero1")
+    strategies = {
+        u: LayerStrategy(tp=2, dp=2) if u == "blocks.0" else zero1 for u in analysis.units
+    }
+    compiled = parallelize(analysis, plan=analysis.plan(strategies, world_size=4), optimizer=adamw)
+    train_step, calls = compiled.train_step, []
+
+    def faulty_train_step(*a: object, **k: object) -> torch.Tensor:
+        calls.append(1)
+        last = len(calls) == STEPS
+        if last and rank == 2:
+            param, own = get_attr(compiled.module, OWN_GRADIENT), {}
+            param.register_post_accumulate_grad_hook(lambda p: own.update(g=p.grad.clone()))
+            step = compiled.sync.step
+
+            def step_with_own_gradient() -> None:
+                param.grad = own["g"]
+                step()
+
+            compiled.sync.step = step_with_own_gradient
+        loss = train_step(*a, **k)
+        if last and rank == 3:
+            with torch.no_grad():
+                w = get_attr(compiled.module, NUDGED).view(-1)
+                w[0] = torch.nextafter(w[0], torch.tensor(float("inf")))
+        return loss
+
+    compiled.train_step = faulty_train_step
+    return run_steps_and_replicas(compiled, args, kwargs, keep=rank == 0)
+
+
+def test_a_desynchronised_replica_fails_naming_the_rank_and_the_tensor():
+    """tp2 x dp2 (TP groups {0, 1} and {2, 3}): rank 0 alone still equals one process, so
+    comparing only rank 0 passes; the replica check names rank 2's piece of the layer it
+    stepped alone (and the whole tensor ranks 2 and 3 gather from it), and rank 3's ZeRO-1
+    copy, which no gathered whole shows."""
+    results = run_ranks(_with_faults, 4, timeout_s=600)
+    check(reference(SPECS["gpt"]), results[0], "rank 0 of the faulty run")
+    bad = replica_disagreements([r["replicas"] for r in results])
+    found = {line.split(" is ")[0] for line in bad}
+    assert found == {
+        f"rank 2: value of {OWN_GRADIENT} (tp piece 0 of 2)",
+        f"rank 2: whole value of {OWN_GRADIENT}",
+        f"rank 3: whole value of {OWN_GRADIENT}",
+        f"rank 3: value of {NUDGED} (replicated)",
+    }, "\n".join(bad)
 
 
 def _zero3_memory(rank: int, world: int, spec: str) -> dict[str, int]:
@@ -246,8 +324,8 @@ def _with_loss_fn(rank: int, world: int, strategy: LayerStrategy) -> list[float]
 @pytest.mark.parametrize("strategy", [LayerStrategy(dp=2), LayerStrategy(tp=2, sp=True)], ids=str)
 def test_user_loss_fn_on_the_model_outputs(strategy):
     ref = reference(SPECS["gpt"])
-    losses = run_ranks(_with_loss_fn, 2, strategy)[0]
-    assert losses == pytest.approx(ref["losses"], rel=RTOL)
+    for rank, losses in enumerate(run_ranks(_with_loss_fn, 2, strategy)):
+        assert losses == pytest.approx(ref["losses"], rel=RTOL), f"rank {rank}"
 
 
 def _padded_batch(rows: tuple[int, ...]):
@@ -349,7 +427,5 @@ def test_ulysses_alone_mixed_with_tp_and_recomputed(family):
     name, spec, (units, fingerprint, shapes), ref = family
     plans = _valid(ulysses_plans(units, 4), 4, fingerprint, shapes)
     assert len(plans) >= 5  # Llama's 2 key/value heads refuse degree 4
-    results = run_ranks(_run_plans, 4, spec, plans, timeout_s=600)[0]
-    for strategies, got in zip(plans, results, strict=True):
-        label = f"{name} ulysses: " + ", ".join(f"{u}={s.short()}" for u, s in strategies.items())
-        check(ref, got, label)
+    results = run_ranks(_run_plans, 4, spec, plans, timeout_s=600)
+    check_all(ref, results, [_label(f"{name} ulysses", p) for p in plans])
