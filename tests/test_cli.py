@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -56,14 +57,66 @@ def test_inspect_bad_spec_is_an_error_not_a_traceback(tmp_path, capsys):
     assert not out_json.exists()
 
 
-def test_summary_matches_the_cli_table(capsys):
-    import galvatron_fx as gfx
+_SUFFIX = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}
+
+
+def _shown(cell: str) -> tuple[float, float]:
+    """A table cell such as `50.0K` as (value, half its last digit: what rounding hides)."""
+    suffix = cell[-1] if cell[-1] in "KMG" else ""
+    digits = cell[: len(cell) - len(suffix)]
+    decimals = len(digits.split(".")[1]) if "." in digits else 0
+    return float(digits) * _SUFFIX[suffix], 0.5 * 10**-decimals * _SUFFIX[suffix]
+
+
+def test_inspect_shows_hand_counted_parameters_and_flops(tmp_path, capsys):
+    """`inspect`'s table and JSON against counts by hand for the tiny GPT (h=64, V=128,
+    32 positions; batch B=2, sequence S=16): parameters per unit from the layer formulas
+    (a block 12h^2 + 13h: qkv, attention projection, MLP, two LayerNorms), themselves checked
+    against the nn.Module tree; forward FLOPs of a block 2BS * 12h^2 for its matmuls plus
+    2 * 2BS^2h for the attention scores and their product with the values, of the head
+    2BShV. The JSON holds them exactly, the table to its rounding."""
     from tests.conftest import build
 
-    model, args, kwargs = build(TINY_GPT, "meta")
-    table = gfx.summary(gfx.analyze(model, args, kwargs).graph_module)
-    main(["inspect", TINY_GPT, "--batch", "2", "--seq", "16"])
-    assert table in capsys.readouterr().out
+    h, vocab, positions, batch, seq = 64, 128, 32, 2, 16
+    params = {
+        "embedding": (vocab + positions) * h,
+        "blocks.0": 12 * h * h + 13 * h,
+        "blocks.1": 12 * h * h + 13 * h,
+        "head": 2 * h + h * vocab,  # final LayerNorm, untied output projection
+        "loss": 0,
+    }
+    block_flops = 2 * batch * seq * 12 * h * h + 2 * 2 * batch * seq * seq * h
+    flops = {"embedding": 0, "blocks.0": block_flops, "blocks.1": block_flops, "loss": 0}
+    flops["head"] = 2 * batch * seq * h * vocab
+    model = build(TINY_GPT)[0]
+    modules = {
+        "embedding": [model.wte, model.wpe],
+        "blocks.0": [model.blocks[0]],
+        "blocks.1": [model.blocks[1]],
+        "head": [model.ln_f, model.lm_head],
+        "loss": [],
+    }
+    for unit, parts in modules.items():  # the formulas describe this model
+        assert sum(p.numel() for m in parts for p in m.parameters()) == params[unit], unit
+
+    out_json = tmp_path / "gpt.json"
+    args = ["inspect", TINY_GPT, "--batch", str(batch), "--seq", str(seq)]
+    assert main([*args, "--json", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    layers = {row["name"]: row for row in json.loads(out_json.read_text())["layers"]}
+    assert {u: r["params"] for u, r in layers.items()} == params
+    assert {u: r["fwd_flops"] for u, r in layers.items()} == flops
+    lines = text.splitlines()
+    table = lines[[ln.split()[:1] for ln in lines].index(["layer"]) :]
+    rows = {
+        ln.split()[0]: ln.split() for ln in table[: 1 + [ln[:5] for ln in table].index("total")]
+    }
+    for unit in params:
+        (p, p_rounding), (f, f_rounding) = _shown(rows[unit][2]), _shown(rows[unit][3])
+        assert abs(p - params[unit]) <= p_rounding and abs(f - flops[unit]) <= f_rounding, unit
+    total_params, rounding = _shown(rows["total"][3])  # "total", "5", "units", params, ...
+    assert rows["total"][1:3] == ["5", "units"]
+    assert abs(total_params - sum(params.values())) <= rounding
 
 
 def _examples(command: str) -> list[str]:
@@ -125,16 +178,97 @@ def test_progress_bars_follow_the_verbosity(capsys):
     configure(0)
 
 
+Tree = tuple[int, tuple[tuple[str, int], ...]]
+
+
+def galvatron_trees(world: int) -> list[Tree]:
+    """Galvatron's decision tree over `world` devices (a power of two), enumerated from its
+    rules: a pipeline degree p first (a power of two), then the world / p devices of a stage
+    split by levels, outermost first, each of a kind not used above it (tp, dp or sdp) and a
+    power-of-two degree >= 2, the degrees multiplying to world / p. Leaves: (p, levels)."""
+
+    def levels(devices: int, used: frozenset[str]) -> list[tuple[tuple[str, int], ...]]:
+        if devices == 1:
+            return [()]
+        out = []
+        for kind in ("tp", "dp", "sdp"):
+            degree = 2
+            while kind not in used and degree <= devices:
+                out += [
+                    ((kind, degree), *rest) for rest in levels(devices // degree, used | {kind})
+                ]
+                degree *= 2
+        return out
+
+    pipelines = [1 << k for k in range(world.bit_length()) if world % (1 << k) == 0]
+    return [(p, lv) for p in pipelines for lv in levels(world // p, frozenset())]
+
+
+def _tp_and_stride(levels: tuple[tuple[str, int], ...]) -> tuple[int, int]:
+    """The TP degree, and how far apart a TP group's ranks are: the product of the degrees
+    of the levels inside (after) the TP level."""
+    kinds = [k for k, _ in levels]
+    if "tp" not in kinds:
+        return 1, 1
+    at = kinds.index("tp")
+    return levels[at][1], math.prod(d for _, d in levels[at + 1 :])
+
+
+def rule_counts(world: int, per_node: int) -> list[int]:
+    """Leaves left after each rule in turn, summed over the pipeline degrees: the tree; no
+    tree mixing dp and sdp; TP groups inside a node (a group spans (tp - 1) * stride + 1
+    devices); a strided TP group whose stage fits one node dropped (the same links as the
+    consecutive one); then every flag a surviving leaf takes: no sp, Megatron sp or Ulysses
+    where tp > 1, ZeRO-1/2/3 on sdp levels (a Ulysses group without data-parallel levels
+    also syncs over itself: plain or ZeRO-1/2/3), and three recomputation modes."""
+
+    def mixes(tree: Tree) -> bool:
+        return {"dp", "sdp"} <= {k for k, _ in tree[1]}
+
+    def tp_inside_a_node(tree: Tree) -> bool:
+        tp, stride = _tp_and_stride(tree[1])
+        return (tp - 1) * stride + 1 <= per_node
+
+    def strided_in_one_node(tree: Tree) -> bool:
+        return _tp_and_stride(tree[1])[1] > 1 and world // tree[0] <= per_node
+
+    left = galvatron_trees(world)
+    counts = [len(left)]
+    for keep in (lambda t: not mixes(t), tp_inside_a_node, lambda t: not strided_in_one_node(t)):
+        left = [t for t in left if keep(t)]
+        counts.append(len(left))
+    flagged = 0
+    for p, levels in left:
+        tp = _tp_and_stride(levels)[0]
+        modes = 3 if "sdp" in {k for k, _ in levels} else 1
+        ulysses = (4 if tp == world // p else modes) if tp > 1 else 0
+        flagged += ((2 if tp > 1 else 1) * modes + ulysses) * 3
+    return [*counts, flagged]
+
+
+def test_the_space_enumeration_gives_galvatrons_published_counts():
+    """Galvatron (VLDB'23) reports 34 strategies for 8 GPUs, 22 once trees mixing dp and
+    sdp are pruned; the test's own enumeration of the rules must give them."""
+    assert rule_counts(8, 8)[:2] == [34, 22]
+
+
 def test_explain_space_counts_every_rule_beside_galvatron(tmp_path, capsys):
+    """Every row of `--explain-space` the rules decide, at 8 to 64 devices of 8 per node
+    (the default a100-80gb-sxm cluster's nodes), equals the test's own enumeration of the
+    rules (`rule_counts`), and the Galvatron column the paper's figures."""
     out = tmp_path / "space.json"
     args = ["plan", TINY_GPT, "--memory-gb", "8", "--global-batch", "64", "--explain-space"]
     assert main([*args, "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    rows = {line[:70].strip(): line[70:].split() for line in text.splitlines()[1:]}
-    assert rows["decision tree: pp first, then tp / dp / sdp once each"] == [
-        "34", "73", "136", "229", "34"
-    ]  # fmt: skip
-    assert rows["no tree mixing dp and sdp"][0] == rows["no tree mixing dp and sdp"][-1] == "22"
+    lines = text.splitlines()
+    lines = lines[[ln.startswith("candidates") for ln in lines].index(True) :]
+    worlds = [int(w) for w in lines[0][70:].split()[::2][:-1]]  # "8 dev 16 dev ... Galvatron, 8"
+    assert worlds == [8, 16, 32, 64]
+    shown = [line[70:].split() for line in lines[1:6]]
+    want = [rule_counts(w, 8) for w in worlds]
+    for i, row in enumerate(shown):
+        assert [int(c) for c in row[:4]] == [w[i] for w in want], lines[1 + i]
+    assert [row[4] for row in shown[:2]] == ["34", "22"]  # Galvatron, 8 GPUs
     found = json.loads(out.read_text())["space"]
     assert [row["world"] for row in found] == [8, 16, 32, 64]
     for row in found:  # every rule only removes; dominance keeps a candidate per layout
