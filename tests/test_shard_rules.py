@@ -985,7 +985,9 @@ def test_fallback_ops_are_absent_from_rules() -> None:
     assert aten.sort.default not in RULES and aten.flip.default not in RULES
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.op is aten.matmul.default], ids=lambda c: c.id)
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.op is aten.matmul.default], ids=lambda c: c.id
+)
 def test_matmul_output_dims_are_in_range(case: Case) -> None:
     """Every matmul decision names a dim of its result (0 <= d < its rank): a negative dim
     would break later rules' dim arithmetic (elementwise's offsets)."""
