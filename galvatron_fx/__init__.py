@@ -1,8 +1,9 @@
 """galvatron_fx: an automatic-parallelism compiler for PyTorch training, built on torch.fx.
 
 `capture` a model to an ATen-level graph, `analyze` it (layers and costs on every node),
-then `compile` / `parallelize` it under a `Plan` into one rank's program (tensor, sequence,
-data, ZeRO-1/2/3 parallelism and recomputation per layer, pipeline stages around them) with
+`search` a `Plan` for a cluster, `lower` it to one rank's program (tensor, sequence, data,
+ZeRO-1/2/3 parallelism and recomputation per layer, pipeline stages around them) and
+`price_plan` that program, or `compile` / `parallelize` it into a trainable model with
 `train_step`, plan-independent checkpoints (`save_checkpoint` / `load_checkpoint`,
 `export_state_dict`) and `galvatron-fx train` on torchrun.
 See README.md for the concepts and the CLI.
