@@ -68,11 +68,12 @@ def recompute_regions(gm: fx.GraphModule, modes: Mapping[str, Recompute]) -> fx.
             regions.append(full_region(units[unit]))
         elif mode is Recompute.SELECTIVE:
             regions.extend(attention_cores(units[unit]))
+    regions = [r for r in regions if r]
     for region in regions:
-        if region:
-            _checkpoint_region(gm, region)
-    gm.graph.lint()
-    gm.recompile()
+        _checkpoint_region(gm, region)
+    if regions:  # nothing checkpointed: the module's code is still the graph's
+        gm.graph.lint()
+        gm.recompile()
     return gm
 
 
