@@ -345,3 +345,50 @@ def test_full_recomputation_is_priced_on_hf_families(family, repeated):
         again = [c for c in listed[unit] if c.source.endswith(RECOMPUTED)]
         assert [c.kind for c in again] == ["all_reduce"] * repeated, (unit, again)
         assert costs[unit].collectives == tuple(listed[unit])
+
+
+class _RecordGathers(TorchDispatchMode):
+    """The bytes every all-gather and reduce-scatter of a step moves, in nccl-tests' sizes:
+    an all-gather's output, a reduce-scatter's input (the whole buffer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.moved: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        ops = torch.ops._c10d_functional
+        if func is ops.all_gather_into_tensor.default:
+            x, n = args[0], args[1]
+            self.moved["all_gather", x.numel() * x.element_size() * n] += 1
+        elif func is ops.reduce_scatter_tensor.default:
+            x = args[0]
+            self.moved["reduce_scatter", x.numel() * x.element_size()] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_sequence_parallel_collectives_are_sized_as_the_runtime_moves_them(fake_world, gpt):
+    """Megatron-SP's reduce-scatter after a row-parallel linear reads the whole partial sum
+    (local batch x sequence x hidden) and its backward all-gather writes it whole: at tp=2,
+    dp=32 a block's 64 samples of 8 tokens split to 2 a rank, 2 x 8 x 64 fp32 values =
+    4096 bytes each, not the scattered half. The listing equals what a step dispatches."""
+    analysis, _ = gpt
+    plan = _plan(analysis, LayerStrategy(tp=2, sp=True, dp=WORLD // 2))
+    listed = plan_collectives(analysis, plan)
+    whole = (BATCH // (WORLD // 2)) * SEQ * 64 * 4
+    for unit in ("blocks.0", "blocks.1"):
+        pair = [c for c in listed[unit] if c.source == "reduce_scatter"]
+        assert [(c.kind, c.phase, c.size_bytes) for c in pair] == [
+            ("reduce_scatter", "forward", whole),
+            ("all_gather", "backward", whole),
+        ] * 2
+    expected = Counter(
+        (c.kind, c.size_bytes)
+        for cs in listed.values()
+        for c in cs
+        if c.kind in ("all_gather", "reduce_scatter") and not c.source.startswith("grad_sync")
+    )
+    compiled = parallelize(analysis.copy(), plan=plan, rank=0)
+    args, kwargs = analysis.context.example_inputs, analysis.context.example_kwargs
+    with _RecordGathers() as recorded:
+        compiled.train_step(*args, **kwargs)
+    assert recorded.moved == expected

@@ -54,6 +54,10 @@ _PAIRS: dict[Any, tuple[CollectiveKind | None, CollectiveKind | None]] = {
 }
 
 
+_SPLITTING: Final = frozenset({C.reduce_scatter, C.split_local, C.split_zero})
+"""Paired ops whose output is this rank's 1/n of the buffer their collectives move."""
+
+
 def collectives_of(
     gm: fx.GraphModule,
     params: dict[str, ParamSpec],
@@ -120,7 +124,9 @@ def _node_collectives(node: fx.Node, grad: dict[fx.Node, bool]) -> Iterator[Coll
     elif node.target is C.zero3_use:
         size, n = _nbytes(node.meta["val"]), len(_a(node)[2])
         padded = _nbytes(_a(node)[1].meta["val"]) * n
-        yield Collective(_AG, padded, n, "backward", False, unit, name)  # gathered again
+        # gathered again in backward, prefetched while the unit after it runs its backward
+        # (`runtime.collectives._regather`)
+        yield Collective(_AG, padded, n, "backward", True, unit, name)
         yield Collective(_RS, padded, n, "backward", True, unit, name)
         del size
     elif node.target is vocab_cross_entropy and len(_a(node)[7]) > 1:
@@ -138,11 +144,13 @@ def _paired(node: fx.Node, unit: str, name: str, has_grad: bool) -> Iterator[Col
     n = len(_a(node)[-1])  # every paired op takes its group's ranks last
     if n == 1:
         return
-    local_in = _nbytes(_a(node)[0].meta["val"])
+    # nccl-tests' size, the whole buffer: the gathered / not-yet-scattered one, n times the
+    # op's own output where it splits. Read off the output, whose local `val` the rewrite
+    # derives from the op's placement: a split op's input may carry the split shape already
+    # (under sequence parallelism a row-parallel linear is placed as the reduce-scatter it
+    # feeds, though it computes the whole partial sum the reduce-scatter reads).
     local_out = _nbytes(node.meta["val"])
-    whole = max(local_in, local_out)  # the gathered / not-yet-scattered buffer
-    if node.target in (C.tp_copy, C.tp_reduce, C.reduce_both, C.global_count):
-        whole = local_out
+    whole = local_out * n if node.target in _SPLITTING else local_out
     phases: tuple[tuple[Phase, CollectiveKind | None], ...] = (("forward", fwd), ("backward", bwd))
     for phase, kind in phases:
         if kind is not None and (phase == "forward" or has_grad):
