@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import numpy as np
@@ -53,10 +55,35 @@ def test_overlap_hides_only_overlappable_collectives():
     cluster = PRESETS["a100-80gb-sxm"]
     inline = Collective("all_reduce", 2**24, 8, "forward", False, "blocks.0", "tp_reduce")
     bucket = Collective("all_reduce", 2**24, 8, "backward", True, "blocks.0", "grad_sync")
-    t = collectives_time([inline, bucket], cluster, lambda size: False)
     one = float(collective_time_s("all_reduce", 2**24, 8, cluster.link("all_reduce", 8, False)))
+    t = collectives_time([inline, bucket], cluster, lambda size: False, {"backward": 1.0})
     assert t.total_s == pytest.approx(2 * one)
-    assert t.exposed_s == pytest.approx(one + one * (1 - cluster.overlap))
+    assert t.exposed_s == pytest.approx(one)  # the bucket hides under a second of backward
+    # no compute beside it: nothing hides
+    bare = collectives_time([inline, bucket], cluster, lambda size: False)
+    assert bare.exposed_s == pytest.approx(2 * one)
+
+
+def test_overlap_is_bounded_by_the_compute_beside_it():
+    """Cause 5 of issue 20: ZeRO-3 on many devices hid 0.25 s of communication behind 0.1 s
+    of compute at a fixed 80%. Communication hides behind at most the compute of its phase."""
+    link = Link("all_gather", "inter", latency_s=0.0, bus_bandwidth_bytes_per_s=1e9)
+    cluster = dataclasses.replace(
+        PRESETS["a100-80gb-sxm"], links=(link, dataclasses.replace(link, scope="intra"))
+    )
+    # 250 MB whole on 1,000 ranks (factor 999/1000): 0.24975 s at 1 GB/s
+    gather = Collective("all_gather", 250e6, 1000, "forward", True, "blocks.0", "zero3_issue")
+    t = collectives_time([gather], cluster, lambda size: True, {"forward": 0.1})
+    assert t.total_s == pytest.approx(0.24975)
+    assert t.exposed_s == pytest.approx(0.24975 - 0.1)  # was 0.24975 * (1 - 0.8) = 0.04995
+    # compute in another phase hides nothing; a measured overlap fraction scales the hiding
+    assert collectives_time([gather], cluster, lambda s: True, {"backward": 5.0}).exposed_s == (
+        pytest.approx(0.24975)
+    )
+    half = dataclasses.replace(cluster, overlap=0.5)
+    assert collectives_time([gather], half, lambda s: True, {"forward": 0.1}).exposed_s == (
+        pytest.approx(0.24975 - 0.05)
+    )
 
 
 def test_groups_leave_a_node_only_past_its_devices():
@@ -212,11 +239,12 @@ def small_gpt():
 
 
 def _block(analysis, strategy, world):
+    """The plain roofline (no kernel floor, no GEMM quantisation): work splits exactly."""
+    from galvatron_fx.cost_models.efficiency import KernelEfficiency
     from galvatron_fx.planning.price import price_plan
 
-    costs = price_plan(
-        analysis, analysis.plan(strategy, world_size=world), PRESETS["a100-80gb-sxm"]
-    )
+    roofline = dataclasses.replace(PRESETS["a100-80gb-sxm"], efficiency=KernelEfficiency())
+    costs = price_plan(analysis, analysis.plan(strategy, world_size=world), roofline)
     return next(c for c in costs if c.unit == "blocks.0")
 
 

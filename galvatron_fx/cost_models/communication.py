@@ -11,7 +11,7 @@ price every candidate at once and `explain` can print it with its numbers substi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,21 +93,41 @@ class CommTime:
     """Every collective's time, one after the other."""
     exposed_s: float
     """What the step waits for: in-line collectives, plus the part of overlappable ones
-    that compute does not hide (`1 - cluster.overlap`)."""
+    that the compute beside them does not hide."""
 
 
 def collectives_time(
-    collectives: Sequence[Collective], cluster: ClusterSpec, spans_nodes: Callable[[int], bool]
+    collectives: Sequence[Collective],
+    cluster: ClusterSpec,
+    spans_nodes: Callable[[int], bool],
+    compute_s: Mapping[str, float] | None = None,
 ) -> CommTime:
     """Price a list of collectives; `spans_nodes(group_size)` says whether a group of that
-    size leaves a node (the caller knows the mesh)."""
-    total = exposed = 0.0
+    size leaves a node (the caller knows the mesh). Overlap as it happens: the asynchronous
+    collectives of a phase (ZeRO-3's prefetched gathers and reduce-scatters, the bucketed
+    gradient sync) run beside that phase's compute, `compute_s[phase]` seconds of it, and
+    hide at most that long:
+
+        exposed = in-line + sum_phase [ async_phase - overlap * min(async_phase, compute_phase) ]
+
+    In-line collectives (tensor parallelism's, which the runtime waits for where their
+    result is used) hide behind nothing; without `compute_s` nothing is hidden."""
+    total = inline = 0.0
+    asynchronous: dict[str, float] = {}
     for c in collectives:
         link = cluster.link(c.kind, c.group_size, spans_nodes(c.group_size))
         t = float(collective_time_s(c.kind, c.size_bytes, c.group_size, link))
         total += t
-        exposed += t * (1.0 - cluster.overlap) if c.overlappable else t
-    return CommTime(total, exposed)
+        if c.overlappable:
+            asynchronous[c.phase] = asynchronous.get(c.phase, 0.0) + t
+        else:
+            inline += t
+    windows = compute_s or {}
+    hidden = sum(
+        cluster.overlap * min(t, max(windows.get(phase, 0.0), 0.0))
+        for phase, t in asynchronous.items()
+    )
+    return CommTime(total, total - hidden)
 
 
 def spans_nodes(s: LayerStrategy, cluster: ClusterSpec) -> Callable[[int], bool]:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from galvatron_fx.cost_models.efficiency import KernelEfficiency
 from galvatron_fx.jsonio import fields_of, read_json
 
 __all__ = [
@@ -66,12 +67,15 @@ class ClusterSpec:
     """Memory of one device."""
     memory_bandwidth_bytes_per_s: float
     links: tuple[Link, ...]
-    overlap: float = 0.8
-    """Fraction of an overlappable collective's time hidden behind compute (0: none)."""
+    overlap: float = 1.0
+    """Of an overlappable collective's time that fits under the compute beside it, the
+    fraction really hidden (0: none; the profiler measures it on `local`)."""
     op_overhead_s: float = 0.0
     """Fixed cost of launching one op (kernel launch, or Python dispatch on CPU ranks)."""
     source: str = ""
     """Where the figures come from."""
+    efficiency: KernelEfficiency = field(default_factory=KernelEfficiency)
+    """Achievable fractions of the peaks per kernel class (`efficiency.py`)."""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -111,6 +115,7 @@ class ClusterSpec:
         data = asdict(self)
         data["peak_flops"] = dict(self.peak_flops)
         data["links"] = [asdict(lk) for lk in self.links]
+        data["efficiency"] = asdict(self.efficiency)
         return data
 
     def save(self, path: str | Path) -> None:
@@ -140,6 +145,38 @@ def _links(
     )
 
 
+KERNEL_FLOOR_S = 4e-6
+"""Shortest time of one GPU kernel: launch latency plus ramp-up and tail, a few microseconds
+(NVIDIA CUDA C++ Best Practices Guide, "kernel launch overhead"; the per-op floor torch's
+profiler shows for tiny elementwise kernels on A100 and H100)."""
+
+A100_EFFICIENCY = KernelEfficiency(
+    gemm=268 / 312,
+    attention_fwd=0.70,
+    attention_bwd=0.55,
+    memory=0.85,
+    kernel_floor_s=KERNEL_FLOOR_S,
+    tile=128,
+    sms=108,
+    source="GEMM: stas00/ml-engineering 'maximum achievable matmul FLOPS' (A100 SXM: 268 of "
+    "312 TFLOP/s bf16); attention: FlashAttention-2 (Dao 2023), 50-73% of peak on A100, "
+    "its backward below its forward; memory-bound kernels 80-90% of HBM bandwidth; 108 SMs, "
+    "128 x 128 output tiles (NVIDIA Matrix Multiplication Background guide)",
+)
+H100_EFFICIENCY = KernelEfficiency(
+    gemm=792 / 989,
+    attention_fwd=0.35,
+    attention_bwd=0.30,
+    memory=0.85,
+    kernel_floor_s=KERNEL_FLOOR_S,
+    tile=128,
+    sms=132,
+    source="GEMM: stas00/ml-engineering 'maximum achievable matmul FLOPS' (H100 SXM: ~792 of "
+    "989 TFLOP/s bf16); attention: PyTorch's SDPA runs FlashAttention-2 kernels, 'only 35% "
+    "utilization on H100' (FlashAttention-3, Shah et al. 2024), backward lower; "
+    "memory-bound kernels 80-90% of HBM bandwidth; 132 SMs, 128 x 128 output tiles",
+)
+
 PRESETS: dict[str, ClusterSpec] = {
     "a100-80gb-sxm": ClusterSpec(
         "a100-80gb-sxm",
@@ -154,6 +191,7 @@ PRESETS: dict[str, ClusterSpec] = {
         links=_links(230, 23, 10e-6, 20e-6),
         source="NVIDIA A100 datasheet (2021); NVIDIA DGX A100 system architecture "
         "whitepaper; nccl-tests PERFORMANCE.md (bus bandwidth)",
+        efficiency=A100_EFFICIENCY,
     ),
     "h100-80gb-sxm": ClusterSpec(
         "h100-80gb-sxm",
@@ -167,6 +205,7 @@ PRESETS: dict[str, ClusterSpec] = {
         links=_links(360, 45, 8e-6, 15e-6),
         source="NVIDIA H100 Tensor Core GPU datasheet (SXM5, 2023); NVIDIA DGX H100 user "
         "guide; nccl-tests PERFORMANCE.md",
+        efficiency=H100_EFFICIENCY,
     ),
     "rtx-titan-24gb-pcie": ClusterSpec(
         "rtx-titan-24gb-pcie",
@@ -180,6 +219,9 @@ PRESETS: dict[str, ClusterSpec] = {
         links=_links(10, 10, 15e-6, 30e-6),
         source="NVIDIA TITAN RTX datasheet (2018); PCI-SIG PCIe 3.0 specification; the "
         "Galvatron paper's testbed (8 x TITAN RTX on PCIe 3.0 per node)",
+        # no published matmul or attention benchmark for this card: the A100's fractions
+        # (same generation of tensor-core GEMM libraries), its 72 SMs
+        efficiency=replace(A100_EFFICIENCY, sms=72, source="A100's fractions, 72 SMs"),
     ),
 }
 """Vendor presets, one node each: scale with `a100-80gb-sxm:nodes=N`."""
@@ -191,6 +233,18 @@ PRESETS["h200-141gb"] = replace(
     memory_bandwidth_bytes_per_s=4800 * GB,
     source="NVIDIA H200 Tensor Core GPU datasheet (SXM, 2024): H100 compute, 141 GB "
     "HBM3e at 4.8 TB/s; interconnect as HGX H100 (NVLink 4, 8 x 400 Gb/s)",
+)
+PRESETS["h100-96gb-500w"] = replace(
+    PRESETS["h100-80gb-sxm"],
+    name="h100-96gb-500w",
+    # "the actual peak TFLOPs number is between SXM and NVL" (torchtitan's benchmark notes):
+    # the midpoint of the SXM5's 989 and the NVL's 835 dense bf16 TFLOP/s
+    peak_flops={"fp32": 62e12, "tf32": 456e12, "bf16": 912e12, "fp16": 912e12},
+    memory_bytes=96 * 2**30,
+    memory_bandwidth_bytes_per_s=2400 * GB,
+    source="pytorch/torchtitan benchmarks/llama3_h100_202412_torchtitan.md (Grand Teton: "
+    "8 H100 per host fully connected by NVLink, 96 GB HBM2e at 2.4 TB/s, 500 W limit, "
+    "400 Gb/s RDMA per GPU); NVIDIA H100 NVL datasheet (835 TFLOP/s dense bf16)",
 )
 
 

@@ -1,6 +1,8 @@
 """Model specs: one string names a model for the CLI, the benchmarks and the tests.
 
 - `gpt:layers=12,hidden=768,heads=12,vocab=50257,seq=1024` (also `dropout=0.1`, `tied=1`)
+- `llama:layers=32,hidden=4096,heads=32,kv_heads=8,ffn=14336,vocab=128256,seq=8192`
+  (torchtitan's Llama 3: RMSNorm, rotary, grouped-query causal SDPA, SwiGLU)
 - `hf:gpt2`, `hf:llama:hidden_size=256,num_hidden_layers=4` (a family's config class with
   overrides, random weights, no download); without `--seq` it runs at `DEFAULT_SEQ` tokens,
   or at the config's maximum length when that is smaller (`SeqDefault` says which field)
@@ -23,6 +25,7 @@ from torch import nn
 
 from galvatron_fx.models.gpt import GPT, GPTConfig
 from galvatron_fx.models.hf import SEQ_FIELDS, build_hf, hf_inputs, hf_seq_field, hf_takes_tokens
+from galvatron_fx.models.llama import Llama, LlamaConfig
 
 __all__ = ["DEFAULT_SEQ", "FILE_SPEC_SEQ", "ModelSpec", "SeqDefault", "parse_model_spec"]
 
@@ -43,6 +46,16 @@ _GPT_FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "seq": ("max_seq", int),
     "dropout": ("dropout", float),
     "tied": ("tie_weights", lambda v: v.lower() in ("1", "true", "yes")),
+}
+
+_LLAMA_FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "layers": ("num_layers", int),
+    "hidden": ("hidden", int),
+    "heads": ("num_heads", int),
+    "kv_heads": ("num_kv_heads", int),
+    "ffn": ("ffn", int),
+    "vocab": ("vocab_size", int),
+    "seq": ("max_seq", int),
 }
 
 
@@ -98,12 +111,14 @@ def parse_model_spec(text: str) -> ModelSpec:
     head, _, rest = text.partition(":")
     if head == "gpt":
         return _gpt_spec(text, rest)
+    if head == "llama":
+        return _llama_spec(text, rest)
     if head == "hf":
         return _hf_spec(text, rest)
     if head.endswith(".py"):
         return _file_spec(text, Path(head), rest)
     raise ValueError(
-        f"model spec {text!r}: expected 'gpt:k=v,...', 'hf:family[:k=v,...]' or "
+        f"model spec {text!r}: expected 'gpt:k=v,...', 'llama:k=v,...', 'hf:family[:k=v,...]' or "
         "'path/to/file.py:factory'"
     )
 
@@ -118,27 +133,44 @@ def _pairs(text: str, where: str) -> dict[str, str]:
     return out
 
 
-def _gpt_spec(text: str, rest: str) -> ModelSpec:
+def _fields(
+    text: str, rest: str, family: str, known: dict[str, tuple[str, Callable[[str], Any]]]
+) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     for key, value in _pairs(rest, text).items():
-        if key not in _GPT_FIELDS:
+        if key not in known:
             raise ValueError(
-                f"model spec {text!r}: unknown gpt field {key!r} (known: {', '.join(_GPT_FIELDS)})"
+                f"model spec {text!r}: unknown {family} field {key!r} (known: {', '.join(known)})"
             )
-        field, conv = _GPT_FIELDS[key]
+        field, conv = known[key]
         try:
             kwargs[field] = conv(value)
         except ValueError:
             raise ValueError(f"model spec {text!r}: {key}={value!r} is not a number") from None
-    config = GPTConfig(**kwargs)
+    return kwargs
 
+
+def _token_inputs(vocab: int) -> Callable[[nn.Module, int, int, torch.device], Inputs]:
     def inputs(model: nn.Module, batch: int, seq: int, device: torch.device) -> Inputs:
-        idx = torch.randint(0, config.vocab_size, (batch, seq), device=device)
-        tgt = torch.randint(0, config.vocab_size, (batch, seq), device=device)
+        idx = torch.randint(0, vocab, (batch, seq), device=device)
+        tgt = torch.randint(0, vocab, (batch, seq), device=device)
         return (idx,), {"targets": tgt}
 
+    return inputs
+
+
+def _llama_spec(text: str, rest: str) -> ModelSpec:
+    config = LlamaConfig(**_fields(text, rest, "llama", _LLAMA_FIELDS))
+    default = SeqDefault(config.max_seq, f"llama seq={config.max_seq}")
+    inputs = _token_inputs(config.vocab_size)
+    return ModelSpec(text, lambda: Llama(config), inputs, lambda m: default)
+
+
+def _gpt_spec(text: str, rest: str) -> ModelSpec:
+    config = GPTConfig(**_fields(text, rest, "gpt", _GPT_FIELDS))
+
     default = SeqDefault(config.max_seq, f"gpt seq={config.max_seq}")
-    return ModelSpec(text, lambda: GPT(config), inputs, lambda m: default)
+    return ModelSpec(text, lambda: GPT(config), _token_inputs(config.vocab_size), lambda m: default)
 
 
 def _split(text: str) -> list[str]:

@@ -23,6 +23,7 @@ import torch
 from torch import fx
 
 from galvatron_fx.cost_models.hardware import ClusterSpec
+from galvatron_fx.cost_models.memory import Precision
 from galvatron_fx.cost_models.traffic import Collective
 from galvatron_fx.lowering import Analysis
 from galvatron_fx.meta import COST, LAYER, PLACEMENT
@@ -38,7 +39,13 @@ from galvatron_fx.plan import (
 )
 from galvatron_fx.planning.collective_list import RECOMPUTED, collectives_of
 from galvatron_fx.planning.lowered import LoweredForPricing, lower_for_pricing
-from galvatron_fx.planning.unit_terms import compute_times, local_params, memory_inputs
+from galvatron_fx.planning.unit_terms import (
+    compute_times,
+    graph_value_bytes,
+    local_params,
+    memory_inputs,
+    trained_width,
+)
 from galvatron_fx.runtime.program import ParamSpec
 from galvatron_fx.search.option_cost import UnitTerms
 from galvatron_fx.unit_graph.attention import attention_cores
@@ -143,8 +150,10 @@ def model_terms(
     *,
     dtype: str = "bf16",
     efficiency: float = 1.0,
+    precision: Precision = "mixed",
 ) -> ModelTerms:
-    """Terms of every distinct unit under every layout with tp in `tps`."""
+    """Terms of every distinct unit under every layout with tp in `tps`: compute at the
+    trained `precision`'s value width, the cluster's efficiencies times `efficiency`."""
     reduced, rep = representatives(analysis)
     batch = analysis.batch_size
     shapes = layer_shapes(reduced.graph_module)
@@ -158,7 +167,9 @@ def model_terms(
             refused[tp] = str(err)
             continue
         for layout in _layouts(tp):
-            terms.update(_terms_of(reduced, shapes, layout, batch, flat, dtype, efficiency))
+            terms.update(
+                _terms_of(reduced, shapes, layout, batch, flat, (dtype, efficiency, precision))
+            )
     if batch % 2 == 0:
         by_unit = _dp_collectives(reduced)
         terms = {
@@ -208,8 +219,7 @@ def _terms_of(
     layout: Layout,
     batch: int,
     cluster: ClusterSpec,
-    dtype: str,
-    efficiency: float,
+    compute: tuple[str, float, Precision],
 ) -> dict[tuple[str, Layout], UnitTerms]:
     tp, sp, vocab, ulysses = layout
     kinds = {u.name: u.kind for u in reduced.layers}
@@ -241,7 +251,7 @@ def _terms_of(
         cores = {n.name for core in attention_cores(original[unit]) for n in core}
         terms = _unit_terms(
             unit, s, nodes, rewritten.get(unit, []), original[unit], cores,
-            params, comms.get(unit, []), ratio, batch, cluster, dtype, efficiency,
+            params, comms.get(unit, []), ratio, batch, cluster, compute,
         )  # fmt: skip
         out[(unit, key)] = dataclasses.replace(
             terms, previous_params=before, full_recompute_collectives=full.get(unit, ())
@@ -277,14 +287,15 @@ def _unit_terms(
     ratio: dict[str, float],
     batch: int,
     cluster: ClusterSpec,
-    dtype: str,
-    efficiency: float,
+    compute: tuple[str, float, Precision],
 ) -> UnitTerms:
     def variant(rc: Recompute) -> LayerStrategy:
         return dataclasses.replace(s, recompute=rc)
 
     selective = variant(Recompute.SELECTIVE)
-    fwd, bwd, rc_sel = compute_times(nodes, cores, selective, cluster, dtype, efficiency)
+    dtype, efficiency, precision = compute
+    width = trained_width(all_nodes, precision)
+    fwd, bwd, rc_sel = compute_times(nodes, cores, selective, cluster, dtype, width, efficiency)
     rc_full = fwd
     local = local_params(params, unit)
     none, sel, full = (
@@ -311,7 +322,7 @@ def _unit_terms(
         ),
         tp_grad_sum_bytes=float(grad_sum),
         params=local,
-        param_bytes=_param_bytes(all_nodes),
+        param_bytes=graph_value_bytes(all_nodes),
         largest_param=none.largest_param,
         saved_bytes=none.all_saved_bytes,
         kept_selective_bytes=sel.kept_bytes,
@@ -334,14 +345,6 @@ def _fits(
     except PlanError:
         return False
     return True
-
-
-def _param_bytes(nodes: list[fx.Node]) -> int:
-    for node in nodes:
-        val = node.meta.get("val")
-        if node.op == "get_attr" and isinstance(val, torch.Tensor):
-            return val.element_size()
-    return 4
 
 
 def _boundary_bytes(nodes: list[fx.Node], unit: str) -> float:

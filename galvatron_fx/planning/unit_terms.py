@@ -16,14 +16,23 @@ import torch
 from torch import fx
 from torch.distributed.tensor import Partial, Shard
 
-from galvatron_fx.cost_models.compute import roofline_time_s
+from galvatron_fx.cost_models.efficiency import OpClass, gemm_quantization, kernel_time_s
 from galvatron_fx.cost_models.hardware import ClusterSpec
+from galvatron_fx.cost_models.memory import PRECISIONS, Precision
 from galvatron_fx.meta import COST, PLACEMENT, NodePlacement
 from galvatron_fx.plan import DPMode, LayerStrategy, Plan, Recompute
 from galvatron_fx.planning.plan_memory import UnitMemoryInputs, is_collective, saved_bytes
 from galvatron_fx.runtime.program import ParamSpec
 
-__all__ = ["compute_times", "local_params", "memory_inputs", "stepped_elems"]
+__all__ = [
+    "compute_times",
+    "graph_value_bytes",
+    "local_params",
+    "memory_inputs",
+    "op_class",
+    "stepped_elems",
+    "trained_width",
+]
 
 
 def stepped_elems(params: dict[str, ParamSpec], plan: Plan) -> dict[str, int]:
@@ -48,28 +57,110 @@ def _split(p: NodePlacement, s: LayerStrategy) -> float:
     return factor
 
 
+GEMM_OPS = frozenset(
+    {
+        torch.ops.aten.linear.default,
+        torch.ops.aten.mm.default,
+        torch.ops.aten.addmm.default,
+        torch.ops.aten.bmm.default,
+        torch.ops.aten.baddbmm.default,
+        torch.ops.aten.matmul.default,
+    }
+)
+ATTENTION_OPS = frozenset(
+    {
+        torch.ops.aten.scaled_dot_product_attention.default,
+        torch.ops.aten._scaled_dot_product_flash_attention.default,
+        torch.ops.aten._scaled_dot_product_efficient_attention.default,
+        torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    }
+)
+_IS_CAUSAL_ARG = 5
+"""`is_causal`'s position in `scaled_dot_product_attention(q, k, v, mask, dropout, ...)`."""
+
+
+def op_class(node: fx.Node) -> OpClass | None:
+    """The kernel class a node runs as; None for a node that launches no kernel (a view,
+    a parameter, an input)."""
+    if node.op != "call_function":
+        return None
+    target = node.target
+    if target in GEMM_OPS:
+        return "gemm"
+    if target in ATTENTION_OPS:
+        return "attention"
+    if isinstance(target, torch._ops.OpOverload) and target.is_view:
+        return None
+    val = node.meta.get("val")
+    values = val if isinstance(val, tuple | list) else (val,)
+    if not any(isinstance(v, torch.Tensor) for v in values):
+        return None  # a check (`_assert_tensor_metadata`) or a symbolic size: no kernel
+    return "memory"
+
+
+def _causal(node: fx.Node) -> bool:
+    """A causal SDPA: its fused kernels skip the masked half of the score blocks (the FLOP
+    counter's formula counts all of them)."""
+    if "is_causal" in node.kwargs:
+        return bool(node.kwargs["is_causal"])
+    return len(node.args) > _IS_CAUSAL_ARG and bool(node.args[_IS_CAUSAL_ARG])
+
+
+def _gemm_shape(node: fx.Node) -> tuple[int, int, int]:
+    """(M, N, batch) of a GEMM node's local output: batched when both operands are."""
+    out = node.meta.get("val")
+    if not isinstance(out, torch.Tensor) or out.dim() == 0:
+        return 0, 0, 0
+    n = int(out.shape[-1])
+    operands = [a.meta.get("val") for a in node.all_input_nodes]
+    dims = [v.dim() for v in operands if isinstance(v, torch.Tensor)]
+    batched = node.target is not torch.ops.aten.linear.default and min(dims, default=2) > 2
+    if batched and out.dim() > 2:
+        return int(out.shape[-2]), n, math.prod(int(d) for d in out.shape[:-2])
+    return out.numel() // max(n, 1), n, 1
+
+
 def compute_times(
     nodes: list[fx.Node],
     cores: set[str],
     s: LayerStrategy,
     cluster: ClusterSpec,
     dtype: str,
-    efficiency: float,
+    value_width: float = 1.0,
+    efficiency: float = 1.0,
 ) -> tuple[float, float, float]:
-    """(forward, backward, recomputation) seconds; backward moves about twice the bytes."""
+    """(forward, backward, recomputation) seconds of the nodes on one rank: each kernel by
+    its class (`cost_models/efficiency.py`), its bytes at `value_width` times the graph's (the
+    trained dtype's width over the captured one), the cluster's compute efficiencies times
+    `efficiency` (a measured correction). Backward moves about twice the bytes; a GEMM's
+    backward is two GEMMs (input and weight gradients); CPU ranks also pay
+    `cluster.op_overhead_s` per op launched (about two in backward per forward op)."""
+    if dtype not in cluster.peak_flops:
+        raise ValueError(f"cluster {cluster.name!r} has no peak FLOP/s for {dtype!r}")
+    peak, bw = cluster.peak_flops[dtype], cluster.memory_bandwidth_bytes_per_s
+    eff = cluster.efficiency.scaled(efficiency) if efficiency != 1.0 else cluster.efficiency
+    overhead = cluster.op_overhead_s
     fwd = bwd = again = 0.0
     for node in nodes:
+        kind = op_class(node)
+        if kind is None:
+            continue
         cost, split = COST.get(node), _split(PLACEMENT.get(node), s)
-        f = float(
-            roofline_time_s(
-                cost.fwd_flops / split, cost.fwd_bytes / split, cluster, dtype, efficiency
-            )
-        )
-        b = roofline_time_s(
-            cost.bwd_flops / split, 2 * cost.fwd_bytes / split, cluster, dtype, efficiency
-        )
-        f += cluster.op_overhead_s  # backward runs about two ops per forward op
-        fwd, bwd = fwd + f, bwd + float(b) + 2 * cluster.op_overhead_s
+        fwd_flops, bwd_flops = cost.fwd_flops / split, cost.bwd_flops / split
+        nbytes = cost.fwd_bytes / split * value_width
+        q = 1.0
+        if kind == "gemm":
+            q = gemm_quantization(*_gemm_shape(node), eff)
+        elif _causal(node):
+            fwd_flops, bwd_flops = fwd_flops / 2, bwd_flops / 2
+        f = kernel_time_s(kind, fwd_flops, nbytes, peak, bw, eff, quantization=q)
+        if kind == "gemm":  # the input's and the weight's gradients: two GEMMs
+            b = 2 * kernel_time_s(kind, bwd_flops / 2, nbytes, peak, bw, eff, quantization=q)
+        else:
+            b = kernel_time_s(kind, bwd_flops, 2 * nbytes, peak, bw, eff, backward=True)
+        f += overhead
+        fwd, bwd = fwd + f, bwd + b + 2 * overhead
         selective = s.recompute is Recompute.SELECTIVE and node.name in cores
         if s.recompute is Recompute.FULL or selective:
             again += f
@@ -116,6 +207,21 @@ def _local_bytes(node: fx.Node) -> int:
 def _local_numel(spec: ParamSpec) -> int:
     whole = math.prod(spec.global_shape)
     return whole // spec.tp_group.size if spec.tp_dim is not None else whole
+
+
+def graph_value_bytes(nodes: list[fx.Node]) -> int:
+    """Element size of the graph's parameters (what it was captured in; 4 without any)."""
+    for node in nodes:
+        val = node.meta.get("val")
+        if node.op == "get_attr" and isinstance(val, torch.Tensor):
+            return val.element_size()
+    return 4
+
+
+def trained_width(nodes: list[fx.Node], precision: Precision) -> float:
+    """Bytes of a trained value over the graph's: a model captured in fp32 and trained in
+    mixed precision moves, saves and reads half of what its graph says."""
+    return PRECISIONS[precision][0] / graph_value_bytes(nodes)
 
 
 def local_params(params: dict[str, ParamSpec], unit: str) -> int:

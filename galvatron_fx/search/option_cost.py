@@ -19,6 +19,9 @@ Per micro-batch of `b` samples on a stage holding `a` micro-batches in flight:
     transient = what the unit's own backward adds on top (rebuilt activations, ZeRO-3's
                 gathered parameters) or the optimizer step's largest parameter buffer
 
+`exposed` hides each phase's asynchronous collectives behind that phase's compute, at most
+as long as it lasts (`communication.collectives_time`).
+
 A stage's memory is `sum(state + a * act) + max(transient)`: an upper bound of the
 three-moment peak of `cost_models/peak_memory.py` (a unit's backward holds the earlier units'
 activations and the later units' gradients, never more than all of both), so a plan the
@@ -124,11 +127,17 @@ def option_cost(
     width = _width(t, precision)
     scale = micro_batch / t.ref_batch
     overhead = cluster.op_overhead_s
-    compute = (t.fwd_s + t.bwd_s) * scale + 3 * t.ops * overhead
+    forward = t.fwd_s * scale + t.ops * overhead
+    backward = t.bwd_s * scale + 2 * t.ops * overhead
     if s.recompute is Recompute.FULL:
-        compute += t.recompute_full_s * scale + t.ops * overhead
+        backward += t.recompute_full_s * scale + t.ops * overhead
     elif s.recompute is Recompute.SELECTIVE:
-        compute += t.recompute_selective_s * scale + t.selective_ops * overhead
+        backward += t.recompute_selective_s * scale + t.selective_ops * overhead
+    compute = forward + backward
+    # asynchronous collectives hide behind the compute beside them: ZeRO-3's prefetch behind
+    # a unit's forward (its neighbour's, priced as its own), its reduce-scatter and the
+    # bucketed gradient sync behind backward (the last micro-batch's, for the sync)
+    beside = {"forward": forward, "backward": backward}
     spans = spans_nodes(s, cluster)
     values = scale * width
     again = t.full_recompute_collectives if s.recompute is Recompute.FULL else ()
@@ -145,7 +154,7 @@ def option_cost(
     stepped = t.params // n if n > 1 and s.dp_mode is not DPMode.ALLREDUCE else t.params
     state_width = 4 if precision == "fp32" else 2
     step = float(adam_step_time_s(stepped, cluster, state_width))
-    time_mb = compute + collectives_time(per_mb, cluster, spans).exposed_s
+    time_mb = compute + collectives_time(per_mb, cluster, spans, beside).exposed_s
     state, held, _ = runtime_state(t.params, n, s.dp_mode, precision, n > 1)
     kept, live = _activations(t, s, values)
     p, g, _ = PRECISIONS[precision]
@@ -157,7 +166,7 @@ def option_cost(
     transient = max(live - kept - held, 2 * g * t.largest_param, 0.0)
     return OptionCost(
         time_mb,
-        step + collectives_time(per_step, cluster, spans).exposed_s,
+        step + collectives_time(per_step, cluster, spans, beside).exposed_s,
         state + held,
         kept,
         transient,
@@ -200,7 +209,7 @@ def _zero3(t: UnitTerms, s: LayerStrategy, width: float) -> list[Collective]:
     size = -(-t.params // n) * n * t.param_bytes * width
     return [
         Collective("all_gather", size, n, "forward", True, t.unit, "zero3_issue"),
-        Collective("all_gather", size, n, "backward", False, t.unit, "zero3_use"),
+        Collective("all_gather", size, n, "backward", True, t.unit, "zero3_use"),
         Collective("reduce_scatter", size, n, "backward", True, t.unit, "zero3_use"),
     ]
 
