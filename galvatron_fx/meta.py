@@ -113,6 +113,10 @@ class NodeCost:
     """FLOPs of the ops autograd runs for this node's backward."""
     fwd_bytes: int = 0
     """Bytes read and written by the forward: inputs plus outputs (roofline memory traffic)."""
+    bwd_bytes: int = 0
+    """Bytes read and written by the ops autograd runs for this node's backward."""
+    bwd_kernels: int = 0
+    """How many ops (kernels) that backward runs, views excluded."""
     param_bytes: int = 0
     """Bytes of the parameter this `get_attr` node holds (0 for a repeated tied parameter)."""
     params: int = 0

@@ -64,7 +64,7 @@ def test_search_prices_a_plan_as_price_plan_does(analysis, strategy):
     switches with its own model, the rewrite reads them off the graph); the search's
     memory bounds the three-moment peak."""
     cluster = load_cluster(A100)
-    terms = model_terms(analysis, cluster, [1, 2, 4])
+    terms = model_terms(analysis, cluster, [1, 2, 4], precision="fp32")
     space = SearchSpace(terms, cluster, 4, BATCH, 80 * 2**30, "fp32")
     segment = dataclasses.replace(strategy, sp=False, recompute=Recompute.NONE)
     kinds = {u.name: u.kind for u in analysis.layers}

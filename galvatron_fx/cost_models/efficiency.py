@@ -24,7 +24,17 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["KernelEfficiency", "OpClass", "gemm_quantization", "kernel_time_s"]
+import numpy as np
+
+__all__ = [
+    "KernelEfficiency",
+    "KernelWork",
+    "OpClass",
+    "gemm_quantization",
+    "kernel_time_s",
+    "work_parts_s",
+    "work_time_s",
+]
 
 OpClass = Literal["gemm", "attention", "memory"]
 
@@ -107,10 +117,96 @@ def kernel_time_s(
     """Seconds of one kernel (module docstring); 0 for a kernel with no work."""
     if flops <= 0 and nbytes <= 0:
         return 0.0
+    work = work_time_s(
+        op, flops, nbytes, peak_flops, bandwidth_bytes_per_s, eff,
+        backward=backward, quantization=quantization,
+    )  # fmt: skip
+    return max(work, eff.kernel_floor_s)
+
+
+def work_parts_s(
+    op: OpClass,
+    flops: float,
+    nbytes: float,
+    peak_flops: float,
+    bandwidth_bytes_per_s: float,
+    eff: KernelEfficiency,
+    *,
+    backward: bool = False,
+) -> tuple[float, float]:
+    """(compute, memory) seconds of a kernel's work, a GEMM's at full tile use."""
     if op == "gemm":
-        rate = peak_flops * eff.gemm * quantization
+        rate = peak_flops * eff.gemm
     elif op == "attention":
         rate = peak_flops * (eff.attention_bwd if backward else eff.attention_fwd)
     else:
         rate = peak_flops
-    return max(flops / rate, nbytes / (bandwidth_bytes_per_s * eff.memory), eff.kernel_floor_s)
+    return flops / rate, nbytes / (bandwidth_bytes_per_s * eff.memory)
+
+
+def work_time_s(
+    op: OpClass,
+    flops: float,
+    nbytes: float,
+    peak_flops: float,
+    bandwidth_bytes_per_s: float,
+    eff: KernelEfficiency,
+    *,
+    backward: bool = False,
+    quantization: float = 1.0,
+) -> float:
+    """`kernel_time_s` without the floor: the part that grows with the work."""
+    compute, memory = work_parts_s(
+        op, flops, nbytes, peak_flops, bandwidth_bytes_per_s, eff, backward=backward
+    )
+    return max(compute / quantization, memory)
+
+
+@dataclass(frozen=True)
+class KernelWork:
+    """A unit's kernels on one rank at a reference batch, per node: the compute and memory
+    seconds of its forward kernel and of its backward's kernels (at full GEMM tile use,
+    floors left out), how many kernels that backward launches, its GEMM output shape, and
+    whether selective recomputation runs it again. At `scale` times the reference batch
+
+        fwd_i = max(scale * c_i / q_i(scale), scale * m_i, floor)
+        bwd_i = max(scale * c'_i / q_i(scale), scale * m'_i, k_i * floor)
+
+    with `q_i` the GEMM's tile and wave quantisation at its scaled rows (M, or the batch of
+    a batched GEMM): a unit whose kernels are tiny costs its launches, not a share of them,
+    and a smaller micro-batch fills fewer waves. Nodes with no work cost nothing."""
+
+    compute_s: np.ndarray
+    """Per node: (forward compute, forward memory, backward compute, backward memory)."""
+    bwd_kernels: np.ndarray
+    gemm_shape: np.ndarray
+    """Per node: (M, N, batch) of its GEMM output, zeros for other kernels."""
+    selective: np.ndarray
+    """Bool per node: one of the attention cores selective recomputation repeats."""
+    eff: KernelEfficiency
+
+    def _quantization(self, scale: float) -> np.ndarray:
+        m, n, batch = (self.gemm_shape[:, i] for i in range(3))
+        is_gemm = m > 0
+        batched = batch > 1
+        m = np.where(batched, m, np.maximum(np.ceil(m * scale), 1))
+        batch = np.where(batched, np.maximum(np.ceil(batch * scale), 1), 1)
+        q = np.ones(len(m))
+        tiles = batch.copy()
+        tile, sms = self.eff.tile, self.eff.sms
+        if tile:
+            rows, cols = np.ceil(m / tile), np.ceil(np.maximum(n, 1) / tile)
+            q = q * (m * np.maximum(n, 1)) / (rows * cols * tile**2)
+            tiles = batch * rows * cols
+        if sms:
+            q = q * tiles / (np.ceil(tiles / sms) * sms)
+        return np.where(is_gemm, q, 1.0)
+
+    def at(self, scale: float) -> tuple[float, float, float, float]:
+        """(forward, backward, full recomputation, selective recomputation) seconds."""
+        q = self._quantization(scale)
+        fc, fm, bc, bm = (self.compute_s[:, i] * scale for i in range(4))
+        floor = self.eff.kernel_floor_s
+        f = np.where(fc + fm > 0, np.maximum(np.maximum(fc / q, fm), floor), 0.0)
+        b = np.where(bc + bm > 0, np.maximum(np.maximum(bc / q, bm), self.bwd_kernels * floor), 0.0)
+        return float(f.sum()), float(b.sum()), float(f.sum()), float(f[self.selective].sum())

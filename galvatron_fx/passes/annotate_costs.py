@@ -4,8 +4,8 @@ Reads: `val` and `gfx_layer` (the unit and its fingerprint).
 Writes: `gfx_cost` (a `NodeCost`) on every node.
 Guarantees:
 - FLOPs come from the formulas registered in `torch.utils.flop_counter`, observed while each
-  unit runs forward and backward on fake CPU tensors; backward FLOPs are attributed to the fx
-  node whose autograd nodes ran them;
+  unit runs forward and backward on fake CPU tensors; backward FLOPs, and the bytes and ops
+  (kernels) of the backward, are attributed to the fx node whose autograd nodes ran them;
 - saved-activation bytes are what autograd really saves (saved-tensor hooks during that fake
   forward), each storage counted once, parameters and buffers excluded;
 - a parameter's elements are counted once, on the first `get_attr` of it (tied weights), so
@@ -27,6 +27,7 @@ import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from galvatron_fx.meta import COST, LAYER, NodeCost
@@ -74,6 +75,8 @@ def annotate_costs(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 fwd_flops=obs.fwd_flops,
                 bwd_flops=obs.bwd_flops,
                 fwd_bytes=_io_bytes(node),
+                bwd_bytes=obs.bwd_bytes,
+                bwd_kernels=obs.bwd_kernels,
                 param_bytes=nbytes,
                 params=numel,
                 saved_bytes=sum(b for _, b, _ in saved),
@@ -103,11 +106,13 @@ def _saved_once(
 
 
 class _Observed:
-    __slots__ = ("bwd_flops", "fwd_flops", "saves")
+    __slots__ = ("bwd_bytes", "bwd_flops", "bwd_kernels", "fwd_flops", "saves")
 
     def __init__(self) -> None:
         self.fwd_flops = 0
         self.bwd_flops = 0
+        self.bwd_bytes = 0
+        self.bwd_kernels = 0
         self.saves: list[tuple[tuple[str, int] | None, int, bool]] = []
         """(producer, bytes, saved by another node too) per storage saved: producer is
         ("ext", i) for the unit's i-th external input, ("int", j) for its j-th node, None
@@ -192,13 +197,14 @@ class _UnitRun:
         self.gm, self.nodes, self.needs_grad = gm, nodes, needs_grad
         self.obs = {n: _Observed() for n in nodes}
         self.counter = FlopCounterMode(display=False, custom_mapping=_CPU_FORMULAS)
+        self.traffic = _TrafficCounter()
         self.current: fx.Node | None = None
         self.seen_storages: dict[int, object] = {}  # kept alive so ids are not reused
         self.saved: dict[fx.Node, list[tuple[int, int]]] = {n: [] for n in nodes}
         self.producer: dict[int, tuple[str, int]] = {}
         self.savers: dict[int, set[fx.Node]] = defaultdict(set)
         self.grad_owner: dict[object, fx.Node] = {}
-        self.bwd_mark: tuple[fx.Node | None, int] = (None, 0)
+        self.bwd_mark: tuple[fx.Node | None, tuple[int, int, int]] = (None, (0, 0, 0))
 
     def run(self) -> list[_Observed]:
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
@@ -207,7 +213,8 @@ class _UnitRun:
             for i, node in enumerate(_external_inputs(self.nodes)):
                 env[node] = self._leaf(node)
                 self._produced(env[node], ("ext", i))
-            with self.counter, torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack):
+            hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+            with self.counter, self.traffic, hooks:
                 for j, node in enumerate(self.nodes):
                     env[node] = self._forward(node, env)
                     self._produced(env[node], ("int", j))
@@ -267,9 +274,12 @@ class _UnitRun:
 
     def _mark_backward(self, node: fx.Node, grad_outputs: Any) -> None:
         prev, since = self.bwd_mark
-        now = self.counter.get_total_flops()
+        now = (self.counter.get_total_flops(), self.traffic.bytes, self.traffic.kernels)
         if prev is not None:
-            self.obs[prev].bwd_flops += now - since
+            obs = self.obs[prev]
+            obs.bwd_flops += now[0] - since[0]
+            obs.bwd_bytes += now[1] - since[1]
+            obs.bwd_kernels += now[2] - since[2]
         self.bwd_mark = (node, now)
 
     def _backward(self, env: dict[fx.Node, Any]) -> None:
@@ -283,9 +293,32 @@ class _UnitRun:
         ]
         if not outs:
             return
-        self.bwd_mark = (None, self.counter.get_total_flops())
+        now = (self.counter.get_total_flops(), self.traffic.bytes, self.traffic.kernels)
+        self.bwd_mark = (None, now)
         torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
         self._mark_backward(None, None)  # type: ignore[arg-type]
+
+
+class _TrafficCounter(TorchDispatchMode):
+    """Bytes read and written, and kernels launched, by the ATen ops that run: every op
+    but views (which move nothing) and those that make no tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+        self.kernels = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if not getattr(func, "is_view", False) and _tensors(out):
+            self.kernels += 1
+            moved = [
+                *_tensors(list(args)),
+                *_tensors(list((kwargs or {}).values())),
+                *_tensors(out),
+            ]
+            self.bytes += sum(t.numel() * t.element_size() for t in moved)
+        return out
 
 
 def _fake_like(val: Any, requires_grad: bool) -> Any:

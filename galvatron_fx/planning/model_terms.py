@@ -40,8 +40,8 @@ from galvatron_fx.plan import (
 from galvatron_fx.planning.collective_list import RECOMPUTED, collectives_of
 from galvatron_fx.planning.lowered import LoweredForPricing, lower_for_pricing
 from galvatron_fx.planning.unit_terms import (
-    compute_times,
     graph_value_bytes,
+    kernel_work,
     local_params,
     memory_inputs,
     trained_width,
@@ -295,8 +295,8 @@ def _unit_terms(
     selective = variant(Recompute.SELECTIVE)
     dtype, efficiency, precision = compute
     width = trained_width(all_nodes, precision)
-    fwd, bwd, rc_sel = compute_times(nodes, cores, selective, cluster, dtype, width, efficiency)
-    rc_full = fwd
+    work = kernel_work(nodes, cores, selective, cluster, dtype, width, efficiency)
+    fwd, bwd, rc_full, rc_sel = work.at(1.0)
     local = local_params(params, unit)
     none, sel, full = (
         memory_inputs(nodes, all_nodes, ratio, cores, variant(rc), params, unit, local)
@@ -330,6 +330,7 @@ def _unit_terms(
         full_live_bytes=full.all_saved_bytes,
         largest_value_bytes=none.largest_value_bytes,
         boundary_bytes=_boundary_bytes(original, unit),
+        work=work,
     )
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import fx
 from torch.distributed.tensor import Partial, Shard
 
-from galvatron_fx.cost_models.efficiency import OpClass, gemm_quantization, kernel_time_s
+from galvatron_fx.cost_models.efficiency import KernelWork, OpClass, work_parts_s
 from galvatron_fx.cost_models.hardware import ClusterSpec
 from galvatron_fx.cost_models.memory import PRECISIONS, Precision
 from galvatron_fx.meta import COST, PLACEMENT, NodePlacement
@@ -27,6 +28,7 @@ from galvatron_fx.runtime.program import ParamSpec
 __all__ = [
     "compute_times",
     "graph_value_bytes",
+    "kernel_work",
     "local_params",
     "memory_inputs",
     "op_class",
@@ -121,6 +123,49 @@ def _gemm_shape(node: fx.Node) -> tuple[int, int, int]:
     return out.numel() // max(n, 1), n, 1
 
 
+def kernel_work(
+    nodes: list[fx.Node],
+    cores: set[str],
+    s: LayerStrategy,
+    cluster: ClusterSpec,
+    dtype: str,
+    value_width: float = 1.0,
+    efficiency: float = 1.0,
+) -> KernelWork:
+    """The nodes' kernels on one rank: each by its class (`cost_models/efficiency.py`), its
+    bytes at `value_width` times the graph's (the trained dtype's width over the captured
+    one), the cluster's compute efficiencies times `efficiency` (a measured correction).
+    Backward moves the bytes and launches the kernels its ops did when `annotate_costs` ran
+    them (twice the forward's bytes in one kernel where it has no record); a GEMM's backward
+    is two GEMMs (the input's and the weight's gradients)."""
+    if dtype not in cluster.peak_flops:
+        raise ValueError(f"cluster {cluster.name!r} has no peak FLOP/s for {dtype!r}")
+    peak, bw = cluster.peak_flops[dtype], cluster.memory_bandwidth_bytes_per_s
+    eff = cluster.efficiency.scaled(efficiency) if efficiency != 1.0 else cluster.efficiency
+    rows: list[tuple[float, ...]] = []
+    for node in nodes:
+        kind = op_class(node)
+        if kind is None:
+            continue
+        cost, split = COST.get(node), _split(PLACEMENT.get(node), s)
+        fwd_flops, bwd_flops = cost.fwd_flops / split, cost.bwd_flops / split
+        nbytes = cost.fwd_bytes / split * value_width
+        bwd_bytes = (cost.bwd_bytes or 2 * cost.fwd_bytes) / split * value_width
+        shape = (0, 0, 0)
+        if kind == "gemm":
+            shape = _gemm_shape(node)
+        elif _causal(node):
+            fwd_flops, bwd_flops = fwd_flops / 2, bwd_flops / 2
+        fwd = work_parts_s(kind, fwd_flops, nbytes, peak, bw, eff)
+        bwd = work_parts_s(kind, bwd_flops, bwd_bytes, peak, bw, eff, backward=True)
+        # a GEMM's backward: the input's and the weight's gradients, two GEMMs
+        kernels = 2 if kind == "gemm" else max(cost.bwd_kernels, 1)
+        selective = s.recompute is Recompute.SELECTIVE and node.name in cores
+        rows.append((*fwd, *bwd, kernels, *shape, selective))
+    table = np.array(rows, dtype=float).reshape(-1, 9)
+    return KernelWork(table[:, :4], table[:, 4], table[:, 5:8], table[:, 8] > 0, eff)
+
+
 def compute_times(
     nodes: list[fx.Node],
     cores: set[str],
@@ -130,41 +175,19 @@ def compute_times(
     value_width: float = 1.0,
     efficiency: float = 1.0,
 ) -> tuple[float, float, float]:
-    """(forward, backward, recomputation) seconds of the nodes on one rank: each kernel by
-    its class (`cost_models/efficiency.py`), its bytes at `value_width` times the graph's (the
-    trained dtype's width over the captured one), the cluster's compute efficiencies times
-    `efficiency` (a measured correction). Backward moves about twice the bytes; a GEMM's
-    backward is two GEMMs (input and weight gradients); CPU ranks also pay
-    `cluster.op_overhead_s` per op launched (about two in backward per forward op)."""
-    if dtype not in cluster.peak_flops:
-        raise ValueError(f"cluster {cluster.name!r} has no peak FLOP/s for {dtype!r}")
-    peak, bw = cluster.peak_flops[dtype], cluster.memory_bandwidth_bytes_per_s
-    eff = cluster.efficiency.scaled(efficiency) if efficiency != 1.0 else cluster.efficiency
+    """(forward, backward, recomputation under `s`) seconds of the nodes on one rank
+    (`kernel_work` at its own batch); CPU ranks also pay `cluster.op_overhead_s` per op
+    launched (about two in backward per forward op)."""
+    work = kernel_work(nodes, cores, s, cluster, dtype, value_width, efficiency)
+    fwd, bwd, full, selective = work.at(1.0)
+    ops = len(work.bwd_kernels)
     overhead = cluster.op_overhead_s
-    fwd = bwd = again = 0.0
-    for node in nodes:
-        kind = op_class(node)
-        if kind is None:
-            continue
-        cost, split = COST.get(node), _split(PLACEMENT.get(node), s)
-        fwd_flops, bwd_flops = cost.fwd_flops / split, cost.bwd_flops / split
-        nbytes = cost.fwd_bytes / split * value_width
-        q = 1.0
-        if kind == "gemm":
-            q = gemm_quantization(*_gemm_shape(node), eff)
-        elif _causal(node):
-            fwd_flops, bwd_flops = fwd_flops / 2, bwd_flops / 2
-        f = kernel_time_s(kind, fwd_flops, nbytes, peak, bw, eff, quantization=q)
-        if kind == "gemm":  # the input's and the weight's gradients: two GEMMs
-            b = 2 * kernel_time_s(kind, bwd_flops / 2, nbytes, peak, bw, eff, quantization=q)
-        else:
-            b = kernel_time_s(kind, bwd_flops, 2 * nbytes, peak, bw, eff, backward=True)
-        f += overhead
-        fwd, bwd = fwd + f, bwd + b + 2 * overhead
-        selective = s.recompute is Recompute.SELECTIVE and node.name in cores
-        if s.recompute is Recompute.FULL or selective:
-            again += f
-    return fwd, bwd, again
+    fwd, bwd = fwd + ops * overhead, bwd + 2 * ops * overhead
+    if s.recompute is Recompute.FULL:
+        return fwd, bwd, full + ops * overhead
+    if s.recompute is Recompute.SELECTIVE:
+        return fwd, bwd, selective + int(work.selective.sum()) * overhead
+    return fwd, bwd, 0.0
 
 
 def memory_inputs(

@@ -11,7 +11,8 @@ priced from the unit's parameters, with the same rules as `planning.collective_l
 
 Per micro-batch of `b` samples on a stage holding `a` micro-batches in flight:
 
-    time_mb   = (fwd + bwd + recompute) * b / b_ref + ops * op_overhead
+    time_mb   = (fwd + bwd + recompute)(b) + ops * op_overhead     (kernel work x b / b_ref,
+                                                                    at least its floors)
                 + exposed(TP/SP collectives * b / b_ref, ZeRO-3 gathers and reduce-scatters)
     step      = exposed(gradient sync) + optimizer step                    (once a step)
     state     = parameters, optimizer states, held gradients (`runtime_state`)
@@ -40,6 +41,7 @@ from galvatron_fx.cost_models.communication import (
     spans_nodes,
 )
 from galvatron_fx.cost_models.compute import adam_step_time_s
+from galvatron_fx.cost_models.efficiency import KernelWork
 from galvatron_fx.cost_models.hardware import ClusterSpec
 from galvatron_fx.cost_models.memory import PRECISIONS, Precision
 from galvatron_fx.cost_models.peak_memory import runtime_state, zero3_live
@@ -103,6 +105,21 @@ class UnitTerms:
     full_recompute_collectives: tuple[Collective, ...] = ()
     """Full recomputation: the forward collectives of `collectives` that backward runs
     again (those before the unit's last tensor saved for backward), in line."""
+    work: KernelWork | None = None
+    """The unit's kernels at `ref_batch`: another batch scales their work but not their
+    floors. None: the times above scale with the batch."""
+
+    def compute_s(self, scale: float) -> tuple[float, float, float, float]:
+        """(forward, backward, full and selective recomputation) seconds at `scale` times
+        `ref_batch`, launch overhead excluded."""
+        if self.work is not None:
+            return self.work.at(scale)
+        return (
+            self.fwd_s * scale,
+            self.bwd_s * scale,
+            self.recompute_full_s * scale,
+            self.recompute_selective_s * scale,
+        )
 
 
 @dataclass(frozen=True)
@@ -127,12 +144,13 @@ def option_cost(
     width = _width(t, precision)
     scale = micro_batch / t.ref_batch
     overhead = cluster.op_overhead_s
-    forward = t.fwd_s * scale + t.ops * overhead
-    backward = t.bwd_s * scale + 2 * t.ops * overhead
+    fwd_s, bwd_s, full_s, selective_s = t.compute_s(scale)
+    forward = fwd_s + t.ops * overhead
+    backward = bwd_s + 2 * t.ops * overhead
     if s.recompute is Recompute.FULL:
-        backward += t.recompute_full_s * scale + t.ops * overhead
+        backward += full_s + t.ops * overhead
     elif s.recompute is Recompute.SELECTIVE:
-        backward += t.recompute_selective_s * scale + t.selective_ops * overhead
+        backward += selective_s + t.selective_ops * overhead
     compute = forward + backward
     # asynchronous collectives hide behind the compute beside them: ZeRO-3's prefetch behind
     # a unit's forward (its neighbour's, priced as its own), its reduce-scatter and the
