@@ -1,9 +1,10 @@
 """galvatron_fx: an automatic-parallelism compiler for PyTorch training, built on torch.fx.
 
 `capture` a model to an ATen-level graph, `analyze` it (layers and costs on every node),
-`search` a `Plan` for a cluster, `lower` it to one rank's program (tensor, sequence, data,
-ZeRO-1/2/3 parallelism and recomputation per layer, pipeline stages around them) and
-`price_plan` that program, or `compile` / `parallelize` it into a trainable model with
+`search` a `Plan` for a cluster, `price` a whole plan as the search does (pipeline bubble,
+point-to-point sends and per-stage memory included), `lower` it to one rank's program (tensor,
+sequence, data, ZeRO-1/2/3 parallelism and recomputation per layer, pipeline stages around
+them) and `price_plan` that program, or `compile` / `parallelize` it into a trainable model with
 `train_step`, plan-independent checkpoints (`save_checkpoint` / `load_checkpoint`,
 `export_state_dict`) and `galvatron-fx train` on torchrun.
 See README.md for the concepts and the CLI.
@@ -36,6 +37,7 @@ from galvatron_fx.passes.manager import (
 )
 from galvatron_fx.plan import DPMode, LayerStrategy, PipelineConfig, Plan, PlanError, Recompute
 from galvatron_fx.planning.lowered import plan_collectives, switch_collectives
+from galvatron_fx.planning.plan_price import PlanPrice, price
 from galvatron_fx.planning.price import UnitCost, price_plan
 from galvatron_fx.planning.search_step import SearchResult
 from galvatron_fx.runtime.checkpoint import CheckpointError, export_state_dict, latest_checkpoint
@@ -72,6 +74,7 @@ __all__ = [
     "PipelinedModel",
     "Plan",
     "PlanError",
+    "PlanPrice",
     "RankProgram",
     "Recompute",
     "SearchResult",
@@ -90,6 +93,7 @@ __all__ = [
     "model_fingerprint",
     "parallelize",
     "plan_collectives",
+    "price",
     "price_plan",
     "run_passes",
     "search",

@@ -3,7 +3,8 @@
 galvatron-fx inspect MODEL [--batch B] [--seq S] [--device meta|cpu] [--json FILE] [--dot FILE] [--no-gathers]
 galvatron-fx profile [--nproc N] [--out FILE] [--max-bytes B] [--quick]
                      [--model MODEL --batch B --seq S [--strategies "dp=2;tp=2,sp=1"]]
-galvatron-fx cost MODEL --cluster C --batch B --seq S --strategy "tp=4,dp=2,zero=3,ckpt=full"
+galvatron-fx cost MODEL --cluster C --batch B --seq S (--plan FILE | --strategy "tp=4,dp=2,zero=3"
+                  [--pp P] [--micro-batches M] [--schedule S] [--virtual-stages V])
 galvatron-fx plan MODEL --cluster C --memory-gb M --global-batch B [--seq S] [--json FILE]
                   [--html FILE] [--png DIR]
 galvatron-fx explain PLAN.json [--diff OTHER.json] [--html FILE] [--png DIR]

@@ -11,6 +11,7 @@ alpha-beta with overlap (`cost_models`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from galvatron_fx.cost_models.communication import collectives_time, spans_nodes
@@ -34,6 +35,7 @@ from galvatron_fx.planning.unit_terms import (
     local_params,
     memory_inputs,
     stepped_elems,
+    trained_width,
 )
 from galvatron_fx.unit_graph.attention import attention_cores
 from galvatron_fx.unit_graph.units import unit_nodes
@@ -118,11 +120,14 @@ def price_plan(
         else:
             step_s = float(adam_step_time_s(stepped.get(unit, 0), cluster, state_bytes))
             work_s = (*compute_times(nodes, cores, s, cluster, dtype, efficiency), step_s)
-        listed = tuple(comms.get(unit, []))
+        # what the rank moves and keeps at the trained width, as the search prices them
+        trained = trained_width(rewritten.get(unit, []), precision)
+        listed = tuple(_at_width(c, trained) for c in comms.get(unit, []))
         comm = collectives_time(listed, cluster, spans_nodes(s, cluster))
         held = local_params(params, unit)
         states = model_state_bytes(held, s.state_dp, s.dp_mode, precision).total_bytes
         inputs = memory_inputs(nodes, rewritten.get(unit, []), ratio, cores, s, params, unit, held)
+        inputs = _saved_at_width(inputs, trained)
         memory = unit_memory(inputs, s, precision, previous_params, gloo=_gloo(cluster))
         previous_params = inputs.local_params
         comm_s = (comm.total_s, comm.exposed_s)
@@ -133,6 +138,20 @@ def price_plan(
             )
         )  # fmt: skip
     return out
+
+
+def _at_width(c: Collective, width: float) -> Collective:
+    return dataclasses.replace(c, size_bytes=c.size_bytes * width)
+
+
+def _saved_at_width(m: UnitMemoryInputs, width: float) -> UnitMemoryInputs:
+    """A unit's activation bytes at the trained width (parameter counts stay)."""
+    return dataclasses.replace(
+        m,
+        all_saved_bytes=m.all_saved_bytes * width,
+        kept_bytes=m.kept_bytes * width,
+        largest_value_bytes=m.largest_value_bytes * width,
+    )
 
 
 def plan_peak(

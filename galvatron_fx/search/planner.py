@@ -325,6 +325,40 @@ class SearchSpace:
             self._levels[config] = tuple(int(x) for x in pick_levels(raw))
         return self._levels[config]
 
+    def problem_for(self, config: Config, strategies: Sequence[LayerStrategy]) -> Problem:
+        """`config`'s DP instance with one option per unit, `strategies[i]` for the i-th unit
+        (a given plan), priced as `problem` prices candidates (`cost`, `_with_switches`) but
+        neither generated nor pruned: `dp.evaluate` on it with every choice 0 is the plan's
+        step time and memory under the search's model. Layout switches are priced between
+        the plan's own strategies, and its transients round to levels of their own.
+        ValueError: a unit whose layout the terms lack or whose batch does not divide."""
+        m, pipelined = config.micro_batches, config.pipeline > 1
+        layouts: dict[tuple[int, int, bool], int] = {}
+        reps: dict[int, LayerStrategy] = {}
+        units: list[UnitOptions] = []
+        for unit, s in zip(self.terms.units, strategies, strict=True):
+            if not self.terms.has(unit, s) or self.global_batch % (m * s.dp):
+                raise ValueError(f"unit {unit!r}: {s.short()} is not priced at m={m}")
+            c = self.cost(unit, s, self.global_batch / (m * s.dp), pipelined)
+            key = layout_key(s)
+            reps.setdefault(layouts.setdefault(key, len(layouts)), s)
+            one = np.array  # every table has one row: the plan's strategy
+            units.append(
+                UnitOptions(
+                    (self.terms.representative[unit], s), (s,),
+                    one([c.time_mb_s + c.step_s / m]), one([c.state_bytes]), one([c.act_bytes]),
+                    one([c.transient_bytes]), one([layouts[key]]), np.zeros((0, 0)), np.zeros(0),
+                )
+            )  # fmt: skip
+        wired = tuple(
+            self._with_switches(u, unit, config, layouts, reps)
+            for u, unit in zip(units, self.terms.units, strict=True)
+        )
+        return Problem(
+            wired, config.stages, config.chunks, m, config.in_flight(), self.budget_bytes,
+            len(layouts), self.buckets,
+        )  # fmt: skip
+
     def _unit_options(self, unit, kind, at, layouts, reps, prune) -> UnitOptions | None:
         d, m, pipelined = at
         rows, picked = [], []
