@@ -32,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from galvatron_fx.meta import COST, LAYER, NodeCost
 from galvatron_fx.passes.manager import PassContext, graph_pass
+from galvatron_fx.unit_graph.kernels import launches_kernel
 from galvatron_fx.unit_graph.units import unit_nodes
 
 __all__ = ["annotate_costs", "requires_grad_nodes"]
@@ -174,8 +175,8 @@ def _boundary_grads(nodes: list[fx.Node], needs_grad: dict[fx.Node, bool]) -> li
 
 
 def _io_bytes(node: fx.Node) -> int:
-    """Bytes a node reads and writes; views move nothing."""
-    if node.op != "call_function" or getattr(node.target, "is_view", False):
+    """Bytes a node reads and writes; views and checks move nothing."""
+    if not launches_kernel(node):
         return 0
     tensors = [a.meta.get("val") for a in node.all_input_nodes] + [node.meta.get("val")]
     return sum(_nbytes(v) for v in tensors)
@@ -284,10 +285,10 @@ class _UnitRun:
 
     def _backward(self, env: dict[fx.Node, Any]) -> None:
         inside = set(self.nodes)
-        outs = [
+        outs = [  # what leaves the unit: read by another unit, or the graph's output
             t
             for n in self.nodes
-            if any(u not in inside for u in n.users) or not n.users
+            if any(u not in inside or u.op == "output" for u in n.users) or not n.users
             for t in _tensors(env.get(n))
             if t.requires_grad
         ]

@@ -119,11 +119,14 @@ def price_plan(
             work_s = (found.fwd_s, found.bwd_s, found.recompute_s, found.step_s)
         else:
             step_s = float(adam_step_time_s(stepped.get(unit, 0), cluster, state_bytes))
-            work_s = (*compute_times(nodes, cores, s, cluster, dtype, efficiency), step_s)
+            width = trained_width(rewritten.get(unit, []), precision)
+            times = compute_times(nodes, cores, s, cluster, dtype, width, efficiency)
+            work_s = (*times, step_s)
         # what the rank moves and keeps at the trained width, as the search prices them
         trained = trained_width(rewritten.get(unit, []), precision)
         listed = tuple(_at_width(c, trained) for c in comms.get(unit, []))
-        comm = collectives_time(listed, cluster, spans_nodes(s, cluster))
+        beside = {"forward": work_s[0], "backward": work_s[1] + work_s[2]}
+        comm = collectives_time(listed, cluster, spans_nodes(s, cluster), beside)
         held = local_params(params, unit)
         states = model_state_bytes(held, s.state_dp, s.dp_mode, precision).total_bytes
         inputs = memory_inputs(nodes, rewritten.get(unit, []), ratio, cores, s, params, unit, held)

@@ -17,13 +17,14 @@ import torch
 from torch import fx
 from torch.distributed.tensor import Partial, Shard
 
-from galvatron_fx.cost_models.efficiency import KernelWork, OpClass, work_parts_s
+from galvatron_fx.cost_models.efficiency import KernelWork, work_parts_s
 from galvatron_fx.cost_models.hardware import ClusterSpec
 from galvatron_fx.cost_models.memory import PRECISIONS, Precision
 from galvatron_fx.meta import COST, PLACEMENT, NodePlacement
 from galvatron_fx.plan import DPMode, LayerStrategy, Plan, Recompute
 from galvatron_fx.planning.plan_memory import UnitMemoryInputs, is_collective, saved_bytes
 from galvatron_fx.runtime.program import ParamSpec
+from galvatron_fx.unit_graph.kernels import causal_attention, gemm_shape, op_class
 
 __all__ = [
     "compute_times",
@@ -31,7 +32,6 @@ __all__ = [
     "kernel_work",
     "local_params",
     "memory_inputs",
-    "op_class",
     "stepped_elems",
     "trained_width",
 ]
@@ -57,70 +57,6 @@ def _split(p: NodePlacement, s: LayerStrategy) -> float:
         if isinstance(first, (Shard, Partial)) or (axis == "tp" and "row" in p.kinds):
             factor *= n
     return factor
-
-
-GEMM_OPS = frozenset(
-    {
-        torch.ops.aten.linear.default,
-        torch.ops.aten.mm.default,
-        torch.ops.aten.addmm.default,
-        torch.ops.aten.bmm.default,
-        torch.ops.aten.baddbmm.default,
-        torch.ops.aten.matmul.default,
-    }
-)
-ATTENTION_OPS = frozenset(
-    {
-        torch.ops.aten.scaled_dot_product_attention.default,
-        torch.ops.aten._scaled_dot_product_flash_attention.default,
-        torch.ops.aten._scaled_dot_product_efficient_attention.default,
-        torch.ops.aten._scaled_dot_product_cudnn_attention.default,
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-    }
-)
-_IS_CAUSAL_ARG = 5
-"""`is_causal`'s position in `scaled_dot_product_attention(q, k, v, mask, dropout, ...)`."""
-
-
-def op_class(node: fx.Node) -> OpClass | None:
-    """The kernel class a node runs as; None for a node that launches no kernel (a view,
-    a parameter, an input)."""
-    if node.op != "call_function":
-        return None
-    target = node.target
-    if target in GEMM_OPS:
-        return "gemm"
-    if target in ATTENTION_OPS:
-        return "attention"
-    if isinstance(target, torch._ops.OpOverload) and target.is_view:
-        return None
-    val = node.meta.get("val")
-    values = val if isinstance(val, tuple | list) else (val,)
-    if not any(isinstance(v, torch.Tensor) for v in values):
-        return None  # a check (`_assert_tensor_metadata`) or a symbolic size: no kernel
-    return "memory"
-
-
-def _causal(node: fx.Node) -> bool:
-    """A causal SDPA: its fused kernels skip the masked half of the score blocks (the FLOP
-    counter's formula counts all of them)."""
-    if "is_causal" in node.kwargs:
-        return bool(node.kwargs["is_causal"])
-    return len(node.args) > _IS_CAUSAL_ARG and bool(node.args[_IS_CAUSAL_ARG])
-
-
-def _gemm_shape(node: fx.Node) -> tuple[int, int, int]:
-    """(M, N, batch) of a GEMM node's local output: batched when both operands are."""
-    out = node.meta.get("val")
-    if not isinstance(out, torch.Tensor) or out.dim() == 0:
-        return 0, 0, 0
-    n = int(out.shape[-1])
-    operands = [a.meta.get("val") for a in node.all_input_nodes]
-    dims = [v.dim() for v in operands if isinstance(v, torch.Tensor)]
-    batched = node.target is not torch.ops.aten.linear.default and min(dims, default=2) > 2
-    if batched and out.dim() > 2:
-        return int(out.shape[-2]), n, math.prod(int(d) for d in out.shape[:-2])
-    return out.numel() // max(n, 1), n, 1
 
 
 def kernel_work(
@@ -153,8 +89,8 @@ def kernel_work(
         bwd_bytes = (cost.bwd_bytes or 2 * cost.fwd_bytes) / split * value_width
         shape = (0, 0, 0)
         if kind == "gemm":
-            shape = _gemm_shape(node)
-        elif _causal(node):
+            shape = gemm_shape(node)
+        elif causal_attention(node):
             fwd_flops, bwd_flops = fwd_flops / 2, bwd_flops / 2
         fwd = work_parts_s(kind, fwd_flops, nbytes, peak, bw, eff)
         bwd = work_parts_s(kind, bwd_flops, bwd_bytes, peak, bw, eff, backward=True)
