@@ -117,3 +117,36 @@ def test_causal_attention_costs_half_the_score_blocks():
     full_s = 4 * b * h * s * s * d / (989e12 * 0.35)
     assert times[False] - times[True] == pytest.approx(full_s / 2, rel=1e-3)
     assert math.isfinite(times[True])
+
+
+class _ChainBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(WIDTH, WIDTH, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return F.gelu(h) * h
+
+
+class _ChainStack(_Stack):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_ChainBlock() for _ in range(2))
+
+
+def test_compiled_programs_fuse_chains_of_memory_bound_kernels():
+    """Inductor fuses the GELU and the product into one kernel that reads h once and
+    writes the result once (2 values of ROWS x WIDTH fp32) where eager reads and writes
+    5 (GELU: h in, g out; product: g and h in, result out)."""
+    from galvatron_fx.planning.model_terms import model_terms
+
+    analysis = analyze(_ChainStack().to("meta"), (torch.empty(ROWS, WIDTH, device="meta"),), {})
+    value_bytes = ROWS * WIDTH * 4
+    forward = {}
+    for compiled in (False, True):
+        terms = model_terms(analysis, H100, [1], precision="fp32", compiled=compiled)
+        forward[compiled] = terms.unit_terms("blocks.1", LayerStrategy()).fwd_s
+    gemm_s = 2 * ROWS * WIDTH * WIDTH / (989e12 * (792 / 989) * (2048 / 2112))
+    assert forward[True] == pytest.approx(gemm_s + 2 * value_bytes / (3350e9 * 0.85), rel=1e-9)
+    assert forward[False] == pytest.approx(gemm_s + 5 * value_bytes / (3350e9 * 0.85), rel=1e-9)

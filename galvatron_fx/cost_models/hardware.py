@@ -234,17 +234,29 @@ PRESETS["h200-141gb"] = replace(
     source="NVIDIA H200 Tensor Core GPU datasheet (SXM, 2024): H100 compute, 141 GB "
     "HBM3e at 4.8 TB/s; interconnect as HGX H100 (NVLink 4, 8 x 400 Gb/s)",
 )
+POWER_CAPPED_THROUGHPUT = 0.65
+"""Sustained tensor-core throughput of an H100 held at 500 W, as a fraction of what the
+700 W SXM part sustains (GEMMs and attention slow with the clock; memory-bound kernels do
+not). No datasheet gives it; calibrated on the one published run on such parts whose
+configuration this project runs exactly - torchtitan's Llama 3.1 70B, FSDP 32 x TP 8,
+full recomputation, torch.compile, 597 tokens/s/GPU (asyncTP_llama3_h100_2025-06) - and
+held out on torchtitan's 8B rows (eager and compiled, 8 and 128 GPUs, FSDP and 2D):
+`bench/calibration.py`."""
+
 PRESETS["h100-96gb-500w"] = replace(
     PRESETS["h100-80gb-sxm"],
     name="h100-96gb-500w",
-    # "the actual peak TFLOPs number is between SXM and NVL" (torchtitan's benchmark notes):
-    # the midpoint of the SXM5's 989 and the NVL's 835 dense bf16 TFLOP/s
-    peak_flops={"fp32": 62e12, "tf32": 456e12, "bf16": 912e12, "fp16": 912e12},
     memory_bytes=96 * 2**30,
     memory_bandwidth_bytes_per_s=2400 * GB,
     source="pytorch/torchtitan benchmarks/llama3_h100_202412_torchtitan.md (Grand Teton: "
     "8 H100 per host fully connected by NVLink, 96 GB HBM2e at 2.4 TB/s, 500 W limit, "
-    "400 Gb/s RDMA per GPU); NVIDIA H100 NVL datasheet (835 TFLOP/s dense bf16)",
+    "400 Gb/s RDMA per GPU); peak FLOP/s: the same GH100 as the SXM5 (torchtitan's MFU "
+    "uses it), throughput under the power limit in `efficiency`",
+    efficiency=replace(
+        H100_EFFICIENCY.scaled(POWER_CAPPED_THROUGHPUT),
+        source=H100_EFFICIENCY.source + f"; GEMMs and attention x {POWER_CAPPED_THROUGHPUT} "
+        "under a 500 W limit (POWER_CAPPED_THROUGHPUT: calibrated, see bench/calibration.py)",
+    ),
 )
 
 

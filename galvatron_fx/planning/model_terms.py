@@ -86,6 +86,17 @@ class ModelTerms:
         return self.terms[(self.representative[unit], _key(s))]
 
 
+@dataclass(frozen=True)
+class Compute:
+    """How the units' kernels are priced: the peak FLOP/s of `dtype`, the cluster's
+    efficiencies times `efficiency`, values at `precision`'s width, fused if `compiled`."""
+
+    dtype: str
+    efficiency: float
+    precision: Precision
+    compiled: bool
+
+
 def _key(s: LayerStrategy) -> Layout:
     return (s.tp, s.sp, s.vocab_parallel, s.ulysses)
 
@@ -151,9 +162,12 @@ def model_terms(
     dtype: str = "bf16",
     efficiency: float = 1.0,
     precision: Precision = "mixed",
+    compiled: bool = False,
 ) -> ModelTerms:
     """Terms of every distinct unit under every layout with tp in `tps`: compute at the
-    trained `precision`'s value width, the cluster's efficiencies times `efficiency`."""
+    trained `precision`'s value width, the cluster's efficiencies times `efficiency`, the
+    memory-bound kernels fused as `torch.compile` fuses them where `compiled`."""
+    compute = Compute(dtype, efficiency, precision, compiled)
     reduced, rep = representatives(analysis)
     batch = analysis.batch_size
     shapes = layer_shapes(reduced.graph_module)
@@ -167,9 +181,7 @@ def model_terms(
             refused[tp] = str(err)
             continue
         for layout in _layouts(tp):
-            terms.update(
-                _terms_of(reduced, shapes, layout, batch, flat, (dtype, efficiency, precision))
-            )
+            terms.update(_terms_of(reduced, shapes, layout, batch, flat, compute))
     if batch % 2 == 0:
         by_unit = _dp_collectives(reduced)
         terms = {
@@ -219,7 +231,7 @@ def _terms_of(
     layout: Layout,
     batch: int,
     cluster: ClusterSpec,
-    compute: tuple[str, float, Precision],
+    compute: Compute,
 ) -> dict[tuple[str, Layout], UnitTerms]:
     tp, sp, vocab, ulysses = layout
     kinds = {u.name: u.kind for u in reduced.layers}
@@ -287,15 +299,17 @@ def _unit_terms(
     ratio: dict[str, float],
     batch: int,
     cluster: ClusterSpec,
-    compute: tuple[str, float, Precision],
+    compute: Compute,
 ) -> UnitTerms:
     def variant(rc: Recompute) -> LayerStrategy:
         return dataclasses.replace(s, recompute=rc)
 
     selective = variant(Recompute.SELECTIVE)
-    dtype, efficiency, precision = compute
-    width = trained_width(all_nodes, precision)
-    work = kernel_work(nodes, cores, selective, cluster, dtype, width, efficiency)
+    width = trained_width(all_nodes, compute.precision)
+    work = kernel_work(
+        nodes, cores, selective, cluster, compute.dtype, width, compute.efficiency,
+        compute.compiled,
+    )  # fmt: skip
     fwd, bwd, rc_full, rc_sel = work.at(1.0)
     local = local_params(params, unit)
     none, sel, full = (

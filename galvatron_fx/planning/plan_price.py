@@ -119,19 +119,28 @@ def price(
     dtype: str = "bf16",
     memory_budget_gb: float | None = None,
     efficiency: float = 1.0,
+    compiled: bool = False,
 ) -> PlanPrice:
     """`plan`'s step time and memory on `cluster` (a spec or a preset name) for
     `global_batch` samples a step (default: the batch `analysis` was captured with), trained
     in `precision` with compute at `dtype`'s peak: the search's price of it (module
     docstring). `memory_budget_gb`: refuse a plan whose stages do not fit it, as the search
-    would; `efficiency`: the search's (`search(efficiency=)`), times the cluster's own."""
+    would; `efficiency`: the search's (`search(efficiency=)`), times the cluster's own;
+    `compiled`: each rank's program runs under `torch.compile` (memory-bound kernels
+    fused)."""
     spec = load_cluster(cluster) if isinstance(cluster, str) else cluster
     batch = analysis.batch_size if global_batch is None else global_batch
     shared = shared_weights(analysis.graph_module)
     _check(analysis, plan, spec, batch, memory_budget_gb, shared)
     tps = sorted({s.tp for _, s in plan.strategies})
     terms = model_terms(
-        analysis, spec, tps, dtype=dtype, efficiency=efficiency, precision=precision
+        analysis,
+        spec,
+        tps,
+        dtype=dtype,
+        efficiency=efficiency,
+        precision=precision,
+        compiled=compiled,
     )
     strategies = [plan.strategy(u) for u in terms.units]
     for unit, kind, s in zip(terms.units, terms.kinds, strategies, strict=True):

@@ -11,13 +11,14 @@ the unit's inputs (full) or drops what the attention cores saved (selective).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import fx
 from torch.distributed.tensor import Partial, Shard
 
-from galvatron_fx.cost_models.efficiency import KernelWork, work_parts_s
+from galvatron_fx.cost_models.efficiency import KernelWork, OpClass, work_parts_s
 from galvatron_fx.cost_models.hardware import ClusterSpec
 from galvatron_fx.cost_models.memory import PRECISIONS, Precision
 from galvatron_fx.meta import COST, PLACEMENT, NodePlacement
@@ -67,39 +68,115 @@ def kernel_work(
     dtype: str,
     value_width: float = 1.0,
     efficiency: float = 1.0,
+    compiled: bool = False,
 ) -> KernelWork:
     """The nodes' kernels on one rank: each by its class (`cost_models/efficiency.py`), its
     bytes at `value_width` times the graph's (the trained dtype's width over the captured
     one), the cluster's compute efficiencies times `efficiency` (a measured correction).
     Backward moves the bytes and launches the kernels its ops did when `annotate_costs` ran
     them (twice the forward's bytes in one kernel where it has no record); a GEMM's backward
-    is two GEMMs (the input's and the weight's gradients)."""
+    is two GEMMs (the input's and the weight's gradients). `compiled`: the program runs
+    under `torch.compile`, whose inductor fuses each chain of memory-bound ops into one
+    kernel (`_fused`)."""
     if dtype not in cluster.peak_flops:
         raise ValueError(f"cluster {cluster.name!r} has no peak FLOP/s for {dtype!r}")
     peak, bw = cluster.peak_flops[dtype], cluster.memory_bandwidth_bytes_per_s
     eff = cluster.efficiency.scaled(efficiency) if efficiency != 1.0 else cluster.efficiency
-    rows: list[tuple[float, ...]] = []
-    for node in nodes:
-        kind = op_class(node)
-        if kind is None:
-            continue
-        cost, split = COST.get(node), _split(PLACEMENT.get(node), s)
-        fwd_flops, bwd_flops = cost.fwd_flops / split, cost.bwd_flops / split
-        nbytes = cost.fwd_bytes / split * value_width
-        bwd_bytes = (cost.bwd_bytes or 2 * cost.fwd_bytes) / split * value_width
-        shape = (0, 0, 0)
-        if kind == "gemm":
-            shape = gemm_shape(node)
-        elif causal_attention(node):
-            fwd_flops, bwd_flops = fwd_flops / 2, bwd_flops / 2
-        fwd = work_parts_s(kind, fwd_flops, nbytes, peak, bw, eff)
-        bwd = work_parts_s(kind, bwd_flops, bwd_bytes, peak, bw, eff, backward=True)
-        # a GEMM's backward: the input's and the weight's gradients, two GEMMs
-        kernels = 2 if kind == "gemm" else max(cost.bwd_kernels, 1)
-        selective = s.recompute is Recompute.SELECTIVE and node.name in cores
-        rows.append((*fwd, *bwd, kernels, *shape, selective))
+    kernels = [_kernel(n, cores, s, value_width) for n in nodes if op_class(n) is not None]
+    if compiled:
+        kernels = _fused(kernels, value_width)
+    rows = []
+    for k in kernels:
+        fwd = work_parts_s(k.kind, k.fwd_flops, k.fwd_bytes, peak, bw, eff)
+        bwd = work_parts_s(k.kind, k.bwd_flops, k.bwd_bytes, peak, bw, eff, backward=True)
+        rows.append((*fwd, *bwd, k.bwd_kernels, *k.shape, k.selective))
     table = np.array(rows, dtype=float).reshape(-1, 9)
     return KernelWork(table[:, :4], table[:, 4], table[:, 5:8], table[:, 8] > 0, eff)
+
+
+@dataclass(frozen=True)
+class _Kernel:
+    """One kernel (or fused group) on one rank: its work, before pricing."""
+
+    kind: OpClass
+    nodes: tuple[fx.Node, ...]
+    fwd_flops: float
+    bwd_flops: float
+    fwd_bytes: float
+    bwd_bytes: float
+    bwd_kernels: int
+    shape: tuple[int, int, int]
+    selective: bool
+
+
+def _kernel(node: fx.Node, cores: set[str], s: LayerStrategy, value_width: float) -> _Kernel:
+    kind = op_class(node)
+    assert kind is not None
+    cost, split = COST.get(node), _split(PLACEMENT.get(node), s)
+    fwd_flops, bwd_flops = cost.fwd_flops / split, cost.bwd_flops / split
+    shape = (0, 0, 0)
+    if kind == "gemm":
+        shape = gemm_shape(node)
+    elif causal_attention(node):
+        fwd_flops, bwd_flops = fwd_flops / 2, bwd_flops / 2
+    return _Kernel(
+        kind,
+        (node,),
+        fwd_flops,
+        bwd_flops,
+        cost.fwd_bytes / split * value_width,
+        (cost.bwd_bytes or 2 * cost.fwd_bytes) / split * value_width,
+        # a GEMM's backward: the input's and the weight's gradients, two GEMMs
+        2 if kind == "gemm" else max(cost.bwd_kernels, 1),
+        shape,
+        s.recompute is Recompute.SELECTIVE and node.name in cores,
+    )
+
+
+def _fused(kernels: list[_Kernel], value_width: float) -> list[_Kernel]:
+    """Inductor's fusion of memory-bound ops: every connected chain of them is one kernel
+    that reads what enters the chain and writes what leaves it, once. Its backward, also
+    fused, is taken to shrink as its forward did (the eager backward's bytes times the
+    fused forward's over the eager forward's). GEMMs and attention stay as they are."""
+    memory = {k.nodes[0]: k for k in kernels if k.kind == "memory"}
+    parent = {n: n for n in memory}
+
+    def root(n: fx.Node) -> fx.Node:
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for n in memory:
+        for a in n.all_input_nodes:
+            if a in memory:
+                parent[root(a)] = root(n)
+    groups: dict[fx.Node, list[fx.Node]] = {}
+    for n in memory:
+        groups.setdefault(root(n), []).append(n)
+    out = [k for k in kernels if k.kind != "memory"]
+    for members in groups.values():
+        inside = set(members)
+        entering = {a for n in members for a in n.all_input_nodes if a not in inside}
+        leaving = [n for n in members if not n.users or any(u not in inside for u in n.users)]
+        fused_bytes = sum(_local_bytes(a) for a in entering | set(leaving)) * value_width
+        parts = [memory[n] for n in members]
+        eager = sum(k.fwd_bytes for k in parts)
+        shrink = fused_bytes / eager if eager > 0 else 1.0
+        out.append(
+            _Kernel(
+                "memory",
+                tuple(members),
+                sum(k.fwd_flops for k in parts),
+                sum(k.bwd_flops for k in parts),
+                fused_bytes,
+                sum(k.bwd_bytes for k in parts) * shrink,
+                1,
+                (0, 0, 0),
+                any(k.selective for k in parts),
+            )
+        )
+    return out
 
 
 def compute_times(
