@@ -325,8 +325,9 @@ def _timeline_html(result: Mapping[str, Any]) -> str:
         text += " With fewer micro-batches than stages the runtime runs GPipe."
     if abs(makespan - step) > 1e-6 * step:
         text += (
-            f" The search's step time (equation (1) of search/dp.py: the sum of stage times"
-            f" plus (m x chunks - 1) times the slowest, the dotted line) is {step * 1e3:.3f} ms;"
+            f" The search's step time (equation (1) of search/dp.py: the stage times over the"
+            f" chunks, (m x chunks - 1) times the second slowest, and m - 1/chunks times the"
+            f" slowest's excess over it; the dotted line) is {step * 1e3:.3f} ms;"
             f" this simulation's makespan is {makespan * 1e3:.3f} ms."
         )
     else:

@@ -35,12 +35,16 @@ from galvatron_fx.search.strategies import (
 )
 
 
-def random_problem(seed: int) -> Problem:
+def random_problem(seed: int, pipeline: int = 0, chunks: int = 0) -> Problem:
+    """1-2 pipeline ranks with 1-2 chunks; or `pipeline` ranks of `chunks` chunks over up to
+    three units more than stages (two with six stages), at most two candidates each (one with
+    nine stages), a device's budget spread over its chunks."""
     rng = np.random.default_rng(seed)
     layouts = int(rng.integers(1, 4))
     pool = []
+    most = 5 if not pipeline else 3 if pipeline * chunks < 9 else 2  # exclusive
     for _ in range(int(rng.integers(1, 4))):
-        n = int(rng.integers(1, 5))
+        n = int(rng.integers(1, most))
         pool.append(
             dict(
                 strategies=tuple(LayerStrategy(dp=i + 1) for i in range(n)),
@@ -53,13 +57,17 @@ def random_problem(seed: int) -> Problem:
                 p2p_s=rng.uniform(0, 2, layouts).round(1),
             )
         )
-    keys = rng.integers(0, len(pool), int(rng.integers(1, 6)))
+    if pipeline:
+        stages = pipeline * chunks
+        keys = rng.integers(0, len(pool), stages + int(rng.integers(0, 3 if stages == 6 else 4)))
+    else:
+        keys = rng.integers(0, len(pool), int(rng.integers(1, 6)))
+        chunks = int(rng.choice([1, 1, 2]))
+        stages = int(rng.integers(1, 3)) * chunks
     units = tuple(UnitOptions(key=int(k), **pool[k]) for k in keys)
-    chunks = int(rng.choice([1, 1, 2]))
-    stages = int(rng.integers(1, 3)) * chunks
     m = int(rng.integers(1, 5))
     in_flight = tuple(float(rng.integers(1, m + 1)) for _ in range(stages))
-    budget = float(rng.uniform(20, 200))
+    budget = float(rng.uniform(20, 200)) * (chunks if pipeline else 1)
     return Problem(units, stages, chunks, m, in_flight, budget, layouts, int(rng.integers(4, 40)))
 
 
@@ -93,6 +101,16 @@ def test_dynamic_program_finds_the_brute_force_optimum(seed):
     assert disagreement(problem) is None
     want = brute_force(problem)
     assert lower_bound(problem) <= want * (1 + 1e-12)
+
+
+@pytest.mark.parametrize(("pipeline", "chunks"), [(2, 2), (2, 3), (3, 2), (3, 3)])
+@pytest.mark.parametrize("seed", range(12))
+def test_interleaved_cuts_agree_with_brute_force(seed, pipeline, chunks):
+    """More stages than the random problems above draw: the cap on all stages but the
+    slowest (equation (1)'s second-slowest term) is exact for 4 to 9 stages and 3 chunks."""
+    problem = random_problem(seed, pipeline, chunks)
+    assert disagreement(problem) is None
+    assert lower_bound(problem) <= brute_force(problem) * (1 + 1e-12)
 
 
 def _off_by_one_step_time(real: Callable) -> Callable:

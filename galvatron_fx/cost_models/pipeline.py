@@ -2,9 +2,11 @@
 
 With p stages and m micro-batches, GPipe and 1F1B both idle a fraction (p - 1) / m of the
 ideal time (Narayanan et al. 2021, section 2.2); the interleaved schedule with v chunks per
-rank divides it by v. GPipe keeps all m micro-batches' activations in flight; 1F1B keeps at
-most p - stage of them on stage `stage` (0-based), interleaved 1F1B a little more. Written as
-sympy expressions, compiled to numpy.
+rank divides it by v. These are for balanced stages: the search prices unbalanced ones by
+equation (1) of `search/dp.py`, where one heavy stage costs only its own device. GPipe keeps
+all m micro-batches' activations in flight; 1F1B keeps at most p - stage of them on stage
+`stage` (0-based), interleaved 1F1B a little more. Written as sympy expressions, compiled to
+numpy.
 """
 
 from __future__ import annotations

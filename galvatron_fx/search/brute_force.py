@@ -17,7 +17,9 @@ and `Problem`'s fields, in plain Python over plain lists:
   boundary receive (`p2p_s` of its first candidate's layout) when it is not the first
   stage, plus a layout switch (`switch_s[previous layout, this layout]`) between every two
   adjacent units inside it;
-- the step takes `sum_k f_k / v + (m v - 1) max_k f_k` (equation (1) of `dp.py`).
+- the step takes `sum_k f_k / v + (m v - 1) f_(2) + (m - 1/v) (f_(1) - f_(2))`, with
+  `f_(1)` the slowest stage's time and `f_(2)` the second slowest's (0 with one stage)
+  (equation (1) of `dp.py`).
 
 Every cut of the units into the problem's stages and every assignment of a candidate to
 every unit is priced in full. Exponential: a few units, a few candidates.
@@ -116,7 +118,9 @@ class _Tables:
             times.append(t)
             buckets.append(b)
         m, v = p.micro_batches, p.chunks
-        total = sum(times) / v + (m * v - 1) * max(times)
+        slowest = max(times)
+        second = max(sorted(times)[:-1], default=0.0)
+        total = sum(times) / v + (m * v - 1) * second + (m - 1 / v) * (slowest - second)
         return Priced(total, tuple(times), tuple(buckets), self.bucket)
 
 

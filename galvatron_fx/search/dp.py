@@ -3,12 +3,21 @@
 The problem (`Problem`) is a chain of units, each with candidate strategies priced per
 micro-batch (`UnitOptions`), cut into `n` contiguous stages (pipeline degree x chunks). Stage
 `k` holds `in_flight[k]` micro-batches of activations. With `f_k` a stage's time per
-micro-batch, the step takes
+micro-batch, `f_(1)` the slowest stage and `f_(2)` the second slowest (0 with one stage),
+the step takes
 
-    T = sum_k f_k / v + (m * v - 1) * max_k f_k                           (1)
+    T = sum_k f_k / v + (m v - 1) f_(2) + (m - 1/v) (f_(1) - f_(2))            (1)
 
-(v chunks per device, m micro-batches: for v = 1 the 1F1B / GPipe time, `(m + p - 1) f` for
-balanced stages; for v > 1 the interleaved schedule's `(m v + p - 1) f`).
+(v chunks per device, m micro-batches). Every chunk slot of the steady state runs at the
+second-slowest stage's pace; the slowest stage's excess over it is paid on its own device
+only, once per micro-batch (m times, less the 1/v its fill and drain already count). For
+v = 1 this is GPipe's and 1F1B's `sum_k f_k + (m - 1) f_(1)`; for balanced stages the
+interleaved schedule's `(m v + p - 1) f`; with one heavy stage (a big-vocabulary head and its
+loss) interleaving costs `m ((v - 1) f + h) + (p - 1) f`, what Megatron's interleaved order
+takes (`tests/test_interleaved.py` simulates it). Per-device sums of chunk times would not do:
+the rounds of chunks are coupled, so a second slow stage slows every slot (every device's
+second chunk 8x its first, p = 4, m = 8: the simulation takes 109, device sums say 85.5,
+(1) charges 138).
 
 **Inside a stage** (units i..j-1, multiplier a = in_flight[k]) memory is counted in buckets of
 `budget / (v * buckets)` bytes, every item rounded up (so a bucket-feasible plan fits the
@@ -22,15 +31,9 @@ bytes), and a transient term is taken once, as the stage's largest:
 multipliers `a` and the transient levels. Repeated units share work: sweeps are memoised in
 a trie keyed by the units' `key`s, so every distinct sequence of units is swept once.
 
-**Across stages**, for a cap `C` on the slowest stage:
-
-    S_C(k, j) = min_{i < j} S_C(k-1, i) + f_k(i, j)     with f_k(i, j) <= C,   S_C(-1, 0) = 0
-
-and T = min over caps C of S_C(n-1, U) / v + (m v - 1) C. Only caps in a window can win: at
-least the smallest feasible bottleneck, at most where `(m v - 1) C` alone exceeds the best T
-found; every distinct `f` value in the window is tried, so the result is exact for (1) under
-the bucketed memory (the brute force in `brute_force.py` checks it). Ties go to the lower
-transient level, then the earlier candidate, then the earlier layout.
+**Across stages** (`stage_chain.py`): the cut minimising (1) over the tables `f_k(i, j)`,
+exactly (the brute force in `brute_force.py` checks it). Ties go to the lower transient level,
+then the earlier candidate, then the earlier layout.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from galvatron_fx.plan import LayerStrategy
+from galvatron_fx.search.stage_chain import optimal_cut, step_time, step_time_bound
 
 __all__ = [
     "Problem",
@@ -160,11 +164,6 @@ def pick_levels(transients: np.ndarray) -> np.ndarray:
         picks = np.linspace(0, len(distinct) - 1, MAX_LEVELS).round().astype(int)
         distinct = distinct[picks]
     return distinct
-
-
-def step_time(stage_times: Sequence[float], micro_batches: int, chunks: int) -> float:
-    """Equation (1)."""
-    return sum(stage_times) / chunks + (micro_batches * chunks - 1) * max(stage_times)
 
 
 class _Sweeper:
@@ -286,23 +285,11 @@ def solve(problem: Problem, starts: Sequence[int] | None = None) -> Solution | N
     sweeper = _Sweeper(problem, b)
     F = sweeper.tables()
     stage_F = F[b.stage_mult]  # (stages, U+1, U+1)
-    bottleneck = _bottleneck(stage_F)
-    if not np.isfinite(bottleneck):
+    found = optimal_cut(stage_F, problem.micro_batches, problem.chunks)
+    if found is None:
         return None
     m, v = problem.micro_batches, problem.chunks
-    best_T, best_cap = np.inf, np.inf  # m v = 1: (1) is the sum alone, no cap
-    s_min = _chain(stage_F, np.inf)[0]
-    values = np.unique(stage_F[np.isfinite(stage_F) & (stage_F >= bottleneck)])
-    caps_tried = 0
-    for cap in values if m * v > 1 else ():
-        if (m * v - 1) * cap + s_min / v >= best_T:
-            break
-        total = _chain(stage_F, cap)[0]
-        caps_tried += 1
-        T = total / v + (m * v - 1) * cap
-        if best_T > T:
-            best_T, best_cap = T, cap
-    starts = _chain(stage_F, best_cap)[1]
+    starts, caps_tried = found
     choice, times, mems = _assign(problem, b, starts)
     stats = {"sweeps": sweeper.sweeps, "caps": caps_tried}
     return Solution(step_time(times, m, v), starts, choice, times, mems, stats)
@@ -328,34 +315,6 @@ def _solve_fixed(problem: Problem, b: Bucketed, starts: tuple[int, ...]) -> Solu
         mems.append(mem)
     T = step_time(times, problem.micro_batches, problem.chunks)
     return Solution(T, starts, tuple(choice), tuple(times), tuple(mems))
-
-
-def _bottleneck(F: np.ndarray) -> float:
-    """min over partitions of the slowest stage."""
-    n, size = F.shape[0], F.shape[1]
-    G = np.full(size, np.inf)
-    G[0] = 0.0
-    for k in range(n):
-        G = np.min(np.maximum(G[:, None], F[k]), axis=0)
-    return float(G[-1])
-
-
-def _chain(F: np.ndarray, cap: float) -> tuple[float, tuple[int, ...]]:
-    """(min sum of stage times with every stage <= cap, the stage starts)."""
-    n, size = F.shape[0], F.shape[1]
-    G = np.full(size, np.inf)
-    G[0] = 0.0
-    arg = np.zeros((n, size), dtype=np.int64)
-    for k in range(n):
-        Fk = np.where(F[k] <= cap, F[k], np.inf)
-        total = G[:, None] + Fk
-        arg[k] = np.argmin(total, axis=0)
-        G = total[arg[k], np.arange(size)]
-    starts, j = [], size - 1
-    for k in range(n - 1, -1, -1):
-        j = int(arg[k, j])
-        starts.append(j)
-    return float(G[-1]), tuple(reversed(starts))
 
 
 def _assign(
@@ -461,7 +420,8 @@ def evaluate(problem: Problem, starts: Sequence[int], choice: Sequence[int]) -> 
 def lower_bound(problem: Problem, columns: int = 1024) -> float:
     """A step time no plan of `problem` beats: the units' fastest assignment whose memory,
     each item rounded down at the smallest multiplier and transients dropped, fits all stages'
-    capacity together (a knapsack relaxation), spread perfectly over the stages."""
+    capacity together (a knapsack relaxation), spread as evenly over the stages as its
+    slowest unit allows (`step_time_bound`)."""
     b = bucketed(problem)
     total_buckets = problem.stages * b.capacity
     scale = columns / total_buckets
@@ -478,8 +438,7 @@ def lower_bound(problem: Problem, columns: int = 1024) -> float:
     total = float(K[-1])
     if not np.isfinite(total) or not fits_somehow(problem, b):
         return float("inf")
-    m, v, n = problem.micro_batches, problem.chunks, problem.stages
-    return total / v + (m * v - 1) * max(total / n, fastest)
+    return step_time_bound(total, fastest, problem.stages, problem.micro_batches, problem.chunks)
 
 
 def fits_somehow(problem: Problem, b: Bucketed | None = None) -> bool:

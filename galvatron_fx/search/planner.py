@@ -42,6 +42,7 @@ from galvatron_fx.search.option_cost import (
     switch_time_s,
     with_tied_copy,
 )
+from galvatron_fx.search.stage_chain import step_time_bound
 from galvatron_fx.search.strategies import (
     StorageLayout,
     candidates,
@@ -439,9 +440,7 @@ class SearchSpace:
             if rep not in fastest:
                 fastest[rep] = self._fastest(unit, kind, d, m)
         times = [fastest[self.terms.representative[u]] for u in self.terms.units]
-        total = float(sum(times))
-        slowest = max(total / (p * v), max(times))
-        return total / v + (m * v - 1) * slowest
+        return step_time_bound(float(sum(times)), max(times), p * v, m, v)
 
     def _fastest(self, unit: str, kind: str, d: int, m: int) -> float:
         times = [
