@@ -15,6 +15,7 @@ compare with (every baseline that fits is the searched plan itself) reads "n/a".
 | layer_timing | the profiler's unit times summed against a timed step         | layer_timing.py |
 | search       | search time against layers and devices; the anchors           | search.py       |
 | plan_quality | the predicted table, and auto against baselines run for real  | plan_quality*.py |
+| calibration  | published GPU runs priced as published; the search's plan for each | calibration.py |
 | compile      | compile() wall time by pass; the front end against export     | compile_time.py |
 
     python bench/suite.py                          # everything, into bench/results/
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import calibration
 import compile_time
 import cost_model
 import layer_timing
@@ -147,6 +149,14 @@ SECTIONS: dict[str, Section] = {
         _plan_quality, _plan_quality_markdown,
         lambda d, path: "measured" in d and plots.plan_quality(d["measured"], path),
         lambda d: plan_quality_measured.targets(d["measured"]) if "measured" in d else [],
+    ),
+    "calibration": Section(
+        "Calibration against published GPU runs",
+        lambda opts: {"rows": calibration.run(
+            calibration.SMOKE_ROWS if opts.smoke else None, search=not opts.smoke
+        )},
+        lambda d: calibration.table(d["rows"]), lambda d, path: False,
+        lambda d: calibration.targets(d["rows"]),
     ),
     "compile": Section(
         "End to end: compile() by pass",

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("runtime", "cost_model", "layer_timing", "search", "plan_quality", "compile")
+SECTIONS = ("runtime", "cost_model", "layer_timing", "search", "plan_quality", "calibration", "compile")  # fmt: skip
 PLOTTED = ("runtime", "cost_model", "search", "plan_quality", "compile")
 VERDICT = re.compile(r"\| (met|\*\*missed\*\*|n/a) \|$")
 
@@ -151,6 +151,24 @@ def test_cost_model_target_is_the_held_out_error() -> None:
     assert all("boom" in value for _, value, _, _ in cm.targets(data))
 
 
+def test_calibration_targets_hold_every_row_and_the_published_order() -> None:
+    cal = _bench("calibration")
+
+    def row(name: str, source: str, published: float, predicted: float) -> dict[str, Any]:
+        return {"name": name, "source": source, "unit": "tokens/s/GPU", "published": published,
+                "predicted": predicted, "ratio": predicted / published}  # fmt: skip
+
+    rows = [row("a", "t table 1", 100, 110), row("b", "t table 3", 90, 95), row("c", "u", 10, 9)]
+    (worst, order) = cal.targets(rows)
+    assert worst[3] == "met" and "3 of 3" in worst[1] and order[3] == "met"
+    rows[1] = row("b", "t table 3", 90, 120)  # 1.33 off, and now above row a
+    (worst, order) = cal.targets(rows)
+    assert worst[3] == "missed" and worst[1].startswith("1.33 (b)")
+    assert order[3] == "missed" and cal.misordered(rows) == [("a", "b")]
+    # different sources are not ordered against each other
+    assert cal.misordered([row("a", "t", 100, 10), row("c", "u", 10, 100)]) == []
+
+
 # ---------------------------------------------------------------------------------------
 # the smoke run
 
@@ -170,13 +188,13 @@ def _targets(report: str) -> list[str]:
 
 def test_report_has_every_section_and_target(suite: Path) -> None:
     report = (suite / "latest.md").read_text()
-    for title in ("Runtime overhead", "Cost-model error", "Layer timing", "Search speed", "Plan quality", "End to end: compile() by pass"):  # fmt: skip
+    for title in ("Runtime overhead", "Cost-model error", "Layer timing", "Search speed", "Plan quality", "Calibration against published", "End to end: compile() by pass"):  # fmt: skip
         assert any(line.startswith("## ") and title in line for line in report.splitlines())
     targets = "\n".join(_targets(report))
     for figure in ("runtime dp / DDP", "runtime sp / DTensor SP", "runtime pp / pipelining",
                    "cost model: held-out median time error", "held-out Spearman",
                    "worst memory error", "layer timing: unit times summed", "search: tiny",
-                   "plan quality, cap"):  # fmt: skip
+                   "plan quality, cap", "calibration: worst predicted"):  # fmt: skip
         assert figure in targets, figure
     assert all(VERDICT.search(line.rstrip()) for line in _targets(report))
 
