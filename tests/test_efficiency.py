@@ -150,3 +150,18 @@ def test_compiled_programs_fuse_chains_of_memory_bound_kernels():
     gemm_s = 2 * ROWS * WIDTH * WIDTH / (989e12 * (792 / 989) * (2048 / 2112))
     assert forward[True] == pytest.approx(gemm_s + 2 * value_bytes / (3350e9 * 0.85), rel=1e-9)
     assert forward[False] == pytest.approx(gemm_s + 5 * value_bytes / (3350e9 * 0.85), rel=1e-9)
+
+
+def test_profile_device_measures_every_kernel_class_into_a_cluster_file(tmp_path):
+    """`profile --device` on this CPU against a preset's datasheet (tiny shapes): every
+    efficiency a fraction in (0, 1], the interconnect the preset's, and the file loads."""
+    from galvatron_fx.runtime.device_profile import profile_device
+
+    spec, measured = profile_device("cpu", H100, scale=1 / 32, repeats=1)
+    eff = spec.efficiency
+    for value in (eff.gemm, eff.attention_fwd, eff.attention_bwd, eff.memory):
+        assert 0 < value <= 1
+    assert eff.kernel_floor_s > 0 and spec.links == H100.links
+    assert len(measured["gemm_curve"]) == 6
+    spec.save(tmp_path / "measured.json")
+    assert load_cluster(str(tmp_path / "measured.json")).efficiency == eff

@@ -32,6 +32,10 @@ def add(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
             ("profile 4 local ranks (a few minutes)", "galvatron-fx profile --nproc 4"),
             ("a quick, rough profile", "galvatron-fx profile --quick"),
             (
+                "one GPU's GEMM, attention and memory efficiency against its datasheet",
+                "galvatron-fx profile --device cuda --base h100-80gb-sxm --out h100.json",
+            ),
+            (
                 "also time a model's layers under two strategies",
                 'galvatron-fx profile --nproc 2 --model gpt:layers=4,hidden=256,heads=4 --strategies "dp=2;tp=2,sp=1"',
             ),
@@ -39,6 +43,17 @@ def add(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--nproc", type=int, default=2, help="ranks to measure collectives on")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="measure one device's achievable GEMM, attention and memory-bound efficiency "
+        "(cuda, cuda:1, cpu) against --base's datasheet, instead of the CPU ranks",
+    )
+    p.add_argument(
+        "--base",
+        default="h100-80gb-sxm",
+        help="--device: the preset (or JSON) whose peaks and interconnect the result keeps",
+    )
     p.add_argument("--out", type=Path, default=None, help="where to write the cluster JSON")
     p.add_argument("--max-bytes", type=int, default=256 * 2**20, help="largest message")
     p.add_argument("--quick", action="store_true", help="small sizes, few repeats (tests)")
@@ -58,6 +73,8 @@ def add(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace) -> int:
     from galvatron_fx.runtime.profiler import DEFAULT_PROFILE, ProfileConfig, profile
 
+    if args.device:
+        return _profile_device(args)
     if args.nproc < 2:
         raise ValueError("--nproc must be >= 2: collectives need two ranks")
     cfg = ProfileConfig(nproc=args.nproc, max_bytes=args.max_bytes)
@@ -81,6 +98,35 @@ def run(args: argparse.Namespace) -> int:
     print(f"overlap of asynchronous collectives with compute: {spec.overlap:.2f}")
     if args.model:
         _profile_layers(args, *layer_inputs)
+    return 0
+
+
+def _profile_device(args: argparse.Namespace) -> int:
+    import torch
+
+    from galvatron_fx.cost_models.hardware import load_cluster
+    from galvatron_fx.runtime.device_profile import profile_device
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this torch has no CUDA device")
+    if args.out is None:
+        raise ValueError("--device: give --out FILE for the measured cluster JSON")
+    base = load_cluster(args.base)
+    scale = 1 / 16 if args.quick else 1.0
+    spec, measured = profile_device(args.device, base, scale=scale, repeats=2 if args.quick else 5)
+    spec.save(args.out)
+    eff = spec.efficiency
+    print(f"wrote {args.out} ({measured['device']} against {base.name}'s datasheet)")
+    print(
+        f"GEMM {eff.gemm:.1%} of peak; attention forward {eff.attention_fwd:.1%}, backward "
+        f"{eff.attention_bwd:.1%}"
+    )
+    print(
+        f"memory-bound {eff.memory:.1%} of bandwidth; kernel floor {eff.kernel_floor_s * 1e6:.1f} us"
+    )
+    print("GEMM (M x N x K): measured / predicted fraction of peak")
+    for c in measured["gemm_curve"]:
+        print(f"  {c['m']} x {c['n']} x {c['k']}: {c['measured']:.2f} / {c['predicted']:.2f}")
     return 0
 
 
