@@ -392,3 +392,40 @@ def test_sequence_parallel_collectives_are_sized_as_the_runtime_moves_them(fake_
     with _RecordGathers() as recorded:
         compiled.train_step(*args, **kwargs)
     assert recorded.moved == expected
+
+
+class _ReduceScattersInFlight(TorchDispatchMode):
+    """At each functional reduce-scatter a step dispatches: how many reduce-scatters
+    launched before it have not been waited for yet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unwaited: list[torch.Tensor] = []
+        self.at_launch: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops._c10d_functional.reduce_scatter_tensor.default:
+            self.at_launch.append(len(self.unwaited))
+            self.unwaited.append(out)
+        elif func is torch.ops._c10d_functional.wait_tensor.default:
+            self.unwaited = [t for t in self.unwaited if t is not args[0]]
+        return out
+
+
+def test_zero3_keeps_one_reduce_scatter_in_flight(fake_world, gpt):
+    """ZeRO-3 on a backend that overlaps (not gloo): each unit's reduce-scatter waits for the
+    one before it, so no two units' whole padded gradients are alive at once beside the
+    unit computing its own, and the last one lands when the gradient sync ends. Every unit
+    with parameters (one flat shard each) reduce-scatters once; none may find an earlier
+    one still in flight, and none is left unwaited after the step."""
+    analysis, _ = gpt
+    plan = _plan(analysis, LayerStrategy(dp=WORLD, dp_mode="zero3"))
+    compiled = parallelize(analysis.copy(), plan=plan, rank=0)
+    args, kwargs = analysis.context.example_inputs, analysis.context.example_kwargs
+    with _ReduceScattersInFlight() as seen:
+        compiled.train_step(*args, **kwargs)
+    launched = len({p.zero3_flat for p in compiled.params.values() if p.zero3_flat})
+    assert launched >= 4  # embedding, two blocks, head
+    assert seen.at_launch == [0] * launched
+    assert seen.unwaited == [] and C.PENDING == []

@@ -10,13 +10,13 @@ under sequence parallelism the gathered input, not the rank's slice of the seque
   selective recomputation, what the attention core saves minus what survives anyway (its
   inputs, and tensors another node saves too);
 - alive during the unit's own backward: all of its saved activations (rebuilt when
-  recomputed), and under ZeRO-3 the gathered parameters (the unit's three times over: the
-  buffer, its gradient and the views' gradients; the previous unit's twice, for the
-  prefetch; `zero3_live`). A unit without parameters (the loss) also holds twice its largest value while
-  every saved tensor is still alive: the logits' gradient next to the log-softmax's. Units
-  with parameters free saved tensors as their gradients appear, so measured peaks show no
-  such term for them (`bench/cost_model.py`);
-- the state and gradient terms of `cost_models.peak_memory.runtime_state`.
+  recomputed), and under ZeRO-3 the gathered parameters and the whole gradient
+  (`zero3_live`). A unit without parameters (the loss) also holds twice its largest value
+  while every saved tensor is still alive: the logits' gradient next to the log-softmax's.
+  Units with parameters free saved tensors as their gradients appear, so measured peaks
+  show no such term for them (`bench/cost_model.py`);
+- the state and gradient terms of `cost_models.peak_memory.runtime_state`, and ZeRO-3's
+  whole gradient in flight after the unit's backward (`zero3_in_flight`).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from galvatron_fx.cost_models.peak_memory import (
     UnitMemory,
     peak_memory,
     runtime_state,
+    zero3_in_flight,
     zero3_live,
 )
 from galvatron_fx.meta import COST
@@ -131,11 +132,14 @@ def unit_memory(
     """One unit's terms (module docstring); `previous_params`: the unit before it, for the
     ZeRO-3 prefetch; `gloo`: collectives the runtime waits for at once."""
     n = s.state_dp
-    state, held, steady = runtime_state(m.local_params, n, s.dp_mode, precision, n > 1, gloo)
+    state, held, steady = runtime_state(m.local_params, n, s.dp_mode, precision, n > 1)
     live = m.all_saved_bytes + (2 * m.largest_value_bytes if m.local_params == 0 else 0.0)
+    flight = 0.0
     if n > 1 and s.dp_mode is DPMode.ZERO3:
-        live = zero3_live(live, m.local_params, previous_params, PRECISIONS[precision][0])
-    return UnitMemory(state, m.kept_bytes, live, held, steady)
+        p = PRECISIONS[precision][0]
+        live = zero3_live(live, m.local_params, previous_params, p, n)
+        flight = zero3_in_flight(m.local_params, n, precision, gloo)
+    return UnitMemory(state, m.kept_bytes, live, held, steady, flight)
 
 
 def plan_peak_memory(

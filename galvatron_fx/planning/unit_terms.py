@@ -24,6 +24,7 @@ from galvatron_fx.cost_models.memory import PRECISIONS, Precision
 from galvatron_fx.meta import COST, PLACEMENT, NodePlacement
 from galvatron_fx.plan import DPMode, LayerStrategy, Plan, Recompute
 from galvatron_fx.planning.plan_memory import UnitMemoryInputs, is_collective, saved_bytes
+from galvatron_fx.runtime import collectives as C
 from galvatron_fx.runtime.program import ParamSpec
 from galvatron_fx.unit_graph.kernels import causal_attention, gemm_shape, op_class
 
@@ -216,13 +217,15 @@ def memory_inputs(
     total, kept = saved_bytes(nodes, ratio, cores, s)
     if s.recompute is Recompute.FULL:
         # only the unit's inputs stay, for the recomputation; while it runs, the rebuilt
-        # activations join them (an input the region saves again is not a second copy)
+        # activations join them (an input the region saves again is not a second copy).
+        # Not its parameters: ZeRO-3's gathered buffer (issued by the unit before) is saved
+        # as a recipe to gather it again (`zero3_saved_tensors`; charged by `zero3_live`)
         inside = set(all_nodes)
         inputs = {
             a
             for n in all_nodes
             for a in n.all_input_nodes
-            if a not in inside and a.op != "get_attr"
+            if a not in inside and a.op != "get_attr" and a.target is not C.zero3_issue
         }
         kept = float(sum(_local_bytes(a) for a in inputs))
         resaved = {p for n in nodes for p, _, _ in COST.get(n).saved}

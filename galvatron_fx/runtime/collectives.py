@@ -50,6 +50,7 @@ __all__ = [
     "gather_whole",
     "global_count",
     "groups_of",
+    "land_reduce_scatters",
     "memory_order",
     "reduce_both",
     "reduce_scatter",
@@ -440,8 +441,10 @@ _HELD: dict[tuple[int, Ranks], torch.Tensor] = {}
 saved view would gather its whole buffer again as soon as the previous view was freed."""
 
 PENDING: list[tuple[torch.Tensor, torch.nn.Parameter]] = []
-"""Reduce-scattered ZeRO-3 gradients in flight: (result, the shard it belongs to), for
-`GradSync.finish` to wait for and accumulate."""
+"""The ZeRO-3 reduce-scatter in flight, at most one: (result, the shard it belongs to).
+Its input, the unit's whole padded gradient, stays alive until it is waited for
+(`land_reduce_scatters`): when the next one launches, at the next forward, or when
+`GradSync.finish` lets go of the ZeRO-3 buffers (`release_zero3_buffers`)."""
 
 
 def zero3_buffers() -> list[object]:
@@ -492,11 +495,23 @@ class _Zero3Use(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[None, None, None, None]:
-        # launched here, waited for in GradSync.finish: overlaps the rest of backward
+        # launched here, it overlaps the backward of the units before this one; the one
+        # launched before it is waited for first, as FSDP2 does, so one whole gradient at
+        # most is alive beside this unit's (not every unit's until the sync ends)
+        land_reduce_scatters()
         flat = torch.nn.functional.pad(g.contiguous(), (0, ctx.pad))
         out = _c10d.reduce_scatter_tensor(flat, "sum", ctx.ref.size, GROUPS.name(ctx.ref))
         PENDING.append((_overlapped(out), ctx.shard))
         return None, None, None, None
+
+
+def land_reduce_scatters() -> None:
+    """Wait for the ZeRO-3 reduce-scatters in flight and add each result to its shard's
+    `.grad` (micro-batches accumulate there)."""
+    for out, shard in PENDING:
+        grad = _c10d.wait_tensor(out)
+        shard.grad = grad if shard.grad is None else shard.grad + grad
+    PENDING.clear()
 
 
 def zero3_use(issued: torch.Tensor, shard: torch.Tensor, ranks: Ranks, numel: int) -> Any:
@@ -570,11 +585,13 @@ def _regather(key: tuple[int, Ranks], shard: torch.Tensor, ref: GroupRef, numel:
 
 
 def release_zero3_buffers() -> None:
-    """Drop what backward still holds of gathered ZeRO-3 buffers (call after backward)."""
+    """Drop what backward still holds of gathered ZeRO-3 buffers (call after backward) and
+    land the reduce-scatter still in flight on its shard."""
     _HELD.clear()
     for issued in _INFLIGHT.values():  # an unused prefetch: collectives must still complete
         _c10d.wait_tensor(issued)
     _INFLIGHT.clear()
+    land_reduce_scatters()
 
 
 @contextlib.contextmanager

@@ -12,8 +12,9 @@ overlaps the rest of backward; `finish()` waits for all of them.
   states exist for that slice only) and the updated slices are all-gathered;
 - ZeRO-2: reduce-scatter instead of all-reduce: each rank receives only its slice's gradient.
 - ZeRO-3 parameters are already sharded in the graph (`passes/zero3.py`): one flat shard per
-  layer, whose gradient backward reduce-scatters asynchronously (`collectives.PENDING`);
-  `finish` waits for them and the shards are stepped like any local parameter.
+  layer, whose gradient backward reduce-scatters asynchronously, one in flight at a time
+  (`collectives.PENDING`); `finish` waits for the last and the shards are stepped like any
+  local parameter.
 
 Parameters replicated on the TP group but computed on its sequence slices
 (`grad_sum_tp`) first have their gradient all-reduced over the TP group. A weight tied across
@@ -169,13 +170,9 @@ class GradSync:
             b.work, b.launched = None, False
 
     def _finish_zero3(self) -> None:
-        """ZeRO-3: the reduce-scatters backward launched land on their shards; the last
-        buffer backward held is let go."""
+        """ZeRO-3: the last buffer backward held is let go and the reduce-scatter still in
+        flight lands on its shard (the others landed as each next one launched)."""
         C.release_zero3_buffers()
-        for out, shard in C.PENDING:
-            g = torch.ops._c10d_functional.wait_tensor(out)
-            shard.grad = g if shard.grad is None else shard.grad + g
-        C.PENDING.clear()
         for entry in self.zero3_tp_sums:
             grad = entry.shard.grad
             if grad is None or not entry.ranges or entry.tp_group.size == 1:

@@ -15,7 +15,8 @@ Per micro-batch of `b` samples on a stage holding `a` micro-batches in flight:
                                                                     at least its floors)
                 + exposed(TP/SP collectives * b / b_ref, ZeRO-3 gathers and reduce-scatters)
     step      = exposed(gradient sync) + optimizer step                    (once a step)
-    state     = parameters, optimizer states, held gradients (`runtime_state`)
+    state     = parameters, optimizer states, held gradients (`runtime_state`), and
+                ZeRO-3's whole gradient in flight beyond what the unit's act frees
     act       = activations kept for backward                              (x a on the stage)
     transient = what the unit's own backward adds on top (rebuilt activations, ZeRO-3's
                 gathered parameters) or the optimizer step's largest parameter buffer
@@ -25,7 +26,8 @@ as long as it lasts (`communication.collectives_time`).
 
 A stage's memory is `sum(state + a * act) + max(transient)`: an upper bound of the
 three-moment peak of `cost_models/peak_memory.py` (a unit's backward holds the earlier units'
-activations and the later units' gradients, never more than all of both), so a plan the
+activations and the later units' gradients, never more than all of both, and the whole
+gradient of one later ZeRO-3 unit, whose own activations are gone by then), so a plan the
 search accepts also fits under `plan_peak`. Pure: no torch.
 """
 
@@ -44,7 +46,7 @@ from galvatron_fx.cost_models.compute import adam_step_time_s
 from galvatron_fx.cost_models.efficiency import KernelWork
 from galvatron_fx.cost_models.hardware import ClusterSpec
 from galvatron_fx.cost_models.memory import PRECISIONS, Precision
-from galvatron_fx.cost_models.peak_memory import runtime_state, zero3_live
+from galvatron_fx.cost_models.peak_memory import runtime_state, zero3_in_flight, zero3_live
 from galvatron_fx.cost_models.traffic import Collective, grad_sync, tp_grad_sum
 from galvatron_fx.plan import DPMode, LayerStrategy, Recompute
 
@@ -176,16 +178,17 @@ def option_cost(
     state, held, _ = runtime_state(t.params, n, s.dp_mode, precision, n > 1)
     kept, live = _activations(t, s, values)
     p, g, _ = PRECISIONS[precision]
+    flight = 0.0
     if n > 1 and s.dp_mode is DPMode.ZERO3:
-        live = zero3_live(live, t.params, t.previous_params, p)
-        if s.recompute is Recompute.FULL:  # the checkpoint holds its gathered weights too
-            kept += p * t.params
-            live += p * t.params
+        live = zero3_live(live, t.params, t.previous_params, p, n)
+        # its whole gradient, in flight while earlier units run backward (NCCL), when its
+        # own activations of that micro-batch are freed: charged where they do not cover it
+        flight = max(zero3_in_flight(t.params, n, precision, gloo=False) - kept, 0.0)
     transient = max(live - kept - held, 2 * g * t.largest_param, 0.0)
     return OptionCost(
         time_mb,
         step + collectives_time(per_step, cluster, spans, beside).exposed_s,
-        state + held,
+        state + held + flight,
         kept,
         transient,
     )
