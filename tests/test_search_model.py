@@ -25,6 +25,7 @@ from galvatron_fx.plan import DPMode, LayerStrategy, Plan, PlanError, Recompute,
 from galvatron_fx.plan_checks import shared_weights
 from galvatron_fx.planning.model_terms import model_terms, representatives
 from galvatron_fx.planning.price import plan_peak, price_plan
+from galvatron_fx.search.baselines import run_baselines
 from galvatron_fx.search.dp import evaluate, lower_bound
 from galvatron_fx.search.planner import Config, SearchSpace, configs
 
@@ -78,6 +79,31 @@ def test_search_prices_a_plan_as_price_plan_does(analysis, strategy):
     assert priced.time_s == pytest.approx(sum(c.time_s for c in costs), rel=5e-3)
     peak = plan_peak(costs, plan, cluster, "fp32").peak_bytes
     assert peak <= priced.stage_memory_bytes[0]
+
+
+def test_every_baseline_is_the_uniform_plan_it_names(analysis):
+    """A baseline's plan gives every layer one strategy, the one it reports; the segments
+    take it less sequence parallelism, Ulysses and recomputation (segment candidates have
+    none), the vocabulary split or not. With memory to spare a layer would drop its
+    recomputation or sequence parallelism if it could: `zero3+full-recompute` must still
+    recompute every layer, and `megatron-3d`'s best member keeps whatever it reports."""
+    cluster = load_cluster(A100)
+    terms = model_terms(analysis, cluster, [1, 2, 4])
+    space = SearchSpace(terms, cluster, 4, BATCH, 80 * 2**30, "fp32")
+    kinds = dict(zip(terms.units, terms.kinds, strict=True))
+    results = {r.name: r for r in run_baselines(space)}
+    for name, r in results.items():
+        assert r.searched is not None and r.strategy is not None, name
+        plan = r.searched.plan(terms, 4)
+        layers = {plan.strategy(u) for u in plan.units if kinds[u] == "layer"}
+        assert layers == {r.strategy}, (name, layers)
+        plain = dataclasses.replace(
+            r.strategy, sp=False, ulysses=False, recompute=Recompute.NONE, vocab_parallel=False
+        )
+        for u in (u for u in plan.units if kinds[u] == "segment"):
+            assert dataclasses.replace(plan.strategy(u), vocab_parallel=False) == plain, (name, u)
+    full = results["zero3+full-recompute"].strategy
+    assert (full.dp, full.dp_mode, full.recompute) == (4, DPMode.ZERO3, Recompute.FULL)
 
 
 @pytest.mark.parametrize("budget_gb", [0.02, 0.05, 0.2])

@@ -166,7 +166,7 @@ def search_analysis(
     return SearchResult(plan, predicted, elapsed, rates, units, stats, setup, plans)
 
 
-def _without_ulysses(s: LayerStrategy) -> bool:
+def _without_ulysses(s: LayerStrategy, kind: str) -> bool:
     return not s.ulysses
 
 

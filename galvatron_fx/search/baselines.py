@@ -1,8 +1,10 @@
 """Hand-made plans, priced by the same cost model as the search, for comparison.
 
-Each baseline is a family of uniform plans (one strategy for every layer, the segments the
-same but free to split the vocabulary) with layers cut evenly into stages, as Megatron-LM
-does; the family's best member over micro-batch counts (and its own degrees) is reported:
+Each baseline is a family of uniform plans with layers cut evenly into stages, as Megatron-LM
+does: one strategy for every layer; the segments (embedding, head, loss) the same less what a
+segment cannot take (sequence parallelism, Ulysses, recomputation), free to split the
+vocabulary. The family's best member over micro-batch counts (and its own degrees) is
+reported:
 
 - `dp`: plain data parallelism over every device;
 - `zero3`: ZeRO-3 over every device; `zero3+full-recompute`: the same, every layer recomputed;
@@ -130,18 +132,27 @@ def even_starts(kinds: tuple[str, ...], stages: int) -> tuple[int, ...] | None:
     return tuple(starts)
 
 
-def _segment_variants(s: LayerStrategy) -> set[LayerStrategy]:
+def _segment_variants(s: LayerStrategy) -> frozenset[LayerStrategy]:
+    """What a segment takes of the layers' strategy `s`: `s` without sequence parallelism,
+    Ulysses or recomputation (segment candidates have none), the vocabulary split or not."""
     plain = dataclasses.replace(
         s, sp=False, ulysses=False, recompute=Recompute.NONE, vocab_parallel=False
     )
     out = {plain}
     if s.tp > 1:
         out.add(dataclasses.replace(plain, vocab_parallel=True))
-    return out
+    return frozenset(out)
 
 
-def _member_of(allowed: frozenset[LayerStrategy]) -> Callable[[LayerStrategy], bool]:
-    return allowed.__contains__
+def _uniform_in(s: LayerStrategy) -> Callable[[LayerStrategy, str], bool]:
+    """The candidates of the uniform plan of `s`: every layer `s` itself (never a segment's
+    variant of it, which a layer could take too), every segment one of its variants."""
+    segments = _segment_variants(s)
+
+    def allowed(candidate: LayerStrategy, kind: str) -> bool:
+        return candidate == s if kind == "layer" else candidate in segments
+
+    return allowed
 
 
 def _family_configs(space: SearchSpace, baseline: Baseline) -> Iterable[Config]:
@@ -161,7 +172,7 @@ def best_of(space: SearchSpace, baseline: Baseline) -> BaselineResult:
             continue
         d = space.world // config.pipeline
         for s in baseline.layer_strategies(space, d):
-            sub = space.restricted(_member_of(frozenset({s} | _segment_variants(s))))
+            sub = space.restricted(_uniform_in(s))
             if best.time_s is not None and sub.lower_bound(config) >= best.time_s:
                 continue
             problem = sub.problem(config, prune=False)
@@ -194,7 +205,7 @@ def simplest_within(space: SearchSpace, best: Searched, tolerance: float) -> Sea
     chosen = best
     limit = best.solution.time_s * (1 + tolerance)
     for s in _uniform(space, d):
-        sub = space.restricted(_member_of(frozenset({s} | _segment_variants(s))))
+        sub = space.restricted(_uniform_in(s))
         if sub.lower_bound(config) > limit:
             continue
         problem = sub.problem(config, prune=False)

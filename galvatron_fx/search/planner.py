@@ -170,8 +170,9 @@ class SearchSpace:
     global_batch: int
     budget_bytes: float
     precision: Precision = "mixed"
-    allowed: Callable[[LayerStrategy], bool] | None = None
-    """Restricts candidates (baselines); None: every candidate."""
+    allowed: Callable[[LayerStrategy, str], bool] | None = None
+    """Restricts candidates (baselines): whether a strategy may be taken by a unit of this
+    kind (`layer` or `segment`); None: every candidate."""
     buckets: int = 256
     _costs: dict[tuple[str, LayerStrategy, float, bool], OptionCost] = field(default_factory=dict)
     _levels: dict[Config, tuple[int, ...]] = field(default_factory=dict)
@@ -189,7 +190,7 @@ class SearchSpace:
     """Unit -> parameters (whole) of the tied weights it reads after an earlier unit: with
     pipeline stages it holds its own copy of them (priced as if always in another stage)."""
 
-    def restricted(self, allowed: Callable[[LayerStrategy], bool]) -> SearchSpace:
+    def restricted(self, allowed: Callable[[LayerStrategy, str], bool]) -> SearchSpace:
         """The same space with fewer candidates (priced costs shared)."""
         return SearchSpace(
             self.terms, self.cluster, self.world, self.global_batch, self.budget_bytes,
@@ -246,7 +247,7 @@ class SearchSpace:
                 segment=kind == "segment",
             )
             self._cands[key] = [
-                s for s in found if s.tp in tps and (self.allowed is None or self.allowed(s))
+                s for s in found if s.tp in tps and (self.allowed is None or self.allowed(s, kind))
             ]
         return self._cands[key]
 
