@@ -143,15 +143,17 @@ def _train_suggested(rank: int, world: int, plan_json: dict) -> dict:
     return run_steps_and_replicas(compiled, args, kwargs, keep=rank == 0)
 
 
-def test_six_ranks_do_not_factor_for_the_search_but_the_suggested_plan_runs():
-    """6 ranks, 4 heads: every rank gets the search's error (none waits for a plan that
-    never comes), and the hand-written plan the error suggests (tp=2 dp=3) trains like one
-    process (`exactness.check`: the loss and every gradient after one step, every parameter
-    after three AdamW steps; every rank's pieces equal their replicas' on the other dp
-    ranks)."""
-    for result in run_ranks(_compile_with, 6, None, True):
-        assert result.startswith("PlanError: search: 6 devices do not factor"), result
-        assert "tp=2 dp=3" in result
+def test_seven_ranks_do_not_factor_and_a_dp3_plan_runs_on_six():
+    """7 ranks, a batch of 6, 5 units, 4 heads: 7 is prime and above the units, so pp = 1,
+    tp = 1 and dp = 7, which 6 samples do not divide. Every rank gets the search's error
+    (none waits for a plan that never comes), naming the nearest worlds that split: 6
+    (dp = 6) and 8 (tp = 4 x dp = 2: dp 8 or 4 do not divide 6). On 6 ranks a tp=2 dp=3
+    plan trains like one process (`exactness.check`: the loss and every gradient after one
+    step, every parameter after three AdamW steps; every rank's pieces equal their
+    replicas' on the other dp ranks)."""
+    for result in run_ranks(_compile_with, 7, None, True):
+        assert result.startswith("PlanError: search: 7 devices do not factor"), result
+        assert "6 devices (pp=1 tp=1 dp=6) or 8 devices (pp=1 tp=4 dp=2)" in result, result
     from galvatron_fx.lowering import analyze
 
     model, args, kwargs = _six_ranks()

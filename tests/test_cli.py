@@ -181,26 +181,38 @@ def test_progress_bars_follow_the_verbosity(capsys):
 Tree = tuple[int, tuple[tuple[str, int], ...]]
 
 
-def galvatron_trees(world: int) -> list[Tree]:
-    """Galvatron's decision tree over `world` devices (a power of two), enumerated from its
-    rules: a pipeline degree p first (a power of two), then the world / p devices of a stage
-    split by levels, outermost first, each of a kind not used above it (tp, dp or sdp) and a
-    power-of-two degree >= 2, the degrees multiplying to world / p. Leaves: (p, levels)."""
+def galvatron_trees(world: int, per_node: int) -> list[Tree]:
+    """Galvatron's decision tree over `world` devices, enumerated from its rules: a pipeline
+    degree p first (dividing the world, its stages of world / p consecutive ranks each inside
+    one node or whole nodes), then the world / p devices of a stage split by levels, outermost
+    first, each of a kind not used above it (tp, dp or sdp) and a degree >= 2 (tp's a power of
+    two), the degrees multiplying to world / p. Leaves: (p, levels). On a power-of-two world
+    this is Galvatron's tree of power-of-two degrees."""
 
     def levels(devices: int, used: frozenset[str]) -> list[tuple[tuple[str, int], ...]]:
         if devices == 1:
             return [()]
         out = []
         for kind in ("tp", "dp", "sdp"):
-            degree = 2
-            while kind not in used and degree <= devices:
+            if kind in used:
+                continue
+            degrees = (
+                [2**k for k in range(1, devices.bit_length()) if devices % 2**k == 0]
+                if kind == "tp"
+                else [d for d in range(2, devices + 1) if devices % d == 0]
+            )
+            for degree in degrees:
                 out += [
                     ((kind, degree), *rest) for rest in levels(devices // degree, used | {kind})
                 ]
-                degree *= 2
         return out
 
-    pipelines = [1 << k for k in range(world.bit_length()) if world % (1 << k) == 0]
+    def stages_fit(d: int) -> bool:
+        ranges = [(start, start + d - 1) for start in range(0, world, d)]
+        inside = all(a // per_node == b // per_node for a, b in ranges)
+        return d == world or d % per_node == 0 or inside
+
+    pipelines = [p for p in range(1, world + 1) if world % p == 0 and stages_fit(world // p)]
     return [(p, lv) for p in pipelines for lv in levels(world // p, frozenset())]
 
 
@@ -216,8 +228,8 @@ def _tp_and_stride(levels: tuple[tuple[str, int], ...]) -> tuple[int, int]:
 
 def rule_counts(world: int, per_node: int) -> list[int]:
     """Leaves left after each rule in turn, summed over the pipeline degrees: the tree; no
-    tree mixing dp and sdp; TP groups inside a node (a group spans (tp - 1) * stride + 1
-    devices); a strided TP group whose stage fits one node dropped (the same links as the
+    tree mixing dp and sdp; TP groups inside a node (tp divides the node, and a group spans
+    (tp - 1) * stride + 1 devices); a strided TP group whose stage fits one node dropped (the same links as the
     consecutive one); then every flag a surviving leaf takes: no sp, Megatron sp or Ulysses
     where tp > 1, ZeRO-1/2/3 on sdp levels (a Ulysses group without data-parallel levels
     also syncs over itself: plain or ZeRO-1/2/3), and three recomputation modes."""
@@ -227,12 +239,12 @@ def rule_counts(world: int, per_node: int) -> list[int]:
 
     def tp_inside_a_node(tree: Tree) -> bool:
         tp, stride = _tp_and_stride(tree[1])
-        return (tp - 1) * stride + 1 <= per_node
+        return per_node % tp == 0 and (tp - 1) * stride + 1 <= per_node
 
     def strided_in_one_node(tree: Tree) -> bool:
         return _tp_and_stride(tree[1])[1] > 1 and world // tree[0] <= per_node
 
-    left = galvatron_trees(world)
+    left = galvatron_trees(world, per_node)
     counts = [len(left)]
     for keep in (lambda t: not mixes(t), tp_inside_a_node, lambda t: not strided_in_one_node(t)):
         left = [t for t in left if keep(t)]
@@ -275,6 +287,22 @@ def test_explain_space_counts_every_rule_beside_galvatron(tmp_path, capsys):
         counts = [r["count"] for r in row["rules"][:4]]
         assert counts == sorted(counts, reverse=True)
         assert 0 < row["kept"] <= row["priced"] <= row["rules"][-1]["count"]
+
+
+def test_explain_space_counts_24_nodes(capsys):
+    """On 24 nodes of 8 (192 = 2^6 x 3 devices) `--explain-space` adds the cluster's world to
+    8 .. 64, and its counts, like the others, equal the test's own enumeration of the rules
+    (`rule_counts`: pipeline degrees and dp degrees any divisor that fits)."""
+    args = ["plan", TINY_GPT, "--cluster", "a100-80gb-sxm:nodes=24", "--memory-gb", "8"]
+    assert main([*args, "--global-batch", "64", "--explain-space"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    lines = lines[[ln.startswith("candidates") for ln in lines].index(True) :]
+    worlds = [int(w) for w in lines[0][70:].split()[::2][:-1]]
+    assert worlds == [8, 16, 32, 64, 192]
+    shown = [[int(c) for c in line[70:].split()[:5]] for line in lines[1:6]]
+    want = [rule_counts(w, 8) for w in worlds]
+    assert shown == [[w[i] for w in want] for i in range(5)]
+    assert [row[-1] for row in shown] == rule_counts(192, 8)
 
 
 LONG_CONTEXT_LLAMA = TINY_HF["llama"] + ",max_position_embeddings=131072"

@@ -140,8 +140,10 @@ def test_an_impossible_budget_names_the_smallest_need(analysis):
 
 
 def test_bad_search_inputs_are_refused(analysis):
-    with pytest.raises(PlanError, match="do not factor for this model"):
-        gfx.search(analysis, cluster=A100, memory_budget_gb=1, global_batch=8, world_size=3)
+    with pytest.raises(PlanError, match="do not factor for this model"):  # test_any_world
+        gfx.search(
+            analysis, cluster=f"{A100}:nodes=2", memory_budget_gb=1, global_batch=8, world_size=11
+        )
     with pytest.raises(PlanError, match="memory budget"):
         gfx.search(analysis, cluster=A100, memory_budget_gb=0, global_batch=8)
     with pytest.raises(PlanError, match="max_pipeline must be >= 1"):

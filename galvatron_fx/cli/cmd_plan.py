@@ -25,6 +25,10 @@ if TYPE_CHECKING:  # types only: the CLI imports torch lazily, to keep --help fa
     from galvatron_fx.lowering import Analysis
 
 
+SPACE_WORLDS = (8, 16, 32, 64)
+"""The worlds `--explain-space` always counts, beside the searched one."""
+
+
 def add(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "plan",
@@ -73,7 +77,8 @@ def add(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "--explain-space",
         action="store_true",
         help="print the candidate counts before and after each pruning rule for 8, 16, 32 "
-        "and 64 devices (Galvatron's 34 -> 22 for 8 beside them) instead of searching",
+        "and 64 devices and the searched world (--world, or the cluster's), Galvatron's "
+        "34 -> 22 for 8 beside them, instead of searching",
     )
     _report_arguments(p)
     p.set_defaults(run=run)
@@ -147,11 +152,18 @@ def _gathers(analysis: Analysis, args: argparse.Namespace) -> GatherCheck:
 
 
 def _explain_space(analysis: Analysis, args: argparse.Namespace) -> int:
+    from galvatron_fx.cost_models.hardware import load_cluster
     from galvatron_fx.planning.search_step import explain_space
     from galvatron_fx.search.space import GALVATRON_8_GPUS
 
+    spec = load_cluster(args.cluster)
+    world = args.world or spec.nodes * spec.devices_per_node
     found = explain_space(
-        analysis, cluster=args.cluster, global_batch=args.global_batch, precision=args.precision
+        analysis,
+        cluster=spec,
+        global_batch=args.global_batch,
+        worlds=tuple(sorted({*SPACE_WORLDS, world})),
+        precision=args.precision,
     )
     print(format_space(found, GALVATRON_8_GPUS))
     if args.json:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from galvatron_fx.search.baselines import UNIFORM_TOLERANCE, run_baselines, simp
 from galvatron_fx.search.explain import explain_units, smallest_memory
 from galvatron_fx.search.planner import Searched, SearchSpace, configs, search_space
 from galvatron_fx.search.space import dominance_counts, space_counts
-from galvatron_fx.search.strategies import powers_of_two
+from galvatron_fx.search.strategies import tp_degrees, world_splits
 from galvatron_fx.unit_graph.shapes import layer_shapes
 
 LOG = logging.getLogger("galvatron_fx.search")
@@ -107,8 +108,6 @@ def search_analysis(
     False leaves Ulysses out of the candidates (the baselines keep it), to see what it adds."""
     spec = load_cluster(cluster) if isinstance(cluster, str) else cluster
     world = world_size or spec.nodes * spec.devices_per_node
-    if world < 1 or world & (world - 1):
-        raise PlanError(_world_error(world, analysis))
     _check_inputs(world, memory_budget_gb, global_batch, max_pipeline)
     if not 0 < efficiency <= 1:
         raise PlanError(
@@ -122,8 +121,23 @@ def search_analysis(
             f"(e.g. '{spec.name}:nodes={-(-world // spec.devices_per_node)}')"
         )
     start = time.perf_counter()
-    tps = [t for t in powers_of_two(min(world, spec.devices_per_node))]
+    # a TP group lies inside a node and inside a stage: tp divides both
+    tps = tp_degrees(math.gcd(world, spec.devices_per_node))
     terms = model_terms(analysis, spec, tps, dtype=dtype, efficiency=efficiency)
+    split = functools.partial(
+        world_splits,
+        units=len(terms.units),
+        devices_per_node=spec.devices_per_node,
+        tps=terms.tps(),
+        max_pipeline=max_pipeline,
+    )
+    if not split(world, global_batch=global_batch):
+        # what would work, with every tp a node allows (not only those dividing `world`)
+        every_tp = tp_degrees(spec.devices_per_node)
+        tps_any = model_terms(analysis, spec, every_tp, dtype=dtype, precision=precision).tps()
+        largest = len(terms.units) * max(tps_any) * global_batch
+        every = functools.partial(split, tps=tps_any)
+        raise PlanError(_world_error(world, global_batch, analysis, every, largest))
     budget = memory_budget_gb * GiB
     shared = shared_weights(analysis.graph_module)
     full = SearchSpace(
@@ -200,6 +214,8 @@ def _check_ties(plan: Plan, shared: list[SharedWeight]) -> None:
 def _check_inputs(
     world: int, memory_budget_gb: float, global_batch: int, max_pipeline: int | None = None
 ) -> None:
+    if world < 1:
+        raise PlanError(f"search: world size must be >= 1, got {world}")
     if memory_budget_gb <= 0:
         raise PlanError(f"search: memory budget must be > 0 GB, got {memory_budget_gb}")
     if global_batch < 1:
@@ -208,21 +224,46 @@ def _check_inputs(
         raise PlanError(f"search: max_pipeline must be >= 1 (1: no stages), got {max_pipeline}")
 
 
-def _world_error(world: int, analysis: Analysis) -> str:
-    """Why the search cannot use `world` devices, and what would work."""
-    if world < 1:
-        return f"search: world size must be >= 1, got {world}"
+def _world_error(
+    world: int,
+    global_batch: int,
+    analysis: Analysis,
+    split: Callable[..., list[tuple[int, int, int]]],
+    largest: int,
+) -> str:
+    """Why no plan can use `world` devices (`split(world, global_batch=...)`, the
+    `strategies.world_splits` of this model and cluster, is empty), and what would work:
+    the nearest worlds that split (none beyond `largest`: units x tp x batch), or a batch
+    that one split of `world` needs."""
     heads = sorted({h for s in layer_shapes(analysis.graph_module).values() for h in s.heads})
-    tps = [t for t in range(1, world + 1) if world % t == 0 and all(h % t == 0 for h in heads)]
-    lower = 1 << (world.bit_length() - 1)
-    by_hand = " or ".join(f"tp={t} dp={world // t}" for t in tps[:3])
-    return (
-        f"search: {world} devices do not factor for this model: the search splits devices "
-        f"into pipeline x tp x dp degrees that are powers of two, and tp must divide every "
-        f"layer's attention heads ({', '.join(map(str, heads)) or 'none'}). Search for "
-        f"{lower} or {2 * lower} devices, or write a plan for {world} by hand ({by_hand}; "
-        "the batch must divide by dp) and pass it as plan= / --plan"
+
+    def fits(w: int) -> bool:
+        return bool(split(w, global_batch=global_batch))
+
+    below = next((w for w in range(min(world, largest + 1) - 1, 0, -1) if fits(w)), None)
+    above = next((w for w in range(world + 1, largest + 1) if fits(w)), None)
+    nearest = " or ".join(
+        f"{w} devices ({_split_text(split(w, global_batch=global_batch)[0])})"
+        for w in (below, above)
+        if w is not None
     )
+    # the same world with a batch one of its splits divides: the largest tp, least dp
+    batch = "".join(
+        f"; or a global batch that {dp} divides ({_split_text((p, tp, dp))})"
+        for p, tp, dp in split(world, global_batch=world)[-1:]
+    )
+    return (
+        f"search: {world} devices do not factor for this model and a global batch of "
+        f"{global_batch}: a plan splits them into pipeline x tp x dp, with at most one unit a "
+        f"stage, stages of whole nodes or inside one, tp a power of two dividing a node and "
+        f"every layer's attention heads ({', '.join(map(str, heads)) or 'none'}), and dp "
+        f"dividing the global batch. Search for {nearest}{batch}"
+    )
+
+
+def _split_text(split: tuple[int, int, int]) -> str:
+    p, tp, dp = split
+    return f"pp={p} tp={tp} dp={dp}"
 
 
 def _predicted(best: Searched, terms: ModelTerms, space: SearchSpace) -> dict[str, Any]:
@@ -253,7 +294,7 @@ def explain_space(
     for the model's first layer the candidates priced and those left after dominance, at
     one micro-batch (clusters grow by whole nodes to hold the world)."""
     spec = load_cluster(cluster) if isinstance(cluster, str) else cluster
-    tps = powers_of_two(min(max(worlds), spec.devices_per_node))
+    tps = sorted({t for w in worlds for t in tp_degrees(math.gcd(w, spec.devices_per_node))})
     terms = model_terms(analysis, spec, tps)
     layer = next((u for u, k in zip(terms.units, terms.kinds, strict=True) if k == "layer"), None)
     out = []

@@ -3,7 +3,9 @@
 Galvatron (VLDB'23) counts its decision tree over all pipeline degrees: for 8 GPUs, 34
 strategies (pp first, then tp, dp and sdp each at most once, in any order, power-of-two
 degrees) and 22 once trees mixing dp and sdp are pruned. `space_counts` counts the same tree
-the same way, then applies this compiler's rules one at a time (`strategies.candidates` is
+the same way, for any world: pipeline degrees dividing it whose stages fit the nodes
+(`strategies.pipeline_degrees`), tp degrees powers of two, dp and sdp degrees any divisor
+(on a power-of-two world, exactly Galvatron's tree), then applies this compiler's rules one at a time (`strategies.candidates` is
 their result), then the flags every surviving split takes. Dominance pruning depends on the
 model and the batch: `dominance_counts` prices one layer's candidates and counts what
 survives. Pure counting, no torch.
@@ -12,6 +14,7 @@ survives. Pure counting, no torch.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -21,10 +24,12 @@ from galvatron_fx.plan import LayerStrategy
 from galvatron_fx.search.strategies import (
     Split,
     candidates,
+    divisors,
     dominated,
     layout_key,
-    powers_of_two,
+    pipeline_degrees,
     same_as_consecutive,
+    tp_degrees,
     tp_inside_node,
 )
 
@@ -57,21 +62,31 @@ class Tree:
 
 
 def _ordered(devices: int) -> Iterator[tuple[tuple[str, int], ...]]:
-    """Every ordered run of distinct kinds whose degrees (>= 2) multiply to `devices`."""
+    """Every ordered run of distinct kinds whose degrees (>= 2) multiply to `devices`: tp's
+    a power of two, dp's and sdp's any divisor."""
     if devices == 1:
         yield ()
         return
-    degrees = [d for d in powers_of_two(devices) if d > 1]
+    degrees = {
+        "t": [d for d in tp_degrees(devices) if d > 1],
+        "d": [d for d in divisors(devices) if d > 1],
+        "s": [d for d in divisors(devices) if d > 1],
+    }
     for count in (1, 2, 3):
         for kinds in itertools.permutations("tds", count):
-            for ds in itertools.product(degrees, repeat=count):
-                if int(np.prod(ds)) == devices:
+            for ds in itertools.product(*(degrees[k] for k in kinds)):
+                if math.prod(ds) == devices:
                     yield tuple(zip(kinds, ds, strict=True))
 
 
-def trees(world: int) -> list[Tree]:
-    """The unpruned tree over every pipeline degree (stages of world / pp devices)."""
-    return [Tree(p, levels) for p in powers_of_two(world) for levels in _ordered(world // p)]
+def trees(world: int, devices_per_node: int) -> list[Tree]:
+    """The unpruned tree over every pipeline degree (stages of world / pp devices that fit
+    the nodes)."""
+    return [
+        Tree(p, levels)
+        for p in pipeline_degrees(world, world, devices_per_node)
+        for levels in _ordered(world // p)
+    ]
 
 
 @dataclass(frozen=True)
@@ -84,7 +99,7 @@ class SpaceRow:
 def space_counts(world: int, devices_per_node: int) -> list[SpaceRow]:
     """Counts after each rule, in the order the rules apply."""
     dpn = min(devices_per_node, world)
-    left = trees(world)
+    left = trees(world, dpn)
     rows = [SpaceRow("decision tree: pp first, then tp / dp / sdp once each", len(left))]
     rules: list[tuple[str, Callable[[Tree], bool]]] = [
         ("no tree mixing dp and sdp", lambda t: not t.mixes_dp_and_sdp),
@@ -97,7 +112,7 @@ def space_counts(world: int, devices_per_node: int) -> list[SpaceRow]:
     for name, keep in rules:
         left = [t for t in left if keep(t)]
         rows.append(SpaceRow(name, len(left)))
-    flagged = sum(len(candidates(world // p, dpn)) for p in powers_of_two(world))
+    flagged = sum(len(candidates(world // p, dpn)) for p in pipeline_degrees(world, world, dpn))
     rows.append(
         SpaceRow("x flags: sp (none / Megatron / Ulysses), ZeRO 1-3, recomputation", flagged)
     )
@@ -111,7 +126,7 @@ def dominance_counts(
     `price(strategy)` gives its cost row, None where it cannot run."""
     total = kept = 0
     dpn = min(devices_per_node, world)
-    for p in powers_of_two(world):
+    for p in pipeline_degrees(world, world, dpn):
         rows, keys = [], []
         for s in candidates(world // p, dpn):
             row = price(s)

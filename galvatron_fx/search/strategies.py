@@ -1,11 +1,14 @@
 """Candidate strategies for one layer: Galvatron's decision tree, its pruning rules, dominance.
 
-A stage of `devices` (a power of two) is split level by level, each level a factor of two
-given to tensor parallelism (tp), plain data parallelism (dp) or sharded data parallelism
-(sdp, ZeRO). Galvatron's rules, as implemented here:
+A stage of `devices` is split into tensor parallelism (tp, a power of two: a TP group lies
+inside a node, whose device count it divides), and plain data parallelism (dp) or sharded
+data parallelism (sdp, ZeRO) of any degree for the rest (`tp x dp = devices`). Galvatron
+splits level by level, a factor of two per level; for a power-of-two stage this is the same
+tree (its runs of levels are these degrees). Galvatron's rules, as implemented here:
 
 - pipeline first, across device islands: the outer search gives each stage `world / pp`
-  devices, whole nodes while pp <= nodes (`pipeline_degrees`);
+  devices for any pp dividing the world, whole nodes or within one node
+  (`pipeline_degrees`, `stages_fit_nodes`);
 - each of tp / dp / sdp forms one contiguous run of levels, so a tree is an ordering of at most
   two kinds with their degrees; which kind takes the innermost levels gets consecutive ranks
   (`tp_consecutive`);
@@ -35,21 +38,33 @@ __all__ = [
     "StorageLayout",
     "candidates",
     "decision_tree",
+    "divisors",
     "dominated",
     "layout_key",
     "pipeline_degrees",
-    "powers_of_two",
     "same_as_consecutive",
+    "stages_fit_nodes",
     "storage_layout",
+    "tp_degrees",
     "tp_inside_node",
+    "world_splits",
 ]
 
 
-def powers_of_two(n: int) -> list[int]:
-    """1, 2, 4, ... up to n (n itself a power of two)."""
-    if n < 1 or n & (n - 1):
-        raise ValueError(f"device counts must be powers of two, got {n}")
-    return [1 << k for k in range(n.bit_length())]
+def divisors(n: int) -> list[int]:
+    """Every divisor of n >= 1, ascending."""
+    if n < 1:
+        raise ValueError(f"divisors: expected a count >= 1, got {n}")
+    small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)})
+
+
+def tp_degrees(n: int) -> list[int]:
+    """The powers of two dividing n >= 1 (1, 2, 4, ...): the TP degrees a group of n
+    devices can take."""
+    if n < 1:
+        raise ValueError(f"tp_degrees: expected a device count >= 1, got {n}")
+    return [1 << k for k in range((n & -n).bit_length())]
 
 
 @dataclass(frozen=True)
@@ -64,10 +79,11 @@ class Split:
 
 
 def decision_tree(devices: int) -> list[Split]:
-    """Every ordering of tp and one kind of data parallelism over log2(devices) levels
-    (mixed dp/sdp trees never generated: they are pruned by construction)."""
+    """Every ordering of tp (a power of two dividing `devices`) and one kind of data
+    parallelism (the rest) (mixed dp/sdp trees never generated: they are pruned by
+    construction)."""
     leaves: list[Split] = []
-    for tp in powers_of_two(devices):
+    for tp in tp_degrees(devices):
         dp = devices // tp
         for sharded in (False, True):
             if dp == 1 and sharded:
@@ -78,8 +94,11 @@ def decision_tree(devices: int) -> list[Split]:
 
 
 def tp_inside_node(split: Split, devices_per_node: int) -> bool:
+    """Every TP group of `split` lies inside one node. The group's degree divides the node
+    (stages start at multiples of their size, so consecutive groups never straddle a node
+    boundary), and its span, strided by the data-parallel degree, fits in a node."""
     stride = 1 if split.tp_consecutive else split.dp
-    return (split.tp - 1) * stride + 1 <= devices_per_node
+    return devices_per_node % split.tp == 0 and (split.tp - 1) * stride + 1 <= devices_per_node
 
 
 def same_as_consecutive(split: Split, devices_per_node: int) -> bool:
@@ -150,9 +169,52 @@ def storage_layout(s: LayerStrategy) -> StorageLayout:
     return (s.tp, s.dp, s.tp_consecutive or s.tp == 1 or s.dp == 1, s.vocab_parallel)
 
 
-def pipeline_degrees(world: int, units: int) -> list[int]:
-    """Pipeline degrees to try: powers of two dividing the world, at most one unit a stage."""
-    return [p for p in powers_of_two(world) if p <= units]
+def stages_fit_nodes(world: int, stage_devices: int, devices_per_node: int) -> bool:
+    """Whether every pipeline stage of `stage_devices` consecutive ranks (out of `world`)
+    lies inside one node or is made of whole nodes. A stage that shares a node with the
+    next one and also reaches into another (6-device stages on nodes of 8) would be priced
+    as inside a node while some of its groups cross one: such a pipeline degree is not
+    offered. One stage of the whole world always fits (the world is what it is)."""
+    if stage_devices == world:
+        return True
+    if stage_devices % devices_per_node == 0:
+        return True
+    return all(
+        start // devices_per_node == (start + stage_devices - 1) // devices_per_node
+        for start in range(0, world, stage_devices)
+    )
+
+
+def pipeline_degrees(world: int, units: int, devices_per_node: int) -> list[int]:
+    """Pipeline degrees to try: every divisor of the world, at most one unit a stage, whose
+    stages fit the nodes (`stages_fit_nodes`)."""
+    return [
+        p
+        for p in divisors(world)
+        if p <= units and stages_fit_nodes(world, world // p, devices_per_node)
+    ]
+
+
+def world_splits(
+    world: int,
+    units: int,
+    devices_per_node: int,
+    tps: Sequence[int],
+    global_batch: int,
+    max_pipeline: int | None = None,
+) -> list[tuple[int, int, int]]:
+    """Every (pp, tp, dp) with pp x tp x dp = `world` that some plan can take: pp one of
+    `pipeline_degrees` (at most `max_pipeline`), tp one of `tps` (the degrees the model
+    allows) inside a node, and dp dividing the global batch."""
+    out = []
+    for p in pipeline_degrees(world, units, devices_per_node):
+        if max_pipeline is not None and p > max_pipeline:
+            continue
+        d = world // p
+        for tp in tps:
+            if d % tp == 0 and devices_per_node % tp == 0 and global_batch % (d // tp) == 0:
+                out.append((p, tp, d // tp))
+    return out
 
 
 def dominated(costs: np.ndarray, layouts: Sequence[object]) -> np.ndarray:
