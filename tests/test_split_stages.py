@@ -147,6 +147,31 @@ def test_stages_on_ranks_match_one_process(world, schedule):
     check_against_one_process(_plan(analysis, starts, chunks, schedule, 4))
 
 
+@pytest.mark.parametrize(
+    ("world", "chunks", "starts"),
+    [
+        (3, 1, ("blocks.1", "blocks.3")),
+        (2, 3, ("blocks.0", "blocks.1", "blocks.2", "blocks.3", "head")),
+    ],
+    ids=["pp3", "pp2xv3"],
+)
+def test_three_stages_or_three_chunks_match_one_process(world, chunks, starts):
+    """Degrees that are not powers of two run: 3 stages on 3 ranks (1F1B), and 3 chunks
+    per rank on 2 (interleaved: 2 x 3 = 6 stages, one unit each of the embedding, the four
+    blocks and the head), 4 micro-batches of the batch of 8. Each trains like the
+    unmodified model in one process."""
+    model, args, kwargs = build(SPEC, batch=BATCH, seq=SEQ)
+    analysis = analyze(model, args, kwargs)
+    assert len(starts) + 1 == world * chunks
+    plan = _plan(analysis, starts, chunks, "", micro_batches=4)
+    assert (plan.world_size, plan.pipeline.degree, plan.pipeline.virtual_stages) == (
+        world,
+        world,
+        chunks,
+    )
+    check_against_one_process(plan)
+
+
 def _compiled_pipeline(rank: int, world: int, schedule: str) -> dict[str, Any]:
     import galvatron_fx as gfx
 
