@@ -66,11 +66,13 @@ __all__ = [
 ]
 
 
-MAX_CHUNKS = 4
+MAX_CHUNKS = 3
 """The most virtual stages (chunks) per device the search tries (`configs(chunks=...)` takes
-any). A chunk cuts the bubble by 1/v but adds sends and activations in flight, which the
-configurations' lower bounds leave out, so most interleaved configurations get solved: on
-the 175B / 1,024-device search, v up to 8 took 55% longer than v in (2, 4), up to 4 20%."""
+any). v chunks leave 1/v of the 1F1B bubble: 3 remove two thirds, a fourth another twelfth,
+about 1% of a step whose bubble is 12%, the resolution the search already ignores
+(`baselines.UNIFORM_TOLERANCE`), while each chunk adds sends and activations in flight that
+the configurations' lower bounds leave out, so most interleaved configurations get solved:
+with v up to 4 the 175B / 1,024-device search took 25% longer (11.5 s against 9 s)."""
 
 
 class TermSource(Protocol):
