@@ -202,6 +202,7 @@ def price_row(row: Row, cache: dict[tuple[str, int], Analysis], search: bool) ->
         found = search_analysis(
             analysis, cluster=cluster, memory_budget_gb=budget_gb,
             global_batch=row.global_batch, world_size=row.world, baselines=False,
+            compiled=row.compiled,
         )  # fmt: skip
         out["search_s"] = time.perf_counter() - start
         out["searched_plan"] = _describe(found.plan)

@@ -100,12 +100,15 @@ def search_analysis(
     progress: Callable[[int, int], None] | None = None,
     efficiency: float = 1.0,
     ulysses: bool = True,
+    compiled: bool = False,
 ) -> SearchResult:
     """Search `analysis` for `world_size` devices (default: the whole cluster) of `cluster`
     with `memory_budget_gb` per device and `global_batch` samples per step; `max_pipeline`
     caps the pipeline degree (1: no pipeline stages); `efficiency`: the fraction of the
     cluster's peak FLOP/s the layers reach (`price.measured_efficiency`); `ulysses`:
-    False leaves Ulysses out of the candidates (the baselines keep it), to see what it adds."""
+    False leaves Ulysses out of the candidates (the baselines keep it), to see what it adds;
+    `compiled`: price each rank's program as `torch.compile` runs it (memory-bound kernels
+    fused)."""
     spec = load_cluster(cluster) if isinstance(cluster, str) else cluster
     world = world_size or spec.nodes * spec.devices_per_node
     _check_inputs(world, memory_budget_gb, global_batch, max_pipeline)
@@ -123,7 +126,10 @@ def search_analysis(
     start = time.perf_counter()
     # a TP group lies inside a node and inside a stage: tp divides both
     tps = tp_degrees(math.gcd(world, spec.devices_per_node))
-    terms = model_terms(analysis, spec, tps, dtype=dtype, efficiency=efficiency)
+    terms = model_terms(
+        analysis, spec, tps, dtype=dtype, efficiency=efficiency, precision=precision,
+        compiled=compiled,
+    )  # fmt: skip
     split = functools.partial(
         world_splits,
         units=len(terms.units),
@@ -172,6 +178,7 @@ def search_analysis(
         "precision": precision,
         "max_pipeline": max_pipeline,
         "efficiency": efficiency,
+        "compiled": compiled,
     }
     units = explain_units(space, best)
     LOG.debug("search: %.2f s; %s", elapsed, ", ".join(f"{k} {v}" for k, v in stats.items()))
@@ -295,7 +302,7 @@ def explain_space(
     one micro-batch (clusters grow by whole nodes to hold the world)."""
     spec = load_cluster(cluster) if isinstance(cluster, str) else cluster
     tps = sorted({t for w in worlds for t in tp_degrees(math.gcd(w, spec.devices_per_node))})
-    terms = model_terms(analysis, spec, tps)
+    terms = model_terms(analysis, spec, tps, precision=precision)
     layer = next((u for u, k in zip(terms.units, terms.kinds, strict=True) if k == "layer"), None)
     out = []
     for world in worlds:
