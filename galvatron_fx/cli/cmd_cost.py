@@ -217,7 +217,7 @@ def uniform_plan(
     """`strategy` on every unit (the layers without the vocabulary split, the segments
     without sequence parallelism: a layout switch gathers their input, as in the search's
     plans), layers cut evenly into `pp x virtual_stages` stages (`baselines.even_starts`)."""
-    from galvatron_fx.plan import PipelineConfig
+    from galvatron_fx.plan import PipelineConfig, Schedule
     from galvatron_fx.search.baselines import even_starts
 
     layer = dataclasses.replace(strategy, vocab_parallel=False)
@@ -235,7 +235,7 @@ def uniform_plan(
         degree=pp,
         stage_starts=tuple(analysis.units[i] for i in starts[1:]),
         micro_batches=micro_batches,
-        schedule=schedule,
+        schedule=Schedule(schedule),
         virtual_stages=virtual_stages,
     )
     return analysis.plan(

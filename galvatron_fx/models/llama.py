@@ -115,6 +115,9 @@ class Block(nn.Module):
 class Llama(nn.Module):
     """Token ids (B, T) -> logits (B, T, vocab), or the mean cross-entropy with `targets`."""
 
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.config = config

@@ -18,6 +18,7 @@ Collectives on this machine's ranks are `profiler.py`'s.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -88,7 +89,7 @@ def profile_device(
         m, n, k = sized(m), sized(n), sized(k)
         a = torch.randn(m, k, device=dev, dtype=dtype)
         b = torch.randn(k, n, device=dev, dtype=dtype)
-        rate = 2 * m * n * k / best_s(lambda a=a, b=b: a @ b, repeats)
+        rate = 2 * m * n * k / best_s(functools.partial(torch.matmul, a, b), repeats)
         predicted = shape_of.gemm * gemm_quantization(m, n, 1, shape_of)
         curve.append({"m": m, "n": n, "k": k, "measured": rate / peak, "predicted": predicted})
     gemm = _clip(max(c["measured"] for c in curve) / gemm_quantization(*_largest(curve), shape_of))
