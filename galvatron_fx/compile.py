@@ -187,10 +187,12 @@ def _searched_plan(
     found: list[dict[str, Any] | None] = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
+            # the runtime keeps parameters, gradients and Adam states in the model's own
+            # dtype (fp32), and moves and saves values in it: price what it will run
             result = search_analysis(
                 analysis, cluster=cluster, memory_budget_gb=memory_budget_gb,
                 global_batch=analysis.batch_size, world_size=world, baselines=False,
-                max_pipeline=None if pipeline else 1,
+                max_pipeline=None if pipeline else 1, precision="fp32",
             )  # fmt: skip
             found[0] = result.plan.to_json()
         except (PlanError, ValueError) as err:

@@ -150,3 +150,26 @@ def test_the_search_cuts_a_tied_model_into_stages():
     assert plan.pipeline.stage_starts, plan.table()
     check_plan(plan, analysis.graph_module, 16, micro_batches=True)
     assert max(result.predicted["peak_memory_bytes"]) <= 0.02 * 2**30
+
+
+T5 = "hf:t5:d_model=64,d_kv=16,d_ff=128,num_layers=2,num_heads=4,vocab_size=128,dropout_rate=0.0"
+
+
+def _t5_vocab_split(rank: int, world: int) -> dict[str, Any]:
+    model, args, kwargs = build(T5, batch=BATCH, seq=SEQ)
+    analysis = analyze(model, args, kwargs)
+    plan = analysis.plan(LayerStrategy(tp=4, vocab_parallel=True), world_size=4)
+    compiled = gfx.compile(model, args, kwargs, plan=plan, optimizer=adamw)
+    return run_steps(compiled, args, kwargs)
+
+
+def test_a_tied_table_split_by_rows_is_looked_up_again_split():
+    """T5 reads its tied embedding three times: the encoder's lookup, the decoder's (in the
+    glue segment between the stacks) and the head. With the vocabulary split over tp 4 the
+    first lookup splits the table by rows; the decoder's lookup must read it as split
+    (masked, a partial sum) rather than as the whole table it no longer is (it indexed
+    out of range)."""
+    ref = reference(T5)
+    results = run_ranks(_t5_vocab_split, 4)
+    for rank, got in enumerate(results):
+        check(ref, got, f"rank {rank}, t5 tp4+vocab")

@@ -662,11 +662,14 @@ def _ulysses(v: OpView, q: fx.Node, k: fx.Node, val: fx.Node, mask: Any) -> Deci
 
 def embedding(v: OpView) -> Decision:
     """Lookups follow the indices; in a vocab-parallel segment the table is split by rows
-    and each rank's lookups are partial (zero outside its rows)."""
+    and each rank's lookups are partial (zero outside its rows). A table another unit
+    already split by rows (a tied embedding read again, as T5's decoder does) is looked up
+    the same way."""
     w, idx = v.args[0], v.args[1]
     p = v.p(idx)
     vocab_split = v.shard_weights and v.vocab is not None and shape(w)[0] == v.vocab
-    if vocab_split and w in v.params and isinstance(v.p(w), Replicate) and isinstance(p, Replicate):
+    rows = isinstance(v.p(w), Replicate) or v.p(w) == Shard(0)
+    if vocab_split and w in v.params and rows and isinstance(p, Replicate):
         return Decision(Partial(), {w: Shard(0)}, "vocab")
     need = {w: R} if not isinstance(v.p(w), Replicate) else {}
     return Decision(p if isinstance(p, Shard) else R, need)

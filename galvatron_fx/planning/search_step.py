@@ -33,6 +33,7 @@ from galvatron_fx.lowering import Analysis
 from galvatron_fx.plan import LayerStrategy, Plan, PlanError, save_json
 from galvatron_fx.plan_checks import SharedWeight, shared_weights, tie_error
 from galvatron_fx.planning.model_terms import ModelTerms, model_terms
+from galvatron_fx.planning.plan_price import tied_copies
 from galvatron_fx.search.baselines import UNIFORM_TOLERANCE, run_baselines, simplest_within
 from galvatron_fx.search.explain import explain_units, smallest_memory
 from galvatron_fx.search.planner import Searched, SearchSpace, configs, search_space
@@ -148,7 +149,7 @@ def search_analysis(
     shared = shared_weights(analysis.graph_module)
     full = SearchSpace(
         terms, spec, world, global_batch, budget, precision, buckets=buckets,
-        ties=_tied_groups(shared), copies=_copies(shared, terms.units),
+        ties=_tied_groups(shared), copies=tied_copies(shared, terms.units),
     )  # fmt: skip
     # without Ulysses: the same space restricted, so its memory levels (read off every
     # candidate) and hence its rounding are the full search's
@@ -198,17 +199,6 @@ def _tied_groups(shared: list[SharedWeight]) -> tuple[frozenset[str], ...]:
         touching = [g for g in groups if g & w.units]
         groups = [g for g in groups if not g & w.units] + [set(w.units).union(*touching)]
     return tuple(frozenset(g) for g in groups)
-
-
-def _copies(shared: list[SharedWeight], units: tuple[str, ...]) -> dict[str, int]:
-    """Per unit, the parameters of the tied weights it reads after their first reader (the
-    unit whose costs count them): its own copy when a stage boundary separates them."""
-    order = {u: i for i, u in enumerate(units)}
-    out: dict[str, int] = {}
-    for w in shared:
-        for u in sorted(w.units, key=order.__getitem__)[1:]:
-            out[u] = out.get(u, 0) + w.numel
-    return out
 
 
 def _check_ties(plan: Plan, shared: list[SharedWeight]) -> None:
