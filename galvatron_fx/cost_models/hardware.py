@@ -108,6 +108,12 @@ class ClusterSpec:
                 return (exact or default)[0]
         raise ValueError(f"cluster {self.name!r} has no {scope}-node figures for {kind}")
 
+    @property
+    def gloo(self) -> bool:
+        """The profiled local cluster: CPU ranks on gloo, where the runtime waits for ZeRO-3's
+        collectives at once (`runtime.collectives._overlapped`), so nothing hides them."""
+        return self.name == "local"
+
     def with_nodes(self, nodes: int) -> ClusterSpec:
         return replace(self, nodes=nodes)
 

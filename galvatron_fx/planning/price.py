@@ -124,14 +124,14 @@ def price_plan(
             work_s = (*times, step_s)
         # what the rank moves and keeps at the trained width, as the search prices them
         trained = trained_width(rewritten.get(unit, []), precision)
-        listed = tuple(_at_width(c, trained) for c in comms.get(unit, []))
+        listed = tuple(_at_width(c, trained, cluster.gloo) for c in comms.get(unit, []))
         beside = {"forward": work_s[0], "backward": work_s[1] + work_s[2]}
         comm = collectives_time(listed, cluster, spans_nodes(s, cluster), beside)
         held = local_params(params, unit)
         states = model_state_bytes(held, s.state_dp, s.dp_mode, precision).total_bytes
         inputs = memory_inputs(nodes, rewritten.get(unit, []), ratio, cores, s, params, unit, held)
         inputs = _saved_at_width(inputs, trained)
-        memory = unit_memory(inputs, s, precision, previous_params, gloo=_gloo(cluster))
+        memory = unit_memory(inputs, s, precision, previous_params, gloo=cluster.gloo)
         previous_params = inputs.local_params
         comm_s = (comm.total_s, comm.exposed_s)
         out.append(
@@ -143,8 +143,13 @@ def price_plan(
     return out
 
 
-def _at_width(c: Collective, width: float) -> Collective:
-    return dataclasses.replace(c, size_bytes=c.size_bytes * width)
+def _at_width(c: Collective, width: float, gloo: bool) -> Collective:
+    """`c` at the trained width; in line where the runtime waits for it at once (ZeRO-3's
+    gathers and reduce-scatters on gloo)."""
+    waited = gloo and c.source.startswith("zero3")
+    return dataclasses.replace(
+        c, size_bytes=c.size_bytes * width, overlappable=c.overlappable and not waited
+    )
 
 
 def _saved_at_width(m: UnitMemoryInputs, width: float) -> UnitMemoryInputs:
@@ -168,12 +173,7 @@ def plan_peak(
     when the cluster is this machine's CPU ranks (`local`)."""
     units = [(c.unit, c.memory, c.memory_inputs) for c in costs]
     known = [(u, m, i) for u, m, i in units if m is not None and i is not None]
-    return plan_peak_memory(plan, known, precision, gloo=_gloo(cluster), bucket_mb=bucket_mb)
-
-
-def _gloo(cluster: ClusterSpec) -> bool:
-    """The profiled local cluster: CPU ranks on gloo."""
-    return cluster.name == "local"
+    return plan_peak_memory(plan, known, precision, gloo=cluster.gloo, bucket_mb=bucket_mb)
 
 
 def measured_efficiency(

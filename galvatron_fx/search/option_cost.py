@@ -163,7 +163,7 @@ def option_cost(
     again = t.full_recompute_collectives if s.recompute is Recompute.FULL else ()
     per_mb = [dataclasses.replace(c, size_bytes=c.size_bytes * values) for c in t.collectives]
     per_mb += [dataclasses.replace(c, size_bytes=c.size_bytes * values) for c in again]
-    per_mb += _zero3(t, s, width)
+    per_mb += _zero3(t, s, width, asynchronous=not cluster.gloo)
     if s.dp > 1:
         per_mb += [
             dataclasses.replace(c, size_bytes=c.size_bytes * 2 * values, group_size=s.dp)
@@ -221,17 +221,20 @@ def _width(t: UnitTerms, precision: Precision) -> float:
     return PRECISIONS[precision][0] / t.param_bytes
 
 
-def _zero3(t: UnitTerms, s: LayerStrategy, width: float) -> list[Collective]:
+def _zero3(
+    t: UnitTerms, s: LayerStrategy, width: float, asynchronous: bool = True
+) -> list[Collective]:
     """ZeRO-3 gathers the unit's shard before forward and again in backward, and
-    reduce-scatters its gradient: every micro-batch."""
+    reduce-scatters its gradient: every micro-batch; prefetched and left in flight
+    (`asynchronous`) except on gloo, where the runtime waits for each at once."""
     n = s.state_dp
     if n == 1 or s.dp_mode is not DPMode.ZERO3 or t.params == 0:
         return []
     size = -(-t.params // n) * n * t.param_bytes * width
     return [
-        Collective("all_gather", size, n, "forward", True, t.unit, "zero3_issue"),
-        Collective("all_gather", size, n, "backward", True, t.unit, "zero3_use"),
-        Collective("reduce_scatter", size, n, "backward", True, t.unit, "zero3_use"),
+        Collective("all_gather", size, n, "forward", asynchronous, t.unit, "zero3_issue"),
+        Collective("all_gather", size, n, "backward", asynchronous, t.unit, "zero3_use"),
+        Collective("reduce_scatter", size, n, "backward", asynchronous, t.unit, "zero3_use"),
     ]
 
 
