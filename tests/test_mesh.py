@@ -3,7 +3,9 @@
 `simulate` starts every rank from its `held_slice` of a global `arange` tensor, runs the
 gathers of `plan_switch` in lockstep (each rank concatenates its group's pieces in group
 order), then each rank's local slices, and checks that every rank ends with exactly its
-piece under the destination layout.
+piece under the destination layout. `simulate_grad` runs the backward
+(`plan_switch_grad`) on gradients that are whole, or partial sums over the dp group where a
+value is replicated across dp, and checks each rank ends with what its source side expects.
 """
 
 from __future__ import annotations
@@ -14,7 +16,16 @@ import math
 import pytest
 import torch
 
-from galvatron_fx.runtime.mesh import Gather, Layout, Mesh, SliceStep, plan_switch
+from galvatron_fx.runtime.mesh import (
+    Gather,
+    Layout,
+    Mesh,
+    Reduce,
+    SliceStep,
+    grad_is_partial,
+    plan_switch,
+    plan_switch_grad,
+)
 
 # -- Mesh -----------------------------------------------------------------------------------
 
@@ -213,3 +224,96 @@ def test_every_switch_pair(world: int, shape: tuple[int, ...], dedupe: bool) -> 
         except NotImplementedError:
             unsupported.append((src, dst))
     assert unsupported == []
+
+
+# -- plan_switch_grad, simulated ------------------------------------------------------------
+
+
+def _grads(layout: Layout, g: torch.Tensor, gen: torch.Generator) -> dict[int, torch.Tensor]:
+    """Every rank's gradient of its piece of a value in `layout` whose true gradient is `g`:
+    whole, or (`grad_is_partial`) unequal random shares its dp group sums to whole."""
+    out = {r: _piece(g, layout.held_slice(r)).clone() for r in range(layout.mesh.world_size)}
+    if grad_is_partial(layout):
+        for group in layout.mesh.groups("dp"):
+            noise = [torch.randn(out[m].shape, generator=gen, dtype=g.dtype) for m in group]
+            mean = sum(noise) / len(group)
+            for m, n in zip(group, noise, strict=True):
+                out[m] = out[m] / len(group) + n - mean
+    return out
+
+
+def _check_grads(layout: Layout, g: torch.Tensor, got: dict[int, torch.Tensor]) -> None:
+    groups = layout.mesh.groups("dp") if grad_is_partial(layout) else [(r,) for r in got]
+    for group in groups:
+        total = sum(got[m] for m in group)
+        assert torch.allclose(total, _piece(g, layout.held_slice(group[0]))), f"ranks {group}"
+
+
+def simulate_grad(src: Layout, dst: Layout) -> dict[int, list[Gather | SliceStep | Reduce]]:
+    """Run every rank's backward steps on gradients in `dst`'s convention; assert they end in
+    `src`'s (`_check_grads`). Returns the steps."""
+    world = src.mesh.world_size
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(src.shape, generator=gen, dtype=torch.float64)
+    state = _grads(dst, g, gen)
+    planned = {r: plan_switch_grad(src, dst, r) for r in range(world)}
+    plans = {r: p[0] for r, p in planned.items()}
+    talks = {r: [s for s in p if not isinstance(s, SliceStep)] for r, p in plans.items()}
+    assert len({len(t) for t in talks.values()}) == 1, "ranks disagree on the collectives"
+    assert len({p[1] for p in planned.values()}) == 1, "ranks disagree on the factor"
+    for i in range(len(talks[0])):
+        new = {}
+        for r in range(world):
+            step = talks[r][i]
+            assert r in step.group
+            assert all(talks[m][i] == step for m in step.group), "inconsistent group"
+            pieces = [state[m] for m in step.group]
+            new[r] = torch.cat(pieces, step.dim) if isinstance(step, Gather) else sum(pieces)
+        state = new
+    for r in range(world):
+        for s in plans[r][len(talks[r]) :]:
+            assert isinstance(s, SliceStep)
+            state[r] = state[r].narrow(s.dim, s.start, s.stop - s.start)
+        state[r] = state[r] * planned[r][1]
+    _check_grads(src, g, state)
+    return plans
+
+
+@pytest.mark.parametrize(("src", "dst"), SWITCHES.values(), ids=SWITCHES.keys())
+def test_switch_gradient_of_every_rank(src: Layout, dst: Layout) -> None:
+    simulate_grad(src, dst)
+    simulate_grad(dst, src)
+
+
+def test_a_replicated_value_into_more_dp_replicas_sums_its_gradient() -> None:
+    """tp4 x dp1 -> tp2 x dp2, a value without the batch (T5's decoder input under tp=4
+    segments and tp=2 dp=2 layers): each dp replica differentiates half the batch, and the
+    tp4 side holds no replica to add the other half: the backward all-reduces over the dst
+    dp group (the factor tp_src / tp_dst it applied before doubled one half instead)."""
+    src, dst = Layout(tp(4), B_S_H), Layout(Mesh(4, 2, 2), B_S_H)
+    plans = simulate_grad(src, dst)
+    assert plans[0] == [Reduce((0, 2))] and plans[1] == [Reduce((1, 3))]
+
+
+def test_nested_dp_groups_rescale_without_a_collective() -> None:
+    """dp4 -> tp2 x dp2, replicated: a dp4 group's sum holds both dst dp groups' sums, twice
+    the gradient; the factor halves it and nothing is communicated. The other way a dp2
+    group holds no whole dp4 group: the gradient is summed first."""
+    src, dst = Layout(dp(4), B_S_H), Layout(Mesh(4, 2, 2), B_S_H)
+    assert all(plan_switch_grad(src, dst, r) == ([], 0.5) for r in range(4))
+    assert plan_switch_grad(dst, src, 0) == ([Reduce((0, 1, 2, 3))], 0.5)
+    simulate_grad(src, dst)
+    simulate_grad(dst, src)
+
+
+@pytest.mark.parametrize(
+    ("world", "shape", "dedupe"),
+    [(4, (4, 8), False), (8, (8, 8), True)],
+    ids=["world4-2d-all", "world8-2d"],
+)
+def test_every_switch_pair_backward(world: int, shape: tuple[int, ...], dedupe: bool) -> None:
+    """All pairs of layouts, replicated ones included: the gradient ends whole where the
+    source expects it whole, and summing to whole over each dp group where partial."""
+    layouts = grid(world, shape, dedupe)
+    for src, dst in itertools.product(layouts, layouts):
+        simulate_grad(src, dst)

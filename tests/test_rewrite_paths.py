@@ -15,7 +15,10 @@ batch sizes, per-rank weight shapes and the absence of `ShardWarning`).
 - linears written `x @ w.T` and `x @ w`: every rank held the whole weight under tp;
 - fewer key/value heads than tp (grouped-query and multi-query attention), refused before;
 - BLOOM's attention over (batch * heads): it gathered, the merged dim split in strides;
-- products with a weight vector (`h @ w`, `w @ h^T`): the matmul rule crashed on them.
+- products with a weight vector (`h @ w`, `w @ h^T`): the matmul rule crashed on them;
+- a value with a gradient but not the batch, made by a segment on tp=4 (dp=1) and read by
+  layers on tp=2 x dp=2 (T5's decoder input, its batch lost through in-place writes): each
+  dp replica's gradient is half of it, and the switch doubled it instead of summing them.
 """
 
 from __future__ import annotations
@@ -33,16 +36,18 @@ from exactness import adamw, check, reference, reference_of, run_steps
 from torch import nn
 from torch.distributed.tensor import Replicate
 
+import galvatron_fx as gfx
 from galvatron_fx import parallelize
 from galvatron_fx.cost_models.hardware import load_cluster
-from galvatron_fx.lowering import analyze
+from galvatron_fx.lowering import Analysis, analyze
 from galvatron_fx.meta import LAYER, PLACEMENT
 from galvatron_fx.passes.check_program import ProgramMismatch, check_program
 from galvatron_fx.passes.insert_collectives import insert_collectives
 from galvatron_fx.passes.manager import RewriteTarget, run_passes
 from galvatron_fx.passes.shard import ShardWarning, shard
-from galvatron_fx.plan import DPMode, LayerStrategy, PlanError, Recompute
+from galvatron_fx.plan import DPMode, LayerStrategy, PipelineConfig, Plan, PlanError, Recompute
 from galvatron_fx.planning.model_terms import model_terms
+from galvatron_fx.runtime import collectives as C
 
 H, HEADS, VOCAB, BATCH, SEQ = 16, 4, 32, 4, 8
 
@@ -388,3 +393,109 @@ def test_search_prices_tp_beyond_kv_heads() -> None:
     assert 4 in terms.tps()
     with pytest.raises(PlanError, match="Ulysses"):  # its all-to-all splits the kv heads
         analysis.plan(LayerStrategy(tp=4, ulysses=True), world_size=4)
+
+
+# -- a value without the batch, crossing into more data-parallel replicas ---------------------
+
+
+class PositionBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln, self.fc1, self.fc2 = nn.LayerNorm(H), nn.Linear(H, 2 * H), nn.Linear(2 * H, H)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(self.ln(x + pos))))
+
+
+class PositionLM(nn.Module):
+    """A learned (S, H) table projected once in the embedding segment and added in every
+    block: a value that needs a gradient and does not carry the batch, read by every layer
+    (T5's relative position bias and, its batch lost, decoder input embeddings)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, H)
+        self.pos = nn.Parameter(torch.randn(SEQ, H) * 0.5)
+        self.pos_proj = nn.Linear(H, H)
+        self.blocks = nn.ModuleList([PositionBlock() for _ in range(2)])
+        self.head = nn.Linear(H, VOCAB)
+
+    def forward(self, idx: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        x, pos = self.emb(idx), self.pos_proj(self.pos)  # (B, S, H), (S, H)
+        for block in self.blocks:
+            x = block(x, pos)
+        return F.cross_entropy(self.head(x).flatten(0, 1), target.flatten())
+
+
+def _position_lm() -> tuple[PositionLM, tuple[torch.Tensor, torch.Tensor], dict]:
+    torch.manual_seed(0)
+    return PositionLM(), tuple(torch.randint(0, VOCAB, (2, BATCH, SEQ))), {}
+
+
+POSITION_PLANS = {  # (segments, layers[, pipeline])
+    "tp4 -> tp2 dp2": (LayerStrategy(tp=4), LayerStrategy(tp=2, dp=2)),
+    "dp4 -> tp2 dp2": (LayerStrategy(dp=4), LayerStrategy(tp=2, dp=2)),
+    "tp2 dp2 -> strided": (
+        LayerStrategy(tp=2, dp=2),
+        LayerStrategy(tp=2, dp=2, tp_consecutive=False),
+    ),
+    "tp2 dp2 -> tp4": (LayerStrategy(tp=2, dp=2), LayerStrategy(tp=4)),
+    # blocks.1 on stage 1 (ranks 2, 3) reads the table from stage 0's embedding: the sum's
+    # group moves with the stage's ranks
+    "pp2, tp2 -> dp2": (
+        LayerStrategy(tp=2),
+        LayerStrategy(dp=2),
+        PipelineConfig(degree=2, stage_starts=("blocks.1",), micro_batches=2),
+    ),
+}
+
+
+def _position_plan(analysis: Analysis, name: str, world: int) -> Plan:
+    segments, layers, *pipeline = POSITION_PLANS[name]
+    units = {u: layers if u.startswith("blocks.") else segments for u in analysis.units}
+    return analysis.plan(units, world_size=world, pipeline=pipeline[0] if pipeline else None)
+
+
+def _run_position(rank: int, world: int) -> list[dict]:
+    model, args, kwargs = _position_lm()
+    analysis = analyze(model, args, kwargs)
+    out = []
+    for name in POSITION_PLANS:
+        plan = _position_plan(analysis, name, world)
+        if plan.pipeline.degree > 1:  # lowered from the capture of one micro-batch
+            compiled = gfx.compile(*_position_lm()[:2], plan=plan, optimizer=adamw)
+        else:
+            compiled = parallelize(analysis.copy(), plan=plan, optimizer=adamw)
+        out.append(run_steps(compiled, args, kwargs))
+    return out
+
+
+@pytest.fixture(scope="module")
+def position_results() -> list[dict]:
+    return run_ranks(_run_position, 4)[0]
+
+
+@pytest.mark.parametrize("k", range(len(POSITION_PLANS)), ids=list(POSITION_PLANS))
+def test_value_without_the_batch_into_other_dp_replicas(
+    position_results: list[dict], k: int
+) -> None:
+    ref = reference_of(_position_lm)
+    check(ref, position_results[k], list(POSITION_PLANS)[k])
+
+
+def test_its_switch_sums_the_gradient_over_the_dp_group() -> None:
+    """tp4 -> tp2 x dp2: the table's switch into blocks.0 all-reduces its gradient over
+    rank 0's dp group (0, 2), unscaled; the batch-carrying stream needs no sum."""
+    model, args, kwargs = _position_lm()
+    analysis = analyze(model, args, kwargs)
+    plan = _position_plan(analysis, "tp4 -> tp2 dp2", 4)
+    gm, ctx = analysis.graph_module, analysis.context
+    ctx.target = RewriteTarget(plan, rank=0, codegen=False)
+    gm = run_passes(gm, ctx, (shard, insert_collectives))
+    switches = {
+        tuple(n.args[0].meta["val"].shape): n.args[2:]
+        for n in gm.graph.nodes
+        if n.target is C.switch_layout and LAYER.get(n).name == "blocks.0"
+    }
+    assert switches[(SEQ, H)] == ((("reduce", (0, 2)),), 1.0)
+    assert switches[(BATCH, SEQ, H)] == ((("gather", 0, (0, 2)),), 1.0)

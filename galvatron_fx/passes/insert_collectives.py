@@ -30,7 +30,7 @@ from galvatron_fx.passes.shard import mesh_of, unit_strategies
 from galvatron_fx.passes.shard_rules import slice_bounds
 from galvatron_fx.plan import LayerStrategy, Plan
 from galvatron_fx.runtime import collectives as C
-from galvatron_fx.runtime.mesh import Layout, Mesh, plan_switch
+from galvatron_fx.runtime.mesh import Layout, Mesh, plan_switch, plan_switch_grad
 from galvatron_fx.runtime.program import ParamSpec, get_attr, set_attr
 from galvatron_fx.runtime.state import take_shard
 from galvatron_fx.runtime.vocab import vocab_cross_entropy, vocab_embedding
@@ -299,6 +299,7 @@ class _Rewrite:
         new.meta["nn_module_stack"] = before.meta.get("nn_module_stack", {})
         new.meta["_global_val"] = _global_val(like)
         PLACEMENT.set(new, NodePlacement(dp, tp, "collective"))
+        self.grad[new] = self.grad.get(like, False)  # it stands for `like` to later readers
         self.cache[key] = new
         return new
 
@@ -345,11 +346,11 @@ class _Rewrite:
         src = Layout(src_mesh, shape, _dim(dp), _dim(tp))
         dst = Layout(dst_mesh, shape, _dim(want[0]), _dim(want[1]))
         fwd = tuple(C.as_step(s) for s in plan_switch(src, dst, self.rank))
-        bwd = tuple(C.as_step(s) for s in plan_switch(dst, src, self.rank))
-        # a value replicated across dp on both sides has partial-sum gradients: per piece,
-        # the sum over all ranks / tp is the true gradient, on either mesh
-        replicated = _dim(dp) is None and _dim(want[0]) is None
-        scale = src_mesh.tp / dst_mesh.tp if replicated else 1.0
+        # a value replicated across dp has a partial-sum gradient on its dp group: the
+        # backward sums it where `orig`'s dp groups would not (`mesh.plan_switch_grad`);
+        # a value without a gradient (a mask, token ids) has no backward to plan or price
+        back, scale = plan_switch_grad(src, dst, self.rank) if self.grad.get(orig) else ([], 1.0)
+        bwd = tuple(C.as_step(s) for s in back)
         if not fwd and not bwd and scale == 1.0:
             return x
         return self._insert(node, C.switch_layout, (x, fwd, bwd, scale), orig, *want)

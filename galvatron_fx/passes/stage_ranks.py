@@ -65,6 +65,8 @@ def _shift(ranks: Any, offset: int) -> tuple[int, ...]:
 
 
 def _steps(steps: Any, offset: int) -> tuple[Any, ...]:
-    return tuple(
-        ("gather", s[1], _shift(s[2], offset)) if s[0] == "gather" else tuple(s) for s in steps
-    )
+    shifted = {
+        "gather": lambda s: ("gather", s[1], _shift(s[2], offset)),
+        "reduce": lambda s: ("reduce", _shift(s[1], offset)),
+    }
+    return tuple(shifted.get(s[0], tuple)(s) for s in steps)

@@ -172,6 +172,10 @@ def _switch(node: fx.Node, unit: str, name: str) -> Iterator[Collective]:
                 if len(step[2]) > 1:
                     size = elem * math.prod(dims)
                     yield Collective(_AG, size, len(step[2]), phase, False, unit, name)
+            elif step[0] == "reduce":  # a partial-sum gradient summed over a dp group
+                if len(step[1]) > 1:
+                    size = elem * math.prod(dims)
+                    yield Collective(_AR, size, len(step[1]), phase, False, unit, name)
             else:
                 dims[step[1]] = step[3] - step[2]
 

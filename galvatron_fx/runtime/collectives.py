@@ -15,7 +15,7 @@ Every function here is what a `call_function` node of a rewritten graph calls. E
 | `split_zero` | keep own slice | zero-pad (partial sum) | data-parallel axis: a replicated value into batch-split compute |
 | `reduce_both` | all-reduce | all-reduce | data-parallel axis: partial sums into replicated compute |
 | `all_to_all` | all-to-all | the reverse all-to-all | Ulysses: a split moved from one dim to another |
-| `switch_layout` | gathers + slices | the reverse | values crossing between layers on other meshes |
+| `switch_layout` | gathers + slices | the reverse, partial sums summed | values crossing between layers on other meshes |
 
 The raw ops (`torch.ops._c10d_functional.*` + `wait_tensor`) take the process group's name;
 `GROUPS` maps rank tuples to groups, created once per distinct rank set. Groups of one rank
@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from galvatron_fx.runtime.mesh import Gather, SliceStep
+from galvatron_fx.runtime.mesh import Gather, Reduce, SliceStep
 
 __all__ = [
     "GROUPS",
@@ -59,6 +59,7 @@ __all__ = [
     "release_zero3_buffers",
     "split_local",
     "split_zero",
+    "step_group",
     "switch_layout",
     "tp_copy",
     "tp_reduce",
@@ -256,20 +257,32 @@ class _Switch(torch.autograd.Function):
 
 Ranks = tuple[int, ...]
 Step = tuple[Any, ...]
-"""A layout-switch step as graph arguments: ("gather", dim, ranks) or ("slice", dim, start,
-stop). Graph arguments stay plain tuples so generated code prints and runs as is."""
+"""A layout-switch step as graph arguments: ("gather", dim, ranks), ("reduce", ranks) (a
+sum, in backward only) or ("slice", dim, start, stop). Graph arguments stay plain tuples
+so generated code prints and runs as is."""
 
 
-def as_step(step: Gather | SliceStep) -> Step:
+def as_step(step: Gather | SliceStep | Reduce) -> Step:
     if isinstance(step, Gather):
         return ("gather", step.dim, step.group)
+    if isinstance(step, Reduce):
+        return ("reduce", step.group)
     return ("slice", step.dim, step.start, step.stop)
+
+
+def step_group(step: Step) -> Ranks | None:
+    """The ranks a layout-switch step communicates with (None: a local slice)."""
+    return (
+        tuple(step[2]) if step[0] == "gather" else tuple(step[1]) if step[0] == "reduce" else None
+    )
 
 
 def _run_steps(x: torch.Tensor, steps: Sequence[Step]) -> torch.Tensor:
     for step in steps:
         if step[0] == "gather":
             x = _gather(x, step[1], GroupRef(step[2])) if len(step[2]) > 1 else x
+        elif step[0] == "reduce":
+            x = _all_reduce(x, GroupRef(step[1])) if len(step[1]) > 1 else x
         else:
             x = x.narrow(step[1], step[2], step[3] - step[2]).contiguous()
     return x
@@ -334,9 +347,9 @@ def switch_layout(
     bwd: tuple[Step, ...],
     grad_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Move a value between two layers' meshes: `fwd` steps now, `bwd` on the gradient.
-    `grad_scale` rescales partial-sum gradients of values replicated across the data-parallel
-    axis when the number of replicas of each piece changes (tp_src / tp_dst)."""
+    """Move a value between two layers' meshes: `fwd` steps now, `bwd` then `grad_scale`
+    on the gradient (`runtime.mesh.plan_switch_grad`: partial sums over a dp group summed
+    or rescaled)."""
     return _Switch.apply(x, fwd, bwd, grad_scale)
 
 
@@ -632,7 +645,7 @@ RANKS_ARG[all_to_all] = 4
 def groups_of(target: Any, args: Sequence[Any]) -> list[Ranks]:
     """The rank sets a collective graph node uses (empty for any other node)."""
     if target is switch_layout:  # its groups sit inside its steps
-        return [tuple(s[2]) for s in (*args[1], *args[2]) if s[0] == "gather"]
+        return [g for s in (*args[1], *args[2]) if (g := step_group(s)) is not None]
     if target in RANKS_ARG:
         return [tuple(args[RANKS_ARG[target]])]
     return []

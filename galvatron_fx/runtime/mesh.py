@@ -4,7 +4,8 @@ A layer with strategy (tp, dp) runs on a 2-D mesh of the stage's ranks: consecut
 groups (`rank = dp_index * tp + tp_index`) or strided ones (`rank = tp_index * dp +
 dp_index`). A tensor's layout on a mesh is one placement per axis; `held_slice` says which
 slice of the global tensor a rank holds. `plan_switch` turns two layouts into the gathers and
-slices every rank must run, with the smallest groups that make the gathers consistent.
+slices every rank must run, with the smallest groups that make the gathers consistent;
+`plan_switch_grad` the steps and the factor that carry its gradient back.
 No torch here: the runtime executes these steps and the cost model prices them.
 """
 
@@ -13,7 +14,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-__all__ = ["Gather", "Layout", "Mesh", "SliceStep", "plan_switch"]
+__all__ = ["Gather", "Layout", "Mesh", "Reduce", "SliceStep", "grad_is_partial", "plan_switch"]
+__all__ += ["plan_switch_grad"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,13 @@ class SliceStep:
     stop: int
 
 
+@dataclass(frozen=True)
+class Reduce:
+    """All-reduce (sum) in `group`: a gradient that is a partial sum over it made whole."""
+
+    group: tuple[int, ...]
+
+
 def plan_switch(src: Layout, dst: Layout, rank: int) -> list[Gather | SliceStep]:
     """The steps that turn `rank`'s piece under `src` into its piece under `dst`: gathers
     first (along each dim some rank lacks), then local slices. Gathers use the smallest groups
@@ -169,3 +178,45 @@ def _gather_groups(
         for s in members:
             out[s] = tuple(members)
     return out
+
+
+def grad_is_partial(layout: Layout) -> bool:
+    """Whether a value in `layout` has a gradient that is a partial sum over the rank's dp
+    group: it is replicated across a dp axis of more than one rank, each replica
+    differentiating its own part of the batch's loss (the gradient sync sums them). Any
+    other value's gradient is whole: each rank holds the true gradient of its piece."""
+    return layout.dp_dim is None and layout.mesh.dp > 1
+
+
+def plan_switch_grad(
+    src: Layout, dst: Layout, rank: int
+) -> tuple[list[Gather | SliceStep | Reduce], float]:
+    """The backward of `plan_switch(src, dst)`: the steps, then the factor, that turn
+    `rank`'s gradient under `dst` into its gradient under `src` (`grad_is_partial` says
+    what each side's gradient is).
+
+    A partial sum on `dst` is summed over the dst dp group first (`Reduce`), so it is whole
+    before it moves; a whole gradient arriving at a partial `src` is divided by the src dp
+    degree, so that its dp group sums it back to whole. One case needs no sum: partial on
+    both sides, moved by local slices only, where every src dp group is a union of dst dp
+    groups (dp4 -> tp2 x dp2): a src group's sum then holds every dst group's sum,
+    dp_src / dp_dst times over, and the factor dp_dst / dp_src undoes it. Elsewhere (a
+    tp4 x dp1 unit handing a tp2 x dp2 one a value without the batch, say) the dst pieces
+    one src group holds do not sum to the gradient, and no factor makes them."""
+    steps: list[Gather | SliceStep | Reduce] = list(plan_switch(dst, src, rank))
+    if not grad_is_partial(dst):
+        return steps, 1 / src.mesh.dp if grad_is_partial(src) else 1.0
+    local = all(isinstance(s, SliceStep) for s in steps)
+    if grad_is_partial(src) and local and _dp_groups_nest(src.mesh, dst.mesh):
+        return steps, dst.mesh.dp / src.mesh.dp
+    steps.insert(0, Reduce(dst.mesh.group("dp", rank)))
+    return steps, 1 / src.mesh.dp if grad_is_partial(src) else 1.0
+
+
+def _dp_groups_nest(outer: Mesh, inner: Mesh) -> bool:
+    """Every dp group of `outer` is a union of dp groups of `inner`."""
+    return all(
+        set(inner.group("dp", m)) <= set(outer.group("dp", r))
+        for r in range(outer.world_size)
+        for m in outer.group("dp", r)
+    )
