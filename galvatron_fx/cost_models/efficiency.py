@@ -20,11 +20,11 @@ A `KernelEfficiency` of all ones and no floor is the plain roofline. Pure arithm
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = [
     "KernelEfficiency",
@@ -33,7 +33,6 @@ __all__ = [
     "gemm_quantization",
     "kernel_time_s",
     "work_parts_s",
-    "work_time_s",
 ]
 
 OpClass = Literal["gemm", "attention", "memory"]
@@ -86,21 +85,21 @@ class KernelEfficiency:
         )
 
 
-def gemm_quantization(m: int, n: int, batch: int, eff: KernelEfficiency) -> float:
+def gemm_quantization(m: ArrayLike, n: ArrayLike, batch: ArrayLike, eff: KernelEfficiency) -> Any:
     """The fraction of a GEMM's tile slots doing useful work: `batch` GEMMs with M x N
-    outputs each, in `eff.tile`-square tiles, `eff.sms` tiles at a time."""
-    if m <= 0 or n <= 0 or batch <= 0:
-        return 1.0
-    q = 1.0
-    tiles = batch
+    outputs each, in `eff.tile`-square tiles, `eff.sms` tiles at a time (numpy-broadcast;
+    1 where there is no GEMM, M <= 0)."""
+    rows_m = np.asarray(m, dtype=float)
+    cols_n = np.maximum(np.asarray(n, dtype=float), 1)
+    count = np.maximum(np.asarray(batch, dtype=float), 1)
+    q, tiles = np.ones(np.broadcast(rows_m, cols_n, count).shape), count
     if eff.tile:
-        rows, cols = math.ceil(m / eff.tile), math.ceil(n / eff.tile)
-        q *= (m * n) / (rows * cols * eff.tile**2)
-        tiles = batch * rows * cols
+        rows, cols = np.ceil(np.maximum(rows_m, 1) / eff.tile), np.ceil(cols_n / eff.tile)
+        q = q * (np.maximum(rows_m, 1) * cols_n) / (rows * cols * eff.tile**2)
+        tiles = count * rows * cols
     if eff.sms:
-        waves = math.ceil(tiles / eff.sms)
-        q *= tiles / (waves * eff.sms)
-    return q
+        q = q * tiles / (np.ceil(tiles / eff.sms) * eff.sms)
+    return np.where(rows_m > 0, q, 1.0)
 
 
 def kernel_time_s(
@@ -117,11 +116,10 @@ def kernel_time_s(
     """Seconds of one kernel (module docstring); 0 for a kernel with no work."""
     if flops <= 0 and nbytes <= 0:
         return 0.0
-    work = work_time_s(
-        op, flops, nbytes, peak_flops, bandwidth_bytes_per_s, eff,
-        backward=backward, quantization=quantization,
-    )  # fmt: skip
-    return max(work, eff.kernel_floor_s)
+    compute, memory = work_parts_s(
+        op, flops, nbytes, peak_flops, bandwidth_bytes_per_s, eff, backward=backward
+    )
+    return max(compute / quantization, memory, eff.kernel_floor_s)
 
 
 def work_parts_s(
@@ -142,24 +140,6 @@ def work_parts_s(
     else:
         rate = peak_flops
     return flops / rate, nbytes / (bandwidth_bytes_per_s * eff.memory)
-
-
-def work_time_s(
-    op: OpClass,
-    flops: float,
-    nbytes: float,
-    peak_flops: float,
-    bandwidth_bytes_per_s: float,
-    eff: KernelEfficiency,
-    *,
-    backward: bool = False,
-    quantization: float = 1.0,
-) -> float:
-    """`kernel_time_s` without the floor: the part that grows with the work."""
-    compute, memory = work_parts_s(
-        op, flops, nbytes, peak_flops, bandwidth_bytes_per_s, eff, backward=backward
-    )
-    return max(compute / quantization, memory)
 
 
 @dataclass(frozen=True)
@@ -186,21 +166,13 @@ class KernelWork:
     eff: KernelEfficiency
 
     def _quantization(self, scale: float) -> np.ndarray:
+        """Tile and wave quantisation at `scale` times the reference batch: the rows of a
+        GEMM grow with it, or the batch of a batched one."""
         m, n, batch = (self.gemm_shape[:, i] for i in range(3))
-        is_gemm = m > 0
         batched = batch > 1
-        m = np.where(batched, m, np.maximum(np.ceil(m * scale), 1))
+        rows = np.where(batched | (m <= 0), m, np.maximum(np.ceil(m * scale), 1))
         batch = np.where(batched, np.maximum(np.ceil(batch * scale), 1), 1)
-        q = np.ones(len(m))
-        tiles = batch.copy()
-        tile, sms = self.eff.tile, self.eff.sms
-        if tile:
-            rows, cols = np.ceil(m / tile), np.ceil(np.maximum(n, 1) / tile)
-            q = q * (m * np.maximum(n, 1)) / (rows * cols * tile**2)
-            tiles = batch * rows * cols
-        if sms:
-            q = q * tiles / (np.ceil(tiles / sms) * sms)
-        return np.where(is_gemm, q, 1.0)
+        return gemm_quantization(rows, n, batch, self.eff)
 
     def at(self, scale: float) -> tuple[float, float, float, float]:
         """(forward, backward, full recomputation, selective recomputation) seconds."""

@@ -90,9 +90,10 @@ def profile_device(
         a = torch.randn(m, k, device=dev, dtype=dtype)
         b = torch.randn(k, n, device=dev, dtype=dtype)
         rate = 2 * m * n * k / best_s(functools.partial(torch.matmul, a, b), repeats)
-        predicted = shape_of.gemm * gemm_quantization(m, n, 1, shape_of)
+        predicted = shape_of.gemm * float(gemm_quantization(m, n, 1, shape_of))
         curve.append({"m": m, "n": n, "k": k, "measured": rate / peak, "predicted": predicted})
-    gemm = _clip(max(c["measured"] for c in curve) / gemm_quantization(*_largest(curve), shape_of))
+    best = max(c["measured"] for c in curve)
+    gemm = _clip(best / float(gemm_quantization(*_largest(curve), shape_of)))
 
     heads, seq, head_dim = 16, sized(4096), 128
     q, k_, v = (
